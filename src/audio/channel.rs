@@ -1,0 +1,137 @@
+//! What a conversation holds of its audio channel.
+//!
+//! [`AudioChannel`] is a lease: its connection id stays reserved (and routed to this
+//! conversation) until it is dropped. The receive task removes the table entry lazily
+//! once the uplink receiver is gone, so dropping never blocks.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use bytes::Bytes;
+use tokio::net::UdpSocket;
+use tokio::sync::mpsc;
+
+use crate::metrics::Metrics;
+use crate::protocol::audio_channel::DownlinkSealer;
+use crate::protocol::cipher::KEY_LEN;
+
+/// One decrypted uplink Opus frame.
+#[derive(Debug, Clone)]
+pub struct UplinkFrame {
+    /// The device's timestamp from the datagram header.
+    pub timestamp: u32,
+    pub sequence: u32,
+    pub opus: Bytes,
+}
+
+/// State shared between the receive task and the conversation.
+#[derive(Debug)]
+pub(crate) struct ChannelShared {
+    /// The device's current UDP address, written by the receive task when the channel
+    /// binds or rebinds, read for every downlink datagram.
+    pub peer: Mutex<Option<SocketAddr>>,
+    /// Milliseconds since `epoch` of the last audio in either direction.
+    pub last_activity_ms: AtomicU64,
+    pub epoch: Instant,
+}
+
+impl ChannelShared {
+    pub(crate) fn touch(&self) {
+        let ms = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_activity_ms.store(ms, Ordering::Relaxed);
+    }
+}
+
+/// A conversation's audio channel.
+pub struct AudioChannel {
+    pub connection_id: u32,
+    pub key: [u8; KEY_LEN],
+    /// Decrypted uplink frames, in sequence order.
+    pub uplink: mpsc::Receiver<UplinkFrame>,
+    /// Sends downlink frames.
+    pub downlink: Downlink,
+    pub(crate) shared: Arc<ChannelShared>,
+    pub(crate) live_ids: Arc<Mutex<std::collections::HashSet<u32>>>,
+}
+
+impl AudioChannel {
+    /// Time since the last audio in either direction.
+    pub fn idle_for(&self) -> std::time::Duration {
+        let last = self.shared.last_activity_ms.load(Ordering::Relaxed);
+        let now = u64::try_from(self.shared.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        std::time::Duration::from_millis(now.saturating_sub(last))
+    }
+
+    /// Splits off the parts a pipeline needs, keeping the lease (and idle tracking) here.
+    pub fn take_io(&mut self) -> (mpsc::Receiver<UplinkFrame>, Downlink) {
+        let (tx, rx) = mpsc::channel(1);
+        drop(tx);
+        let uplink = std::mem::replace(&mut self.uplink, rx);
+        (uplink, self.downlink.clone())
+    }
+}
+
+impl Drop for AudioChannel {
+    fn drop(&mut self) {
+        self.live_ids.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.connection_id);
+    }
+}
+
+/// Encrypts and sends downlink frames to the device's current address.
+pub struct Downlink {
+    sealer: Arc<Mutex<DownlinkSealer>>,
+    socket: Arc<UdpSocket>,
+    shared: Arc<ChannelShared>,
+    metrics: Arc<Metrics>,
+    buf: Vec<u8>,
+}
+
+impl Clone for Downlink {
+    fn clone(&self) -> Self {
+        Downlink {
+            sealer: self.sealer.clone(),
+            socket: self.socket.clone(),
+            shared: self.shared.clone(),
+            metrics: self.metrics.clone(),
+            buf: Vec::with_capacity(256),
+        }
+    }
+}
+
+impl Downlink {
+    pub(crate) fn new(sealer: DownlinkSealer, socket: Arc<UdpSocket>, shared: Arc<ChannelShared>, metrics: Arc<Metrics>) -> Self {
+        Downlink { sealer: Arc::new(Mutex::new(sealer)), socket, shared, metrics, buf: Vec::with_capacity(256) }
+    }
+
+    /// The device's UDP address, once its first valid datagram arrived.
+    pub fn peer(&self) -> Option<SocketAddr> {
+        *self.shared.peer.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Encrypts and sends one Opus frame. A frame for a device whose address is not known
+    /// yet (it has sent no audio) is dropped and counted; so is one that fails to send.
+    pub async fn send(&mut self, timestamp: u32, opus: &[u8]) -> bool {
+        let Some(peer) = self.peer() else {
+            Metrics::inc(&self.metrics.udp_drop_no_peer);
+            return false;
+        };
+        let sealed = self.sealer.lock().unwrap_or_else(|p| p.into_inner()).seal(timestamp, opus, &mut self.buf);
+        if sealed.is_err() {
+            return false;
+        }
+        self.shared.touch();
+        match self.socket.send_to(&self.buf, peer).await {
+            Ok(n) => {
+                Metrics::inc(&self.metrics.udp_tx_datagrams);
+                Metrics::add(&self.metrics.udp_tx_bytes, n as u64);
+                true
+            }
+            Err(_) => {
+                Metrics::inc(&self.metrics.udp_send_errors);
+                false
+            }
+        }
+    }
+}

@@ -1,0 +1,18 @@
+//! The UDP audio channel: one socket for all conversations, a table of channels keyed by
+//! connection id, and the per-conversation handles sessions use.
+//!
+//! * [`socket`] owns the socket's receive side: it routes each datagram by connection id
+//!   to its [`crate::protocol::audio_channel::UplinkChannel`], which applies the sequence
+//!   and address rules and decrypts; accepted frames go to the conversation's bounded
+//!   uplink queue.
+//! * [`channel`] is what a session holds: the lease on a connection id, the uplink
+//!   receiver and the downlink sender (sealer + the device's current address).
+//!
+//! Architecture invariant: the audio path never parses JSON, and every drop on it is
+//! counted by reason.
+
+pub mod channel;
+pub mod socket;
+
+pub use channel::{AudioChannel, Downlink, UplinkFrame};
+pub use socket::{AudioSocket, AudioSocketHandle};

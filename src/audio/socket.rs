@@ -1,0 +1,226 @@
+//! The UDP socket driver: one receive task for every channel on this node.
+//!
+//! The task owns the routing table (connection id -> channel) outright, so the hot path
+//! takes no lock: sessions register channels through a bounded command queue that the
+//! task always drains before the next datagram (`biased` select), which guarantees a
+//! channel is routable before its hello reaches the device. Entries whose conversation
+//! has ended are removed lazily (when their uplink receiver is found closed) and by a
+//! periodic sweep.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use rand::Rng;
+use tokio::net::UdpSocket;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use super::channel::{AudioChannel, ChannelShared, Downlink, UplinkFrame};
+use crate::metrics::Metrics;
+use crate::protocol::audio_channel::{DownlinkSealer, DropReason, UplinkChannel, Verdict};
+use crate::protocol::cipher::{KEY_LEN, PacketCipher};
+use crate::protocol::datagram::{HEADER_LEN, Header, MAX_DATAGRAM_LEN};
+use crate::server::BindError;
+
+/// How often closed channels are swept from the table even if no datagram names them.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(5);
+
+struct Route {
+    channel: UplinkChannel,
+    uplink_tx: mpsc::Sender<UplinkFrame>,
+    shared: Arc<ChannelShared>,
+}
+
+enum Command {
+    Register { connection_id: u32, route: Box<Route> },
+}
+
+/// Handle for opening channels; cheap to clone.
+#[derive(Clone)]
+pub struct AudioSocketHandle {
+    socket: Arc<UdpSocket>,
+    commands: mpsc::Sender<Command>,
+    live_ids: Arc<Mutex<HashSet<u32>>>,
+    uplink_queue: usize,
+    metrics: Arc<Metrics>,
+    epoch: Instant,
+    local_addr: SocketAddr,
+}
+
+/// The receive side, to be run as one task.
+pub struct AudioSocket {
+    socket: Arc<UdpSocket>,
+    commands: mpsc::Receiver<Command>,
+    metrics: Arc<Metrics>,
+}
+
+impl AudioSocket {
+    /// Binds the audio socket with the requested kernel buffer sizes.
+    pub fn bind(
+        listen: SocketAddr,
+        recv_buffer: usize,
+        send_buffer: usize,
+        uplink_queue: usize,
+        metrics: Arc<Metrics>,
+    ) -> Result<(AudioSocket, AudioSocketHandle), BindError> {
+        let bind_err = |source| BindError { what: "UDP audio", addr: listen, setting: "udp.listen", source };
+        let domain = if listen.is_ipv4() { socket2::Domain::IPV4 } else { socket2::Domain::IPV6 };
+        let sock = socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP)).map_err(bind_err)?;
+        // Buffer sizes are requests; the kernel caps them (net.core.rmem_max).
+        let _ = sock.set_recv_buffer_size(recv_buffer);
+        let _ = sock.set_send_buffer_size(send_buffer);
+        sock.set_nonblocking(true).map_err(bind_err)?;
+        sock.bind(&listen.into()).map_err(bind_err)?;
+        let std_sock: std::net::UdpSocket = sock.into();
+        let socket = Arc::new(UdpSocket::from_std(std_sock).map_err(bind_err)?);
+        let local_addr = socket.local_addr().map_err(bind_err)?;
+        let (tx, rx) = mpsc::channel(1024);
+        let handle = AudioSocketHandle {
+            socket: socket.clone(),
+            commands: tx,
+            live_ids: Arc::new(Mutex::new(HashSet::new())),
+            uplink_queue,
+            metrics: metrics.clone(),
+            epoch: Instant::now(),
+            local_addr,
+        };
+        Ok((AudioSocket { socket, commands: rx, metrics }, handle))
+    }
+
+    /// Receives and routes datagrams until `shutdown` fires.
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        let mut routes: HashMap<u32, Route> = HashMap::new();
+        let mut buf = vec![0u8; MAX_DATAGRAM_LEN + 1];
+        let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
+        loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                Some(cmd) = self.commands.recv() => match cmd {
+                    Command::Register { connection_id, route } => { routes.insert(connection_id, *route); }
+                },
+                _ = sweep.tick() => routes.retain(|_, r| !r.uplink_tx.is_closed()),
+                received = self.socket.recv_from(&mut buf) => match received {
+                    Ok((n, from)) => self.on_datagram(&mut routes, &mut buf[..n], from),
+                    // ICMP errors surface here on some platforms; they are not fatal.
+                    Err(e) => debug!(error = %e, "UDP receive error"),
+                },
+            }
+        }
+    }
+
+    fn on_datagram(&self, routes: &mut HashMap<u32, Route>, datagram: &mut [u8], from: SocketAddr) {
+        let m = &self.metrics;
+        Metrics::inc(&m.udp_rx_datagrams);
+        Metrics::add(&m.udp_rx_bytes, datagram.len() as u64);
+        let Some(id) = Header::peek_connection_id(datagram) else {
+            Metrics::inc(&m.udp_drop_malformed);
+            return;
+        };
+        let Some(route) = routes.get_mut(&id) else {
+            Metrics::inc(&m.udp_drop_unknown_id);
+            return;
+        };
+        if route.uplink_tx.is_closed() {
+            routes.remove(&id);
+            Metrics::inc(&m.udp_drop_unknown_id);
+            return;
+        }
+        match route.channel.on_datagram(datagram, from) {
+            Verdict::Accept { header, gap, rebound } => {
+                if gap > 0 {
+                    Metrics::add(&m.udp_uplink_gaps, u64::from(gap));
+                }
+                if rebound {
+                    Metrics::inc(&m.udp_rebinds);
+                    debug!(connection_id = id, %from, "audio channel rebound to a new address");
+                }
+                {
+                    let mut peer = route.shared.peer.lock().unwrap_or_else(|p| p.into_inner());
+                    if *peer != Some(from) {
+                        *peer = Some(from);
+                    }
+                }
+                route.shared.touch();
+                let frame = UplinkFrame {
+                    timestamp: header.timestamp,
+                    sequence: header.sequence,
+                    opus: Bytes::copy_from_slice(&datagram[HEADER_LEN..]),
+                };
+                if route.uplink_tx.try_send(frame).is_err() {
+                    Metrics::inc(&m.udp_drop_queue_full);
+                }
+            }
+            Verdict::Drop(reason) => {
+                let counter = match reason {
+                    DropReason::Malformed(_) => &m.udp_drop_malformed,
+                    DropReason::Replay => &m.udp_drop_replay,
+                    DropReason::Hijack => &m.udp_drop_hijack,
+                    DropReason::Undecryptable => &m.udp_drop_decrypt,
+                };
+                Metrics::inc(counter);
+                if matches!(reason, DropReason::Hijack) {
+                    warn!(connection_id = id, %from, "datagram with a live connection id from an unproven address dropped");
+                }
+            }
+        }
+    }
+}
+
+/// Why a channel could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("the audio socket has stopped")]
+    SocketStopped,
+}
+
+impl AudioSocketHandle {
+    /// The address the socket is bound to.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Reserves a fresh connection id and key, and makes the channel routable before
+    /// returning (so the hello that announces it can be sent right after).
+    pub async fn open_channel(&self) -> Result<AudioChannel, OpenError> {
+        let (key, connection_id) = {
+            let mut rng = rand::rng();
+            let key: [u8; KEY_LEN] = rng.random();
+            let mut live = self.live_ids.lock().unwrap_or_else(|p| p.into_inner());
+            loop {
+                let id: u32 = rng.random();
+                if id != 0 && live.insert(id) {
+                    break (key, id);
+                }
+            }
+        };
+        let cipher = PacketCipher::new(&key);
+        let shared = Arc::new(ChannelShared { peer: Mutex::new(None), last_activity_ms: AtomicU64::new(0), epoch: self.epoch });
+        shared.touch();
+        let (uplink_tx, uplink_rx) = mpsc::channel(self.uplink_queue);
+        let channel = AudioChannel {
+            connection_id,
+            key,
+            uplink: uplink_rx,
+            downlink: Downlink::new(
+                DownlinkSealer::new(cipher.clone(), connection_id),
+                self.socket.clone(),
+                shared.clone(),
+                self.metrics.clone(),
+            ),
+            shared: shared.clone(),
+            live_ids: self.live_ids.clone(),
+        };
+        let route = Box::new(Route { channel: UplinkChannel::new(cipher), uplink_tx, shared });
+        self.commands
+            .send(Command::Register { connection_id, route })
+            .await
+            .map_err(|_| OpenError::SocketStopped)?;
+        Ok(channel)
+    }
+}

@@ -1,0 +1,320 @@
+//! The device-facing MQTT 3.1.1 listener: one task per TCP (or TLS) connection, each a
+//! thin driver around [`DeviceMqttConnection`].
+//!
+//! A connection task reads bytes into a buffer it owns, frames packets with
+//! `rumqttc::mqttbytes` (check-then-parse: an incomplete packet is a normal state), feeds
+//! them to the state machine and performs its actions. After CONNECT it registers the
+//! device, so server messages (from sessions or from bus clients on `devices/p2p/<mac_>`)
+//! reach it through its bounded outbound queue. Device publishes go to the bus on
+//! `xiaozhi/devices/<mac_>/up` and to the session manager; everything delivered to the
+//! device is mirrored on `xiaozhi/devices/<mac_>/down`.
+//!
+//! A malformed packet ends that connection only. Connections are capped by a semaphore
+//! (`mqtt.max_connections`); TLS handshakes run in the connection task, with a timeout,
+//! so a silent client never delays the accept loop.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use rumqttc::mqttbytes::v4::{Packet, Publish};
+use rumqttc::mqttbytes::{Error as FrameError, QoS};
+use serde_json::json;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, mpsc};
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use super::bus::Bus;
+use super::registry::{DeviceHandle, DeviceRegistry, Outbound};
+use super::topics;
+use crate::metrics::Metrics;
+use crate::protocol::credentials::{AuthError, Verifier};
+use crate::protocol::device_mqtt::{Action, CloseReason, DeviceMqttConnection, DeviceMqttSettings};
+use crate::session::SessionManager;
+
+/// Everything a connection task needs, shared by all of them.
+pub struct FrontEnd {
+    pub settings: DeviceMqttSettings,
+    pub verifier: Verifier,
+    pub max_packet_bytes: usize,
+    pub tls_handshake_timeout: Duration,
+    pub registry: Arc<DeviceRegistry>,
+    pub bus: Bus,
+    pub sessions: SessionManager,
+    pub metrics: Arc<Metrics>,
+    /// Caps concurrent connections (authenticated or not).
+    pub permits: Arc<Semaphore>,
+}
+
+impl FrontEnd {
+    /// Accepts connections until `stop_accepting` fires. Connection tasks are spawned on
+    /// `tracker` and end when `close_connections` fires (after draining their queue).
+    pub async fn run_listener(
+        self: Arc<Self>,
+        listener: TcpListener,
+        tls: Option<TlsAcceptor>,
+        stop_accepting: CancellationToken,
+        close_connections: CancellationToken,
+        tracker: TaskTracker,
+    ) {
+        let mut backoff = Duration::from_millis(5);
+        loop {
+            let accepted = tokio::select! {
+                _ = stop_accepting.cancelled() => break,
+                r = listener.accept() => r,
+            };
+            let (stream, remote) = match accepted {
+                Ok(a) => {
+                    backoff = Duration::from_millis(5);
+                    a
+                }
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    warn!(error = %e, "accept failed; backing off {backoff:?}");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    continue;
+                }
+            };
+            let Ok(permit) = self.permits.clone().try_acquire_owned() else {
+                Metrics::inc(&self.metrics.connections_refused_limit);
+                debug!(%remote, "connection refused: mqtt.max_connections reached");
+                continue;
+            };
+            let _ = stream.set_nodelay(true);
+            let this = self.clone();
+            let tls = tls.clone();
+            let close = close_connections.clone();
+            let span = info_span!("device", %remote, mac = tracing::field::Empty);
+            tracker.spawn(
+                async move {
+                    let _permit = permit;
+                    match tls {
+                        None => this.serve(stream, remote, close).await,
+                        Some(acceptor) => this.serve_tls(acceptor, stream, remote, close).await,
+                    }
+                }
+                .instrument(span),
+            );
+        }
+    }
+
+    async fn serve_tls(&self, acceptor: TlsAcceptor, stream: TcpStream, remote: SocketAddr, close: CancellationToken) {
+        let handshake = tokio::time::timeout(self.tls_handshake_timeout, acceptor.accept(stream));
+        let stream = tokio::select! {
+            _ = close.cancelled() => return,
+            r = handshake => match r {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    Metrics::inc(&self.metrics.connections_protocol_errors);
+                    debug!(error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    Metrics::inc(&self.metrics.connections_timed_out);
+                    debug!("TLS handshake timed out");
+                    return;
+                }
+            },
+        };
+        self.serve(stream, remote, close).await
+    }
+
+    /// Drives one connection to its end.
+    async fn serve<S: AsyncRead + AsyncWrite + Unpin>(&self, stream: S, remote: SocketAddr, close: CancellationToken) {
+        let (mut reader, mut writer) = tokio::io::split(stream);
+        let mut conn = DeviceMqttConnection::new(&self.settings, Instant::now());
+        let mut rbuf = BytesMut::with_capacity(4096);
+        let mut wbuf = BytesMut::with_capacity(1024);
+        let mut actions = Vec::with_capacity(4);
+        let mut device: Option<(DeviceHandle, mpsc::Receiver<Outbound>)> = None;
+        let mut end: Option<String> = None;
+
+        while end.is_none() {
+            // Frame and handle every complete packet already buffered.
+            loop {
+                match Packet::read(&mut rbuf, self.max_packet_bytes) {
+                    Ok(packet) => conn.handle_packet(packet, Instant::now(), &self.settings, &self.verifier, &mut actions),
+                    Err(FrameError::InsufficientBytes(_)) => break,
+                    Err(e) => {
+                        debug!(error = %e, "malformed MQTT packet");
+                        conn.handle_malformed(&mut actions);
+                    }
+                }
+                end = self.perform(&mut actions, &mut wbuf, &mut device, remote).await;
+                if end.is_some() {
+                    break;
+                }
+            }
+            if !wbuf.is_empty() && writer.write_all(&wbuf).await.is_err() {
+                end.get_or_insert_with(|| "write failed".into());
+            }
+            wbuf.clear();
+            if end.is_some() {
+                break;
+            }
+
+            let deadline = conn.deadline().map(tokio::time::Instant::from_std);
+            tokio::select! {
+                read = reader.read_buf(&mut rbuf) => match read {
+                    Ok(0) => end = Some("closed by device".into()),
+                    Ok(_) => {}
+                    Err(e) => end = Some(format!("read error: {e}")),
+                },
+                Some(out) = recv_outbound(&mut device) => {
+                    match out {
+                        Outbound::Publish(payload) => self.write_publish(&device, payload, &mut wbuf),
+                        Outbound::Close(reason) => end = Some(reason.to_owned()),
+                    }
+                    // Batch whatever else is already queued into the same write.
+                    while end.is_none() {
+                        match device.as_mut().map(|(_, rx)| rx.try_recv()) {
+                            Some(Ok(Outbound::Publish(payload))) => self.write_publish(&device, payload, &mut wbuf),
+                            Some(Ok(Outbound::Close(reason))) => end = Some(reason.to_owned()),
+                            _ => break,
+                        }
+                    }
+                    if !wbuf.is_empty() && writer.write_all(&wbuf).await.is_err() {
+                        end.get_or_insert_with(|| "write failed".into());
+                    }
+                    wbuf.clear();
+                },
+                _ = sleep_until_opt(deadline) => {
+                    conn.handle_timeout(Instant::now(), &mut actions);
+                    end = self.perform(&mut actions, &mut wbuf, &mut device, remote).await;
+                },
+                _ = close.cancelled() => {
+                    // Shutdown: deliver what sessions queued (their goodbyes), then close.
+                    while let Some(Ok(Outbound::Publish(payload))) = device.as_mut().map(|(_, rx)| rx.try_recv()) {
+                        self.write_publish(&device, payload, &mut wbuf);
+                    }
+                    end = Some("gateway shutting down".into());
+                },
+            }
+        }
+        if !wbuf.is_empty() {
+            let _ = writer.write_all(&wbuf).await;
+        }
+        let _ = writer.flush().await;
+        let _ = writer.shutdown().await;
+
+        let reason = end.unwrap_or_default();
+        if let Some((handle, _)) = device {
+            let mac = handle.identity.mac;
+            let current = self.registry.unregister(&mac, handle.generation);
+            self.sessions.device_gone(mac, handle.generation).await;
+            if current {
+                self.bus.publish(
+                    topics::device_presence(&mac),
+                    Bytes::from(json!({"state": "offline", "reason": reason}).to_string()),
+                );
+            }
+            info!(%reason, "device disconnected");
+        } else {
+            debug!(%reason, "connection closed before CONNECT");
+        }
+    }
+
+    fn write_publish(&self, device: &Option<(DeviceHandle, mpsc::Receiver<Outbound>)>, payload: Bytes, wbuf: &mut BytesMut) {
+        let Some((handle, _)) = device else { return };
+        let mac = &handle.identity.mac;
+        self.bus.publish(topics::device_down(mac), payload.clone());
+        let publish = Publish::from_bytes(topics::p2p(mac), QoS::AtMostOnce, payload);
+        // Packets we build are always within the limit; `usize::MAX` skips the check.
+        let _ = Packet::Publish(publish).write(wbuf, usize::MAX);
+        Metrics::inc(&self.metrics.mqtt_messages_out);
+    }
+
+    /// Performs queued actions; returns the reason the connection must end, if any.
+    async fn perform(
+        &self,
+        actions: &mut Vec<Action>,
+        wbuf: &mut BytesMut,
+        device: &mut Option<(DeviceHandle, mpsc::Receiver<Outbound>)>,
+        remote: SocketAddr,
+    ) -> Option<String> {
+        let mut end = None;
+        for action in actions.drain(..) {
+            match action {
+                Action::Send(packet) => {
+                    let _ = packet.write(wbuf, usize::MAX);
+                }
+                Action::Authenticated { identity, keep_alive } => {
+                    tracing::Span::current().record("mac", tracing::field::display(identity.mac));
+                    let (handle, rx) = self.registry.register(identity, remote);
+                    Metrics::inc(&self.metrics.device_connects);
+                    info!(client_id = %handle.identity.client_id, keep_alive_secs = keep_alive.as_secs(), "device connected");
+                    self.bus.publish(
+                        topics::device_presence(&handle.identity.mac),
+                        Bytes::from(
+                            json!({
+                                "state": "online",
+                                "client_id": handle.identity.client_id,
+                                "group": handle.identity.group,
+                                "remote": remote.to_string(),
+                            })
+                            .to_string(),
+                        ),
+                    );
+                    *device = Some((handle, rx));
+                }
+                Action::Uplink(payload) => {
+                    Metrics::inc(&self.metrics.mqtt_messages_in);
+                    if let Some((handle, _)) = device.as_ref() {
+                        self.bus.publish(topics::device_up(&handle.identity.mac), payload.clone());
+                        self.sessions.device_message(handle.identity.clone(), handle.generation, payload).await;
+                    }
+                }
+                Action::Dropped(label) => {
+                    debug!(label, "device packet dropped");
+                    if label == "foreign_topic" {
+                        Metrics::inc(&self.metrics.mqtt_dropped_foreign_topic);
+                    }
+                }
+                Action::Close(reason) => {
+                    self.count_close(&reason);
+                    end = Some(match reason {
+                        CloseReason::AuthFailed(e) => format!("refused: {e}"),
+                        CloseReason::ProtocolViolation(what) => format!("protocol violation: {what}"),
+                        other => other.label().replace('_', " "),
+                    });
+                }
+            }
+        }
+        end
+    }
+
+    fn count_close(&self, reason: &CloseReason) {
+        let m = &self.metrics;
+        match reason {
+            CloseReason::AuthFailed(AuthError::MalformedClientId) => Metrics::inc(&m.auth_failed_client_id),
+            CloseReason::AuthFailed(AuthError::BadSignature) => Metrics::inc(&m.auth_failed_signature),
+            CloseReason::AuthFailed(_) => Metrics::inc(&m.auth_failed_credentials),
+            CloseReason::ConnectTimeout | CloseReason::KeepAliveTimeout => Metrics::inc(&m.connections_timed_out),
+            CloseReason::ProtocolViolation(_) => Metrics::inc(&m.connections_protocol_errors),
+            CloseReason::ClientDisconnect => {}
+        }
+        if let CloseReason::AuthFailed(e) = reason {
+            info!(reason = e.label(), "device refused");
+        }
+    }
+}
+
+async fn recv_outbound(device: &mut Option<(DeviceHandle, mpsc::Receiver<Outbound>)>) -> Option<Outbound> {
+    match device {
+        Some((_, rx)) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}

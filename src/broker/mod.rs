@@ -1,0 +1,14 @@
+//! The MQTT side of the gateway: the embedded broker (the bus) and the device-facing
+//! front end in front of it.
+//!
+//! Devices cannot be served by a stock broker: every device publishes to the one shared
+//! topic `device-server`, so the publisher is only known from its connection, and current
+//! firmware never subscribes to the topic it is sent messages on. So device connections
+//! end in our own xiaozhi-aware front end ([`front_end`]), which knows who each device is,
+//! and the rumqttd router behind it ([`bus`]) carries their traffic on identity-bearing
+//! topics ([`topics`]) to admin and integration clients, who use rumqttd's own listener.
+
+pub mod bus;
+pub mod front_end;
+pub mod registry;
+pub mod topics;

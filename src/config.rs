@@ -1,0 +1,522 @@
+//! The one typed configuration: built-in defaults < TOML file (`--config`) < environment
+//! (`XZ_SECTION__KEY`, e.g. `XZ_AUTH__SIGNATURE_KEY`).
+//!
+//! Loading ([`Config::load`]) either yields a config that every part of the gateway can
+//! trust, or one error that names the setting and the bad value. Semantic checks live in
+//! [`Config::validate`]; warnings that must be printed at every start (unsigned auth, a
+//! loopback UDP host) come from [`Config::warnings`].
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+use crate::protocol::credentials::Verifier;
+
+/// Everything the gateway can be told.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub node: NodeConfig,
+    pub auth: AuthConfig,
+    pub mqtt: MqttConfig,
+    pub broker: BrokerConfig,
+    pub udp: UdpConfig,
+    pub http: HttpConfig,
+    pub pipeline: PipelineConfig,
+    pub log: LogConfig,
+    pub shutdown: ShutdownConfig,
+}
+
+/// This gateway node.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeConfig {
+    /// Name of this node in logs and (later) presence records.
+    pub id: String,
+}
+
+/// Device authentication.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// manager-api's `server.mqtt_signature_key`: device passwords are HMACs under it.
+    pub signature_key: Option<String>,
+    /// Development only: with no signature key, accept any non-empty password.
+    pub allow_unsigned: bool,
+}
+
+impl std::fmt::Debug for AuthConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthConfig")
+            .field("signature_key", &self.signature_key.as_ref().map(|_| "<redacted>"))
+            .field("allow_unsigned", &self.allow_unsigned)
+            .finish()
+    }
+}
+
+/// The device-facing MQTT front end.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MqttConfig {
+    /// Plain MQTT for devices.
+    pub listen: SocketAddr,
+    /// MQTT over TLS for devices; served only when `tls_cert` and `tls_key` are set.
+    pub tls_listen: SocketAddr,
+    /// PEM certificate chain for `tls_listen`.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for `tls_listen`.
+    pub tls_key: Option<PathBuf>,
+    /// Seconds a TLS client may take to finish its handshake.
+    pub tls_handshake_timeout_secs: u64,
+    /// Seconds from TCP accept to CONNECT.
+    pub connect_timeout_secs: u64,
+    /// Keep-alive applied when a device asks for none.
+    pub default_keep_alive_secs: u64,
+    /// Largest MQTT packet accepted from a device; larger ones end the connection.
+    pub max_packet_bytes: usize,
+    /// Most device connections at once; further ones are refused.
+    pub max_connections: usize,
+    /// Messages queued for one device before further ones are dropped (and counted).
+    pub outbound_queue: usize,
+    /// The topic devices publish to.
+    pub uplink_topic: String,
+}
+
+/// The embedded broker (rumqttd) and its listener for admin/integration clients.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BrokerConfig {
+    /// MQTT listener for admin and integration clients (loopback by default).
+    pub listen: SocketAddr,
+    /// Router tunables (TOML); the built-in `broker-config/router.toml` when unset.
+    pub router_config: Option<PathBuf>,
+    /// Users allowed on the broker listener. Device credentials never work there.
+    pub users: Vec<BrokerUser>,
+    /// Messages queued for the bus before further ones are dropped (and counted).
+    pub publish_queue: usize,
+}
+
+/// A broker-listener user.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerUser {
+    pub username: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for BrokerUser {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "BrokerUser({:?}, <redacted>)", self.username)
+    }
+}
+
+/// The UDP audio socket.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UdpConfig {
+    /// Where the audio socket listens.
+    pub listen: SocketAddr,
+    /// Host or IP announced to devices in the hello: the address devices can reach.
+    /// There is no reliable way to guess it, so it is explicit.
+    pub public_host: String,
+    /// Port announced in the hello; 0 means the port actually bound.
+    pub public_port: u16,
+    /// Kernel receive buffer (SO_RCVBUF) to ask for: audio lost to a full buffer is lost
+    /// for good.
+    pub recv_buffer_bytes: usize,
+    /// Kernel send buffer (SO_SNDBUF).
+    pub send_buffer_bytes: usize,
+    /// A conversation with no audio either way for this long is ended.
+    pub idle_timeout_secs: u64,
+    /// Uplink frames queued per conversation before further ones are dropped.
+    pub uplink_queue: usize,
+}
+
+/// The HTTP server.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    pub listen: SocketAddr,
+}
+
+/// Which speech pipeline conversations use.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PipelineConfig {
+    /// `echo` (the only one so far).
+    pub kind: PipelineKind,
+    pub echo: EchoConfig,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PipelineKind {
+    Echo,
+}
+
+/// The echo pipeline: plays the device's own audio back.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EchoConfig {
+    /// In `auto`/`manual` listening, a turn is played back after `listen stop` or after
+    /// this much audio, whichever comes first.
+    pub max_turn_secs: u64,
+    /// In `realtime` listening, frames are echoed as they arrive and the turn ends
+    /// (`tts stop`) after this much silence.
+    pub realtime_idle_ms: u64,
+}
+
+/// Logging.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `human` or `json`.
+    pub format: LogFormat,
+    /// A tracing filter, e.g. `info` or `xiaozhi_gateway=debug,info`. `RUST_LOG` wins.
+    pub level: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+/// Graceful shutdown.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShutdownConfig {
+    /// Upper bound on the time from SIGINT/SIGTERM to exit.
+    pub grace_secs: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            node: NodeConfig::default(),
+            auth: AuthConfig::default(),
+            mqtt: MqttConfig::default(),
+            broker: BrokerConfig::default(),
+            udp: UdpConfig::default(),
+            http: HttpConfig::default(),
+            pipeline: PipelineConfig::default(),
+            log: LogConfig::default(),
+            shutdown: ShutdownConfig::default(),
+        }
+    }
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig { id: "gateway-1".into() }
+    }
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig { signature_key: None, allow_unsigned: false }
+    }
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        MqttConfig {
+            listen: ([0, 0, 0, 0], 1883).into(),
+            tls_listen: ([0, 0, 0, 0], 8883).into(),
+            tls_cert: None,
+            tls_key: None,
+            tls_handshake_timeout_secs: 10,
+            connect_timeout_secs: 10,
+            default_keep_alive_secs: 240,
+            max_packet_bytes: 128 * 1024,
+            max_connections: 20_000,
+            outbound_queue: 256,
+            uplink_topic: "device-server".into(),
+        }
+    }
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        BrokerConfig {
+            listen: ([127, 0, 0, 1], 1884).into(),
+            router_config: None,
+            users: Vec::new(),
+            publish_queue: 16_384,
+        }
+    }
+}
+
+impl Default for UdpConfig {
+    fn default() -> Self {
+        UdpConfig {
+            listen: ([0, 0, 0, 0], 8884).into(),
+            public_host: "127.0.0.1".into(),
+            public_port: 0,
+            recv_buffer_bytes: 8 * 1024 * 1024,
+            send_buffer_bytes: 4 * 1024 * 1024,
+            idle_timeout_secs: 180,
+            uplink_queue: 64,
+        }
+    }
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig { listen: ([0, 0, 0, 0], 8007).into() }
+    }
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        PipelineConfig { kind: PipelineKind::Echo, echo: EchoConfig::default() }
+    }
+}
+
+impl Default for EchoConfig {
+    fn default() -> Self {
+        EchoConfig { max_turn_secs: 4, realtime_idle_ms: 600 }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig { format: LogFormat::Human, level: "info".into() }
+    }
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        ShutdownConfig { grace_secs: 5 }
+    }
+}
+
+/// Why a configuration cannot be used. Each names the setting to change.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {path} cannot be read: {source}")]
+    File { path: PathBuf, source: std::io::Error },
+    #[error("invalid configuration: {0}")]
+    Parse(#[source] Box<figment::Error>),
+    #[error("invalid configuration: {key} = {value:?}: {reason}")]
+    Invalid { key: String, value: String, reason: String },
+}
+
+/// Environment variable prefix: `XZ_UDP__PUBLIC_HOST` sets `udp.public_host`.
+pub const ENV_PREFIX: &str = "XZ_";
+
+impl Config {
+    /// Loads defaults, then `file` (if given), then `XZ_*` environment variables, then
+    /// `overrides` (from the command line), and validates the result.
+    pub fn load(file: Option<&Path>, overrides: Figment) -> Result<Config, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = file {
+            // Figment silently skips a missing file; a typo in --config must not.
+            std::fs::metadata(path).map_err(|source| ConfigError::File { path: path.to_owned(), source })?;
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        figment = figment.merge(Env::prefixed(ENV_PREFIX).split("__")).merge(overrides);
+        Self::from_figment(figment)
+    }
+
+    /// Extracts and validates a config from any figment (used by tests too).
+    pub fn from_figment(figment: Figment) -> Result<Config, ConfigError> {
+        let config: Config = figment.extract().map_err(|e| describe_extract_error(&figment, e))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Semantic checks that types alone cannot express.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key: &str, value: &dyn std::fmt::Display, reason: &str| ConfigError::Invalid {
+            key: key.to_owned(),
+            value: value.to_string(),
+            reason: reason.to_owned(),
+        };
+        match (&self.auth.signature_key, self.auth.allow_unsigned) {
+            (Some(k), _) if k.is_empty() => {
+                return Err(invalid("auth.signature_key", &"", "must not be empty; unset it and set auth.allow_unsigned = true for development"));
+            }
+            (None, false) => {
+                return Err(invalid(
+                    "auth.signature_key",
+                    &"<unset>",
+                    "required (manager-api's server.mqtt_signature_key); set XZ_AUTH__SIGNATURE_KEY, or auth.allow_unsigned = true (or --dev) for development only",
+                ));
+            }
+            _ => {}
+        }
+        if self.udp.public_host.trim().is_empty() {
+            return Err(invalid("udp.public_host", &self.udp.public_host, "devices need a host or IP to send audio to"));
+        }
+        for (key, value) in [
+            ("mqtt.connect_timeout_secs", self.mqtt.connect_timeout_secs),
+            ("mqtt.default_keep_alive_secs", self.mqtt.default_keep_alive_secs),
+            ("mqtt.tls_handshake_timeout_secs", self.mqtt.tls_handshake_timeout_secs),
+            ("udp.idle_timeout_secs", self.udp.idle_timeout_secs),
+            ("pipeline.echo.max_turn_secs", self.pipeline.echo.max_turn_secs),
+            ("pipeline.echo.realtime_idle_ms", self.pipeline.echo.realtime_idle_ms),
+            ("shutdown.grace_secs", self.shutdown.grace_secs),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, &value, "must be greater than 0"));
+            }
+        }
+        for (key, value) in [
+            ("mqtt.max_packet_bytes", self.mqtt.max_packet_bytes),
+            ("mqtt.max_connections", self.mqtt.max_connections),
+            ("mqtt.outbound_queue", self.mqtt.outbound_queue),
+            ("broker.publish_queue", self.broker.publish_queue),
+            ("udp.uplink_queue", self.udp.uplink_queue),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, &value, "must be greater than 0"));
+            }
+        }
+        if self.mqtt.max_packet_bytes > 16 * 1024 * 1024 {
+            return Err(invalid("mqtt.max_packet_bytes", &self.mqtt.max_packet_bytes, "at most 16 MiB"));
+        }
+        match (&self.mqtt.tls_cert, &self.mqtt.tls_key) {
+            (Some(_), None) => return Err(invalid("mqtt.tls_key", &"<unset>", "required when mqtt.tls_cert is set")),
+            (None, Some(_)) => return Err(invalid("mqtt.tls_cert", &"<unset>", "required when mqtt.tls_key is set")),
+            _ => {}
+        }
+        for user in &self.broker.users {
+            if user.username.is_empty() || user.password.is_empty() {
+                return Err(invalid("broker.users", &user.username, "every broker user needs a username and a password"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Things that work but that an operator must be told about at every start.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut w = Vec::new();
+        if self.auth.signature_key.is_none() {
+            w.push("auth.allow_unsigned is on and no signature key is set: ANY device password is accepted. Development only.".to_owned());
+        }
+        if is_loopback_host(&self.udp.public_host) {
+            w.push(format!(
+                "udp.public_host = {:?} is a loopback address: only devices on this machine (simulators) can send audio. Set XZ_UDP__PUBLIC_HOST to an address devices can reach.",
+                self.udp.public_host
+            ));
+        }
+        if self.broker.users.is_empty() {
+            w.push("broker.users is empty: the broker listener refuses every client.".to_owned());
+        }
+        w
+    }
+
+    /// The device password verifier this config asks for.
+    pub fn verifier(&self) -> Verifier {
+        match &self.auth.signature_key {
+            Some(key) => Verifier::Signed { key: key.as_bytes().to_vec() },
+            None => Verifier::Unsigned,
+        }
+    }
+
+    /// Whether device TLS is configured.
+    pub fn device_tls(&self) -> Option<(&Path, &Path)> {
+        Some((self.mqtt.tls_cert.as_deref()?, self.mqtt.tls_key.as_deref()?))
+    }
+
+    pub fn udp_idle_timeout(&self) -> Duration {
+        Duration::from_secs(self.udp.idle_timeout_secs)
+    }
+}
+
+/// Turns figment's error into one that names the key, the bad value and where it came
+/// from (some serde errors, such as a bad socket address, do not mention the value).
+fn describe_extract_error(figment: &Figment, error: figment::Error) -> ConfigError {
+    let Some(first) = error.clone().into_iter().next() else {
+        return ConfigError::Parse(Box::new(error));
+    };
+    if first.path.is_empty() {
+        return ConfigError::Parse(Box::new(first));
+    }
+    let key = first.path.join(".").to_lowercase();
+    let value = match figment.find_value(&key) {
+        Ok(figment::value::Value::String(_, s)) => s,
+        Ok(v) => serde_json::to_string(&v).unwrap_or_else(|_| format!("{v:?}")),
+        Err(_) => "<missing>".to_owned(),
+    };
+    let source = first
+        .metadata
+        .as_ref()
+        .map(|m| format!(" (from {})", m.name))
+        .unwrap_or_default();
+    ConfigError::Invalid { key, value, reason: format!("{}{source}", first.kind) }
+}
+
+fn is_loopback_host(host: &str) -> bool {
+    host.eq_ignore_ascii_case("localhost")
+        || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> Figment {
+        Figment::from(Serialized::defaults(Config::default())).merge(Serialized::default("auth.signature_key", "k"))
+    }
+
+    #[test]
+    fn defaults_need_a_key_or_explicit_unsigned_mode() {
+        let err = Config::from_figment(Figment::from(Serialized::defaults(Config::default()))).unwrap_err();
+        assert!(err.to_string().contains("auth.signature_key"), "{err}");
+        let unsigned = Config::from_figment(
+            Figment::from(Serialized::defaults(Config::default())).merge(Serialized::default("auth.allow_unsigned", true)),
+        )
+        .unwrap();
+        assert!(matches!(unsigned.verifier(), Verifier::Unsigned));
+        assert!(unsigned.warnings().iter().any(|w| w.contains("ANY device password")));
+        assert!(unsigned.warnings().iter().any(|w| w.contains("loopback")));
+    }
+
+    #[test]
+    fn toml_then_env_override_in_order() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("gw.toml", "[udp]\npublic_host = \"198.51.100.7\"\nidle_timeout_secs = 30\n[auth]\nsignature_key = \"from-file\"\n")?;
+            jail.set_env("XZ_UDP__IDLE_TIMEOUT_SECS", "45");
+            let c = Config::load(Some(Path::new("gw.toml")), Figment::new()).unwrap();
+            assert_eq!(c.udp.public_host, "198.51.100.7");
+            assert_eq!(c.udp.idle_timeout_secs, 45);
+            assert_eq!(c.auth.signature_key.as_deref(), Some("from-file"));
+            assert!(c.warnings().is_empty() || !c.warnings().iter().any(|w| w.contains("loopback")));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn bad_values_name_the_key_and_value() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("XZ_AUTH__SIGNATURE_KEY", "k");
+            jail.set_env("XZ_UDP__LISTEN", "not-an-address");
+            let err = Config::load(None, Figment::new()).unwrap_err().to_string();
+            assert!(err.contains("not-an-address") && err.contains("listen"), "{err}");
+            Ok(())
+        });
+        let err = Config::from_figment(base().merge(Serialized::default("mqtt.max_connections", 0))).unwrap_err().to_string();
+        assert!(err.contains("mqtt.max_connections") && err.contains('0'), "{err}");
+        let err = Config::from_figment(base().merge(Serialized::default("mqtt.tls_cert", "/x.pem"))).unwrap_err().to_string();
+        assert!(err.contains("mqtt.tls_key"), "{err}");
+    }
+
+    #[test]
+    fn unknown_keys_and_missing_files_are_errors() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("typo.toml", "[udp]\npublic_hots = \"x\"\n")?;
+            let err = Config::load(Some(Path::new("typo.toml")), Figment::new()).unwrap_err().to_string();
+            assert!(err.contains("public_hots"), "{err}");
+            let err = Config::load(Some(Path::new("missing.toml")), Figment::new()).unwrap_err().to_string();
+            assert!(err.contains("missing.toml"), "{err}");
+            Ok(())
+        });
+    }
+}

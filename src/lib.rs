@@ -1,0 +1,29 @@
+//! xiaozhi-gateway: the device edge for ESP32 voice assistants running xiaozhi firmware.
+//!
+//! How data flows:
+//! * Devices hold an MQTT connection to the **device front end** ([`broker::front_end`]),
+//!   which authenticates them, frames their JSON and maps it onto the **bus**
+//!   ([`broker::bus`], an embedded rumqttd router) on identity-bearing topics.
+//! * Device JSON also goes to the **session manager** ([`session`]): a `hello` opens a
+//!   conversation, which gets an encrypted UDP **audio channel** ([`audio`]) and a
+//!   **speech pipeline** ([`pipeline`]: echo now, xiaozhi-server upstream next).
+//! * Uplink audio flows device -> UDP socket -> channel table -> pipeline; downlink
+//!   audio flows pipeline -> sealer -> UDP socket -> device. The audio path never
+//!   parses JSON.
+//! * Everything that decides something about bytes lives in the sans-IO [`protocol`]
+//!   core; the tasks that own sockets are thin drivers around it.
+//! * [`http`] serves health checks; [`metrics`] holds every counter; [`config`] is the
+//!   one typed configuration; [`simulator`] speaks exactly as the firmware does, for
+//!   tests and load.
+//! * [`server`] wires it all together and owns shutdown.
+
+pub mod audio;
+pub mod broker;
+pub mod config;
+pub mod http;
+pub mod metrics;
+pub mod pipeline;
+pub mod protocol;
+pub mod server;
+pub mod session;
+pub mod simulator;

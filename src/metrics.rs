@@ -1,0 +1,107 @@
+//! Every counter the gateway keeps, in one place.
+//!
+//! Plain relaxed atomics: incrementing one is a single uncontended instruction, cheap
+//! enough for the audio path. Each drop reason has its own counter so an operator can
+//! tell a hijack attempt from a slow consumer. The Prometheus exposition (issue: metrics)
+//! reads these same counters; tests read them through [`Metrics::snapshot`].
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+macro_rules! counters {
+    ($( $(#[$doc:meta])* $name:ident ),* $(,)?) => {
+        /// The gateway's counters and gauges.
+        #[derive(Debug, Default)]
+        pub struct Metrics {
+            $( $(#[$doc])* pub $name: AtomicU64, )*
+        }
+
+        /// A point-in-time copy of [`Metrics`], for tests and status output.
+        #[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize)]
+        pub struct MetricsSnapshot {
+            $( pub $name: u64, )*
+        }
+
+        impl Metrics {
+            /// Reads every counter.
+            pub fn snapshot(&self) -> MetricsSnapshot {
+                MetricsSnapshot { $( $name: self.$name.load(Relaxed), )* }
+            }
+        }
+    };
+}
+
+counters! {
+    /// Device MQTT connections currently authenticated (gauge).
+    devices_connected,
+    /// Device CONNECTs accepted.
+    device_connects,
+    /// Device CONNECTs refused, by reason.
+    auth_failed_client_id,
+    auth_failed_credentials,
+    auth_failed_signature,
+    /// Connections refused because `mqtt.max_connections` was reached.
+    connections_refused_limit,
+    /// Older connections closed because the same device connected again.
+    connections_replaced,
+    /// Connections closed for a missing CONNECT, keep-alive or TLS handshake timeout.
+    connections_timed_out,
+    /// Connections closed for a malformed or forbidden packet.
+    connections_protocol_errors,
+    /// MQTT publishes from devices on the uplink topic.
+    mqtt_messages_in,
+    /// MQTT publishes to devices.
+    mqtt_messages_out,
+    /// Device publishes to topics other than the uplink topic (dropped).
+    mqtt_dropped_foreign_topic,
+    /// Messages for a device dropped because its outbound queue was full.
+    mqtt_dropped_queue_full,
+    /// Messages for a device that is not connected (dropped).
+    mqtt_dropped_not_connected,
+    /// Device payloads that are not JSON control messages (dropped, connection kept).
+    control_malformed,
+    /// Device messages that need a conversation but arrived with none.
+    control_without_session,
+    /// Messages the bus publisher dropped because its queue was full.
+    bus_dropped,
+    /// Hellos answered / refused.
+    hellos_ok,
+    hellos_refused,
+    /// Conversations currently running (gauge).
+    sessions_live,
+    /// Conversations ended.
+    sessions_ended,
+    /// UDP datagrams and bytes received / sent.
+    udp_rx_datagrams,
+    udp_rx_bytes,
+    udp_tx_datagrams,
+    udp_tx_bytes,
+    /// Uplink datagrams dropped, by reason.
+    udp_drop_malformed,
+    udp_drop_unknown_id,
+    udp_drop_replay,
+    udp_drop_hijack,
+    udp_drop_decrypt,
+    udp_drop_queue_full,
+    /// Downlink frames dropped because the device's UDP address is not known yet.
+    udp_drop_no_peer,
+    /// Uplink sequence numbers skipped (lost before reaching us).
+    udp_uplink_gaps,
+    /// Channels whose device address moved (NAT rebinding).
+    udp_rebinds,
+    /// UDP socket send errors.
+    udp_send_errors,
+}
+
+impl Metrics {
+    pub fn inc(counter: &AtomicU64) {
+        counter.fetch_add(1, Relaxed);
+    }
+
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Relaxed);
+    }
+
+    pub fn dec(counter: &AtomicU64) {
+        counter.fetch_sub(1, Relaxed);
+    }
+}

@@ -1,0 +1,245 @@
+//! The echo pipeline: plays a device's own audio back to it. Used when no upstream is
+//! configured, for bring-up, demos and load tests.
+//!
+//! It behaves like a speech pipeline so a real device's UI goes through its states:
+//! * `realtime` listening (full-duplex devices, and the simulator): each uplink frame is
+//!   sent back as it arrives; the first frame of a turn is preceded by `tts start`, and
+//!   `tts stop` follows once the device has been silent for `realtime_idle_ms`.
+//! * `auto` / `manual` listening: a turn is collected until `listen stop` or until
+//!   `max_turn_secs` of audio, then played back between `tts start` and `tts stop` (a
+//!   half-duplex device stops capturing while it speaks, so echoing frame by frame would
+//!   cut it off after one frame).
+//! Playback is paced at the frame duration: a frame goes out no earlier than one frame
+//! ahead of the real-time playback clock, so the device's decode queue never floods and
+//! is never starved by jitter. `abort` or a new `listen start` stops playback.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use rand::Rng;
+use tokio::time::Instant;
+
+use super::{Conversation, ConversationEnd, ConversationIo, OpenRequest, Opened, Pipeline, PipelineError};
+use crate::audio::UplinkFrame;
+use crate::config::EchoConfig;
+use crate::protocol::control::{self, DeviceMessage, ListenState};
+
+/// Hard cap on frames held for one turn, whatever the config says (bounded memory).
+const MAX_TURN_FRAMES: usize = 2_000;
+
+/// The echo pipeline.
+#[derive(Debug, Clone)]
+pub struct EchoPipeline {
+    config: EchoConfig,
+}
+
+impl EchoPipeline {
+    pub fn new(config: EchoConfig) -> Self {
+        EchoPipeline { config }
+    }
+}
+
+#[async_trait]
+impl Pipeline for EchoPipeline {
+    fn name(&self) -> &'static str {
+        "echo"
+    }
+
+    async fn open(&self, request: OpenRequest) -> Result<Opened, PipelineError> {
+        let session_id = new_session_id();
+        Ok(Opened {
+            session_id,
+            // The echo returns the device's own frames, so the downlink has exactly the
+            // uplink's parameters.
+            downlink_audio: request.hello.audio_params.clone(),
+            conversation: Box::new(EchoConversation { config: self.config.clone() }),
+        })
+    }
+}
+
+/// A random 32-hex-digit session id.
+pub fn new_session_id() -> String {
+    let bytes: [u8; 16] = rand::rng().random();
+    hex::encode(bytes)
+}
+
+struct EchoConversation {
+    config: EchoConfig,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Collect a turn, then play it back.
+    Turn,
+    /// Echo frame by frame.
+    Realtime,
+}
+
+struct Echo {
+    io: ConversationIo,
+    mode: Mode,
+    frame: Duration,
+    max_turn_frames: usize,
+    realtime_idle: Duration,
+    /// Frames collected for the current turn (turn mode).
+    collected: Vec<UplinkFrame>,
+    /// Frames waiting to be played.
+    queue: VecDeque<UplinkFrame>,
+    /// Between our `tts start` and `tts stop`.
+    speaking: bool,
+    /// When the next frame is due on the playback clock.
+    clock: Option<Instant>,
+    /// When the last uplink frame arrived (realtime mode turn end).
+    last_uplink: Instant,
+}
+
+#[async_trait]
+impl Conversation for EchoConversation {
+    async fn run(self: Box<Self>, io: ConversationIo) -> ConversationEnd {
+        let frame = Duration::from_millis(u64::from(io.uplink_audio.frame_duration));
+        let max_turn_frames = ((self.config.max_turn_secs * 1000) / u64::from(io.uplink_audio.frame_duration).max(1)) as usize;
+        let mut echo = Echo {
+            io,
+            mode: Mode::Turn,
+            frame,
+            max_turn_frames: max_turn_frames.clamp(1, MAX_TURN_FRAMES),
+            realtime_idle: Duration::from_millis(self.config.realtime_idle_ms),
+            collected: Vec::new(),
+            queue: VecDeque::new(),
+            speaking: false,
+            clock: None,
+            last_uplink: Instant::now(),
+        };
+        echo.run().await
+    }
+}
+
+impl Echo {
+    async fn run(&mut self) -> ConversationEnd {
+        loop {
+            let next_send = self.next_send_at();
+            let turn_end = self.realtime_turn_end_at();
+            tokio::select! {
+                frame = self.io.uplink.recv() => match frame {
+                    Some(frame) => self.on_uplink(frame),
+                    None => return ConversationEnd::Finished,
+                },
+                msg = self.io.control.recv() => match msg {
+                    Some(msg) => self.on_control(msg.message),
+                    None => return ConversationEnd::Finished,
+                },
+                _ = sleep_until_opt(next_send) => self.play_one().await,
+                _ = sleep_until_opt(turn_end) => self.stop_speaking(),
+            }
+        }
+    }
+
+    fn on_uplink(&mut self, frame: UplinkFrame) {
+        self.last_uplink = Instant::now();
+        match self.mode {
+            Mode::Realtime => {
+                self.start_speaking();
+                if self.queue.len() < MAX_TURN_FRAMES {
+                    self.queue.push_back(frame);
+                }
+            }
+            Mode::Turn => {
+                // A half-duplex device does not capture while it speaks; anything that
+                // still arrives during playback is not part of a turn.
+                if self.speaking {
+                    return;
+                }
+                self.collected.push(frame);
+                if self.collected.len() >= self.max_turn_frames {
+                    self.play_turn();
+                }
+            }
+        }
+    }
+
+    fn on_control(&mut self, msg: DeviceMessage) {
+        match msg {
+            DeviceMessage::Listen { state: ListenState::Start, mode, .. } => {
+                self.mode = if mode.as_deref() == Some("realtime") { Mode::Realtime } else { Mode::Turn };
+                // Barge-in: the user talks again, stop playing the previous turn.
+                self.queue.clear();
+                self.collected.clear();
+                self.stop_speaking();
+            }
+            DeviceMessage::Listen { state: ListenState::Stop, .. } => {
+                if self.mode == Mode::Turn {
+                    self.play_turn();
+                }
+            }
+            DeviceMessage::Abort { .. } => {
+                self.queue.clear();
+                self.collected.clear();
+                self.stop_speaking();
+            }
+            _ => {}
+        }
+    }
+
+    fn play_turn(&mut self) {
+        if self.collected.is_empty() {
+            return;
+        }
+        self.start_speaking();
+        self.queue.extend(self.collected.drain(..));
+    }
+
+    fn start_speaking(&mut self) {
+        if !self.speaking {
+            self.speaking = true;
+            self.io.device.send_json(control::tts(&self.io.session_id, "start", None));
+        }
+    }
+
+    fn stop_speaking(&mut self) {
+        if self.speaking {
+            self.speaking = false;
+            self.clock = None;
+            self.io.device.send_json(control::tts(&self.io.session_id, "stop", None));
+        }
+    }
+
+    /// When the head of the queue may be sent: at most one frame ahead of the clock.
+    fn next_send_at(&self) -> Option<Instant> {
+        if self.queue.is_empty() {
+            return None;
+        }
+        Some(match self.clock {
+            Some(due) => due.checked_sub(self.frame).unwrap_or(due),
+            None => Instant::now(),
+        })
+    }
+
+    /// In realtime mode, when the turn ends for lack of uplink audio.
+    fn realtime_turn_end_at(&self) -> Option<Instant> {
+        (self.speaking && self.queue.is_empty()).then(|| match self.mode {
+            Mode::Realtime => self.last_uplink + self.realtime_idle,
+            // In turn mode the turn ends as soon as the queue has drained.
+            Mode::Turn => self.clock.unwrap_or_else(Instant::now),
+        })
+    }
+
+    async fn play_one(&mut self) {
+        let Some(frame) = self.queue.pop_front() else { return };
+        let now = Instant::now();
+        // Restart the clock after an underrun, so a late frame does not license a burst.
+        let due = match self.clock {
+            Some(due) if due + self.frame > now => due,
+            _ => now,
+        };
+        self.clock = Some(due + self.frame);
+        self.io.downlink.send(frame.timestamp, &frame.opus).await;
+    }
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}

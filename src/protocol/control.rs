@@ -1,0 +1,264 @@
+//! JSON control messages over MQTT (PROTOCOL.md section 4).
+//!
+//! Device messages are parsed once into [`DeviceMessage`], which names the few types the
+//! gateway acts on itself (hello, listen, abort, goodbye) and keeps everything else as
+//! raw JSON to pass on. Server messages are built here so every field name the firmware
+//! depends on lives in one file.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+/// The only hello version current firmware sends over MQTT (the Node gateway refuses
+/// others too).
+pub const HELLO_VERSION: u64 = 3;
+
+/// Audio parameters as the firmware writes them in its hello and reads them in ours.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AudioParams {
+    #[serde(default = "default_format")]
+    pub format: String,
+    #[serde(default = "default_sample_rate")]
+    pub sample_rate: u32,
+    #[serde(default = "default_channels")]
+    pub channels: u8,
+    /// Milliseconds per Opus packet.
+    #[serde(default = "default_frame_duration")]
+    pub frame_duration: u32,
+}
+
+fn default_format() -> String {
+    "opus".into()
+}
+fn default_sample_rate() -> u32 {
+    16_000
+}
+fn default_channels() -> u8 {
+    1
+}
+fn default_frame_duration() -> u32 {
+    60
+}
+
+impl Default for AudioParams {
+    fn default() -> Self {
+        AudioParams {
+            format: default_format(),
+            sample_rate: default_sample_rate(),
+            channels: default_channels(),
+            frame_duration: default_frame_duration(),
+        }
+    }
+}
+
+/// What a device asked for in its hello.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HelloRequest {
+    pub version: u64,
+    pub transport: String,
+    pub audio_params: AudioParams,
+    /// Passed on verbatim (e.g. `{"mcp":true,"aec":false}`).
+    pub features: Value,
+}
+
+/// A `listen` state change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenState {
+    Start,
+    Stop,
+    /// Wake word detected; `text` holds it.
+    Detect,
+    Other(String),
+}
+
+/// A message from a device, classified by `type`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DeviceMessage {
+    Hello(HelloRequest),
+    Listen { session_id: Option<String>, state: ListenState, mode: Option<String> },
+    Abort { session_id: Option<String> },
+    Goodbye { session_id: Option<String> },
+    /// Any other type (`mcp`, `iot`, ...), kept whole for relaying.
+    Other { kind: String, session_id: Option<String> },
+}
+
+/// Why a device payload is not a control message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ControlError {
+    #[error("payload is not UTF-8 JSON: {0}")]
+    NotJson(String),
+    #[error("JSON payload is not an object with a string \"type\"")]
+    NoType,
+    #[error("hello field {field} is invalid: {reason}")]
+    BadHello { field: &'static str, reason: String },
+}
+
+impl ControlError {
+    pub fn label(&self) -> &'static str {
+        match self {
+            ControlError::NotJson(_) => "not_json",
+            ControlError::NoType => "no_type",
+            ControlError::BadHello { .. } => "bad_hello",
+        }
+    }
+}
+
+/// Parses a device payload. Returns the classified message and the parsed JSON (for
+/// relaying without parsing twice).
+pub fn parse_device_message(payload: &[u8]) -> Result<(DeviceMessage, Value), ControlError> {
+    let value: Value = serde_json::from_slice(payload).map_err(|e| ControlError::NotJson(e.to_string()))?;
+    let kind = value.get("type").and_then(Value::as_str).ok_or(ControlError::NoType)?;
+    let session_id = value.get("session_id").and_then(Value::as_str).map(str::to_owned);
+    let message = match kind {
+        "hello" => DeviceMessage::Hello(parse_hello(&value)?),
+        "listen" => DeviceMessage::Listen {
+            session_id,
+            state: match value.get("state").and_then(Value::as_str).unwrap_or("") {
+                "start" => ListenState::Start,
+                "stop" => ListenState::Stop,
+                "detect" => ListenState::Detect,
+                other => ListenState::Other(other.to_owned()),
+            },
+            mode: value.get("mode").and_then(Value::as_str).map(str::to_owned),
+        },
+        "abort" => DeviceMessage::Abort { session_id },
+        "goodbye" => DeviceMessage::Goodbye { session_id },
+        other => DeviceMessage::Other { kind: other.to_owned(), session_id },
+    };
+    Ok((message, value))
+}
+
+fn parse_hello(value: &Value) -> Result<HelloRequest, ControlError> {
+    let version = value.get("version").and_then(Value::as_u64).unwrap_or(0);
+    let transport = value.get("transport").and_then(Value::as_str).unwrap_or("").to_owned();
+    let audio_params = match value.get("audio_params") {
+        None | Some(Value::Null) => AudioParams::default(),
+        Some(v) => serde_json::from_value(v.clone())
+            .map_err(|e| ControlError::BadHello { field: "audio_params", reason: e.to_string() })?,
+    };
+    if audio_params.frame_duration == 0 || audio_params.frame_duration > 120 {
+        return Err(ControlError::BadHello {
+            field: "audio_params.frame_duration",
+            reason: format!("{} ms is outside 1..=120", audio_params.frame_duration),
+        });
+    }
+    Ok(HelloRequest {
+        version,
+        transport,
+        audio_params,
+        features: value.get("features").cloned().unwrap_or(Value::Null),
+    })
+}
+
+/// The UDP part of our hello.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UdpOffer {
+    /// Host or IP the device sends audio to (explicit config, never guessed).
+    pub server: String,
+    pub port: u16,
+    /// 32 hex chars.
+    pub key_hex: String,
+    /// 32 hex chars: the header template.
+    pub nonce_hex: String,
+}
+
+/// Our answer to a device hello.
+pub fn server_hello(session_id: &str, audio_params: &AudioParams, udp: &UdpOffer) -> String {
+    json!({
+        "type": "hello",
+        "version": HELLO_VERSION,
+        "session_id": session_id,
+        "transport": "udp",
+        "udp": {
+            "server": udp.server,
+            "port": udp.port,
+            "encryption": "aes-128-ctr",
+            "key": udp.key_hex,
+            "nonce": udp.nonce_hex,
+        },
+        "audio_params": audio_params,
+    })
+    .to_string()
+}
+
+/// Ends a conversation: the device closes its audio channel without answering.
+pub fn goodbye(session_id: &str) -> String {
+    json!({ "type": "goodbye", "session_id": session_id }).to_string()
+}
+
+/// `tts` state messages the echo pipeline uses to drive the device UI.
+pub fn tts(session_id: &str, state: &str, text: Option<&str>) -> String {
+    let mut v = json!({ "type": "tts", "state": state, "session_id": session_id });
+    if let Some(text) = text {
+        v["text"] = Value::String(text.to_owned());
+    }
+    v.to_string()
+}
+
+/// An alert the device shows on screen.
+pub fn alert(session_id: Option<&str>, message: &str) -> String {
+    json!({
+        "type": "alert",
+        "session_id": session_id.unwrap_or(""),
+        "status": "error",
+        "message": message,
+        "emotion": "sad",
+    })
+    .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FIRMWARE_HELLO: &str = r#"{"type":"hello","version":3,"transport":"udp","features":{"mcp":true,"aec":false},"audio_params":{"format":"opus","sample_rate":16000,"channels":1,"frame_duration":60}}"#;
+
+    #[test]
+    fn parses_firmware_hello() {
+        let (msg, _) = parse_device_message(FIRMWARE_HELLO.as_bytes()).unwrap();
+        let DeviceMessage::Hello(h) = msg else { panic!("{msg:?}") };
+        assert_eq!((h.version, h.transport.as_str()), (3, "udp"));
+        assert_eq!(h.audio_params, AudioParams::default());
+        assert_eq!(h.features["mcp"], Value::Bool(true));
+    }
+
+    #[test]
+    fn classifies_other_messages() {
+        let (m, _) = parse_device_message(br#"{"session_id":"s1","type":"listen","state":"start","mode":"auto"}"#).unwrap();
+        assert_eq!(m, DeviceMessage::Listen { session_id: Some("s1".into()), state: ListenState::Start, mode: Some("auto".into()) });
+        let (m, _) = parse_device_message(br#"{"session_id":"s1","type":"goodbye"}"#).unwrap();
+        assert_eq!(m, DeviceMessage::Goodbye { session_id: Some("s1".into()) });
+        let (m, v) = parse_device_message(br#"{"session_id":"s1","type":"mcp","payload":{"jsonrpc":"2.0"}}"#).unwrap();
+        assert_eq!(m, DeviceMessage::Other { kind: "mcp".into(), session_id: Some("s1".into()) });
+        assert_eq!(v["payload"]["jsonrpc"], "2.0");
+    }
+
+    #[test]
+    fn malformed_payloads_are_errors_not_panics() {
+        assert!(matches!(parse_device_message(b"\xff\xfe"), Err(ControlError::NotJson(_))));
+        assert!(matches!(parse_device_message(b"{\"type\":"), Err(ControlError::NotJson(_))));
+        assert_eq!(parse_device_message(b"[1,2]").unwrap_err(), ControlError::NoType);
+        assert_eq!(parse_device_message(b"{\"type\":7}").unwrap_err(), ControlError::NoType);
+        assert!(matches!(
+            parse_device_message(br#"{"type":"hello","audio_params":{"frame_duration":0}}"#),
+            Err(ControlError::BadHello { .. })
+        ));
+        assert!(matches!(
+            parse_device_message(br#"{"type":"hello","audio_params":{"sample_rate":"x"}}"#),
+            Err(ControlError::BadHello { .. })
+        ));
+    }
+
+    #[test]
+    fn server_hello_has_the_fields_the_firmware_reads() {
+        let udp = UdpOffer { server: "192.0.2.1".into(), port: 8884, key_hex: "00".repeat(16), nonce_hex: "01".repeat(16) };
+        let v: Value = serde_json::from_str(&server_hello("sess", &AudioParams::default(), &udp)).unwrap();
+        assert_eq!(v["type"], "hello");
+        assert_eq!(v["transport"], "udp");
+        assert_eq!(v["session_id"], "sess");
+        assert_eq!(v["udp"]["server"], "192.0.2.1");
+        assert_eq!(v["udp"]["port"], 8884);
+        assert_eq!(v["udp"]["encryption"], "aes-128-ctr");
+        assert_eq!(v["audio_params"]["sample_rate"], 16000);
+        assert_eq!(v["audio_params"]["frame_duration"], 60);
+    }
+}

@@ -1,0 +1,352 @@
+//! The state machine of one device's MQTT 3.1.1 connection, without the socket.
+//!
+//! The driver ([`crate::broker::front_end`]) frames packets with `rumqttc::mqttbytes`,
+//! feeds them here with the current time, performs the returned [`Action`]s in order,
+//! and sleeps until [`DeviceMqttConnection::deadline`]. Everything the firmware relies on,
+//! and everything a hostile client might try, is decided here:
+//! * CONNECT must come first and within the connect timeout; credentials are checked
+//!   before any CONNACK is sent (the Node gateway acknowledges first, then checks);
+//! * keep-alive is enforced at 1.5x the client's value;
+//! * PUBLISH at QoS 0 and 1 to the uplink topic is accepted (QoS 1 acknowledged);
+//!   other topics are dropped and counted, QoS 2 ends the connection;
+//! * SUBSCRIBE succeeds only for the device's own `devices/p2p/<mac_>` (older firmware
+//!   subscribes; newer firmware never does and gets its messages anyway).
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use rumqttc::mqttbytes::QoS;
+use rumqttc::mqttbytes::v4::{
+    ConnAck, ConnectReturnCode, Packet, PubAck, SubAck, SubscribeReasonCode, UnsubAck,
+};
+
+use super::credentials::{AuthError, DeviceIdentity, Verifier};
+
+/// Static settings of the device front end that the state machine needs.
+#[derive(Debug, Clone)]
+pub struct DeviceMqttSettings {
+    /// How long a client may take from TCP accept to CONNECT.
+    pub connect_timeout: Duration,
+    /// Keep-alive applied when a client asks for 0 (none): a silent connection must
+    /// still be found out eventually.
+    pub default_keep_alive: Duration,
+    /// The one topic devices publish to (`device-server`).
+    pub uplink_topic: String,
+}
+
+/// Why a connection ends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CloseReason {
+    ConnectTimeout,
+    KeepAliveTimeout,
+    AuthFailed(AuthError),
+    ProtocolViolation(&'static str),
+    ClientDisconnect,
+}
+
+impl CloseReason {
+    /// Counter label.
+    pub fn label(&self) -> &'static str {
+        match self {
+            CloseReason::ConnectTimeout => "connect_timeout",
+            CloseReason::KeepAliveTimeout => "keep_alive_timeout",
+            CloseReason::AuthFailed(_) => "auth_failed",
+            CloseReason::ProtocolViolation(_) => "protocol_violation",
+            CloseReason::ClientDisconnect => "client_disconnect",
+        }
+    }
+}
+
+/// Something the driver must do, in the order given.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Write this packet to the client.
+    Send(Packet),
+    /// The client proved who it is; register it (replacing an older connection)
+    /// before the CONNACK that follows is written.
+    Authenticated { identity: DeviceIdentity, keep_alive: Duration },
+    /// The device published this payload on the uplink topic.
+    Uplink(Bytes),
+    /// A packet was ignored; count it under this label.
+    Dropped(&'static str),
+    /// Close the connection (after writing any packets queued before this action).
+    Close(CloseReason),
+}
+
+#[derive(Debug)]
+enum State {
+    AwaitingConnect { deadline: Instant },
+    Connected { own_topic: String, keep_alive: Duration, deadline: Instant },
+    Closed,
+}
+
+/// One device connection's protocol state.
+#[derive(Debug)]
+pub struct DeviceMqttConnection {
+    state: State,
+}
+
+impl DeviceMqttConnection {
+    /// A freshly accepted connection, waiting for CONNECT.
+    pub fn new(settings: &DeviceMqttSettings, now: Instant) -> Self {
+        DeviceMqttConnection { state: State::AwaitingConnect { deadline: now + settings.connect_timeout } }
+    }
+
+    /// When [`handle_timeout`](Self::handle_timeout) must next be called, if ever.
+    pub fn deadline(&self) -> Option<Instant> {
+        match &self.state {
+            State::AwaitingConnect { deadline } | State::Connected { deadline, .. } => Some(*deadline),
+            State::Closed => None,
+        }
+    }
+
+    /// Whether the connection has ended.
+    pub fn is_closed(&self) -> bool {
+        matches!(self.state, State::Closed)
+    }
+
+    /// Checks deadlines.
+    pub fn handle_timeout(&mut self, now: Instant, out: &mut Vec<Action>) {
+        let reason = match &self.state {
+            State::AwaitingConnect { deadline } if now >= *deadline => CloseReason::ConnectTimeout,
+            State::Connected { deadline, .. } if now >= *deadline => CloseReason::KeepAliveTimeout,
+            _ => return,
+        };
+        self.close(reason, out);
+    }
+
+    /// A packet could not be framed or parsed: the connection cannot continue, since the
+    /// byte stream has lost its framing.
+    pub fn handle_malformed(&mut self, out: &mut Vec<Action>) {
+        self.close(CloseReason::ProtocolViolation("malformed packet"), out);
+    }
+
+    /// Handles one complete packet from the client.
+    pub fn handle_packet(
+        &mut self,
+        packet: Packet,
+        now: Instant,
+        settings: &DeviceMqttSettings,
+        verifier: &Verifier,
+        out: &mut Vec<Action>,
+    ) {
+        match &mut self.state {
+            State::Closed => {}
+            State::AwaitingConnect { .. } => match packet {
+                Packet::Connect(connect) => {
+                    let login = connect.login.as_ref();
+                    match verifier.verify(
+                        &connect.client_id,
+                        login.map(|l| l.username.as_str()),
+                        login.map(|l| l.password.as_str()),
+                    ) {
+                        Ok(identity) => {
+                            let keep_alive = match connect.keep_alive {
+                                0 => settings.default_keep_alive,
+                                secs => Duration::from_secs(u64::from(secs)),
+                            };
+                            let own_topic = crate::broker::topics::p2p(&identity.mac);
+                            self.state = State::Connected { own_topic, keep_alive, deadline: now + grace(keep_alive) };
+                            out.push(Action::Authenticated { identity, keep_alive });
+                            out.push(Action::Send(Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, false))));
+                        }
+                        Err(e) => {
+                            let code = match e.connack_code() {
+                                0x02 => ConnectReturnCode::BadClientId,
+                                _ => ConnectReturnCode::BadUserNamePassword,
+                            };
+                            out.push(Action::Send(Packet::ConnAck(ConnAck::new(code, false))));
+                            self.close(CloseReason::AuthFailed(e), out);
+                        }
+                    }
+                }
+                _ => self.close(CloseReason::ProtocolViolation("first packet was not CONNECT"), out),
+            },
+            State::Connected { own_topic, keep_alive, deadline } => {
+                // Any control packet from the client counts as keep-alive activity.
+                *deadline = now + grace(*keep_alive);
+                match packet {
+                    Packet::Publish(publish) => {
+                        if publish.qos == QoS::ExactlyOnce {
+                            self.close(CloseReason::ProtocolViolation("QoS 2 publish is not supported"), out);
+                            return;
+                        }
+                        if publish.topic == settings.uplink_topic {
+                            out.push(Action::Uplink(publish.payload));
+                        } else {
+                            out.push(Action::Dropped("foreign_topic"));
+                        }
+                        if publish.qos == QoS::AtLeastOnce {
+                            out.push(Action::Send(Packet::PubAck(PubAck::new(publish.pkid))));
+                        }
+                    }
+                    Packet::Subscribe(subscribe) => {
+                        let codes = subscribe
+                            .filters
+                            .iter()
+                            .map(|f| {
+                                if f.path == *own_topic {
+                                    SubscribeReasonCode::Success(QoS::AtMostOnce)
+                                } else {
+                                    SubscribeReasonCode::Failure
+                                }
+                            })
+                            .collect();
+                        out.push(Action::Send(Packet::SubAck(SubAck::new(subscribe.pkid, codes))));
+                    }
+                    Packet::Unsubscribe(unsubscribe) => {
+                        out.push(Action::Send(Packet::UnsubAck(UnsubAck::new(unsubscribe.pkid))));
+                    }
+                    Packet::PingReq => out.push(Action::Send(Packet::PingResp)),
+                    Packet::Disconnect => self.close(CloseReason::ClientDisconnect, out),
+                    // We publish at QoS 0 only, so acknowledgements have nothing to match.
+                    Packet::PubAck(_) | Packet::PubRec(_) | Packet::PubRel(_) | Packet::PubComp(_) => {
+                        out.push(Action::Dropped("unexpected_ack"))
+                    }
+                    Packet::Connect(_) => self.close(CloseReason::ProtocolViolation("second CONNECT"), out),
+                    Packet::ConnAck(_) | Packet::SubAck(_) | Packet::UnsubAck(_) | Packet::PingResp => {
+                        self.close(CloseReason::ProtocolViolation("server-only packet from client"), out)
+                    }
+                }
+            }
+        }
+    }
+
+    fn close(&mut self, reason: CloseReason, out: &mut Vec<Action>) {
+        if !self.is_closed() {
+            self.state = State::Closed;
+            out.push(Action::Close(reason));
+        }
+    }
+}
+
+/// The firmware expects a server to allow 1.5x its keep-alive before dropping it.
+fn grace(keep_alive: Duration) -> Duration {
+    keep_alive + keep_alive / 2
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::credentials::{sign, username_for_ip};
+    use rumqttc::mqttbytes::v4::{Connect, Login, Publish, Subscribe, SubscribeFilter};
+
+    const KEY: &[u8] = b"k";
+    const CLIENT_ID: &str = "GID_test@@@aa_bb_cc_dd_ee_ff@@@uuid-1";
+
+    fn settings() -> DeviceMqttSettings {
+        DeviceMqttSettings {
+            connect_timeout: Duration::from_secs(10),
+            default_keep_alive: Duration::from_secs(240),
+            uplink_topic: "device-server".into(),
+        }
+    }
+
+    fn verifier() -> Verifier {
+        Verifier::Signed { key: KEY.to_vec() }
+    }
+
+    fn connect(keep_alive: u16, password: Option<String>) -> Packet {
+        let username = username_for_ip("192.0.2.1");
+        let mut c = Connect::new(CLIENT_ID);
+        c.keep_alive = keep_alive;
+        c.login = Some(Login::new(username.clone(), password.unwrap_or_else(|| sign(KEY, CLIENT_ID, &username))));
+        Packet::Connect(c)
+    }
+
+    fn connected(now: Instant) -> DeviceMqttConnection {
+        let mut c = DeviceMqttConnection::new(&settings(), now);
+        let mut out = vec![];
+        c.handle_packet(connect(60, None), now, &settings(), &verifier(), &mut out);
+        assert!(matches!(out[0], Action::Authenticated { .. }));
+        assert_eq!(out[1], Action::Send(Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, false))));
+        c
+    }
+
+    fn feed(c: &mut DeviceMqttConnection, p: Packet, now: Instant) -> Vec<Action> {
+        let mut out = vec![];
+        c.handle_packet(p, now, &settings(), &verifier(), &mut out);
+        out
+    }
+
+    #[test]
+    fn bad_password_gets_connack_4_then_close_and_no_registration() {
+        let now = Instant::now();
+        let mut c = DeviceMqttConnection::new(&settings(), now);
+        let out = feed(&mut c, connect(60, Some("d3Jvbmc=".into())), now);
+        assert_eq!(out[0], Action::Send(Packet::ConnAck(ConnAck::new(ConnectReturnCode::BadUserNamePassword, false))));
+        assert_eq!(out[1], Action::Close(CloseReason::AuthFailed(AuthError::BadSignature)));
+        assert_eq!(out.len(), 2);
+    }
+
+    #[test]
+    fn connect_must_come_first_and_in_time() {
+        let now = Instant::now();
+        let mut c = DeviceMqttConnection::new(&settings(), now);
+        assert_eq!(feed(&mut c, Packet::PingReq, now), vec![Action::Close(CloseReason::ProtocolViolation("first packet was not CONNECT"))]);
+        let mut c = DeviceMqttConnection::new(&settings(), now);
+        let mut out = vec![];
+        c.handle_timeout(now + Duration::from_secs(9), &mut out);
+        assert!(out.is_empty());
+        c.handle_timeout(now + Duration::from_secs(10), &mut out);
+        assert_eq!(out, vec![Action::Close(CloseReason::ConnectTimeout)]);
+    }
+
+    #[test]
+    fn keep_alive_is_enforced_at_one_and_a_half_times() {
+        let now = Instant::now();
+        let mut c = connected(now);
+        assert_eq!(c.deadline(), Some(now + Duration::from_secs(90)));
+        let later = now + Duration::from_secs(50);
+        assert_eq!(feed(&mut c, Packet::PingReq, later), vec![Action::Send(Packet::PingResp)]);
+        assert_eq!(c.deadline(), Some(later + Duration::from_secs(90)));
+        let mut out = vec![];
+        c.handle_timeout(later + Duration::from_secs(90), &mut out);
+        assert_eq!(out, vec![Action::Close(CloseReason::KeepAliveTimeout)]);
+    }
+
+    #[test]
+    fn publishes_qos0_and_qos1_on_uplink_topic_only() {
+        let now = Instant::now();
+        let mut c = connected(now);
+        let out = feed(&mut c, Packet::Publish(Publish::new("device-server", QoS::AtMostOnce, b"{}".to_vec())), now);
+        assert_eq!(out, vec![Action::Uplink(Bytes::from_static(b"{}"))]);
+        let mut p1 = Publish::new("device-server", QoS::AtLeastOnce, b"x".to_vec());
+        p1.pkid = 9;
+        assert_eq!(feed(&mut c, Packet::Publish(p1), now), vec![Action::Uplink(Bytes::from_static(b"x")), Action::Send(Packet::PubAck(PubAck::new(9)))]);
+        let out = feed(&mut c, Packet::Publish(Publish::new("devices/p2p/other", QoS::AtMostOnce, b"x".to_vec())), now);
+        assert_eq!(out, vec![Action::Dropped("foreign_topic")]);
+        let mut p2 = Publish::new("device-server", QoS::ExactlyOnce, b"x".to_vec());
+        p2.pkid = 1;
+        assert!(matches!(feed(&mut c, Packet::Publish(p2), now)[..], [Action::Close(CloseReason::ProtocolViolation(_))]));
+    }
+
+    #[test]
+    fn subscribe_only_to_own_topic() {
+        let now = Instant::now();
+        let mut c = connected(now);
+        let mut s = Subscribe::new_many([
+            SubscribeFilter::new("devices/p2p/aa_bb_cc_dd_ee_ff".into(), QoS::AtLeastOnce),
+            SubscribeFilter::new("devices/p2p/11_22_33_44_55_66".into(), QoS::AtMostOnce),
+            SubscribeFilter::new("#".into(), QoS::AtMostOnce),
+        ]);
+        s.pkid = 3;
+        let out = feed(&mut c, Packet::Subscribe(s), now);
+        assert_eq!(
+            out,
+            vec![Action::Send(Packet::SubAck(SubAck::new(
+                3,
+                vec![SubscribeReasonCode::Success(QoS::AtMostOnce), SubscribeReasonCode::Failure, SubscribeReasonCode::Failure]
+            )))]
+        );
+    }
+
+    #[test]
+    fn zero_keep_alive_uses_the_server_default() {
+        let now = Instant::now();
+        let mut c = DeviceMqttConnection::new(&settings(), now);
+        let out = feed(&mut c, connect(0, None), now);
+        assert!(matches!(&out[0], Action::Authenticated { keep_alive, .. } if *keep_alive == Duration::from_secs(240)));
+        assert_eq!(c.deadline(), Some(now + Duration::from_secs(360)));
+    }
+}

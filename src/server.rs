@@ -1,0 +1,265 @@
+//! Wires the parts together and owns their lifetimes: [`Gateway::start`] binds every
+//! listener (failing with an error that names the port and the setting that moves it),
+//! and [`Gateway::shutdown`] takes it down in an order that lets live conversations say
+//! goodbye: stop accepting, end conversations (goodbyes queued), let connections flush
+//! their queues and close, then stop the rest, all within `shutdown.grace_secs`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::audio::AudioSocket;
+use crate::broker::bus::{BrokerError, EmbeddedBroker};
+use crate::broker::front_end::FrontEnd;
+use crate::broker::registry::DeviceRegistry;
+use crate::config::{Config, PipelineKind};
+use crate::metrics::Metrics;
+use crate::pipeline::Pipeline;
+use crate::pipeline::echo::EchoPipeline;
+use crate::protocol::device_mqtt::DeviceMqttSettings;
+use crate::session::{SessionDeps, SessionManager};
+
+/// A listener could not be bound.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen for {what} on {addr}: {source}; change {setting} (environment: {env})", env = env_name(setting))]
+pub struct BindError {
+    pub what: &'static str,
+    pub addr: SocketAddr,
+    pub setting: &'static str,
+    #[source]
+    pub source: std::io::Error,
+}
+
+/// `udp.listen` -> `XZ_UDP__LISTEN`.
+fn env_name(setting: &str) -> String {
+    format!("{}{}", crate::config::ENV_PREFIX, setting.to_uppercase().replace('.', "__"))
+}
+
+/// Binds a TCP listener, with an error that says which setting to change.
+pub async fn bind_tcp(addr: SocketAddr, what: &'static str, setting: &'static str) -> Result<TcpListener, BindError> {
+    TcpListener::bind(addr).await.map_err(|source| BindError { what, addr, setting, source })
+}
+
+/// Checks that a TCP address can be bound (for listeners that bind it themselves) and
+/// resolves port 0 to a concrete free port.
+pub fn check_tcp_bind(addr: SocketAddr, what: &'static str, setting: &'static str) -> Result<SocketAddr, BindError> {
+    let l = std::net::TcpListener::bind(addr).map_err(|source| BindError { what, addr, setting, source })?;
+    l.local_addr().map_err(|source| BindError { what, addr, setting, source })
+}
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Bind(#[from] BindError),
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    #[error("device TLS (mqtt.tls_cert / mqtt.tls_key): {0}")]
+    Tls(String),
+}
+
+/// The addresses actually bound (ports resolved).
+#[derive(Debug, Clone, Copy)]
+pub struct BoundAddrs {
+    pub mqtt: SocketAddr,
+    pub mqtt_tls: Option<SocketAddr>,
+    pub broker: SocketAddr,
+    pub udp: SocketAddr,
+    pub http: SocketAddr,
+}
+
+/// A running gateway.
+pub struct Gateway {
+    pub addrs: BoundAddrs,
+    pub metrics: Arc<Metrics>,
+    pub registry: Arc<DeviceRegistry>,
+    sessions: SessionManager,
+    broker: EmbeddedBroker,
+    stop_accepting: CancellationToken,
+    close_connections: CancellationToken,
+    stop_rest: CancellationToken,
+    connections: TaskTracker,
+    background: Vec<JoinHandle<()>>,
+    grace: Duration,
+}
+
+impl Gateway {
+    /// Binds everything and starts serving.
+    pub async fn start(config: Config) -> Result<Gateway, StartError> {
+        for warning in config.warnings() {
+            warn!("{warning}");
+        }
+        let metrics = Arc::new(Metrics::default());
+        let registry = Arc::new(DeviceRegistry::new(config.mqtt.outbound_queue, metrics.clone()));
+
+        let mqtt_listener = bind_tcp(config.mqtt.listen, "device MQTT", "mqtt.listen").await?;
+        let tls = match config.device_tls() {
+            Some((cert, key)) => {
+                let acceptor = crate::server::tls_acceptor(cert, key).map_err(StartError::Tls)?;
+                let l = bind_tcp(config.mqtt.tls_listen, "device MQTT over TLS", "mqtt.tls_listen").await?;
+                Some((l, acceptor))
+            }
+            None => None,
+        };
+        let (audio_socket, audio) = AudioSocket::bind(
+            config.udp.listen,
+            config.udp.recv_buffer_bytes,
+            config.udp.send_buffer_bytes,
+            config.udp.uplink_queue,
+            metrics.clone(),
+        )?;
+        let http_listener = bind_tcp(config.http.listen, "HTTP", "http.listen").await?;
+        let broker = EmbeddedBroker::start(&config.broker, registry.clone(), metrics.clone()).await?;
+
+        let udp_addr = audio.local_addr();
+        let pipeline: Arc<dyn Pipeline> = match config.pipeline.kind {
+            PipelineKind::Echo => Arc::new(EchoPipeline::new(config.pipeline.echo.clone())),
+        };
+        let sessions = SessionManager::start(SessionDeps {
+            pipeline,
+            audio,
+            sink: registry.clone(),
+            metrics: metrics.clone(),
+            udp_public_host: config.udp.public_host.clone(),
+            udp_public_port: if config.udp.public_port == 0 { udp_addr.port() } else { config.udp.public_port },
+            idle_timeout: config.udp_idle_timeout(),
+        });
+
+        let front_end = Arc::new(FrontEnd {
+            settings: DeviceMqttSettings {
+                connect_timeout: Duration::from_secs(config.mqtt.connect_timeout_secs),
+                default_keep_alive: Duration::from_secs(config.mqtt.default_keep_alive_secs),
+                uplink_topic: config.mqtt.uplink_topic.clone(),
+            },
+            verifier: config.verifier(),
+            max_packet_bytes: config.mqtt.max_packet_bytes,
+            tls_handshake_timeout: Duration::from_secs(config.mqtt.tls_handshake_timeout_secs),
+            registry: registry.clone(),
+            bus: broker.bus.clone(),
+            sessions: sessions.clone(),
+            metrics: metrics.clone(),
+            permits: Arc::new(Semaphore::new(config.mqtt.max_connections)),
+        });
+
+        let stop_accepting = CancellationToken::new();
+        let close_connections = CancellationToken::new();
+        let stop_rest = CancellationToken::new();
+        let connections = TaskTracker::new();
+        let mut background = Vec::new();
+
+        let addrs = BoundAddrs {
+            mqtt: mqtt_listener.local_addr().map_err(|source| BindError { what: "device MQTT", addr: config.mqtt.listen, setting: "mqtt.listen", source })?,
+            mqtt_tls: tls.as_ref().and_then(|(l, _)| l.local_addr().ok()),
+            broker: broker.listen_addr,
+            udp: udp_addr,
+            http: http_listener.local_addr().map_err(|source| BindError { what: "HTTP", addr: config.http.listen, setting: "http.listen", source })?,
+        };
+
+        background.push(tokio::spawn(front_end.clone().run_listener(
+            mqtt_listener,
+            None,
+            stop_accepting.clone(),
+            close_connections.clone(),
+            connections.clone(),
+        )));
+        if let Some((listener, acceptor)) = tls {
+            background.push(tokio::spawn(front_end.clone().run_listener(
+                listener,
+                Some(acceptor),
+                stop_accepting.clone(),
+                close_connections.clone(),
+                connections.clone(),
+            )));
+        }
+        background.push(tokio::spawn(audio_socket.run(stop_rest.clone())));
+        let http_stop = stop_rest.clone();
+        let app = crate::http::router(metrics.clone());
+        background.push(tokio::spawn(async move {
+            let serve = axum::serve(http_listener, app).with_graceful_shutdown(async move { http_stop.cancelled().await });
+            if let Err(e) = serve.await {
+                warn!(error = %e, "HTTP server stopped");
+            }
+        }));
+
+        info!(
+            mqtt = %addrs.mqtt,
+            mqtt_tls = ?addrs.mqtt_tls,
+            broker = %addrs.broker,
+            udp = %addrs.udp,
+            udp_announced = %format!("{}:{}", config.udp.public_host, if config.udp.public_port == 0 { udp_addr.port() } else { config.udp.public_port }),
+            http = %addrs.http,
+            node = %config.node.id,
+            "xiaozhi-gateway serving"
+        );
+        Ok(Gateway {
+            addrs,
+            metrics,
+            registry,
+            sessions,
+            broker,
+            stop_accepting,
+            close_connections,
+            stop_rest,
+            connections,
+            background,
+            grace: Duration::from_secs(config.shutdown.grace_secs),
+        })
+    }
+
+    /// Graceful shutdown: goodbye to live conversations, listeners closed, connections
+    /// flushed, everything stopped within the grace period.
+    pub async fn shutdown(self) {
+        let deadline = tokio::time::Instant::now() + self.grace;
+        info!("shutting down");
+        self.stop_accepting.cancel();
+        self.broker.stop();
+        if tokio::time::timeout_at(deadline, self.sessions.shutdown()).await.is_err() {
+            warn!("conversations did not all end within the grace period");
+        }
+        self.close_connections.cancel();
+        self.connections.close();
+        if tokio::time::timeout_at(deadline, self.connections.wait()).await.is_err() {
+            warn!("device connections did not all close within the grace period");
+        }
+        self.stop_rest.cancel();
+        for task in self.background {
+            if tokio::time::timeout_at(deadline, task).await.is_err() {
+                break;
+            }
+        }
+        info!("stopped");
+    }
+}
+
+/// Builds a TLS acceptor from PEM files.
+pub fn tls_acceptor(cert: &std::path::Path, key: &std::path::Path) -> Result<TlsAcceptor, String> {
+    use tokio_rustls::rustls;
+    let certs = rustls_pemfile::certs(&mut std::io::BufReader::new(
+        std::fs::File::open(cert).map_err(|e| format!("{}: {e}", cert.display()))?,
+    ))
+    .collect::<Result<Vec<_>, _>>()
+    .map_err(|e| format!("{}: {e}", cert.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{}: no certificate found", cert.display()));
+    }
+    let key = rustls_pemfile::private_key(&mut std::io::BufReader::new(
+        std::fs::File::open(key).map_err(|e| format!("{}: {e}", key.display()))?,
+    ))
+    .map_err(|e| format!("{}: {e}", key.display()))?
+    .ok_or_else(|| format!("{}: no private key found", key.display()))?;
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| e.to_string())?;
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}

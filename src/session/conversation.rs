@@ -1,0 +1,115 @@
+//! The task of one conversation.
+//!
+//! Opens the audio channel and the pipeline, answers the device's hello, runs the
+//! pipeline's conversation, and ends on whichever comes first: the pipeline returning,
+//! an end request from the manager (device goodbye, disconnect, replacement, shutdown)
+//! or the idle timeout. The audio channel lease is dropped on the way out, which frees
+//! the connection id.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+use tracing::{info, warn};
+
+use super::{DeviceOut, EndReason, SessionDeps};
+use crate::metrics::Metrics;
+use crate::pipeline::{ControlMessage, ConversationEnd, ConversationIo, OpenRequest};
+use crate::protocol::control::{self, HelloRequest, UdpOffer};
+use crate::protocol::credentials::DeviceIdentity;
+use crate::protocol::datagram::nonce_template;
+
+/// How often the idle timeout is checked.
+const IDLE_CHECK: Duration = Duration::from_secs(1);
+
+pub(crate) struct ConversationStart {
+    pub device: Arc<DeviceIdentity>,
+    pub hello: HelloRequest,
+    pub control: mpsc::Receiver<ControlMessage>,
+    pub end: oneshot::Receiver<EndReason>,
+}
+
+/// Runs one conversation to its end and returns why it ended.
+pub(crate) async fn run(deps: Arc<SessionDeps>, start: ConversationStart) -> EndReason {
+    let ConversationStart { device, hello, control, mut end } = start;
+    let out = DeviceOut::new(device.mac, deps.sink.clone());
+    let started = tokio::time::Instant::now();
+
+    // Everything up to the hello reply can be cut short by an end request too.
+    let setup = async {
+        let channel = deps.audio.open_channel().await.map_err(|e| e.to_string())?;
+        let opened = deps
+            .pipeline
+            .open(OpenRequest { device: device.clone(), hello: hello.clone() })
+            .await
+            .map_err(|e| e.message)?;
+        Ok::<_, String>((channel, opened))
+    };
+    let (mut channel, opened) = tokio::select! {
+        r = setup => match r {
+            Ok(v) => v,
+            Err(message) => {
+                Metrics::inc(&deps.metrics.hellos_refused);
+                warn!(%message, "conversation could not be opened");
+                out.send_json(control::alert(None, &message));
+                return EndReason::PipelineFailed(message);
+            }
+        },
+        reason = &mut end => return reason.unwrap_or(EndReason::Shutdown),
+    };
+
+    let session_id = opened.session_id.clone();
+    let span = tracing::Span::current();
+    span.record("session_id", session_id.as_str());
+    let offer = UdpOffer {
+        server: deps.udp_public_host.clone(),
+        port: deps.udp_public_port,
+        key_hex: hex::encode(channel.key),
+        nonce_hex: hex::encode(nonce_template(channel.connection_id)),
+    };
+    out.send_json(control::server_hello(&session_id, &opened.downlink_audio, &offer));
+    Metrics::inc(&deps.metrics.hellos_ok);
+    Metrics::inc(&deps.metrics.sessions_live);
+    info!(%session_id, connection_id = channel.connection_id, pipeline = deps.pipeline.name(), "conversation started");
+
+    let (uplink, downlink) = channel.take_io();
+    let io = ConversationIo {
+        session_id: session_id.clone(),
+        uplink,
+        control,
+        downlink,
+        device: out.clone(),
+        uplink_audio: hello.audio_params.clone(),
+        downlink_audio: opened.downlink_audio.clone(),
+    };
+    let idle_timeout = deps.idle_timeout;
+    let idle = async {
+        let mut tick = tokio::time::interval(IDLE_CHECK);
+        loop {
+            tick.tick().await;
+            if channel.idle_for() >= idle_timeout {
+                break;
+            }
+        }
+    };
+    let reason = tokio::select! {
+        ended = opened.conversation.run(io) => match ended {
+            ConversationEnd::Finished => EndReason::PipelineFinished,
+            ConversationEnd::Failed(why) => EndReason::PipelineFailed(why),
+        },
+        reason = &mut end => reason.unwrap_or(EndReason::Shutdown),
+        _ = idle => EndReason::Idle,
+    };
+    drop(channel);
+
+    if let EndReason::PipelineFailed(why) = &reason {
+        out.send_json(control::alert(Some(&session_id), why));
+    }
+    if reason.tell_device() {
+        out.send_json(control::goodbye(&session_id));
+    }
+    Metrics::dec(&deps.metrics.sessions_live);
+    Metrics::inc(&deps.metrics.sessions_ended);
+    info!(%session_id, reason = reason.label(), duration_ms = started.elapsed().as_millis() as u64, "conversation ended");
+    reason
+}

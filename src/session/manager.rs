@@ -1,0 +1,222 @@
+//! The session manager: one dispatcher task that owns the table of live conversations.
+//!
+//! Device connections hand it every device message ([`SessionManager::device_message`])
+//! and their end ([`SessionManager::device_gone`]) through one bounded queue, so a flood
+//! of messages slows the devices sending them instead of growing memory. The dispatcher
+//! itself never waits on a conversation: it forwards with `try_send` and counts drops.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, debug, info_span, warn};
+
+use super::conversation::{self, ConversationStart};
+use super::{DeviceSink, EndReason};
+use crate::audio::AudioSocketHandle;
+use crate::metrics::Metrics;
+use crate::pipeline::{ControlMessage, Pipeline};
+use crate::protocol::control::{self, DeviceMessage, HELLO_VERSION, parse_device_message};
+use crate::protocol::credentials::DeviceIdentity;
+use crate::protocol::mac::Mac;
+
+/// Control messages queued per conversation before further ones are dropped.
+const CONTROL_QUEUE: usize = 64;
+/// Events queued for the dispatcher; a full queue makes device connections wait.
+const EVENT_QUEUE: usize = 4096;
+
+/// What every conversation needs.
+pub struct SessionDeps {
+    pub pipeline: Arc<dyn Pipeline>,
+    pub audio: AudioSocketHandle,
+    pub sink: Arc<dyn DeviceSink>,
+    pub metrics: Arc<Metrics>,
+    /// Host and port announced in the hello.
+    pub udp_public_host: String,
+    pub udp_public_port: u16,
+    pub idle_timeout: Duration,
+}
+
+enum Event {
+    Message { device: Arc<DeviceIdentity>, generation: u64, payload: Bytes },
+    Gone { mac: Mac, generation: u64 },
+    Ended { mac: Mac, serial: u64 },
+    Shutdown { done: oneshot::Sender<()> },
+}
+
+/// Handle to the dispatcher; cheap to clone.
+#[derive(Clone)]
+pub struct SessionManager {
+    tx: mpsc::Sender<Event>,
+}
+
+struct Live {
+    serial: u64,
+    /// The device connection the conversation belongs to.
+    generation: u64,
+    control: mpsc::Sender<ControlMessage>,
+    end: Option<oneshot::Sender<EndReason>>,
+}
+
+impl Live {
+    fn end(&mut self, reason: EndReason) {
+        if let Some(tx) = self.end.take() {
+            let _ = tx.send(reason);
+        }
+    }
+}
+
+impl SessionManager {
+    /// Starts the dispatcher on the current runtime.
+    pub fn start(deps: SessionDeps) -> SessionManager {
+        let (tx, rx) = mpsc::channel(EVENT_QUEUE);
+        let dispatcher = Dispatcher {
+            deps: Arc::new(deps),
+            live: HashMap::new(),
+            next_serial: 1,
+            events: tx.downgrade(),
+            tracker: TaskTracker::new(),
+            shutting_down: false,
+        };
+        tokio::spawn(dispatcher.run(rx));
+        SessionManager { tx }
+    }
+
+    /// A device published a message.
+    pub async fn device_message(&self, device: Arc<DeviceIdentity>, generation: u64, payload: Bytes) {
+        let _ = self.tx.send(Event::Message { device, generation, payload }).await;
+    }
+
+    /// A device connection ended: its conversation ends with it.
+    pub async fn device_gone(&self, mac: Mac, generation: u64) {
+        let _ = self.tx.send(Event::Gone { mac, generation }).await;
+    }
+
+    /// Ends every conversation (each sends its goodbye) and waits until all have.
+    pub async fn shutdown(&self) {
+        let (done, wait) = oneshot::channel();
+        if self.tx.send(Event::Shutdown { done }).await.is_ok() {
+            let _ = wait.await;
+        }
+    }
+}
+
+struct Dispatcher {
+    deps: Arc<SessionDeps>,
+    live: HashMap<Mac, Live>,
+    next_serial: u64,
+    /// For conversations to report their end; weak so the dispatcher's own handle does
+    /// not keep its queue open.
+    events: mpsc::WeakSender<Event>,
+    tracker: TaskTracker,
+    shutting_down: bool,
+}
+
+impl Dispatcher {
+    async fn run(mut self, mut rx: mpsc::Receiver<Event>) {
+        while let Some(event) = rx.recv().await {
+            match event {
+                Event::Message { device, generation, payload } => self.on_message(device, generation, payload),
+                Event::Gone { mac, generation } => {
+                    if let Some(live) = self.live.get_mut(&mac).filter(|l| l.generation == generation) {
+                        live.end(EndReason::DeviceDisconnected);
+                    }
+                }
+                Event::Ended { mac, serial } => {
+                    if self.live.get(&mac).is_some_and(|l| l.serial == serial) {
+                        self.live.remove(&mac);
+                    }
+                }
+                Event::Shutdown { done } => {
+                    self.shutting_down = true;
+                    for live in self.live.values_mut() {
+                        live.end(EndReason::Shutdown);
+                    }
+                    self.tracker.close();
+                    let tracker = self.tracker.clone();
+                    tokio::spawn(async move {
+                        tracker.wait().await;
+                        let _ = done.send(());
+                    });
+                }
+            }
+        }
+    }
+
+    fn on_message(&mut self, device: Arc<DeviceIdentity>, generation: u64, payload: Bytes) {
+        let m = &self.deps.metrics;
+        let (message, json) = match parse_device_message(&payload) {
+            Ok(v) => v,
+            Err(e) => {
+                Metrics::inc(&m.control_malformed);
+                debug!(mac = %device.mac, error = %e, "device message dropped");
+                if matches!(e, control::ControlError::BadHello { .. }) {
+                    Metrics::inc(&m.hellos_refused);
+                    self.deps.sink.send_to_device(&device.mac, Bytes::from(control::alert(None, &e.to_string())));
+                }
+                return;
+            }
+        };
+        match message {
+            DeviceMessage::Hello(hello) => {
+                if hello.version != HELLO_VERSION || hello.transport != "udp" {
+                    Metrics::inc(&m.hellos_refused);
+                    let why = format!(
+                        "unsupported hello (version {}, transport {:?}): this gateway speaks version {HELLO_VERSION} over udp",
+                        hello.version, hello.transport
+                    );
+                    warn!(mac = %device.mac, "{why}");
+                    self.deps.sink.send_to_device(&device.mac, Bytes::from(control::alert(None, &why)));
+                    return;
+                }
+                if self.shutting_down {
+                    return;
+                }
+                if let Some(mut old) = self.live.remove(&device.mac) {
+                    old.end(EndReason::Replaced);
+                }
+                self.spawn(device, generation, hello);
+            }
+            DeviceMessage::Goodbye { .. } => {
+                if let Some(live) = self.live.get_mut(&device.mac) {
+                    live.end(EndReason::DeviceGoodbye);
+                }
+            }
+            message => match self.live.get(&device.mac) {
+                Some(live) => {
+                    if live.control.try_send(ControlMessage { message, json, raw: payload }).is_err() {
+                        Metrics::inc(&m.control_without_session);
+                    }
+                }
+                None => {
+                    Metrics::inc(&m.control_without_session);
+                    debug!(mac = %device.mac, "device message with no conversation");
+                }
+            },
+        }
+    }
+
+    fn spawn(&mut self, device: Arc<DeviceIdentity>, generation: u64, hello: control::HelloRequest) {
+        let serial = self.next_serial;
+        self.next_serial += 1;
+        let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
+        let (end_tx, end_rx) = oneshot::channel();
+        let mac = device.mac;
+        self.live.insert(mac, Live { serial, generation, control: control_tx, end: Some(end_tx) });
+        let deps = self.deps.clone();
+        let events = self.events.clone();
+        let span = info_span!("session", %mac, session_id = tracing::field::Empty);
+        self.tracker.spawn(
+            async move {
+                conversation::run(deps, ConversationStart { device, hello, control: control_rx, end: end_rx }).await;
+                if let Some(events) = events.upgrade() {
+                    let _ = events.send(Event::Ended { mac, serial }).await;
+                }
+            }
+            .instrument(span),
+        );
+    }
+}

@@ -1,0 +1,95 @@
+//! Conversations: one task per device conversation, hello -> audio channel -> pipeline ->
+//! goodbye or timeout, and the manager that routes device JSON to them.
+//!
+//! * [`manager`]: a single dispatcher task that owns the table of live conversations
+//!   (at most one per device). It classifies each device message once: `hello` starts a
+//!   conversation (replacing any current one), `goodbye` ends it, everything else goes to
+//!   the conversation's bounded control queue.
+//! * [`conversation`]: the task of one conversation.
+//!
+//! Goodbye semantics (PROTOCOL.md section 4): when the device says goodbye we close
+//! without answering; when we end a conversation (pipeline finished, idle timeout,
+//! shutdown) the device gets `{"type":"goodbye","session_id":...}`; a replaced
+//! conversation or a disconnected device gets nothing.
+
+pub mod conversation;
+pub mod manager;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::broker::registry::DeviceRegistry;
+use crate::protocol::mac::Mac;
+
+pub use manager::{SessionDeps, SessionManager};
+
+/// Where JSON for devices goes: the local registry here; an external broker when the
+/// gateway runs behind one.
+pub trait DeviceSink: Send + Sync + 'static {
+    /// Queues a message for the device; false if it was dropped (and counted).
+    fn send_to_device(&self, mac: &Mac, payload: Bytes) -> bool;
+}
+
+impl DeviceSink for DeviceRegistry {
+    fn send_to_device(&self, mac: &Mac, payload: Bytes) -> bool {
+        self.send(mac, payload).is_ok()
+    }
+}
+
+/// Sends JSON to one device.
+#[derive(Clone)]
+pub struct DeviceOut {
+    pub mac: Mac,
+    sink: Arc<dyn DeviceSink>,
+}
+
+impl DeviceOut {
+    pub fn new(mac: Mac, sink: Arc<dyn DeviceSink>) -> Self {
+        DeviceOut { mac, sink }
+    }
+
+    /// Queues a JSON message for the device.
+    pub fn send_json(&self, json: String) -> bool {
+        self.sink.send_to_device(&self.mac, Bytes::from(json))
+    }
+}
+
+/// Why a conversation ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EndReason {
+    /// The device said goodbye.
+    DeviceGoodbye,
+    /// The device's MQTT connection ended.
+    DeviceDisconnected,
+    /// The device said hello again.
+    Replaced,
+    /// No audio either way for `udp.idle_timeout_secs`.
+    Idle,
+    /// The pipeline ended it.
+    PipelineFinished,
+    /// The pipeline failed.
+    PipelineFailed(String),
+    /// The gateway is shutting down.
+    Shutdown,
+}
+
+impl EndReason {
+    /// Whether the device should be told (`goodbye`): only when we end it and the device
+    /// is still there to hear it.
+    pub fn tell_device(&self) -> bool {
+        matches!(self, EndReason::Idle | EndReason::PipelineFinished | EndReason::PipelineFailed(_) | EndReason::Shutdown)
+    }
+
+    pub fn label(&self) -> &'static str {
+        match self {
+            EndReason::DeviceGoodbye => "device_goodbye",
+            EndReason::DeviceDisconnected => "device_disconnected",
+            EndReason::Replaced => "replaced",
+            EndReason::Idle => "idle",
+            EndReason::PipelineFinished => "pipeline_finished",
+            EndReason::PipelineFailed(_) => "pipeline_failed",
+            EndReason::Shutdown => "shutdown",
+        }
+    }
+}
