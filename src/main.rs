@@ -1,1 +1,202 @@
-fn main() {}
+//! The `xiaozhi-gateway` command: `serve` (the default), `config check`, `simulate`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use figment::Figment;
+use figment::providers::Serialized;
+use tracing_subscriber::EnvFilter;
+use xiaozhi_gateway::config::{Config, LogFormat};
+use xiaozhi_gateway::server::Gateway;
+use xiaozhi_gateway::simulator::{self, SimConfig};
+
+#[derive(Parser)]
+#[command(name = "xiaozhi-gateway", version, about = "Device edge for xiaozhi ESP32 voice assistants")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    config: ConfigArgs,
+}
+
+#[derive(Args, Clone)]
+struct ConfigArgs {
+    /// TOML config file (defaults < file < XZ_* environment).
+    #[arg(long, short = 'c', global = true, env = "XZ_CONFIG")]
+    config: Option<PathBuf>,
+    /// Development mode: accept unsigned device passwords when no signature key is set
+    /// (same as auth.allow_unsigned = true; a warning is logged at every start).
+    #[arg(long, global = true)]
+    dev: bool,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway (the default).
+    Serve,
+    /// Configuration tools.
+    Config {
+        #[command(subcommand)]
+        action: ConfigAction,
+    },
+    /// Simulate firmware devices against a running gateway and report latency and loss.
+    Simulate(SimulateArgs),
+}
+
+#[derive(Subcommand)]
+enum ConfigAction {
+    /// Load and validate the configuration, print warnings and the effective settings.
+    Check,
+}
+
+#[derive(Args)]
+struct SimulateArgs {
+    /// Gateway device MQTT address.
+    #[arg(long, default_value = "127.0.0.1:1883")]
+    mqtt: std::net::SocketAddr,
+    /// Number of devices.
+    #[arg(long, default_value_t = 10)]
+    devices: u32,
+    /// Seconds each device streams audio.
+    #[arg(long, default_value_t = 10.0)]
+    seconds: f64,
+    /// Signature key to sign device passwords with (omit for a gateway in --dev mode).
+    #[arg(long, env = "XZ_AUTH__SIGNATURE_KEY", hide_env_values = true)]
+    key: Option<String>,
+    /// Devices started per second.
+    #[arg(long, default_value_t = 500)]
+    connect_rate: u32,
+    /// Bytes per synthetic Opus frame.
+    #[arg(long, default_value_t = 60)]
+    frame_bytes: usize,
+    /// First device number (for disjoint MACs across runs).
+    #[arg(long, default_value_t = 0)]
+    first_device: u32,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::Serve => match load_config(&cli.config) {
+            Ok(config) => {
+                init_logging(&config);
+                runtime.block_on(serve(config))
+            }
+            Err(code) => code,
+        },
+        Command::Config { action: ConfigAction::Check } => match load_config(&cli.config) {
+            Ok(config) => {
+                for w in config.warnings() {
+                    println!("warning: {w}");
+                }
+                let mut shown = config.clone();
+                if shown.auth.signature_key.is_some() {
+                    shown.auth.signature_key = Some("<redacted>".into());
+                }
+                for user in &mut shown.broker.users {
+                    user.password = "<redacted>".into();
+                }
+                match effective_config_json(&shown) {
+                    Ok(text) => println!("{text}"),
+                    Err(e) => eprintln!("(cannot print the effective config: {e})"),
+                }
+                println!("config OK");
+                ExitCode::SUCCESS
+            }
+            Err(code) => code,
+        },
+        Command::Simulate(args) => {
+            tracing_subscriber::fmt().with_env_filter(EnvFilter::new("warn")).init();
+            let config = SimConfig {
+                mqtt: args.mqtt,
+                signature_key: args.key,
+                devices: args.devices,
+                stream_for: Duration::from_secs_f64(args.seconds.max(0.0)),
+                connect_rate: args.connect_rate,
+                frame_bytes: args.frame_bytes,
+                first_device: args.first_device,
+                ..SimConfig::default()
+            };
+            let report = runtime.block_on(simulator::run(config));
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
+            } else {
+                println!("{report}");
+            }
+            if report.connected == 0 { ExitCode::FAILURE } else { ExitCode::SUCCESS }
+        }
+    }
+}
+
+fn effective_config_json(config: &Config) -> Result<String, String> {
+    let value = serde_json::to_value(config).map_err(|e| e.to_string())?;
+    Ok(format!("{value:#}"))
+}
+
+fn load_config(args: &ConfigArgs) -> Result<Config, ExitCode> {
+    let overrides = if args.dev {
+        Figment::from(Serialized::default("auth.allow_unsigned", true))
+    } else {
+        Figment::new()
+    };
+    Config::load(args.config.as_deref(), overrides).map_err(|e| {
+        eprintln!("error: {e}");
+        ExitCode::from(2)
+    })
+}
+
+fn init_logging(config: &Config) {
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(format!("{},rumqttd=warn", config.log.level)));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match config.log.format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+async fn serve(config: Config) -> ExitCode {
+    let gateway = match Gateway::start(config).await {
+        Ok(g) => g,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    wait_for_signal().await;
+    gateway.shutdown().await;
+    ExitCode::SUCCESS
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

@@ -1,0 +1,258 @@
+//! A device simulator that speaks exactly as xiaozhi firmware does, for tests and load.
+//!
+//! * [`device`]: the MQTT side (CONNECT with manager-api style credentials, QoS 0 JSON
+//!   to `device-server`, no SUBSCRIBE).
+//! * [`audio`]: the UDP side (nonce template, sequence from 1, AES-CTR with the header as
+//!   IV, the firmware's downlink checks).
+//! * [`run`]: N devices at once, each holding one conversation in `realtime` listening
+//!   mode and streaming synthetic 60 ms Opus frames that carry their index, so every
+//!   echoed frame can be matched to when it was sent. Prints hello latency, audio round
+//!   trip and loss.
+
+pub mod audio;
+pub mod device;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use serde_json::json;
+use tokio::sync::Semaphore;
+
+use self::audio::{ServerHello, SimAudio, frame_index, synthetic_frame};
+use self::device::{DeviceCredentials, SimDevice};
+
+/// What to simulate.
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    /// Device MQTT address of the gateway.
+    pub mqtt: SocketAddr,
+    /// Signature key to sign passwords with; `None` for a gateway in unsigned mode.
+    pub signature_key: Option<String>,
+    pub devices: u32,
+    /// How long each device streams audio.
+    pub stream_for: Duration,
+    /// Opus frame duration.
+    pub frame_ms: u32,
+    /// Bytes per synthetic Opus frame.
+    pub frame_bytes: usize,
+    /// Devices started per second (ramp-up).
+    pub connect_rate: u32,
+    /// Group part of the client id.
+    pub group: String,
+    /// First device number (so two runs can use disjoint MACs).
+    pub first_device: u32,
+    /// Local address UDP sockets bind to.
+    pub udp_bind: SocketAddr,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        SimConfig {
+            mqtt: ([127, 0, 0, 1], 1883).into(),
+            signature_key: None,
+            devices: 10,
+            stream_for: Duration::from_secs(10),
+            frame_ms: 60,
+            frame_bytes: 60,
+            connect_rate: 500,
+            group: "GID_sim".into(),
+            first_device: 0,
+            udp_bind: ([127, 0, 0, 1], 0).into(),
+        }
+    }
+}
+
+/// Latency percentiles in milliseconds.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Percentiles {
+    pub count: usize,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+}
+
+impl Percentiles {
+    pub fn of(mut samples: Vec<Duration>) -> Percentiles {
+        if samples.is_empty() {
+            return Percentiles::default();
+        }
+        samples.sort_unstable();
+        let at = |q: f64| {
+            let i = ((samples.len() as f64 - 1.0) * q).round() as usize;
+            samples[i].as_secs_f64() * 1000.0
+        };
+        Percentiles { count: samples.len(), p50_ms: at(0.5), p99_ms: at(0.99), max_ms: at(1.0) }
+    }
+}
+
+/// What a run measured.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct SimReport {
+    pub devices: u32,
+    pub connected: u32,
+    pub conversations: u32,
+    pub errors: Vec<String>,
+    pub hello: Percentiles,
+    pub round_trip: Percentiles,
+    pub frames_sent: u64,
+    pub frames_echoed: u64,
+    pub frames_lost: u64,
+    pub loss_percent: f64,
+    /// Downlink datagrams the firmware's checks would have dropped.
+    pub downlink_rejected: u64,
+    pub wall_secs: f64,
+}
+
+impl std::fmt::Display for SimReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "devices:        {} started, {} connected, {} in conversation", self.devices, self.connected, self.conversations)?;
+        writeln!(f, "hello latency:  p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms", self.hello.p50_ms, self.hello.p99_ms, self.hello.max_ms)?;
+        writeln!(
+            f,
+            "audio round trip: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms ({} frames)",
+            self.round_trip.p50_ms, self.round_trip.p99_ms, self.round_trip.max_ms, self.round_trip.count
+        )?;
+        writeln!(
+            f,
+            "frames:         {} sent, {} echoed, {} lost ({:.3}% loss), {} rejected by firmware checks",
+            self.frames_sent, self.frames_echoed, self.frames_lost, self.loss_percent, self.downlink_rejected
+        )?;
+        if !self.errors.is_empty() {
+            writeln!(f, "errors:         {} (first: {})", self.errors.len(), self.errors[0])?;
+        }
+        write!(f, "wall time:      {:.1} s", self.wall_secs)
+    }
+}
+
+#[derive(Default)]
+struct DeviceResult {
+    connected: bool,
+    conversation: bool,
+    hello: Option<Duration>,
+    rtts: Vec<Duration>,
+    sent: u64,
+    echoed: u64,
+    rejected: u64,
+    error: Option<String>,
+}
+
+/// Runs the simulation and reports.
+pub async fn run(config: SimConfig) -> SimReport {
+    let started = Instant::now();
+    let config = Arc::new(config);
+    // Bounds how many devices are in the connect+hello phase at once.
+    let handshakes = Arc::new(Semaphore::new(256));
+    let mut tasks = Vec::with_capacity(config.devices as usize);
+    let gap = Duration::from_secs_f64(1.0 / f64::from(config.connect_rate.max(1)));
+    for i in 0..config.devices {
+        let config = config.clone();
+        let handshakes = handshakes.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut result = DeviceResult::default();
+            if let Err(e) = one_device(&config, config.first_device + i, &handshakes, &mut result).await {
+                result.error = Some(e);
+            }
+            result
+        }));
+        tokio::time::sleep(gap).await;
+    }
+    let mut report = SimReport { devices: config.devices, ..SimReport::default() };
+    let (mut hellos, mut rtts) = (Vec::new(), Vec::new());
+    for t in tasks {
+        let r = t.await.unwrap_or_else(|e| DeviceResult { error: Some(e.to_string()), ..Default::default() });
+        report.connected += u32::from(r.connected);
+        report.conversations += u32::from(r.conversation);
+        hellos.extend(r.hello);
+        rtts.extend(r.rtts);
+        report.frames_sent += r.sent;
+        report.frames_echoed += r.echoed;
+        report.downlink_rejected += r.rejected;
+        if let Some(e) = r.error {
+            report.errors.push(e);
+        }
+    }
+    report.hello = Percentiles::of(hellos);
+    report.round_trip = Percentiles::of(rtts);
+    report.frames_lost = report.frames_sent.saturating_sub(report.frames_echoed);
+    report.loss_percent = if report.frames_sent == 0 { 0.0 } else { report.frames_lost as f64 * 100.0 / report.frames_sent as f64 };
+    report.wall_secs = started.elapsed().as_secs_f64();
+    report
+}
+
+async fn one_device(config: &SimConfig, n: u32, handshakes: &Semaphore, result: &mut DeviceResult) -> Result<(), String> {
+    let creds = DeviceCredentials::for_mac(
+        DeviceCredentials::nth_mac(n),
+        &config.group,
+        config.signature_key.as_deref().map(str::as_bytes),
+    );
+    let permit = handshakes.acquire().await.map_err(|e| e.to_string())?;
+    let mut device = SimDevice::connect(config.mqtt, creds).await.map_err(|e| format!("connect: {e}"))?;
+    result.connected = true;
+    let t0 = Instant::now();
+    device.publish_json(&SimDevice::firmware_hello()).await.map_err(|e| e.to_string())?;
+    // The firmware waits 10 s for the server hello.
+    let hello = device.recv_type("hello", Duration::from_secs(10)).await.map_err(|e| format!("hello: {e}"))?;
+    result.hello = Some(t0.elapsed());
+    drop(permit);
+    let hello = ServerHello::parse(&hello).map_err(|e| e.to_string())?;
+    let mut audio = SimAudio::open(&hello, config.udp_bind).await.map_err(|e| format!("udp: {e}"))?;
+    result.conversation = true;
+    let session = hello.session_id.clone();
+    device
+        .publish_json(&json!({"session_id": session, "type": "listen", "state": "start", "mode": "realtime"}))
+        .await
+        .map_err(|e| e.to_string())?;
+
+    let frames = (config.stream_for.as_millis() / u128::from(config.frame_ms.max(1))) as u32;
+    let mut sent_at: Vec<Instant> = Vec::with_capacity(frames as usize);
+    let mut seen = vec![false; frames as usize];
+    let mut tick = tokio::time::interval(Duration::from_millis(u64::from(config.frame_ms)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut ping = tokio::time::interval(Duration::from_secs(u64::from(device::FIRMWARE_KEEP_ALIVE_SECS) / 2));
+    ping.tick().await;
+    let drain = Duration::from_millis(u64::from(config.frame_ms) * 4 + 500);
+    let mut stop_at: Option<tokio::time::Instant> = None;
+    loop {
+        tokio::select! {
+            _ = tick.tick(), if sent_at.len() < frames as usize => {
+                let i = sent_at.len() as u32;
+                let frame = synthetic_frame(i, config.frame_bytes);
+                sent_at.push(Instant::now());
+                audio.send(i * config.frame_ms, &frame).await.map_err(|e| e.to_string())?;
+                if sent_at.len() == frames as usize {
+                    stop_at = Some(tokio::time::Instant::now() + drain);
+                }
+            }
+            got = audio.recv(Duration::from_secs(3600)) => {
+                if let Some(frame) = got.map_err(|e| e.to_string())?
+                    && let Some(i) = frame_index(&frame.opus)
+                    && let Some(slot) = seen.get_mut(i as usize)
+                    && !*slot
+                {
+                    *slot = true;
+                    result.echoed += 1;
+                    result.rtts.push(sent_at[i as usize].elapsed());
+                }
+                if result.echoed == u64::from(frames) {
+                    break;
+                }
+            }
+            _ = ping.tick() => { let _ = device.ping().await; }
+            _ = sleep_until_opt(stop_at) => break,
+        }
+    }
+    result.sent = sent_at.len() as u64;
+    result.rejected = audio.rejected;
+    let _ = device.publish_json(&json!({"session_id": session, "type": "goodbye"})).await;
+    device.disconnect().await;
+    Ok(())
+}
+
+async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
