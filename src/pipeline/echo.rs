@@ -161,11 +161,18 @@ impl Echo {
     fn on_control(&mut self, msg: DeviceMessage) {
         match msg {
             DeviceMessage::Listen { state: ListenState::Start, mode, .. } => {
-                self.mode = if mode.as_deref() == Some("realtime") { Mode::Realtime } else { Mode::Turn };
                 // Barge-in: the user talks again, stop playing the previous turn.
-                self.queue.clear();
-                self.collected.clear();
-                self.stop_speaking();
+                if self.speaking {
+                    self.queue.clear();
+                    self.stop_speaking();
+                }
+                self.mode = if mode.as_deref() == Some("realtime") { Mode::Realtime } else { Mode::Turn };
+                // Audio travels by UDP and this message by MQTT, so the first frames of
+                // the new turn may already be here: keep them.
+                if self.mode == Mode::Realtime && !self.collected.is_empty() {
+                    self.start_speaking();
+                    self.queue.extend(self.collected.drain(..));
+                }
             }
             DeviceMessage::Listen { state: ListenState::Stop, .. } => {
                 if self.mode == Mode::Turn {

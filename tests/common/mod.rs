@@ -1,0 +1,82 @@
+//! Shared helpers for the integration tests: a gateway on ephemeral loopback ports, and
+//! firmware-exact simulated devices.
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::Serialized;
+use serde_json::{Value, json};
+use xiaozhi_gateway::config::{BrokerUser, Config};
+use xiaozhi_gateway::protocol::mac::Mac;
+use xiaozhi_gateway::server::Gateway;
+use xiaozhi_gateway::simulator::audio::{ServerHello, SimAudio};
+use xiaozhi_gateway::simulator::device::{DeviceCredentials, SimDevice};
+
+pub const KEY: &str = "test-signature-key";
+pub const ADMIN_USER: &str = "admin";
+pub const ADMIN_PASS: &str = "admin-secret";
+
+/// A config with every listener on an ephemeral loopback port.
+pub fn test_config() -> Config {
+    let mut c = Config::from_figment(
+        Figment::from(Serialized::defaults(Config::default())).merge(Serialized::default("auth.signature_key", KEY)),
+    )
+    .expect("test config");
+    let any = |port| std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    c.mqtt.listen = any(0);
+    c.mqtt.tls_listen = any(0);
+    c.broker.listen = any(0);
+    c.udp.listen = any(0);
+    c.http.listen = any(0);
+    c.udp.public_host = "127.0.0.1".into();
+    c.broker.users = vec![BrokerUser { username: ADMIN_USER.into(), password: ADMIN_PASS.into() }];
+    c.shutdown.grace_secs = 3;
+    c
+}
+
+pub async fn start() -> Gateway {
+    start_with(test_config()).await
+}
+
+pub async fn start_with(config: Config) -> Gateway {
+    let _ = tracing_subscriber::fmt().with_env_filter("warn").with_test_writer().try_init();
+    Gateway::start(config).await.expect("gateway starts")
+}
+
+pub fn mac(n: u32) -> Mac {
+    DeviceCredentials::nth_mac(n)
+}
+
+pub fn creds(n: u32) -> DeviceCredentials {
+    DeviceCredentials::for_mac(mac(n), "GID_test", Some(KEY.as_bytes()))
+}
+
+pub async fn device(gw: &Gateway, n: u32) -> SimDevice {
+    SimDevice::connect(gw.addrs.mqtt, creds(n)).await.expect("device connects")
+}
+
+/// Says hello and opens the audio channel, as the firmware does.
+pub async fn conversation(dev: &mut SimDevice) -> (ServerHello, SimAudio) {
+    dev.publish_json(&SimDevice::firmware_hello()).await.unwrap();
+    let hello = dev.recv_type("hello", Duration::from_secs(10)).await.expect("server hello");
+    let hello = ServerHello::parse(&hello).expect("valid server hello");
+    let audio = SimAudio::open(&hello, "127.0.0.1:0".parse().unwrap()).await.unwrap();
+    (hello, audio)
+}
+
+pub fn listen_start(session: &str, mode: &str) -> Value {
+    json!({"session_id": session, "type": "listen", "state": "start", "mode": mode})
+}
+
+/// Polls `f` until it is true or `timeout` passes.
+pub async fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + timeout;
+    while tokio::time::Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    f()
+}
