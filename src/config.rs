@@ -52,7 +52,10 @@ pub struct AuthConfig {
 impl std::fmt::Debug for AuthConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AuthConfig")
-            .field("signature_key", &self.signature_key.as_ref().map(|_| "<redacted>"))
+            .field(
+                "signature_key",
+                &self.signature_key.as_ref().map(|_| "<redacted>"),
+            )
             .field("allow_unsigned", &self.allow_unsigned)
             .finish()
     }
@@ -213,13 +216,18 @@ impl Default for Config {
 
 impl Default for NodeConfig {
     fn default() -> Self {
-        NodeConfig { id: "gateway-1".into() }
+        NodeConfig {
+            id: "gateway-1".into(),
+        }
     }
 }
 
 impl Default for AuthConfig {
     fn default() -> Self {
-        AuthConfig { signature_key: None, allow_unsigned: false }
+        AuthConfig {
+            signature_key: None,
+            allow_unsigned: false,
+        }
     }
 }
 
@@ -268,25 +276,36 @@ impl Default for UdpConfig {
 
 impl Default for HttpConfig {
     fn default() -> Self {
-        HttpConfig { listen: ([0, 0, 0, 0], 8007).into() }
+        HttpConfig {
+            listen: ([0, 0, 0, 0], 8007).into(),
+        }
     }
 }
 
 impl Default for PipelineConfig {
     fn default() -> Self {
-        PipelineConfig { kind: PipelineKind::Echo, echo: EchoConfig::default() }
+        PipelineConfig {
+            kind: PipelineKind::Echo,
+            echo: EchoConfig::default(),
+        }
     }
 }
 
 impl Default for EchoConfig {
     fn default() -> Self {
-        EchoConfig { max_turn_secs: 4, realtime_idle_ms: 600 }
+        EchoConfig {
+            max_turn_secs: 4,
+            realtime_idle_ms: 600,
+        }
     }
 }
 
 impl Default for LogConfig {
     fn default() -> Self {
-        LogConfig { format: LogFormat::Human, level: "info".into() }
+        LogConfig {
+            format: LogFormat::Human,
+            level: "info".into(),
+        }
     }
 }
 
@@ -300,15 +319,25 @@ impl Default for ShutdownConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("config file {path} cannot be read: {source}")]
-    File { path: PathBuf, source: std::io::Error },
+    File {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("invalid configuration: {0}")]
     Parse(#[source] Box<figment::Error>),
     #[error("invalid configuration: {key} = {value:?}: {reason}")]
-    Invalid { key: String, value: String, reason: String },
+    Invalid {
+        key: String,
+        value: String,
+        reason: String,
+    },
 }
 
 /// Environment variable prefix: `XZ_UDP__PUBLIC_HOST` sets `udp.public_host`.
 pub const ENV_PREFIX: &str = "XZ_";
+
+/// The signature key's environment variable, read verbatim (never parsed as a number).
+pub const SIGNATURE_KEY_ENV: &str = "XZ_AUTH__SIGNATURE_KEY";
 
 impl Config {
     /// Loads defaults, then `file` (if given), then `XZ_*` environment variables, then
@@ -317,30 +346,46 @@ impl Config {
         let mut figment = Figment::from(Serialized::defaults(Config::default()));
         if let Some(path) = file {
             // Figment silently skips a missing file; a typo in --config must not.
-            std::fs::metadata(path).map_err(|source| ConfigError::File { path: path.to_owned(), source })?;
+            std::fs::metadata(path).map_err(|source| ConfigError::File {
+                path: path.to_owned(),
+                source,
+            })?;
             figment = figment.merge(Toml::file_exact(path));
         }
-        figment = figment.merge(Env::prefixed(ENV_PREFIX).split("__")).merge(overrides);
-        Self::from_figment(figment)
+        // `XZ_CONFIG` names the file (a CLI flag), not a setting.
+        figment = figment.merge(Env::prefixed(ENV_PREFIX).split("__").ignore(&["config"]));
+        // Figment parses environment values ("0123" becomes the number 123); a secret
+        // must stay exactly the bytes the operator wrote.
+        if let Ok(raw) = std::env::var(SIGNATURE_KEY_ENV) {
+            figment = figment.merge(Serialized::default("auth.signature_key", raw));
+        }
+        Self::from_figment(figment.merge(overrides))
     }
 
     /// Extracts and validates a config from any figment (used by tests too).
     pub fn from_figment(figment: Figment) -> Result<Config, ConfigError> {
-        let config: Config = figment.extract().map_err(|e| describe_extract_error(&figment, e))?;
+        let config: Config = figment
+            .extract()
+            .map_err(|e| describe_extract_error(&figment, e))?;
         config.validate()?;
         Ok(config)
     }
 
     /// Semantic checks that types alone cannot express.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let invalid = |key: &str, value: &dyn std::fmt::Display, reason: &str| ConfigError::Invalid {
-            key: key.to_owned(),
-            value: value.to_string(),
-            reason: reason.to_owned(),
-        };
+        let invalid =
+            |key: &str, value: &dyn std::fmt::Display, reason: &str| ConfigError::Invalid {
+                key: key.to_owned(),
+                value: value.to_string(),
+                reason: reason.to_owned(),
+            };
         match (&self.auth.signature_key, self.auth.allow_unsigned) {
             (Some(k), _) if k.is_empty() => {
-                return Err(invalid("auth.signature_key", &"", "must not be empty; unset it and set auth.allow_unsigned = true for development"));
+                return Err(invalid(
+                    "auth.signature_key",
+                    &"",
+                    "must not be empty; unset it and set auth.allow_unsigned = true for development",
+                ));
             }
             (None, false) => {
                 return Err(invalid(
@@ -352,15 +397,31 @@ impl Config {
             _ => {}
         }
         if self.udp.public_host.trim().is_empty() {
-            return Err(invalid("udp.public_host", &self.udp.public_host, "devices need a host or IP to send audio to"));
+            return Err(invalid(
+                "udp.public_host",
+                &self.udp.public_host,
+                "devices need a host or IP to send audio to",
+            ));
         }
         for (key, value) in [
             ("mqtt.connect_timeout_secs", self.mqtt.connect_timeout_secs),
-            ("mqtt.default_keep_alive_secs", self.mqtt.default_keep_alive_secs),
-            ("mqtt.tls_handshake_timeout_secs", self.mqtt.tls_handshake_timeout_secs),
+            (
+                "mqtt.default_keep_alive_secs",
+                self.mqtt.default_keep_alive_secs,
+            ),
+            (
+                "mqtt.tls_handshake_timeout_secs",
+                self.mqtt.tls_handshake_timeout_secs,
+            ),
             ("udp.idle_timeout_secs", self.udp.idle_timeout_secs),
-            ("pipeline.echo.max_turn_secs", self.pipeline.echo.max_turn_secs),
-            ("pipeline.echo.realtime_idle_ms", self.pipeline.echo.realtime_idle_ms),
+            (
+                "pipeline.echo.max_turn_secs",
+                self.pipeline.echo.max_turn_secs,
+            ),
+            (
+                "pipeline.echo.realtime_idle_ms",
+                self.pipeline.echo.realtime_idle_ms,
+            ),
             ("shutdown.grace_secs", self.shutdown.grace_secs),
         ] {
             if value == 0 {
@@ -379,16 +440,36 @@ impl Config {
             }
         }
         if self.mqtt.max_packet_bytes > 16 * 1024 * 1024 {
-            return Err(invalid("mqtt.max_packet_bytes", &self.mqtt.max_packet_bytes, "at most 16 MiB"));
+            return Err(invalid(
+                "mqtt.max_packet_bytes",
+                &self.mqtt.max_packet_bytes,
+                "at most 16 MiB",
+            ));
         }
         match (&self.mqtt.tls_cert, &self.mqtt.tls_key) {
-            (Some(_), None) => return Err(invalid("mqtt.tls_key", &"<unset>", "required when mqtt.tls_cert is set")),
-            (None, Some(_)) => return Err(invalid("mqtt.tls_cert", &"<unset>", "required when mqtt.tls_key is set")),
+            (Some(_), None) => {
+                return Err(invalid(
+                    "mqtt.tls_key",
+                    &"<unset>",
+                    "required when mqtt.tls_cert is set",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(invalid(
+                    "mqtt.tls_cert",
+                    &"<unset>",
+                    "required when mqtt.tls_key is set",
+                ));
+            }
             _ => {}
         }
         for user in &self.broker.users {
             if user.username.is_empty() || user.password.is_empty() {
-                return Err(invalid("broker.users", &user.username, "every broker user needs a username and a password"));
+                return Err(invalid(
+                    "broker.users",
+                    &user.username,
+                    "every broker user needs a username and a password",
+                ));
             }
         }
         Ok(())
@@ -415,14 +496,19 @@ impl Config {
     /// The device password verifier this config asks for.
     pub fn verifier(&self) -> Verifier {
         match &self.auth.signature_key {
-            Some(key) => Verifier::Signed { key: key.as_bytes().to_vec() },
+            Some(key) => Verifier::Signed {
+                key: key.as_bytes().to_vec(),
+            },
             None => Verifier::Unsigned,
         }
     }
 
     /// Whether device TLS is configured.
     pub fn device_tls(&self) -> Option<(&Path, &Path)> {
-        Some((self.mqtt.tls_cert.as_deref()?, self.mqtt.tls_key.as_deref()?))
+        Some((
+            self.mqtt.tls_cert.as_deref()?,
+            self.mqtt.tls_key.as_deref()?,
+        ))
     }
 
     pub fn udp_idle_timeout(&self) -> Duration {
@@ -450,12 +536,18 @@ fn describe_extract_error(figment: &Figment, error: figment::Error) -> ConfigErr
         .as_ref()
         .map(|m| format!(" (from {})", m.name))
         .unwrap_or_default();
-    ConfigError::Invalid { key, value, reason: format!("{}{source}", first.kind) }
+    ConfigError::Invalid {
+        key,
+        value,
+        reason: format!("{}{source}", first.kind),
+    }
 }
 
 fn is_loopback_host(host: &str) -> bool {
     host.eq_ignore_ascii_case("localhost")
-        || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 #[cfg(test)]
@@ -463,19 +555,27 @@ mod tests {
     use super::*;
 
     fn base() -> Figment {
-        Figment::from(Serialized::defaults(Config::default())).merge(Serialized::default("auth.signature_key", "k"))
+        Figment::from(Serialized::defaults(Config::default()))
+            .merge(Serialized::default("auth.signature_key", "k"))
     }
 
     #[test]
     fn defaults_need_a_key_or_explicit_unsigned_mode() {
-        let err = Config::from_figment(Figment::from(Serialized::defaults(Config::default()))).unwrap_err();
+        let err = Config::from_figment(Figment::from(Serialized::defaults(Config::default())))
+            .unwrap_err();
         assert!(err.to_string().contains("auth.signature_key"), "{err}");
         let unsigned = Config::from_figment(
-            Figment::from(Serialized::defaults(Config::default())).merge(Serialized::default("auth.allow_unsigned", true)),
+            Figment::from(Serialized::defaults(Config::default()))
+                .merge(Serialized::default("auth.allow_unsigned", true)),
         )
         .unwrap();
         assert!(matches!(unsigned.verifier(), Verifier::Unsigned));
-        assert!(unsigned.warnings().iter().any(|w| w.contains("ANY device password")));
+        assert!(
+            unsigned
+                .warnings()
+                .iter()
+                .any(|w| w.contains("ANY device password"))
+        );
         assert!(unsigned.warnings().iter().any(|w| w.contains("loopback")));
     }
 
@@ -488,7 +588,9 @@ mod tests {
             assert_eq!(c.udp.public_host, "198.51.100.7");
             assert_eq!(c.udp.idle_timeout_secs, 45);
             assert_eq!(c.auth.signature_key.as_deref(), Some("from-file"));
-            assert!(c.warnings().is_empty() || !c.warnings().iter().any(|w| w.contains("loopback")));
+            assert!(
+                c.warnings().is_empty() || !c.warnings().iter().any(|w| w.contains("loopback"))
+            );
             Ok(())
         });
     }
@@ -499,12 +601,24 @@ mod tests {
             jail.set_env("XZ_AUTH__SIGNATURE_KEY", "k");
             jail.set_env("XZ_UDP__LISTEN", "not-an-address");
             let err = Config::load(None, Figment::new()).unwrap_err().to_string();
-            assert!(err.contains("not-an-address") && err.contains("listen"), "{err}");
+            assert!(
+                err.contains("not-an-address") && err.contains("listen"),
+                "{err}"
+            );
             Ok(())
         });
-        let err = Config::from_figment(base().merge(Serialized::default("mqtt.max_connections", 0))).unwrap_err().to_string();
-        assert!(err.contains("mqtt.max_connections") && err.contains('0'), "{err}");
-        let err = Config::from_figment(base().merge(Serialized::default("mqtt.tls_cert", "/x.pem"))).unwrap_err().to_string();
+        let err =
+            Config::from_figment(base().merge(Serialized::default("mqtt.max_connections", 0)))
+                .unwrap_err()
+                .to_string();
+        assert!(
+            err.contains("mqtt.max_connections") && err.contains('0'),
+            "{err}"
+        );
+        let err =
+            Config::from_figment(base().merge(Serialized::default("mqtt.tls_cert", "/x.pem")))
+                .unwrap_err()
+                .to_string();
         assert!(err.contains("mqtt.tls_key"), "{err}");
     }
 
@@ -512,10 +626,25 @@ mod tests {
     fn unknown_keys_and_missing_files_are_errors() {
         figment::Jail::expect_with(|jail| {
             jail.create_file("typo.toml", "[udp]\npublic_hots = \"x\"\n")?;
-            let err = Config::load(Some(Path::new("typo.toml")), Figment::new()).unwrap_err().to_string();
+            let err = Config::load(Some(Path::new("typo.toml")), Figment::new())
+                .unwrap_err()
+                .to_string();
             assert!(err.contains("public_hots"), "{err}");
-            let err = Config::load(Some(Path::new("missing.toml")), Figment::new()).unwrap_err().to_string();
+            let err = Config::load(Some(Path::new("missing.toml")), Figment::new())
+                .unwrap_err()
+                .to_string();
             assert!(err.contains("missing.toml"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn env_secrets_stay_verbatim_and_config_var_is_not_a_setting() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("XZ_AUTH__SIGNATURE_KEY", "0123");
+            jail.set_env("XZ_CONFIG", "somewhere.toml");
+            let c = Config::load(None, Figment::new()).unwrap();
+            assert_eq!(c.auth.signature_key.as_deref(), Some("0123"));
             Ok(())
         });
     }

@@ -12,7 +12,9 @@ use crate::metrics::Metrics;
 
 /// Builds the router.
 pub fn router(metrics: Arc<Metrics>) -> Router {
-    Router::new().route("/healthz", get(healthz)).with_state(metrics)
+    Router::new()
+        .route("/healthz", get(healthz))
+        .with_state(metrics)
 }
 
 async fn healthz(State(metrics): State<Arc<Metrics>>) -> Json<Value> {

@@ -13,7 +13,11 @@ use xiaozhi_gateway::server::Gateway;
 use xiaozhi_gateway::simulator::{self, SimConfig};
 
 #[derive(Parser)]
-#[command(name = "xiaozhi-gateway", version, about = "Device edge for xiaozhi ESP32 voice assistants")]
+#[command(
+    name = "xiaozhi-gateway",
+    version,
+    about = "Device edge for xiaozhi ESP32 voice assistants"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -81,7 +85,10 @@ struct SimulateArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -96,7 +103,9 @@ fn main() -> ExitCode {
             }
             Err(code) => code,
         },
-        Command::Config { action: ConfigAction::Check } => match load_config(&cli.config) {
+        Command::Config {
+            action: ConfigAction::Check,
+        } => match load_config(&cli.config) {
             Ok(config) => {
                 for w in config.warnings() {
                     println!("warning: {w}");
@@ -118,7 +127,9 @@ fn main() -> ExitCode {
             Err(code) => code,
         },
         Command::Simulate(args) => {
-            tracing_subscriber::fmt().with_env_filter(EnvFilter::new("warn")).init();
+            tracing_subscriber::fmt()
+                .with_env_filter(EnvFilter::new("warn"))
+                .init();
             let config = SimConfig {
                 mqtt: args.mqtt,
                 signature_key: args.key,
@@ -131,11 +142,18 @@ fn main() -> ExitCode {
             };
             let report = runtime.block_on(simulator::run(config));
             if args.json {
-                println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).unwrap_or_default()
+                );
             } else {
                 println!("{report}");
             }
-            if report.connected == 0 { ExitCode::FAILURE } else { ExitCode::SUCCESS }
+            if report.connected == 0 {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            }
         }
     }
 }
@@ -185,13 +203,14 @@ async fn wait_for_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => {
-                let _ = ctrl_c.await;
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
         tokio::select! {
             _ = ctrl_c => {},
             _ = term.recv() => {},

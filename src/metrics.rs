@@ -61,6 +61,12 @@ counters! {
     control_malformed,
     /// Device messages that need a conversation but arrived with none.
     control_without_session,
+    /// Device messages dropped because their conversation's control queue was full.
+    control_queue_full,
+    /// Hellos ignored because the gateway is shutting down.
+    hellos_during_shutdown,
+    /// PUBACK/PUBREC/... from a device that the gateway never asked for (ignored).
+    mqtt_dropped_unexpected_ack,
     /// Messages the bus publisher dropped because its queue was full.
     bus_dropped,
     /// Hellos answered / refused.
@@ -90,6 +96,11 @@ counters! {
     udp_rebinds,
     /// UDP socket send errors.
     udp_send_errors,
+    /// Downlink frames larger than one datagram (dropped).
+    udp_drop_downlink_oversized,
+    /// Uplink frames the echo pipeline did not play: over its per-turn cap, or arriving
+    /// while it plays a turn back to a half-duplex device.
+    echo_frames_dropped,
 }
 
 impl Metrics {

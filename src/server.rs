@@ -40,19 +40,46 @@ pub struct BindError {
 
 /// `udp.listen` -> `XZ_UDP__LISTEN`.
 fn env_name(setting: &str) -> String {
-    format!("{}{}", crate::config::ENV_PREFIX, setting.to_uppercase().replace('.', "__"))
+    format!(
+        "{}{}",
+        crate::config::ENV_PREFIX,
+        setting.to_uppercase().replace('.', "__")
+    )
 }
 
 /// Binds a TCP listener, with an error that says which setting to change.
-pub async fn bind_tcp(addr: SocketAddr, what: &'static str, setting: &'static str) -> Result<TcpListener, BindError> {
-    TcpListener::bind(addr).await.map_err(|source| BindError { what, addr, setting, source })
+pub async fn bind_tcp(
+    addr: SocketAddr,
+    what: &'static str,
+    setting: &'static str,
+) -> Result<TcpListener, BindError> {
+    TcpListener::bind(addr).await.map_err(|source| BindError {
+        what,
+        addr,
+        setting,
+        source,
+    })
 }
 
 /// Checks that a TCP address can be bound (for listeners that bind it themselves) and
 /// resolves port 0 to a concrete free port.
-pub fn check_tcp_bind(addr: SocketAddr, what: &'static str, setting: &'static str) -> Result<SocketAddr, BindError> {
-    let l = std::net::TcpListener::bind(addr).map_err(|source| BindError { what, addr, setting, source })?;
-    l.local_addr().map_err(|source| BindError { what, addr, setting, source })
+pub fn check_tcp_bind(
+    addr: SocketAddr,
+    what: &'static str,
+    setting: &'static str,
+) -> Result<SocketAddr, BindError> {
+    let l = std::net::TcpListener::bind(addr).map_err(|source| BindError {
+        what,
+        addr,
+        setting,
+        source,
+    })?;
+    l.local_addr().map_err(|source| BindError {
+        what,
+        addr,
+        setting,
+        source,
+    })
 }
 
 /// Why the gateway could not start.
@@ -98,13 +125,21 @@ impl Gateway {
             warn!("{warning}");
         }
         let metrics = Arc::new(Metrics::default());
-        let registry = Arc::new(DeviceRegistry::new(config.mqtt.outbound_queue, metrics.clone()));
+        let registry = Arc::new(DeviceRegistry::new(
+            config.mqtt.outbound_queue,
+            metrics.clone(),
+        ));
 
         let mqtt_listener = bind_tcp(config.mqtt.listen, "device MQTT", "mqtt.listen").await?;
         let tls = match config.device_tls() {
             Some((cert, key)) => {
                 let acceptor = crate::server::tls_acceptor(cert, key).map_err(StartError::Tls)?;
-                let l = bind_tcp(config.mqtt.tls_listen, "device MQTT over TLS", "mqtt.tls_listen").await?;
+                let l = bind_tcp(
+                    config.mqtt.tls_listen,
+                    "device MQTT over TLS",
+                    "mqtt.tls_listen",
+                )
+                .await?;
                 Some((l, acceptor))
             }
             None => None,
@@ -117,11 +152,15 @@ impl Gateway {
             metrics.clone(),
         )?;
         let http_listener = bind_tcp(config.http.listen, "HTTP", "http.listen").await?;
-        let broker = EmbeddedBroker::start(&config.broker, registry.clone(), metrics.clone()).await?;
+        let broker =
+            EmbeddedBroker::start(&config.broker, registry.clone(), metrics.clone()).await?;
 
         let udp_addr = audio.local_addr();
         let pipeline: Arc<dyn Pipeline> = match config.pipeline.kind {
-            PipelineKind::Echo => Arc::new(EchoPipeline::new(config.pipeline.echo.clone())),
+            PipelineKind::Echo => Arc::new(EchoPipeline::new(
+                config.pipeline.echo.clone(),
+                metrics.clone(),
+            )),
         };
         let sessions = SessionManager::start(SessionDeps {
             pipeline,
@@ -129,7 +168,11 @@ impl Gateway {
             sink: registry.clone(),
             metrics: metrics.clone(),
             udp_public_host: config.udp.public_host.clone(),
-            udp_public_port: if config.udp.public_port == 0 { udp_addr.port() } else { config.udp.public_port },
+            udp_public_port: if config.udp.public_port == 0 {
+                udp_addr.port()
+            } else {
+                config.udp.public_port
+            },
             idle_timeout: config.udp_idle_timeout(),
         });
 
@@ -156,11 +199,21 @@ impl Gateway {
         let mut background = Vec::new();
 
         let addrs = BoundAddrs {
-            mqtt: mqtt_listener.local_addr().map_err(|source| BindError { what: "device MQTT", addr: config.mqtt.listen, setting: "mqtt.listen", source })?,
+            mqtt: mqtt_listener.local_addr().map_err(|source| BindError {
+                what: "device MQTT",
+                addr: config.mqtt.listen,
+                setting: "mqtt.listen",
+                source,
+            })?,
             mqtt_tls: tls.as_ref().and_then(|(l, _)| l.local_addr().ok()),
             broker: broker.listen_addr,
             udp: udp_addr,
-            http: http_listener.local_addr().map_err(|source| BindError { what: "HTTP", addr: config.http.listen, setting: "http.listen", source })?,
+            http: http_listener.local_addr().map_err(|source| BindError {
+                what: "HTTP",
+                addr: config.http.listen,
+                setting: "http.listen",
+                source,
+            })?,
         };
 
         background.push(tokio::spawn(front_end.clone().run_listener(
@@ -183,7 +236,8 @@ impl Gateway {
         let http_stop = stop_rest.clone();
         let app = crate::http::router(metrics.clone());
         background.push(tokio::spawn(async move {
-            let serve = axum::serve(http_listener, app).with_graceful_shutdown(async move { http_stop.cancelled().await });
+            let serve = axum::serve(http_listener, app)
+                .with_graceful_shutdown(async move { http_stop.cancelled().await });
             if let Err(e) = serve.await {
                 warn!(error = %e, "HTTP server stopped");
             }
@@ -221,12 +275,18 @@ impl Gateway {
         info!("shutting down");
         self.stop_accepting.cancel();
         self.broker.stop();
-        if tokio::time::timeout_at(deadline, self.sessions.shutdown()).await.is_err() {
+        if tokio::time::timeout_at(deadline, self.sessions.shutdown())
+            .await
+            .is_err()
+        {
             warn!("conversations did not all end within the grace period");
         }
         self.close_connections.cancel();
         self.connections.close();
-        if tokio::time::timeout_at(deadline, self.connections.wait()).await.is_err() {
+        if tokio::time::timeout_at(deadline, self.connections.wait())
+            .await
+            .is_err()
+        {
             warn!("device connections did not all close within the grace period");
         }
         self.stop_rest.cancel();
@@ -255,11 +315,13 @@ pub fn tls_acceptor(cert: &std::path::Path, key: &std::path::Path) -> Result<Tls
     ))
     .map_err(|e| format!("{}: {e}", key.display()))?
     .ok_or_else(|| format!("{}: no private key found", key.display()))?;
-    let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .map_err(|e| e.to_string())?;
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| e.to_string())?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .map_err(|e| e.to_string())?;
     Ok(TlsAcceptor::from(Arc::new(config)))
 }

@@ -14,7 +14,11 @@ async fn admin(gw: &xiaozhi_gateway::server::Gateway, id: &str) -> (AsyncClient,
     opts.set_credentials(common::ADMIN_USER, common::ADMIN_PASS);
     let (client, mut eventloop) = AsyncClient::new(opts, 100);
     loop {
-        match tokio::time::timeout(Duration::from_secs(5), eventloop.poll()).await.expect("admin connects").expect("admin connection") {
+        match tokio::time::timeout(Duration::from_secs(5), eventloop.poll())
+            .await
+            .expect("admin connects")
+            .expect("admin connection")
+        {
             Event::Incoming(Packet::ConnAck(_)) => break,
             _ => continue,
         }
@@ -26,7 +30,10 @@ async fn admin(gw: &xiaozhi_gateway::server::Gateway, id: &str) -> (AsyncClient,
 async fn next_publish(eventloop: &mut EventLoop, pred: impl Fn(&str) -> bool) -> (String, Vec<u8>) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     loop {
-        let ev = tokio::time::timeout_at(deadline, eventloop.poll()).await.expect("publish in time").expect("admin connection");
+        let ev = tokio::time::timeout_at(deadline, eventloop.poll())
+            .await
+            .expect("publish in time")
+            .expect("admin connection");
         if let Event::Incoming(Packet::Publish(p)) = ev
             && pred(&p.topic)
         {
@@ -37,7 +44,12 @@ async fn next_publish(eventloop: &mut EventLoop, pred: impl Fn(&str) -> bool) ->
 
 async fn wait_suback(eventloop: &mut EventLoop) {
     loop {
-        if let Event::Incoming(Packet::SubAck(_)) = tokio::time::timeout(Duration::from_secs(5), eventloop.poll()).await.unwrap().unwrap() {
+        if let Event::Incoming(Packet::SubAck(_)) =
+            tokio::time::timeout(Duration::from_secs(5), eventloop.poll())
+                .await
+                .unwrap()
+                .unwrap()
+        {
             return;
         }
     }
@@ -50,7 +62,10 @@ async fn admin_reaches_a_device_that_never_subscribed() {
     let (client, mut eventloop) = admin(&gw, "admin-p2p").await;
     let topic = format!("devices/p2p/{}", dev.credentials.mac);
     let msg = json!({"type": "system", "command": "reboot"}).to_string();
-    client.publish(&topic, QoS::AtLeastOnce, false, msg.clone()).await.unwrap();
+    client
+        .publish(&topic, QoS::AtLeastOnce, false, msg.clone())
+        .await
+        .unwrap();
     // Drive the admin's event loop while waiting for the device.
     let received = tokio::select! {
         r = dev.recv(Duration::from_secs(5)) => r.expect("device receives the admin's publish"),
@@ -65,9 +80,15 @@ async fn admin_reaches_a_device_that_never_subscribed() {
 async fn admin_sees_device_messages_and_presence_on_identity_topics() {
     let gw = common::start().await;
     let (client, mut eventloop) = admin(&gw, "admin-watch").await;
-    client.subscribe("xiaozhi/devices/+/up", QoS::AtMostOnce).await.unwrap();
+    client
+        .subscribe("xiaozhi/devices/+/up", QoS::AtMostOnce)
+        .await
+        .unwrap();
     wait_suback(&mut eventloop).await;
-    client.subscribe("xiaozhi/devices/+/presence", QoS::AtMostOnce).await.unwrap();
+    client
+        .subscribe("xiaozhi/devices/+/presence", QoS::AtMostOnce)
+        .await
+        .unwrap();
     wait_suback(&mut eventloop).await;
 
     let mut dev = common::device(&gw, 51).await;
@@ -80,12 +101,22 @@ async fn admin_sees_device_messages_and_presence_on_identity_topics() {
     let msg = json!({"type": "mcp", "session_id": "", "payload": {"jsonrpc": "2.0", "method": "notifications/state"}});
     dev.publish_json(&msg).await.unwrap();
     let (topic, payload) = next_publish(&mut eventloop, |t| t.ends_with("/up")).await;
-    assert_eq!(topic, format!("xiaozhi/devices/{mac}/up"), "the sender's identity is in the topic");
-    assert_eq!(serde_json::from_slice::<serde_json::Value>(&payload).unwrap(), msg);
+    assert_eq!(
+        topic,
+        format!("xiaozhi/devices/{mac}/up"),
+        "the sender's identity is in the topic"
+    );
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&payload).unwrap(),
+        msg
+    );
 
     dev.disconnect().await;
     let (_, payload) = next_publish(&mut eventloop, |t| t.ends_with("/presence")).await;
-    assert_eq!(serde_json::from_slice::<serde_json::Value>(&payload).unwrap()["state"], "offline");
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&payload).unwrap()["state"],
+        "offline"
+    );
     gw.shutdown().await;
 }
 
@@ -95,18 +126,58 @@ async fn a_device_may_subscribe_only_to_its_own_topic() {
     let mut dev = common::device(&gw, 52).await;
     let own = format!("devices/p2p/{}", dev.credentials.mac);
     let other = format!("devices/p2p/{}", common::mac(53));
-    assert_eq!(dev.subscribe(&own).await.unwrap(), vec![SubscribeReasonCode::Success(QoS::AtMostOnce)]);
-    assert_eq!(dev.subscribe(&other).await.unwrap(), vec![SubscribeReasonCode::Failure]);
-    assert_eq!(dev.subscribe("xiaozhi/devices/+/up").await.unwrap(), vec![SubscribeReasonCode::Failure]);
+    assert_eq!(
+        dev.subscribe(&own).await.unwrap(),
+        vec![SubscribeReasonCode::Success(QoS::AtMostOnce)]
+    );
+    assert_eq!(
+        dev.subscribe(&other).await.unwrap(),
+        vec![SubscribeReasonCode::Failure]
+    );
+    assert_eq!(
+        dev.subscribe("xiaozhi/devices/+/up").await.unwrap(),
+        vec![SubscribeReasonCode::Failure]
+    );
 
     // A refused subscription delivers nothing: the other device's message stays its own.
     let mut other_dev = common::device(&gw, 53).await;
     let (client, mut eventloop) = admin(&gw, "admin-sub").await;
-    client.publish(&other, QoS::AtMostOnce, false, "for 53 only").await.unwrap();
+    client
+        .publish(&other, QoS::AtMostOnce, false, "for 53 only")
+        .await
+        .unwrap();
     tokio::select! {
         r = other_dev.recv(Duration::from_secs(5)) => assert_eq!(r.unwrap().1, "for 53 only"),
         _ = async { loop { let _ = eventloop.poll().await; } } => unreachable!(),
     }
-    assert!(dev.recv(Duration::from_millis(300)).await.is_err(), "device 52 got device 53's message");
+    assert!(
+        dev.recv(Duration::from_millis(300)).await.is_err(),
+        "device 52 got device 53's message"
+    );
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn bus_copy_of_the_server_hello_hides_the_audio_key() {
+    let gw = common::start().await;
+    let (client, mut eventloop) = admin(&gw, "admin-down").await;
+    client
+        .subscribe("xiaozhi/devices/+/down", QoS::AtMostOnce)
+        .await
+        .unwrap();
+    wait_suback(&mut eventloop).await;
+
+    let mut dev = common::device(&gw, 53).await;
+    let mac = dev.credentials.mac.to_string();
+    let (hello, _audio) = common::conversation(&mut dev).await;
+    let (topic, payload) = next_publish(&mut eventloop, |t| t.ends_with("/down")).await;
+    assert_eq!(topic, format!("xiaozhi/devices/{mac}/down"));
+    let mirrored: serde_json::Value = serde_json::from_slice(&payload).unwrap();
+    assert_eq!(mirrored["type"], "hello");
+    assert_eq!(mirrored["session_id"], hello.session_id.as_str());
+    assert_eq!(
+        mirrored["udp"]["key"], "<redacted>",
+        "bus clients never see the audio key"
+    );
     gw.shutdown().await;
 }

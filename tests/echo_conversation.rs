@@ -16,7 +16,9 @@ async fn ten_second_conversation_echoes_every_frame_in_order() {
     let (hello, mut audio) = common::conversation(&mut dev).await;
     assert_eq!(hello.frame_duration, 60);
     assert_eq!(hello.udp, gw.addrs.udp);
-    dev.publish_json(&common::listen_start(&hello.session_id, "realtime")).await.unwrap();
+    dev.publish_json(&common::listen_start(&hello.session_id, "realtime"))
+        .await
+        .unwrap();
 
     let frames = 10_000 / 60; // 166 frames = 10 s of 60 ms audio
     let sender = tokio::spawn(async move {
@@ -48,10 +50,21 @@ async fn ten_second_conversation_echoes_every_frame_in_order() {
         }
     }
     sender.abort();
-    let indexes: Vec<u32> = received.iter().map(|f| frame_index(&f.opus).unwrap()).collect();
-    assert_eq!(indexes, (0..frames).collect::<Vec<_>>(), "every frame back, in order, none lost");
+    let indexes: Vec<u32> = received
+        .iter()
+        .map(|f| frame_index(&f.opus).unwrap())
+        .collect();
+    assert_eq!(
+        indexes,
+        (0..frames).collect::<Vec<_>>(),
+        "every frame back, in order, none lost"
+    );
     let sequences: Vec<u32> = received.iter().map(|f| f.sequence).collect();
-    assert_eq!(sequences, (1..=frames).collect::<Vec<_>>(), "downlink sequence from 1, +1 per datagram");
+    assert_eq!(
+        sequences,
+        (1..=frames).collect::<Vec<_>>(),
+        "downlink sequence from 1, +1 per datagram"
+    );
     assert_eq!(audio.rejected, 0, "nothing the firmware would drop");
 
     // The device UI was driven: tts start came before the audio.
@@ -65,12 +78,29 @@ async fn ten_second_conversation_echoes_every_frame_in_order() {
     let m = gw.metrics.snapshot();
     assert_eq!(m.udp_rx_datagrams, u64::from(frames));
     assert_eq!(m.udp_tx_datagrams, u64::from(frames));
-    assert_eq!(m.udp_uplink_gaps + m.udp_drop_replay + m.udp_drop_hijack + m.udp_drop_queue_full, 0);
+    assert_eq!(
+        m.udp_uplink_gaps + m.udp_drop_replay + m.udp_drop_hijack + m.udp_drop_queue_full,
+        0
+    );
 
     // Device goodbye ends the conversation without an answer.
-    dev.publish_json(&json!({"session_id": hello.session_id, "type": "goodbye"})).await.unwrap();
-    assert!(common::eventually(Duration::from_secs(2), || gw.metrics.snapshot().sessions_live == 0).await);
-    assert!(dev.recv_type("goodbye", Duration::from_millis(300)).await.is_err(), "no goodbye back for a device goodbye");
+    dev.publish_json(&json!({"session_id": hello.session_id, "type": "goodbye"}))
+        .await
+        .unwrap();
+    assert!(
+        common::eventually(Duration::from_secs(2), || gw
+            .metrics
+            .snapshot()
+            .sessions_live
+            == 0)
+        .await
+    );
+    assert!(
+        dev.recv_type("goodbye", Duration::from_millis(300))
+            .await
+            .is_err(),
+        "no goodbye back for a device goodbye"
+    );
     gw.shutdown().await;
 }
 
@@ -81,25 +111,42 @@ async fn manual_turn_is_played_back_after_listen_stop() {
     let gw = common::start().await;
     let mut dev = common::device(&gw, 11).await;
     let (hello, mut audio) = common::conversation(&mut dev).await;
-    dev.publish_json(&common::listen_start(&hello.session_id, "manual")).await.unwrap();
+    dev.publish_json(&common::listen_start(&hello.session_id, "manual"))
+        .await
+        .unwrap();
     for i in 0..10u32 {
         audio.send(i * 60, &synthetic_frame(i, 40)).await.unwrap();
     }
     // Nothing comes back while the user is still talking.
-    assert!(audio.recv(Duration::from_millis(300)).await.unwrap().is_none());
-    dev.publish_json(&json!({"session_id": hello.session_id, "type": "listen", "state": "stop"})).await.unwrap();
+    assert!(
+        audio
+            .recv(Duration::from_millis(300))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    dev.publish_json(&json!({"session_id": hello.session_id, "type": "listen", "state": "stop"}))
+        .await
+        .unwrap();
     let start = dev.recv_type("tts", Duration::from_secs(2)).await.unwrap();
     assert_eq!(start["state"], "start");
     let t0 = tokio::time::Instant::now();
     let mut got = Vec::new();
     while got.len() < 10 {
-        let frame = audio.recv(Duration::from_secs(2)).await.unwrap().expect("echoed frame");
+        let frame = audio
+            .recv(Duration::from_secs(2))
+            .await
+            .unwrap()
+            .expect("echoed frame");
         got.push(frame_index(&frame.opus).unwrap());
     }
     let elapsed = t0.elapsed();
     assert_eq!(got, (0..10).collect::<Vec<_>>());
     // Paced, not burst: 10 frames of 60 ms take at least ~8 frame periods.
-    assert!(elapsed >= Duration::from_millis(8 * 60 - 20), "playback too fast: {elapsed:?}");
+    assert!(
+        elapsed >= Duration::from_millis(8 * 60 - 20),
+        "playback too fast: {elapsed:?}"
+    );
     let stop = dev.recv_type("tts", Duration::from_secs(2)).await.unwrap();
     assert_eq!(stop["state"], "stop");
     gw.shutdown().await;
@@ -115,12 +162,18 @@ async fn two_devices_never_cross() {
     let (hb, mut ab) = common::conversation(&mut b).await;
     assert_ne!(ha.connection_id(), hb.connection_id());
     assert_ne!(ha.key, hb.key);
-    a.publish_json(&common::listen_start(&ha.session_id, "realtime")).await.unwrap();
-    b.publish_json(&common::listen_start(&hb.session_id, "realtime")).await.unwrap();
+    a.publish_json(&common::listen_start(&ha.session_id, "realtime"))
+        .await
+        .unwrap();
+    b.publish_json(&common::listen_start(&hb.session_id, "realtime"))
+        .await
+        .unwrap();
     // Device A sends even indexes, B odd ones, interleaved.
     for i in 0..20u32 {
         aa.send(i * 60, &synthetic_frame(2 * i, 50)).await.unwrap();
-        ab.send(i * 60, &synthetic_frame(2 * i + 1, 50)).await.unwrap();
+        ab.send(i * 60, &synthetic_frame(2 * i + 1, 50))
+            .await
+            .unwrap();
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let mut got_a = Vec::new();
@@ -156,14 +209,34 @@ async fn repeated_hello_replaces_the_session_cleanly() {
     let (second, mut second_audio) = common::conversation(&mut dev).await;
     assert_ne!(first.session_id, second.session_id);
     assert_ne!(first.connection_id(), second.connection_id());
-    assert!(common::eventually(Duration::from_secs(2), || gw.metrics.snapshot().sessions_live == 1).await);
+    assert!(
+        common::eventually(Duration::from_secs(2), || gw
+            .metrics
+            .snapshot()
+            .sessions_live
+            == 1)
+        .await
+    );
     // The old channel is gone: its datagrams are unknown ids now.
     let before = gw.metrics.snapshot().udp_drop_unknown_id;
     first_audio.send(60, &synthetic_frame(1, 40)).await.unwrap();
-    assert!(common::eventually(Duration::from_secs(2), || gw.metrics.snapshot().udp_drop_unknown_id > before).await);
-    dev.publish_json(&common::listen_start(&second.session_id, "realtime")).await.unwrap();
+    assert!(
+        common::eventually(Duration::from_secs(2), || gw
+            .metrics
+            .snapshot()
+            .udp_drop_unknown_id
+            > before)
+        .await
+    );
+    dev.publish_json(&common::listen_start(&second.session_id, "realtime"))
+        .await
+        .unwrap();
     second_audio.send(0, &synthetic_frame(7, 40)).await.unwrap();
-    let f = second_audio.recv(Duration::from_secs(2)).await.unwrap().expect("echo on the new channel");
+    let f = second_audio
+        .recv(Duration::from_secs(2))
+        .await
+        .unwrap()
+        .expect("echo on the new channel");
     assert_eq!(frame_index(&f.opus), Some(7));
     gw.shutdown().await;
 }

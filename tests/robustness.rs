@@ -17,11 +17,31 @@ async fn malformed_json_and_non_utf8_keep_the_connection() {
     dev.publish_raw(b"{not json".to_vec()).await.unwrap();
     dev.publish_raw(vec![0xff, 0xfe, 0x00, 0x80]).await.unwrap();
     dev.publish_raw(b"[1,2,3]".to_vec()).await.unwrap();
-    dev.publish_raw(br#"{"type":"hello","version":3,"transport":"udp","audio_params":{"frame_duration":"x"}}"#.to_vec()).await.unwrap();
-    assert!(common::eventually(Duration::from_secs(2), || gw.metrics.snapshot().control_malformed == 4).await, "{:?}", gw.metrics.snapshot());
+    dev.publish_raw(
+        br#"{"type":"hello","version":3,"transport":"udp","audio_params":{"frame_duration":"x"}}"#
+            .to_vec(),
+    )
+    .await
+    .unwrap();
+    assert!(
+        common::eventually(Duration::from_secs(2), || gw
+            .metrics
+            .snapshot()
+            .control_malformed
+            == 4)
+        .await,
+        "{:?}",
+        gw.metrics.snapshot()
+    );
     // The bad hello got an alert the device can show.
-    let alert = dev.recv_type("alert", Duration::from_secs(2)).await.unwrap();
-    assert!(alert["message"].as_str().unwrap().contains("audio_params"), "{alert}");
+    let alert = dev
+        .recv_type("alert", Duration::from_secs(2))
+        .await
+        .unwrap();
+    assert!(
+        alert["message"].as_str().unwrap().contains("audio_params"),
+        "{alert}"
+    );
     // The same connection still holds a conversation.
     let (hello, _audio) = common::conversation(&mut dev).await;
     assert!(!hello.session_id.is_empty());
@@ -33,9 +53,17 @@ async fn malformed_json_and_non_utf8_keep_the_connection() {
 async fn unsupported_hello_gets_an_alert_not_silence() {
     let gw = common::start().await;
     let mut dev = common::device(&gw, 61).await;
-    dev.publish_json(&json!({"type": "hello", "version": 1, "transport": "websocket"})).await.unwrap();
-    let alert = dev.recv_type("alert", Duration::from_secs(2)).await.unwrap();
-    assert!(alert["message"].as_str().unwrap().contains("version"), "{alert}");
+    dev.publish_json(&json!({"type": "hello", "version": 1, "transport": "websocket"}))
+        .await
+        .unwrap();
+    let alert = dev
+        .recv_type("alert", Duration::from_secs(2))
+        .await
+        .unwrap();
+    assert!(
+        alert["message"].as_str().unwrap().contains("version"),
+        "{alert}"
+    );
     assert_eq!(gw.metrics.snapshot().hellos_refused, 1);
     gw.shutdown().await;
 }
@@ -45,12 +73,27 @@ async fn half_open_connection_is_dropped_after_one_and_a_half_keep_alives() {
     let gw = common::start().await;
     let stream = TcpStream::connect(gw.addrs.mqtt).await.unwrap();
     // Keep-alive 1 s, then silence (as a device that lost power would be).
-    let mut dev = SimDevice::connect_over(Box::new(stream), common::creds(62), 1).await.unwrap();
+    let mut dev = SimDevice::connect_over(Box::new(stream), common::creds(62), 1)
+        .await
+        .unwrap();
     let t0 = tokio::time::Instant::now();
-    assert!(dev.closed(Duration::from_secs(5)).await, "server never dropped the silent connection");
+    assert!(
+        dev.closed(Duration::from_secs(5)).await,
+        "server never dropped the silent connection"
+    );
     let waited = t0.elapsed();
-    assert!(waited >= Duration::from_millis(1400) && waited < Duration::from_millis(2500), "{waited:?}");
-    assert!(common::eventually(Duration::from_secs(1), || gw.metrics.snapshot().devices_connected == 0).await);
+    assert!(
+        waited >= Duration::from_millis(1400) && waited < Duration::from_millis(2500),
+        "{waited:?}"
+    );
+    assert!(
+        common::eventually(Duration::from_secs(1), || gw
+            .metrics
+            .snapshot()
+            .devices_connected
+            == 0)
+        .await
+    );
     assert_eq!(gw.metrics.snapshot().connections_timed_out, 1);
     gw.shutdown().await;
 }
@@ -59,7 +102,9 @@ async fn half_open_connection_is_dropped_after_one_and_a_half_keep_alives() {
 async fn pings_keep_a_connection_alive() {
     let gw = common::start().await;
     let stream = TcpStream::connect(gw.addrs.mqtt).await.unwrap();
-    let mut dev = SimDevice::connect_over(Box::new(stream), common::creds(63), 1).await.unwrap();
+    let mut dev = SimDevice::connect_over(Box::new(stream), common::creds(63), 1)
+        .await
+        .unwrap();
     for _ in 0..6 {
         tokio::time::sleep(Duration::from_millis(500)).await;
         dev.ping().await.unwrap();
@@ -78,7 +123,10 @@ async fn silent_tcp_client_is_dropped_at_the_connect_timeout() {
     // Others are served meanwhile.
     let dev = common::device(&gw, 64).await;
     let mut buf = [0u8; 16];
-    let n = tokio::time::timeout(Duration::from_secs(3), silent.read(&mut buf)).await.expect("closed in time").unwrap();
+    let n = tokio::time::timeout(Duration::from_secs(3), silent.read(&mut buf))
+        .await
+        .expect("closed in time")
+        .unwrap();
     assert_eq!(n, 0, "closed without a CONNACK");
     dev.disconnect().await;
     gw.shutdown().await;
@@ -94,7 +142,13 @@ async fn garbage_bytes_and_oversized_packets_end_only_that_connection() {
     let mut garbage = TcpStream::connect(gw.addrs.mqtt).await.unwrap();
     garbage.write_all(&[0xff; 64]).await.unwrap();
     let mut buf = [0u8; 16];
-    assert_eq!(tokio::time::timeout(Duration::from_secs(2), garbage.read(&mut buf)).await.unwrap().unwrap_or(0), 0);
+    assert_eq!(
+        tokio::time::timeout(Duration::from_secs(2), garbage.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap_or(0),
+        0
+    );
 
     // An authenticated device that sends a packet over the cap is disconnected.
     let mut big = common::device(&gw, 66).await;
@@ -113,10 +167,20 @@ async fn a_new_connection_replaces_the_old_one() {
     let gw = common::start().await;
     let mut old = common::device(&gw, 67).await;
     let mut new = common::device(&gw, 67).await;
-    assert!(old.closed(Duration::from_secs(2)).await, "old connection closed");
+    assert!(
+        old.closed(Duration::from_secs(2)).await,
+        "old connection closed"
+    );
     assert_eq!(gw.metrics.snapshot().connections_replaced, 1);
     // The device is still connected (through the new connection) and reachable.
-    assert!(common::eventually(Duration::from_secs(1), || gw.metrics.snapshot().devices_connected == 1).await);
+    assert!(
+        common::eventually(Duration::from_secs(1), || gw
+            .metrics
+            .snapshot()
+            .devices_connected
+            == 1)
+        .await
+    );
     let (hello, _a) = common::conversation(&mut new).await;
     assert!(!hello.session_id.is_empty());
     gw.shutdown().await;

@@ -11,8 +11,15 @@ async fn shutdown_says_goodbye_to_live_sessions() {
     let (hello, _audio) = common::conversation(&mut dev).await;
     let t0 = tokio::time::Instant::now();
     gw.shutdown().await;
-    assert!(t0.elapsed() < Duration::from_secs(3), "shutdown took {:?}", t0.elapsed());
-    let bye = dev.recv_type("goodbye", Duration::from_secs(1)).await.expect("goodbye before close");
+    assert!(
+        t0.elapsed() < Duration::from_secs(3),
+        "shutdown took {:?}",
+        t0.elapsed()
+    );
+    let bye = dev
+        .recv_type("goodbye", Duration::from_secs(1))
+        .await
+        .expect("goodbye before close");
     assert_eq!(bye["session_id"], hello.session_id.as_str());
     assert!(dev.closed(Duration::from_secs(1)).await);
 }
@@ -24,9 +31,19 @@ async fn idle_conversation_ends_with_a_goodbye() {
     let gw = common::start_with(config).await;
     let mut dev = common::device(&gw, 71).await;
     let (hello, _audio) = common::conversation(&mut dev).await;
-    let bye = dev.recv_type("goodbye", Duration::from_secs(4)).await.expect("goodbye after idle");
+    let bye = dev
+        .recv_type("goodbye", Duration::from_secs(4))
+        .await
+        .expect("goodbye after idle");
     assert_eq!(bye["session_id"], hello.session_id.as_str());
-    assert!(common::eventually(Duration::from_secs(1), || gw.metrics.snapshot().sessions_live == 0).await);
+    assert!(
+        common::eventually(Duration::from_secs(1), || gw
+            .metrics
+            .snapshot()
+            .sessions_live
+            == 0)
+        .await
+    );
     gw.shutdown().await;
 }
 
@@ -37,6 +54,13 @@ async fn disconnect_ends_the_session() {
     let _ = common::conversation(&mut dev).await;
     assert_eq!(gw.metrics.snapshot().sessions_live, 1);
     dev.disconnect().await;
-    assert!(common::eventually(Duration::from_secs(2), || gw.metrics.snapshot().sessions_live == 0).await);
+    assert!(
+        common::eventually(Duration::from_secs(2), || gw
+            .metrics
+            .snapshot()
+            .sessions_live
+            == 0)
+        .await
+    );
     gw.shutdown().await;
 }

@@ -15,29 +15,72 @@ async fn hijack_attempts_do_not_move_the_downlink() {
     let gw = common::start().await;
     let mut dev = common::device(&gw, 40).await;
     let (hello, mut audio) = common::conversation(&mut dev).await;
-    dev.publish_json(&common::listen_start(&hello.session_id, "realtime")).await.unwrap();
+    dev.publish_json(&common::listen_start(&hello.session_id, "realtime"))
+        .await
+        .unwrap();
     audio.send(0, &synthetic_frame(0, 40)).await.unwrap();
-    assert_eq!(frame_index(&audio.recv(Duration::from_secs(2)).await.unwrap().unwrap().opus), Some(0));
+    assert_eq!(
+        frame_index(
+            &audio
+                .recv(Duration::from_secs(2))
+                .await
+                .unwrap()
+                .unwrap()
+                .opus
+        ),
+        Some(0)
+    );
 
     // An attacker who learned the connection id (but not the key) sends from another
     // socket: a fresh sequence, garbage payload.
     let attacker = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let wrong_key = PacketCipher::new(&[0x42; 16]);
     for seq in [2u32, 3, 50, 1_000_000] {
-        let header = Header { flags: 0, payload_len: 40, connection_id: hello.connection_id(), timestamp: 0, sequence: seq }.to_bytes();
+        let header = Header {
+            flags: 0,
+            payload_len: 40,
+            connection_id: hello.connection_id(),
+            timestamp: 0,
+            sequence: seq,
+        }
+        .to_bytes();
         let mut payload = synthetic_frame(900 + seq, 40);
         wrong_key.apply(&header, &mut payload);
         let mut d = header.to_vec();
         d.extend_from_slice(&payload);
         attacker.send_to(&d, gw.addrs.udp).await.unwrap();
     }
-    assert!(common::eventually(Duration::from_secs(2), || gw.metrics.snapshot().udp_drop_hijack == 4).await, "{:?}", gw.metrics.snapshot());
+    assert!(
+        common::eventually(Duration::from_secs(2), || gw
+            .metrics
+            .snapshot()
+            .udp_drop_hijack
+            == 4)
+        .await,
+        "{:?}",
+        gw.metrics.snapshot()
+    );
 
     // The device keeps talking and keeps hearing itself; the attacker hears nothing.
     audio.send(60, &synthetic_frame(1, 40)).await.unwrap();
-    assert_eq!(frame_index(&audio.recv(Duration::from_secs(2)).await.unwrap().unwrap().opus), Some(1));
+    assert_eq!(
+        frame_index(
+            &audio
+                .recv(Duration::from_secs(2))
+                .await
+                .unwrap()
+                .unwrap()
+                .opus
+        ),
+        Some(1)
+    );
     let mut buf = [0u8; 2048];
-    assert!(tokio::time::timeout(Duration::from_millis(300), attacker.recv_from(&mut buf)).await.is_err(), "attacker got downlink audio");
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), attacker.recv_from(&mut buf))
+            .await
+            .is_err(),
+        "attacker got downlink audio"
+    );
     gw.shutdown().await;
 }
 
@@ -46,7 +89,9 @@ async fn replayed_truncated_oversized_and_wrong_type_datagrams_are_dropped_and_c
     let gw = common::start().await;
     let mut dev = common::device(&gw, 41).await;
     let (hello, mut audio) = common::conversation(&mut dev).await;
-    dev.publish_json(&common::listen_start(&hello.session_id, "realtime")).await.unwrap();
+    dev.publish_json(&common::listen_start(&hello.session_id, "realtime"))
+        .await
+        .unwrap();
 
     let first = audio.seal(0, &synthetic_frame(0, 40));
     audio.socket.send(&first).await.unwrap();
@@ -78,8 +123,24 @@ async fn replayed_truncated_oversized_and_wrong_type_datagrams_are_dropped_and_c
     .await;
     assert!(ok, "{:?}", gw.metrics.snapshot());
     // None of it was echoed; the channel still works.
-    assert!(audio.recv(Duration::from_millis(200)).await.unwrap().is_none());
+    assert!(
+        audio
+            .recv(Duration::from_millis(200))
+            .await
+            .unwrap()
+            .is_none()
+    );
     audio.send(240, &synthetic_frame(4, 40)).await.unwrap();
-    assert_eq!(frame_index(&audio.recv(Duration::from_secs(2)).await.unwrap().unwrap().opus), Some(4));
+    assert_eq!(
+        frame_index(
+            &audio
+                .recv(Duration::from_secs(2))
+                .await
+                .unwrap()
+                .unwrap()
+                .opus
+        ),
+        Some(4)
+    );
     gw.shutdown().await;
 }

@@ -12,6 +12,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
+use tracing::debug;
 
 use crate::metrics::Metrics;
 use crate::protocol::audio_channel::DownlinkSealer;
@@ -75,7 +76,10 @@ impl AudioChannel {
 
 impl Drop for AudioChannel {
     fn drop(&mut self) {
-        self.live_ids.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.connection_id);
+        self.live_ids
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.connection_id);
     }
 }
 
@@ -101,8 +105,19 @@ impl Clone for Downlink {
 }
 
 impl Downlink {
-    pub(crate) fn new(sealer: DownlinkSealer, socket: Arc<UdpSocket>, shared: Arc<ChannelShared>, metrics: Arc<Metrics>) -> Self {
-        Downlink { sealer: Arc::new(Mutex::new(sealer)), socket, shared, metrics, buf: Vec::with_capacity(256) }
+    pub(crate) fn new(
+        sealer: DownlinkSealer,
+        socket: Arc<UdpSocket>,
+        shared: Arc<ChannelShared>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Downlink {
+            sealer: Arc::new(Mutex::new(sealer)),
+            socket,
+            shared,
+            metrics,
+            buf: Vec::with_capacity(256),
+        }
     }
 
     /// The device's UDP address, once its first valid datagram arrived.
@@ -117,8 +132,17 @@ impl Downlink {
             Metrics::inc(&self.metrics.udp_drop_no_peer);
             return false;
         };
-        let sealed = self.sealer.lock().unwrap_or_else(|p| p.into_inner()).seal(timestamp, opus, &mut self.buf);
-        if sealed.is_err() {
+        let sealed = self.sealer.lock().unwrap_or_else(|p| p.into_inner()).seal(
+            timestamp,
+            opus,
+            &mut self.buf,
+        );
+        if let Err(too_large) = sealed {
+            Metrics::inc(&self.metrics.udp_drop_downlink_oversized);
+            debug!(
+                bytes = too_large.0,
+                "downlink frame does not fit one datagram; dropped"
+            );
             return false;
         }
         self.shared.touch();

@@ -37,7 +37,10 @@ struct Route {
 }
 
 enum Command {
-    Register { connection_id: u32, route: Box<Route> },
+    Register {
+        connection_id: u32,
+        route: Box<Route>,
+    },
 }
 
 /// Handle for opening channels; cheap to clone.
@@ -68,9 +71,19 @@ impl AudioSocket {
         uplink_queue: usize,
         metrics: Arc<Metrics>,
     ) -> Result<(AudioSocket, AudioSocketHandle), BindError> {
-        let bind_err = |source| BindError { what: "UDP audio", addr: listen, setting: "udp.listen", source };
-        let domain = if listen.is_ipv4() { socket2::Domain::IPV4 } else { socket2::Domain::IPV6 };
-        let sock = socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP)).map_err(bind_err)?;
+        let bind_err = |source| BindError {
+            what: "UDP audio",
+            addr: listen,
+            setting: "udp.listen",
+            source,
+        };
+        let domain = if listen.is_ipv4() {
+            socket2::Domain::IPV4
+        } else {
+            socket2::Domain::IPV6
+        };
+        let sock = socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))
+            .map_err(bind_err)?;
         // Buffer sizes are requests; the kernel caps them (net.core.rmem_max).
         let _ = sock.set_recv_buffer_size(recv_buffer);
         let _ = sock.set_send_buffer_size(send_buffer);
@@ -89,7 +102,14 @@ impl AudioSocket {
             epoch: Instant::now(),
             local_addr,
         };
-        Ok((AudioSocket { socket, commands: rx, metrics }, handle))
+        Ok((
+            AudioSocket {
+                socket,
+                commands: rx,
+                metrics,
+            },
+            handle,
+        ))
     }
 
     /// Receives and routes datagrams until `shutdown` fires.
@@ -132,7 +152,11 @@ impl AudioSocket {
             return;
         }
         match route.channel.on_datagram(datagram, from) {
-            Verdict::Accept { header, gap, rebound } => {
+            Verdict::Accept {
+                header,
+                gap,
+                rebound,
+            } => {
                 if gap > 0 {
                     Metrics::add(&m.udp_uplink_gaps, u64::from(gap));
                 }
@@ -200,7 +224,11 @@ impl AudioSocketHandle {
             }
         };
         let cipher = PacketCipher::new(&key);
-        let shared = Arc::new(ChannelShared { peer: Mutex::new(None), last_activity_ms: AtomicU64::new(0), epoch: self.epoch });
+        let shared = Arc::new(ChannelShared {
+            peer: Mutex::new(None),
+            last_activity_ms: AtomicU64::new(0),
+            epoch: self.epoch,
+        });
         shared.touch();
         let (uplink_tx, uplink_rx) = mpsc::channel(self.uplink_queue);
         let channel = AudioChannel {
@@ -216,9 +244,16 @@ impl AudioSocketHandle {
             shared: shared.clone(),
             live_ids: self.live_ids.clone(),
         };
-        let route = Box::new(Route { channel: UplinkChannel::new(cipher), uplink_tx, shared });
+        let route = Box::new(Route {
+            channel: UplinkChannel::new(cipher),
+            uplink_tx,
+            shared,
+        });
         self.commands
-            .send(Command::Register { connection_id, route })
+            .send(Command::Register {
+                connection_id,
+                route,
+            })
             .await
             .map_err(|_| OpenError::SocketStopped)?;
         Ok(channel)

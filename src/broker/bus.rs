@@ -81,7 +81,9 @@ impl Bus {
     pub fn publish(&self, topic: String, payload: Bytes) {
         match self.tx.try_send(BusMessage { topic, payload }) {
             Ok(()) => {}
-            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => Metrics::inc(&self.metrics.bus_dropped),
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                Metrics::inc(&self.metrics.bus_dropped)
+            }
         }
     }
 }
@@ -129,7 +131,8 @@ impl EmbeddedBroker {
             next_connection_delay_ms: tunables.listener.next_connection_delay_ms,
             connections,
         };
-        let mut server = rumqttd::Server::new(settings, router_tx.clone(), rumqttd::protocol::v4::V4);
+        let mut server =
+            rumqttd::Server::new(settings, router_tx.clone(), rumqttd::protocol::v4::V4);
         let listener = tokio::spawn(async move {
             if let Err(e) = server.start(rumqttd::LinkType::Remote).await {
                 tracing::error!(error = %e, "broker listener stopped");
@@ -142,7 +145,8 @@ impl EmbeddedBroker {
                 .dynamic_filters(true)
                 .build()
                 .map_err(|e| BrokerError::Link(e.to_string()))?;
-            tx.subscribe(topics::P2P_FILTER).map_err(|e| BrokerError::Link(e.to_string()))?;
+            tx.subscribe(topics::P2P_FILTER)
+                .map_err(|e| BrokerError::Link(e.to_string()))?;
             Ok::<_, BrokerError>((tx, rx))
         })
         .await
@@ -163,7 +167,12 @@ impl EmbeddedBroker {
             .map_err(|e| BrokerError::Link(e.to_string()))?;
 
         let subscriber = tokio::spawn(deliver_p2p(link_rx, registry));
-        Ok(EmbeddedBroker { bus: Bus { tx, metrics }, listen_addr, listener, subscriber })
+        Ok(EmbeddedBroker {
+            bus: Bus { tx, metrics },
+            listen_addr,
+            listener,
+            subscriber,
+        })
     }
 
     /// Stops accepting broker clients and delivering bus messages.
@@ -183,14 +192,23 @@ fn load_tunables(path: Option<&Path>) -> Result<Tunables, BrokerError> {
     let (name, text) = match path {
         Some(p) => (
             p.display().to_string(),
-            std::fs::read_to_string(p).map_err(|e| BrokerError::Tunables { path: p.display().to_string(), reason: e.to_string() })?,
+            std::fs::read_to_string(p).map_err(|e| BrokerError::Tunables {
+                path: p.display().to_string(),
+                reason: e.to_string(),
+            })?,
         ),
-        None => ("<built-in broker-config/router.toml>".to_owned(), DEFAULT_ROUTER_TOML.to_owned()),
+        None => (
+            "<built-in broker-config/router.toml>".to_owned(),
+            DEFAULT_ROUTER_TOML.to_owned(),
+        ),
     };
     use figment::providers::Format;
     figment::Figment::from(figment::providers::Toml::string(&text))
         .extract()
-        .map_err(|e| BrokerError::Tunables { path: name, reason: e.to_string() })
+        .map_err(|e| BrokerError::Tunables {
+            path: name,
+            reason: e.to_string(),
+        })
 }
 
 fn broker_user_matches(users: &[BrokerUser], username: &str, password: &str) -> bool {
@@ -213,7 +231,10 @@ async fn deliver_p2p(mut link_rx: LinkRx, registry: Arc<DeviceRegistry>) {
         match link_rx.next().await {
             Ok(Some(Notification::Forward(forward))) => {
                 let publish = forward.publish;
-                let Some(mac) = std::str::from_utf8(&publish.topic).ok().and_then(topics::parse_p2p) else {
+                let Some(mac) = std::str::from_utf8(&publish.topic)
+                    .ok()
+                    .and_then(topics::parse_p2p)
+                else {
                     continue;
                 };
                 // Drops (device offline, queue full) are counted by the registry.
@@ -246,7 +267,10 @@ mod tests {
 
     #[test]
     fn user_match_needs_both_fields() {
-        let users = vec![BrokerUser { username: "admin".into(), password: "pw".into() }];
+        let users = vec![BrokerUser {
+            username: "admin".into(),
+            password: "pw".into(),
+        }];
         assert!(broker_user_matches(&users, "admin", "pw"));
         assert!(!broker_user_matches(&users, "admin", "PW"));
         assert!(!broker_user_matches(&users, "other", "pw"));

@@ -33,6 +33,7 @@ use super::bus::Bus;
 use super::registry::{DeviceHandle, DeviceRegistry, Outbound};
 use super::topics;
 use crate::metrics::Metrics;
+use crate::protocol::control;
 use crate::protocol::credentials::{AuthError, Verifier};
 use crate::protocol::device_mqtt::{Action, CloseReason, DeviceMqttConnection, DeviceMqttSettings};
 use crate::session::SessionManager;
@@ -104,7 +105,13 @@ impl FrontEnd {
         }
     }
 
-    async fn serve_tls(&self, acceptor: TlsAcceptor, stream: TcpStream, remote: SocketAddr, close: CancellationToken) {
+    async fn serve_tls(
+        &self,
+        acceptor: TlsAcceptor,
+        stream: TcpStream,
+        remote: SocketAddr,
+        close: CancellationToken,
+    ) {
         let handshake = tokio::time::timeout(self.tls_handshake_timeout, acceptor.accept(stream));
         let stream = tokio::select! {
             _ = close.cancelled() => return,
@@ -126,7 +133,12 @@ impl FrontEnd {
     }
 
     /// Drives one connection to its end.
-    async fn serve<S: AsyncRead + AsyncWrite + Unpin>(&self, stream: S, remote: SocketAddr, close: CancellationToken) {
+    async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        stream: S,
+        remote: SocketAddr,
+        close: CancellationToken,
+    ) {
         let (mut reader, mut writer) = tokio::io::split(stream);
         let mut conn = DeviceMqttConnection::new(&self.settings, Instant::now());
         let mut rbuf = BytesMut::with_capacity(4096);
@@ -139,14 +151,22 @@ impl FrontEnd {
             // Frame and handle every complete packet already buffered.
             loop {
                 match Packet::read(&mut rbuf, self.max_packet_bytes) {
-                    Ok(packet) => conn.handle_packet(packet, Instant::now(), &self.settings, &self.verifier, &mut actions),
+                    Ok(packet) => conn.handle_packet(
+                        packet,
+                        Instant::now(),
+                        &self.settings,
+                        &self.verifier,
+                        &mut actions,
+                    ),
                     Err(FrameError::InsufficientBytes(_)) => break,
                     Err(e) => {
                         debug!(error = %e, "malformed MQTT packet");
                         conn.handle_malformed(&mut actions);
                     }
                 }
-                end = self.perform(&mut actions, &mut wbuf, &mut device, remote).await;
+                end = self
+                    .perform(&mut actions, &mut wbuf, &mut device, remote)
+                    .await;
                 if end.is_some() {
                     break;
                 }
@@ -220,10 +240,19 @@ impl FrontEnd {
         }
     }
 
-    fn write_publish(&self, device: &Option<(DeviceHandle, mpsc::Receiver<Outbound>)>, payload: Bytes, wbuf: &mut BytesMut) {
+    fn write_publish(
+        &self,
+        device: &Option<(DeviceHandle, mpsc::Receiver<Outbound>)>,
+        payload: Bytes,
+        wbuf: &mut BytesMut,
+    ) {
         let Some((handle, _)) = device else { return };
         let mac = &handle.identity.mac;
-        self.bus.publish(topics::device_down(mac), payload.clone());
+        let mirrored = match control::redact_for_bus(&payload) {
+            Some(redacted) => Bytes::from(redacted),
+            None => payload.clone(),
+        };
+        self.bus.publish(topics::device_down(mac), mirrored);
         let publish = Publish::from_bytes(topics::p2p(mac), QoS::AtMostOnce, payload);
         // Packets we build are always within the limit; `usize::MAX` skips the check.
         let _ = Packet::Publish(publish).write(wbuf, usize::MAX);
@@ -244,7 +273,10 @@ impl FrontEnd {
                 Action::Send(packet) => {
                     let _ = packet.write(wbuf, usize::MAX);
                 }
-                Action::Authenticated { identity, keep_alive } => {
+                Action::Authenticated {
+                    identity,
+                    keep_alive,
+                } => {
                     tracing::Span::current().record("mac", tracing::field::display(identity.mac));
                     let (handle, rx) = self.registry.register(identity, remote);
                     Metrics::inc(&self.metrics.device_connects);
@@ -266,21 +298,27 @@ impl FrontEnd {
                 Action::Uplink(payload) => {
                     Metrics::inc(&self.metrics.mqtt_messages_in);
                     if let Some((handle, _)) = device.as_ref() {
-                        self.bus.publish(topics::device_up(&handle.identity.mac), payload.clone());
-                        self.sessions.device_message(handle.identity.clone(), handle.generation, payload).await;
+                        self.bus
+                            .publish(topics::device_up(&handle.identity.mac), payload.clone());
+                        self.sessions
+                            .device_message(handle.identity.clone(), handle.generation, payload)
+                            .await;
                     }
                 }
                 Action::Dropped(label) => {
                     debug!(label, "device packet dropped");
-                    if label == "foreign_topic" {
-                        Metrics::inc(&self.metrics.mqtt_dropped_foreign_topic);
+                    match label {
+                        "foreign_topic" => Metrics::inc(&self.metrics.mqtt_dropped_foreign_topic),
+                        _ => Metrics::inc(&self.metrics.mqtt_dropped_unexpected_ack),
                     }
                 }
                 Action::Close(reason) => {
                     self.count_close(&reason);
                     end = Some(match reason {
                         CloseReason::AuthFailed(e) => format!("refused: {e}"),
-                        CloseReason::ProtocolViolation(what) => format!("protocol violation: {what}"),
+                        CloseReason::ProtocolViolation(what) => {
+                            format!("protocol violation: {what}")
+                        }
                         other => other.label().replace('_', " "),
                     });
                 }
@@ -292,10 +330,16 @@ impl FrontEnd {
     fn count_close(&self, reason: &CloseReason) {
         let m = &self.metrics;
         match reason {
-            CloseReason::AuthFailed(AuthError::MalformedClientId) => Metrics::inc(&m.auth_failed_client_id),
-            CloseReason::AuthFailed(AuthError::BadSignature) => Metrics::inc(&m.auth_failed_signature),
+            CloseReason::AuthFailed(AuthError::MalformedClientId) => {
+                Metrics::inc(&m.auth_failed_client_id)
+            }
+            CloseReason::AuthFailed(AuthError::BadSignature) => {
+                Metrics::inc(&m.auth_failed_signature)
+            }
             CloseReason::AuthFailed(_) => Metrics::inc(&m.auth_failed_credentials),
-            CloseReason::ConnectTimeout | CloseReason::KeepAliveTimeout => Metrics::inc(&m.connections_timed_out),
+            CloseReason::ConnectTimeout | CloseReason::KeepAliveTimeout => {
+                Metrics::inc(&m.connections_timed_out)
+            }
             CloseReason::ProtocolViolation(_) => Metrics::inc(&m.connections_protocol_errors),
             CloseReason::ClientDisconnect => {}
         }
@@ -305,7 +349,9 @@ impl FrontEnd {
     }
 }
 
-async fn recv_outbound(device: &mut Option<(DeviceHandle, mpsc::Receiver<Outbound>)>) -> Option<Outbound> {
+async fn recv_outbound(
+    device: &mut Option<(DeviceHandle, mpsc::Receiver<Outbound>)>,
+) -> Option<Outbound> {
     match device {
         Some((_, rx)) => rx.recv().await,
         None => std::future::pending().await,

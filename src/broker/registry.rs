@@ -59,12 +59,21 @@ pub struct DeviceRegistry {
 
 impl DeviceRegistry {
     pub fn new(queue_len: usize, metrics: Arc<Metrics>) -> Self {
-        DeviceRegistry { devices: Mutex::new(HashMap::new()), next_generation: AtomicU64::new(1), queue_len, metrics }
+        DeviceRegistry {
+            devices: Mutex::new(HashMap::new()),
+            next_generation: AtomicU64::new(1),
+            queue_len,
+            metrics,
+        }
     }
 
     /// Registers a freshly authenticated connection, closing any older one for the same
     /// device. Returns the new handle and the receiver its connection task drains.
-    pub fn register(&self, identity: DeviceIdentity, remote: SocketAddr) -> (DeviceHandle, mpsc::Receiver<Outbound>) {
+    pub fn register(
+        &self,
+        identity: DeviceIdentity,
+        remote: SocketAddr,
+    ) -> (DeviceHandle, mpsc::Receiver<Outbound>) {
         let (tx, rx) = mpsc::channel(self.queue_len);
         let handle = DeviceHandle {
             identity: Arc::new(identity),
@@ -78,7 +87,9 @@ impl DeviceRegistry {
                 Metrics::inc(&self.metrics.connections_replaced);
                 // If its queue is full the old task is wedged anyway; dropping our handle
                 // is enough for it to notice once it drains.
-                let _ = old.tx.try_send(Outbound::Close("replaced by a newer connection"));
+                let _ = old
+                    .tx
+                    .try_send(Outbound::Close("replaced by a newer connection"));
             }
             None => Metrics::inc(&self.metrics.devices_connected),
         }
@@ -106,16 +117,17 @@ impl DeviceRegistry {
                 return Err(SendError::NotConnected);
             }
         };
-        tx.try_send(Outbound::Publish(payload)).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => {
-                Metrics::inc(&self.metrics.mqtt_dropped_queue_full);
-                SendError::QueueFull
-            }
-            mpsc::error::TrySendError::Closed(_) => {
-                Metrics::inc(&self.metrics.mqtt_dropped_not_connected);
-                SendError::NotConnected
-            }
-        })
+        tx.try_send(Outbound::Publish(payload))
+            .map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => {
+                    Metrics::inc(&self.metrics.mqtt_dropped_queue_full);
+                    SendError::QueueFull
+                }
+                mpsc::error::TrySendError::Closed(_) => {
+                    Metrics::inc(&self.metrics.mqtt_dropped_not_connected);
+                    SendError::NotConnected
+                }
+            })
     }
 
     /// Asks a device's connection to close. Returns whether it was connected.
@@ -170,13 +182,20 @@ mod tests {
         let (old, mut old_rx) = reg.register(identity(), addr);
         let (new, mut new_rx) = reg.register(identity(), addr);
         assert!(matches!(old_rx.try_recv(), Ok(Outbound::Close(_))));
-        assert!(!reg.unregister(&old.identity.mac, old.generation), "stale cleanup must not remove the new connection");
-        reg.send(&new.identity.mac, Bytes::from_static(b"hi")).unwrap();
+        assert!(
+            !reg.unregister(&old.identity.mac, old.generation),
+            "stale cleanup must not remove the new connection"
+        );
+        reg.send(&new.identity.mac, Bytes::from_static(b"hi"))
+            .unwrap();
         assert!(matches!(new_rx.try_recv(), Ok(Outbound::Publish(p)) if p == "hi"));
         assert_eq!(metrics.snapshot().devices_connected, 1);
         assert!(reg.unregister(&new.identity.mac, new.generation));
         assert_eq!(metrics.snapshot().devices_connected, 0);
-        assert_eq!(reg.send(&new.identity.mac, Bytes::new()), Err(SendError::NotConnected));
+        assert_eq!(
+            reg.send(&new.identity.mac, Bytes::new()),
+            Err(SendError::NotConnected)
+        );
     }
 
     #[test]
@@ -185,7 +204,10 @@ mod tests {
         let reg = DeviceRegistry::new(1, metrics.clone());
         let (h, _rx) = reg.register(identity(), "127.0.0.1:1".parse().unwrap());
         reg.send(&h.identity.mac, Bytes::new()).unwrap();
-        assert_eq!(reg.send(&h.identity.mac, Bytes::new()), Err(SendError::QueueFull));
+        assert_eq!(
+            reg.send(&h.identity.mac, Bytes::new()),
+            Err(SendError::QueueFull)
+        );
         assert_eq!(metrics.snapshot().mqtt_dropped_queue_full, 1);
     }
 }

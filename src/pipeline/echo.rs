@@ -14,15 +14,19 @@
 //! is never starved by jitter. `abort` or a new `listen start` stops playback.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use rand::Rng;
 use tokio::time::Instant;
 
-use super::{Conversation, ConversationEnd, ConversationIo, OpenRequest, Opened, Pipeline, PipelineError};
+use super::{
+    Conversation, ConversationEnd, ConversationIo, OpenRequest, Opened, Pipeline, PipelineError,
+};
 use crate::audio::UplinkFrame;
 use crate::config::EchoConfig;
+use crate::metrics::Metrics;
 use crate::protocol::control::{self, DeviceMessage, ListenState};
 
 /// Hard cap on frames held for one turn, whatever the config says (bounded memory).
@@ -32,11 +36,12 @@ const MAX_TURN_FRAMES: usize = 2_000;
 #[derive(Debug, Clone)]
 pub struct EchoPipeline {
     config: EchoConfig,
+    metrics: Arc<Metrics>,
 }
 
 impl EchoPipeline {
-    pub fn new(config: EchoConfig) -> Self {
-        EchoPipeline { config }
+    pub fn new(config: EchoConfig, metrics: Arc<Metrics>) -> Self {
+        EchoPipeline { config, metrics }
     }
 }
 
@@ -53,7 +58,10 @@ impl Pipeline for EchoPipeline {
             // The echo returns the device's own frames, so the downlink has exactly the
             // uplink's parameters.
             downlink_audio: request.hello.audio_params.clone(),
-            conversation: Box::new(EchoConversation { config: self.config.clone() }),
+            conversation: Box::new(EchoConversation {
+                config: self.config.clone(),
+                metrics: self.metrics.clone(),
+            }),
         })
     }
 }
@@ -66,6 +74,7 @@ pub fn new_session_id() -> String {
 
 struct EchoConversation {
     config: EchoConfig,
+    metrics: Arc<Metrics>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,6 +87,7 @@ enum Mode {
 
 struct Echo {
     io: ConversationIo,
+    metrics: Arc<Metrics>,
     mode: Mode,
     frame: Duration,
     max_turn_frames: usize,
@@ -98,9 +108,12 @@ struct Echo {
 impl Conversation for EchoConversation {
     async fn run(self: Box<Self>, io: ConversationIo) -> ConversationEnd {
         let frame = Duration::from_millis(u64::from(io.uplink_audio.frame_duration));
-        let max_turn_frames = ((self.config.max_turn_secs * 1000) / u64::from(io.uplink_audio.frame_duration).max(1)) as usize;
+        let max_turn_frames = ((self.config.max_turn_secs * 1000)
+            / u64::from(io.uplink_audio.frame_duration).max(1))
+            as usize;
         let mut echo = Echo {
             io,
+            metrics: self.metrics,
             mode: Mode::Turn,
             frame,
             max_turn_frames: max_turn_frames.clamp(1, MAX_TURN_FRAMES),
@@ -142,12 +155,15 @@ impl Echo {
                 self.start_speaking();
                 if self.queue.len() < MAX_TURN_FRAMES {
                     self.queue.push_back(frame);
+                } else {
+                    Metrics::inc(&self.metrics.echo_frames_dropped);
                 }
             }
             Mode::Turn => {
                 // A half-duplex device does not capture while it speaks; anything that
                 // still arrives during playback is not part of a turn.
                 if self.speaking {
+                    Metrics::inc(&self.metrics.echo_frames_dropped);
                     return;
                 }
                 self.collected.push(frame);
@@ -160,13 +176,21 @@ impl Echo {
 
     fn on_control(&mut self, msg: DeviceMessage) {
         match msg {
-            DeviceMessage::Listen { state: ListenState::Start, mode, .. } => {
+            DeviceMessage::Listen {
+                state: ListenState::Start,
+                mode,
+                ..
+            } => {
                 // Barge-in: the user talks again, stop playing the previous turn.
                 if self.speaking {
                     self.queue.clear();
                     self.stop_speaking();
                 }
-                self.mode = if mode.as_deref() == Some("realtime") { Mode::Realtime } else { Mode::Turn };
+                self.mode = if mode.as_deref() == Some("realtime") {
+                    Mode::Realtime
+                } else {
+                    Mode::Turn
+                };
                 // Audio travels by UDP and this message by MQTT, so the first frames of
                 // the new turn may already be here: keep them.
                 if self.mode == Mode::Realtime && !self.collected.is_empty() {
@@ -174,7 +198,10 @@ impl Echo {
                     self.queue.extend(self.collected.drain(..));
                 }
             }
-            DeviceMessage::Listen { state: ListenState::Stop, .. } => {
+            DeviceMessage::Listen {
+                state: ListenState::Stop,
+                ..
+            } => {
                 if self.mode == Mode::Turn {
                     self.play_turn();
                 }
@@ -199,7 +226,9 @@ impl Echo {
     fn start_speaking(&mut self) {
         if !self.speaking {
             self.speaking = true;
-            self.io.device.send_json(control::tts(&self.io.session_id, "start", None));
+            self.io
+                .device
+                .send_json(control::tts(&self.io.session_id, "start", None));
         }
     }
 
@@ -207,7 +236,9 @@ impl Echo {
         if self.speaking {
             self.speaking = false;
             self.clock = None;
-            self.io.device.send_json(control::tts(&self.io.session_id, "stop", None));
+            self.io
+                .device
+                .send_json(control::tts(&self.io.session_id, "stop", None));
         }
     }
 
@@ -232,7 +263,9 @@ impl Echo {
     }
 
     async fn play_one(&mut self) {
-        let Some(frame) = self.queue.pop_front() else { return };
+        let Some(frame) = self.queue.pop_front() else {
+            return;
+        };
         let now = Instant::now();
         // Restart the clock after an underrun, so a late frame does not license a burst.
         let due = match self.clock {

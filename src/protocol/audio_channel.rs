@@ -90,7 +90,12 @@ pub struct UplinkChannel {
 
 impl UplinkChannel {
     pub fn new(cipher: PacketCipher) -> Self {
-        UplinkChannel { cipher, peer: None, last_sequence: 0, learned_duration_us: None }
+        UplinkChannel {
+            cipher,
+            peer: None,
+            last_sequence: 0,
+            learned_duration_us: None,
+        }
     }
 
     /// The address downlink audio should go to, once known.
@@ -108,7 +113,11 @@ impl UplinkChannel {
         let sequence = header.sequence;
         let from_peer = self.peer == Some(from);
         if sequence <= self.last_sequence {
-            return Verdict::Drop(if from_peer || self.peer.is_none() { DropReason::Replay } else { DropReason::Hijack });
+            return Verdict::Drop(if from_peer || self.peer.is_none() {
+                DropReason::Replay
+            } else {
+                DropReason::Hijack
+            });
         }
         let within_window = sequence - self.last_sequence <= REBIND_WINDOW;
         let (iv, payload) = datagram.split_at_mut(HEADER_LEN);
@@ -147,10 +156,18 @@ impl UplinkChannel {
         if let Some(s) = shape {
             self.learned_duration_us = Some(s.duration_us);
         }
-        let gap = if self.last_sequence == 0 { sequence - 1 } else { sequence - self.last_sequence - 1 };
+        let gap = if self.last_sequence == 0 {
+            sequence - 1
+        } else {
+            sequence - self.last_sequence - 1
+        };
         self.last_sequence = sequence;
         self.peer = Some(from);
-        Verdict::Accept { header, gap, rebound }
+        Verdict::Accept {
+            header,
+            gap,
+            rebound,
+        }
     }
 }
 
@@ -171,12 +188,21 @@ pub struct FrameTooLarge(pub usize);
 
 impl DownlinkSealer {
     pub fn new(cipher: PacketCipher, connection_id: u32) -> Self {
-        DownlinkSealer { cipher, connection_id, next_sequence: 1 }
+        DownlinkSealer {
+            cipher,
+            connection_id,
+            next_sequence: 1,
+        }
     }
 
     /// Writes one encrypted datagram for `opus` into `out` (cleared first), so the
     /// caller can reuse one buffer for a whole conversation.
-    pub fn seal(&mut self, timestamp: u32, opus: &[u8], out: &mut Vec<u8>) -> Result<(), FrameTooLarge> {
+    pub fn seal(
+        &mut self,
+        timestamp: u32,
+        opus: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<(), FrameTooLarge> {
         let payload_len = u16::try_from(opus.len())
             .ok()
             .filter(|&n| usize::from(n) + HEADER_LEN <= super::datagram::MAX_DATAGRAM_LEN)
@@ -213,9 +239,15 @@ mod tests {
 
     /// Builds what the firmware would send (uplink uses the same header/cipher rules).
     fn device_datagram(sequence: u32, payload: &[u8]) -> Vec<u8> {
-        let mut sealer = DownlinkSealer { cipher: PacketCipher::new(&KEY), connection_id: ID, next_sequence: sequence };
+        let mut sealer = DownlinkSealer {
+            cipher: PacketCipher::new(&KEY),
+            connection_id: ID,
+            next_sequence: sequence,
+        };
         let mut out = Vec::new();
-        sealer.seal(sequence.wrapping_mul(60), payload, &mut out).unwrap();
+        sealer
+            .seal(sequence.wrapping_mul(60), payload, &mut out)
+            .unwrap();
         out
     }
 
@@ -227,7 +259,14 @@ mod tests {
     fn first_plausible_datagram_binds_and_decrypts() {
         let mut ch = channel();
         let mut d = device_datagram(1, &OPUS);
-        assert!(matches!(ch.on_datagram(&mut d, addr(1)), Verdict::Accept { gap: 0, rebound: false, .. }));
+        assert!(matches!(
+            ch.on_datagram(&mut d, addr(1)),
+            Verdict::Accept {
+                gap: 0,
+                rebound: false,
+                ..
+            }
+        ));
         assert_eq!(&d[HEADER_LEN..], &OPUS);
         assert_eq!(ch.peer(), Some(addr(1)));
     }
@@ -236,9 +275,18 @@ mod tests {
     fn replay_and_old_sequences_are_dropped() {
         let mut ch = channel();
         ch.on_datagram(&mut device_datagram(5, &OPUS), addr(1));
-        assert_eq!(ch.on_datagram(&mut device_datagram(5, &OPUS), addr(1)), Verdict::Drop(DropReason::Replay));
-        assert_eq!(ch.on_datagram(&mut device_datagram(3, &OPUS), addr(1)), Verdict::Drop(DropReason::Replay));
-        assert!(matches!(ch.on_datagram(&mut device_datagram(8, &OPUS), addr(1)), Verdict::Accept { gap: 2, .. }));
+        assert_eq!(
+            ch.on_datagram(&mut device_datagram(5, &OPUS), addr(1)),
+            Verdict::Drop(DropReason::Replay)
+        );
+        assert_eq!(
+            ch.on_datagram(&mut device_datagram(3, &OPUS), addr(1)),
+            Verdict::Drop(DropReason::Replay)
+        );
+        assert!(matches!(
+            ch.on_datagram(&mut device_datagram(8, &OPUS), addr(1)),
+            Verdict::Accept { gap: 2, .. }
+        ));
     }
 
     #[test]
@@ -252,19 +300,35 @@ mod tests {
         for b in &mut forged[HEADER_LEN..] {
             *b ^= 0x5a;
         }
-        assert_eq!(ch.on_datagram(&mut forged, addr(9)), Verdict::Drop(DropReason::Hijack));
+        assert_eq!(
+            ch.on_datagram(&mut forged, addr(9)),
+            Verdict::Drop(DropReason::Hijack)
+        );
         // A correct frame far ahead of the window from elsewhere: also refused.
-        assert_eq!(ch.on_datagram(&mut device_datagram(1000, &OPUS), addr(9)), Verdict::Drop(DropReason::Hijack));
+        assert_eq!(
+            ch.on_datagram(&mut device_datagram(1000, &OPUS), addr(9)),
+            Verdict::Drop(DropReason::Hijack)
+        );
         assert_eq!(ch.peer(), Some(addr(1)));
         // The device itself carries on undisturbed.
-        assert!(matches!(ch.on_datagram(&mut device_datagram(2, &OPUS), addr(1)), Verdict::Accept { rebound: false, .. }));
+        assert!(matches!(
+            ch.on_datagram(&mut device_datagram(2, &OPUS), addr(1)),
+            Verdict::Accept { rebound: false, .. }
+        ));
     }
 
     #[test]
     fn nat_rebinding_follows_a_newer_plausible_datagram() {
         let mut ch = channel();
         ch.on_datagram(&mut device_datagram(1, &OPUS), addr(1));
-        assert!(matches!(ch.on_datagram(&mut device_datagram(3, &OPUS), addr(2)), Verdict::Accept { rebound: true, gap: 1, .. }));
+        assert!(matches!(
+            ch.on_datagram(&mut device_datagram(3, &OPUS), addr(2)),
+            Verdict::Accept {
+                rebound: true,
+                gap: 1,
+                ..
+            }
+        ));
         assert_eq!(ch.peer(), Some(addr(2)));
     }
 
@@ -273,14 +337,23 @@ mod tests {
         let mut ch = channel();
         ch.on_datagram(&mut device_datagram(1, &OPUS), addr(1));
         let celt_20ms = [31 << 3, 9, 9];
-        assert_eq!(ch.on_datagram(&mut device_datagram(2, &celt_20ms), addr(2)), Verdict::Drop(DropReason::Hijack));
+        assert_eq!(
+            ch.on_datagram(&mut device_datagram(2, &celt_20ms), addr(2)),
+            Verdict::Drop(DropReason::Hijack)
+        );
     }
 
     #[test]
     fn first_datagram_must_look_like_a_new_channel() {
         let mut ch = channel();
-        assert_eq!(ch.on_datagram(&mut device_datagram(100_000, &OPUS), addr(1)), Verdict::Drop(DropReason::Hijack));
-        assert_eq!(ch.on_datagram(&mut device_datagram(1, &[11 << 3 | 3, 0]), addr(1)), Verdict::Drop(DropReason::Undecryptable));
+        assert_eq!(
+            ch.on_datagram(&mut device_datagram(100_000, &OPUS), addr(1)),
+            Verdict::Drop(DropReason::Hijack)
+        );
+        assert_eq!(
+            ch.on_datagram(&mut device_datagram(1, &[11 << 3 | 3, 0]), addr(1)),
+            Verdict::Drop(DropReason::Undecryptable)
+        );
         assert_eq!(ch.peer(), None);
     }
 
@@ -288,10 +361,16 @@ mod tests {
     fn bound_peer_cannot_jump_with_garbage() {
         let mut ch = channel();
         ch.on_datagram(&mut device_datagram(1, &OPUS), addr(1));
-        assert_eq!(ch.on_datagram(&mut device_datagram(u32::MAX, &[11 << 3 | 3, 0]), addr(1)), Verdict::Drop(DropReason::Undecryptable));
+        assert_eq!(
+            ch.on_datagram(&mut device_datagram(u32::MAX, &[11 << 3 | 3, 0]), addr(1)),
+            Verdict::Drop(DropReason::Undecryptable)
+        );
         // Non-Opus within the window from the bound peer is still relayed: never lose
         // the device's own audio to a heuristic.
-        assert!(matches!(ch.on_datagram(&mut device_datagram(2, &[11 << 3 | 3, 0]), addr(1)), Verdict::Accept { .. }));
+        assert!(matches!(
+            ch.on_datagram(&mut device_datagram(2, &[11 << 3 | 3, 0]), addr(1)),
+            Verdict::Accept { .. }
+        ));
     }
 
     #[test]
@@ -303,9 +382,15 @@ mod tests {
             sealer.seal(expected, &OPUS, &mut out).unwrap();
             let h = Header::parse(&out).unwrap();
             assert_eq!((h.sequence, h.connection_id), (expected, ID));
-            assert!(matches!(ch.on_datagram(&mut out, addr(1)), Verdict::Accept { .. }));
+            assert!(matches!(
+                ch.on_datagram(&mut out, addr(1)),
+                Verdict::Accept { .. }
+            ));
             assert_eq!(&out[HEADER_LEN..], &OPUS);
         }
-        assert_eq!(sealer.seal(0, &[0; 1500], &mut out), Err(FrameTooLarge(1500)));
+        assert_eq!(
+            sealer.seal(0, &[0; 1500], &mut out),
+            Err(FrameTooLarge(1500))
+        );
     }
 }

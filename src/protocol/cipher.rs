@@ -34,7 +34,9 @@ impl std::fmt::Debug for PacketCipher {
 impl PacketCipher {
     /// Expands a 16-byte key.
     pub fn new(key: &[u8; KEY_LEN]) -> Self {
-        PacketCipher { aes: Aes128Enc::new(&(*key).into()) }
+        PacketCipher {
+            aes: Aes128Enc::new(&(*key).into()),
+        }
     }
 
     /// Encrypts or decrypts (the same operation in CTR) `payload` in place, with the
@@ -53,8 +55,18 @@ mod tests {
 
     #[test]
     fn protocol_vector_datagram() {
-        let key: [u8; 16] = hex::decode("000102030405060708090a0b0c0d0e0f").unwrap().try_into().unwrap();
-        let header = Header { flags: 0, payload_len: 40, connection_id: 0x1234_5678, timestamp: 960, sequence: 1 }.to_bytes();
+        let key: [u8; 16] = hex::decode("000102030405060708090a0b0c0d0e0f")
+            .unwrap()
+            .try_into()
+            .unwrap();
+        let header = Header {
+            flags: 0,
+            payload_len: 40,
+            connection_id: 0x1234_5678,
+            timestamp: 960,
+            sequence: 1,
+        }
+        .to_bytes();
         let mut payload: Vec<u8> = (1..=40).collect();
         PacketCipher::new(&key).apply(&header, &mut payload);
         let mut datagram = header.to_vec();

@@ -74,11 +74,22 @@ pub enum ListenState {
 #[derive(Debug, Clone, PartialEq)]
 pub enum DeviceMessage {
     Hello(HelloRequest),
-    Listen { session_id: Option<String>, state: ListenState, mode: Option<String> },
-    Abort { session_id: Option<String> },
-    Goodbye { session_id: Option<String> },
+    Listen {
+        session_id: Option<String>,
+        state: ListenState,
+        mode: Option<String>,
+    },
+    Abort {
+        session_id: Option<String>,
+    },
+    Goodbye {
+        session_id: Option<String>,
+    },
     /// Any other type (`mcp`, `iot`, ...), kept whole for relaying.
-    Other { kind: String, session_id: Option<String> },
+    Other {
+        kind: String,
+        session_id: Option<String>,
+    },
 }
 
 /// Why a device payload is not a control message.
@@ -105,9 +116,16 @@ impl ControlError {
 /// Parses a device payload. Returns the classified message and the parsed JSON (for
 /// relaying without parsing twice).
 pub fn parse_device_message(payload: &[u8]) -> Result<(DeviceMessage, Value), ControlError> {
-    let value: Value = serde_json::from_slice(payload).map_err(|e| ControlError::NotJson(e.to_string()))?;
-    let kind = value.get("type").and_then(Value::as_str).ok_or(ControlError::NoType)?;
-    let session_id = value.get("session_id").and_then(Value::as_str).map(str::to_owned);
+    let value: Value =
+        serde_json::from_slice(payload).map_err(|e| ControlError::NotJson(e.to_string()))?;
+    let kind = value
+        .get("type")
+        .and_then(Value::as_str)
+        .ok_or(ControlError::NoType)?;
+    let session_id = value
+        .get("session_id")
+        .and_then(Value::as_str)
+        .map(str::to_owned);
     let message = match kind {
         "hello" => DeviceMessage::Hello(parse_hello(&value)?),
         "listen" => DeviceMessage::Listen {
@@ -122,18 +140,27 @@ pub fn parse_device_message(payload: &[u8]) -> Result<(DeviceMessage, Value), Co
         },
         "abort" => DeviceMessage::Abort { session_id },
         "goodbye" => DeviceMessage::Goodbye { session_id },
-        other => DeviceMessage::Other { kind: other.to_owned(), session_id },
+        other => DeviceMessage::Other {
+            kind: other.to_owned(),
+            session_id,
+        },
     };
     Ok((message, value))
 }
 
 fn parse_hello(value: &Value) -> Result<HelloRequest, ControlError> {
     let version = value.get("version").and_then(Value::as_u64).unwrap_or(0);
-    let transport = value.get("transport").and_then(Value::as_str).unwrap_or("").to_owned();
+    let transport = value
+        .get("transport")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_owned();
     let audio_params = match value.get("audio_params") {
         None | Some(Value::Null) => AudioParams::default(),
-        Some(v) => serde_json::from_value(v.clone())
-            .map_err(|e| ControlError::BadHello { field: "audio_params", reason: e.to_string() })?,
+        Some(v) => serde_json::from_value(v.clone()).map_err(|e| ControlError::BadHello {
+            field: "audio_params",
+            reason: e.to_string(),
+        })?,
     };
     if audio_params.frame_duration == 0 || audio_params.frame_duration > 120 {
         return Err(ControlError::BadHello {
@@ -206,8 +233,44 @@ pub fn alert(session_id: Option<&str>, message: &str) -> String {
     .to_string()
 }
 
+/// The copy of a message sent to a device that may go on the bus: a server hello's
+/// AES key is replaced, so that bus clients (which see every device's traffic) cannot
+/// decrypt a conversation's audio. Anything else is returned unchanged, without parsing
+/// unless it looks like a hello.
+pub fn redact_for_bus(payload: &[u8]) -> Option<Vec<u8>> {
+    const HELLO: &[u8] = b"\"hello\"";
+    if !payload.windows(HELLO.len()).any(|w| w == HELLO) {
+        return None;
+    }
+    let mut v: Value = serde_json::from_slice(payload).ok()?;
+    let key = v.get_mut("udp")?.get_mut("key")?;
+    *key = Value::String(REDACTED.to_owned());
+    serde_json::to_vec(&v).ok()
+}
+
+/// What a redacted secret reads as on the bus.
+pub const REDACTED: &str = "<redacted>";
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn bus_copy_of_a_server_hello_has_no_key() {
+        let udp = UdpOffer {
+            server: "198.51.100.1".into(),
+            port: 8884,
+            key_hex: "00112233445566778899aabbccddeeff".into(),
+            nonce_hex: "01".repeat(16),
+        };
+        let hello = server_hello("s1", &AudioParams::default(), &udp);
+        let redacted = redact_for_bus(hello.as_bytes()).expect("a hello is redacted");
+        let v: Value = serde_json::from_slice(&redacted).unwrap();
+        assert_eq!(v["udp"]["key"], REDACTED);
+        assert_eq!(v["udp"]["nonce"], udp.nonce_hex.as_str());
+        assert_eq!(v["session_id"], "s1");
+        assert!(redact_for_bus(goodbye("s1").as_bytes()).is_none());
+        assert!(redact_for_bus(b"not json \"hello\"").is_none());
+    }
+
     use super::*;
 
     const FIRMWARE_HELLO: &str = r#"{"type":"hello","version":3,"transport":"udp","features":{"mcp":true,"aec":false},"audio_params":{"format":"opus","sample_rate":16000,"channels":1,"frame_duration":60}}"#;
@@ -215,7 +278,9 @@ mod tests {
     #[test]
     fn parses_firmware_hello() {
         let (msg, _) = parse_device_message(FIRMWARE_HELLO.as_bytes()).unwrap();
-        let DeviceMessage::Hello(h) = msg else { panic!("{msg:?}") };
+        let DeviceMessage::Hello(h) = msg else {
+            panic!("{msg:?}")
+        };
         assert_eq!((h.version, h.transport.as_str()), (3, "udp"));
         assert_eq!(h.audio_params, AudioParams::default());
         assert_eq!(h.features["mcp"], Value::Bool(true));
@@ -223,21 +288,57 @@ mod tests {
 
     #[test]
     fn classifies_other_messages() {
-        let (m, _) = parse_device_message(br#"{"session_id":"s1","type":"listen","state":"start","mode":"auto"}"#).unwrap();
-        assert_eq!(m, DeviceMessage::Listen { session_id: Some("s1".into()), state: ListenState::Start, mode: Some("auto".into()) });
+        let (m, _) = parse_device_message(
+            br#"{"session_id":"s1","type":"listen","state":"start","mode":"auto"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            m,
+            DeviceMessage::Listen {
+                session_id: Some("s1".into()),
+                state: ListenState::Start,
+                mode: Some("auto".into())
+            }
+        );
         let (m, _) = parse_device_message(br#"{"session_id":"s1","type":"goodbye"}"#).unwrap();
-        assert_eq!(m, DeviceMessage::Goodbye { session_id: Some("s1".into()) });
-        let (m, v) = parse_device_message(br#"{"session_id":"s1","type":"mcp","payload":{"jsonrpc":"2.0"}}"#).unwrap();
-        assert_eq!(m, DeviceMessage::Other { kind: "mcp".into(), session_id: Some("s1".into()) });
+        assert_eq!(
+            m,
+            DeviceMessage::Goodbye {
+                session_id: Some("s1".into())
+            }
+        );
+        let (m, v) = parse_device_message(
+            br#"{"session_id":"s1","type":"mcp","payload":{"jsonrpc":"2.0"}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            m,
+            DeviceMessage::Other {
+                kind: "mcp".into(),
+                session_id: Some("s1".into())
+            }
+        );
         assert_eq!(v["payload"]["jsonrpc"], "2.0");
     }
 
     #[test]
     fn malformed_payloads_are_errors_not_panics() {
-        assert!(matches!(parse_device_message(b"\xff\xfe"), Err(ControlError::NotJson(_))));
-        assert!(matches!(parse_device_message(b"{\"type\":"), Err(ControlError::NotJson(_))));
-        assert_eq!(parse_device_message(b"[1,2]").unwrap_err(), ControlError::NoType);
-        assert_eq!(parse_device_message(b"{\"type\":7}").unwrap_err(), ControlError::NoType);
+        assert!(matches!(
+            parse_device_message(b"\xff\xfe"),
+            Err(ControlError::NotJson(_))
+        ));
+        assert!(matches!(
+            parse_device_message(b"{\"type\":"),
+            Err(ControlError::NotJson(_))
+        ));
+        assert_eq!(
+            parse_device_message(b"[1,2]").unwrap_err(),
+            ControlError::NoType
+        );
+        assert_eq!(
+            parse_device_message(b"{\"type\":7}").unwrap_err(),
+            ControlError::NoType
+        );
         assert!(matches!(
             parse_device_message(br#"{"type":"hello","audio_params":{"frame_duration":0}}"#),
             Err(ControlError::BadHello { .. })
@@ -250,8 +351,14 @@ mod tests {
 
     #[test]
     fn server_hello_has_the_fields_the_firmware_reads() {
-        let udp = UdpOffer { server: "192.0.2.1".into(), port: 8884, key_hex: "00".repeat(16), nonce_hex: "01".repeat(16) };
-        let v: Value = serde_json::from_str(&server_hello("sess", &AudioParams::default(), &udp)).unwrap();
+        let udp = UdpOffer {
+            server: "192.0.2.1".into(),
+            port: 8884,
+            key_hex: "00".repeat(16),
+            nonce_hex: "01".repeat(16),
+        };
+        let v: Value =
+            serde_json::from_str(&server_hello("sess", &AudioParams::default(), &udp)).unwrap();
         assert_eq!(v["type"], "hello");
         assert_eq!(v["transport"], "udp");
         assert_eq!(v["session_id"], "sess");

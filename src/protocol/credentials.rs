@@ -191,7 +191,9 @@ mod tests {
     fn protocol_vector_signs_and_verifies() {
         assert_eq!(username_for_ip("192.0.2.10"), USERNAME);
         assert_eq!(sign(KEY, CLIENT_ID, USERNAME), PASSWORD);
-        let id = signed().verify(CLIENT_ID, Some(USERNAME), Some(PASSWORD)).unwrap();
+        let id = signed()
+            .verify(CLIENT_ID, Some(USERNAME), Some(PASSWORD))
+            .unwrap();
         assert_eq!(id.group, "GID_test");
         assert_eq!(id.mac.underscored(), "aa_bb_cc_dd_ee_ff");
         assert_eq!(id.uuid, "aa_bb_cc_dd_ee_ff");
@@ -200,35 +202,86 @@ mod tests {
     #[test]
     fn refusals_carry_the_right_connack_code() {
         let v = signed();
-        let wrong = v.verify(CLIENT_ID, Some(USERNAME), Some("AAAA")).unwrap_err();
-        assert_eq!((wrong.clone(), wrong.connack_code()), (AuthError::BadSignature, 4));
-        let two_part = v.verify("GID_test@@@aa_bb_cc_dd_ee_ff", Some(USERNAME), Some(PASSWORD)).unwrap_err();
-        assert_eq!((two_part.clone(), two_part.connack_code()), (AuthError::MalformedClientId, 2));
-        let garbage = v.verify(CLIENT_ID, Some("%%%not-base64"), Some(PASSWORD)).unwrap_err();
-        assert_eq!((garbage.clone(), garbage.connack_code()), (AuthError::MalformedUsername, 4));
+        let wrong = v
+            .verify(CLIENT_ID, Some(USERNAME), Some("AAAA"))
+            .unwrap_err();
+        assert_eq!(
+            (wrong.clone(), wrong.connack_code()),
+            (AuthError::BadSignature, 4)
+        );
+        let two_part = v
+            .verify(
+                "GID_test@@@aa_bb_cc_dd_ee_ff",
+                Some(USERNAME),
+                Some(PASSWORD),
+            )
+            .unwrap_err();
+        assert_eq!(
+            (two_part.clone(), two_part.connack_code()),
+            (AuthError::MalformedClientId, 2)
+        );
+        let garbage = v
+            .verify(CLIENT_ID, Some("%%%not-base64"), Some(PASSWORD))
+            .unwrap_err();
+        assert_eq!(
+            (garbage.clone(), garbage.connack_code()),
+            (AuthError::MalformedUsername, 4)
+        );
         let empty = v.verify(CLIENT_ID, Some(USERNAME), Some("")).unwrap_err();
-        assert_eq!((empty.clone(), empty.connack_code()), (AuthError::MissingCredentials, 4));
-        assert_eq!(v.verify(CLIENT_ID, None, None).unwrap_err(), AuthError::MissingCredentials);
+        assert_eq!(
+            (empty.clone(), empty.connack_code()),
+            (AuthError::MissingCredentials, 4)
+        );
+        assert_eq!(
+            v.verify(CLIENT_ID, None, None).unwrap_err(),
+            AuthError::MissingCredentials
+        );
     }
 
     #[test]
     fn a_password_for_another_device_is_refused() {
         let other = "GID_test@@@aa_bb_cc_dd_ee_00@@@aa_bb_cc_dd_ee_00";
-        assert_eq!(signed().verify(other, Some(USERNAME), Some(PASSWORD)).unwrap_err(), AuthError::BadSignature);
+        assert_eq!(
+            signed()
+                .verify(other, Some(USERNAME), Some(PASSWORD))
+                .unwrap_err(),
+            AuthError::BadSignature
+        );
     }
 
     #[test]
     fn unsigned_mode_still_requires_well_formed_identity() {
         let v = Verifier::Unsigned;
-        assert!(v.verify(CLIENT_ID, Some(USERNAME), Some("anything")).is_ok());
-        assert_eq!(v.verify("GID@@@aa_bb_cc_dd_ee_ff", Some(USERNAME), Some("x")).unwrap_err(), AuthError::MalformedClientId);
-        assert_eq!(v.verify(CLIENT_ID, Some("x"), Some("x")).unwrap_err(), AuthError::MalformedUsername);
+        assert!(
+            v.verify(CLIENT_ID, Some(USERNAME), Some("anything"))
+                .is_ok()
+        );
+        assert_eq!(
+            v.verify("GID@@@aa_bb_cc_dd_ee_ff", Some(USERNAME), Some("x"))
+                .unwrap_err(),
+            AuthError::MalformedClientId
+        );
+        assert_eq!(
+            v.verify(CLIENT_ID, Some("x"), Some("x")).unwrap_err(),
+            AuthError::MalformedUsername
+        );
     }
 
     #[test]
     fn client_id_parts_are_validated() {
-        for bad in ["", "@@@@@@", "G@@@aa:bb:cc:dd:ee:ff@@@u", "G@@@aa_bb_cc_dd_ee_ff@@@", "G@@@zz_bb_cc_dd_ee_ff@@@u", "G@@@aa_bb_cc_dd_ee_ff@@@u@@@x"] {
-            assert_eq!(parse_client_id(bad).unwrap_err(), AuthError::MalformedClientId, "{bad}");
+        for bad in [
+            "",
+            "@@@@@@",
+            "G@@@aa:bb:cc:dd:ee:ff@@@u",
+            "G@@@aa_bb_cc_dd_ee_ff@@@",
+            "G@@@zz_bb_cc_dd_ee_ff@@@u",
+            "G@@@aa_bb_cc_dd_ee_ff@@@u@@@x",
+        ] {
+            assert_eq!(
+                parse_client_id(bad).unwrap_err(),
+                AuthError::MalformedClientId,
+                "{bad}"
+            );
         }
     }
 }

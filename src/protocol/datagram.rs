@@ -80,7 +80,10 @@ impl Header {
         let header = Header::from_bytes(head);
         let actual = datagram.len() - HEADER_LEN;
         if usize::from(header.payload_len) != actual {
-            return Err(DatagramError::LengthMismatch { declared: header.payload_len, actual });
+            return Err(DatagramError::LengthMismatch {
+                declared: header.payload_len,
+                actual,
+            });
         }
         if actual == 0 {
             return Err(DatagramError::Empty);
@@ -114,14 +117,23 @@ impl Header {
     /// Reads the connection id of a datagram that is at least 8 bytes long, without any
     /// other check: the socket driver routes on it before the channel validates the rest.
     pub fn peek_connection_id(datagram: &[u8]) -> Option<u32> {
-        datagram.get(4..8).map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+        datagram
+            .get(4..8)
+            .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
     }
 }
 
 /// The hello's `nonce`: the header template the device copies for every datagram
 /// (type 1, the connection id, everything else zero).
 pub fn nonce_template(connection_id: u32) -> [u8; HEADER_LEN] {
-    Header { flags: 0, payload_len: 0, connection_id, timestamp: 0, sequence: 0 }.to_bytes()
+    Header {
+        flags: 0,
+        payload_len: 0,
+        connection_id,
+        timestamp: 0,
+        sequence: 0,
+    }
+    .to_bytes()
 }
 
 #[cfg(test)]
@@ -131,24 +143,55 @@ mod tests {
 
     #[test]
     fn protocol_vector_header() {
-        let h = Header { flags: 0, payload_len: 40, connection_id: 0x1234_5678, timestamp: 960, sequence: 1 };
-        assert_eq!(hex::encode(h.to_bytes()), "0100002812345678000003c000000001");
-        assert_eq!(hex::encode(nonce_template(0x1234_5678)), "01000000123456780000000000000000");
+        let h = Header {
+            flags: 0,
+            payload_len: 40,
+            connection_id: 0x1234_5678,
+            timestamp: 960,
+            sequence: 1,
+        };
+        assert_eq!(
+            hex::encode(h.to_bytes()),
+            "0100002812345678000003c000000001"
+        );
+        assert_eq!(
+            hex::encode(nonce_template(0x1234_5678)),
+            "01000000123456780000000000000000"
+        );
     }
 
     #[test]
     fn parse_rejects_each_malformation() {
-        let h = Header { flags: 0, payload_len: 3, connection_id: 7, timestamp: 1, sequence: 1 };
+        let h = Header {
+            flags: 0,
+            payload_len: 3,
+            connection_id: 7,
+            timestamp: 1,
+            sequence: 1,
+        };
         let mut ok = h.to_bytes().to_vec();
         ok.extend_from_slice(&[1, 2, 3]);
         assert_eq!(Header::parse(&ok), Ok(h));
         assert_eq!(Header::parse(&ok[..10]), Err(DatagramError::Truncated));
-        assert_eq!(Header::parse(&ok[..18]), Err(DatagramError::LengthMismatch { declared: 3, actual: 2 }));
+        assert_eq!(
+            Header::parse(&ok[..18]),
+            Err(DatagramError::LengthMismatch {
+                declared: 3,
+                actual: 2
+            })
+        );
         let mut wrong = ok.clone();
         wrong[0] = 2;
         assert_eq!(Header::parse(&wrong), Err(DatagramError::WrongType(2)));
-        assert_eq!(Header::parse(&vec![1u8; MAX_DATAGRAM_LEN + 1]), Err(DatagramError::Oversized));
-        let empty = Header { payload_len: 0, ..h }.to_bytes();
+        assert_eq!(
+            Header::parse(&vec![1u8; MAX_DATAGRAM_LEN + 1]),
+            Err(DatagramError::Oversized)
+        );
+        let empty = Header {
+            payload_len: 0,
+            ..h
+        }
+        .to_bytes();
         assert_eq!(Header::parse(&empty), Err(DatagramError::Empty));
     }
 

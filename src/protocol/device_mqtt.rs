@@ -64,7 +64,10 @@ pub enum Action {
     Send(Packet),
     /// The client proved who it is; register it (replacing an older connection)
     /// before the CONNACK that follows is written.
-    Authenticated { identity: DeviceIdentity, keep_alive: Duration },
+    Authenticated {
+        identity: DeviceIdentity,
+        keep_alive: Duration,
+    },
     /// The device published this payload on the uplink topic.
     Uplink(Bytes),
     /// A packet was ignored; count it under this label.
@@ -75,8 +78,14 @@ pub enum Action {
 
 #[derive(Debug)]
 enum State {
-    AwaitingConnect { deadline: Instant },
-    Connected { own_topic: String, keep_alive: Duration, deadline: Instant },
+    AwaitingConnect {
+        deadline: Instant,
+    },
+    Connected {
+        own_topic: String,
+        keep_alive: Duration,
+        deadline: Instant,
+    },
     Closed,
 }
 
@@ -89,13 +98,19 @@ pub struct DeviceMqttConnection {
 impl DeviceMqttConnection {
     /// A freshly accepted connection, waiting for CONNECT.
     pub fn new(settings: &DeviceMqttSettings, now: Instant) -> Self {
-        DeviceMqttConnection { state: State::AwaitingConnect { deadline: now + settings.connect_timeout } }
+        DeviceMqttConnection {
+            state: State::AwaitingConnect {
+                deadline: now + settings.connect_timeout,
+            },
+        }
     }
 
     /// When [`handle_timeout`](Self::handle_timeout) must next be called, if ever.
     pub fn deadline(&self) -> Option<Instant> {
         match &self.state {
-            State::AwaitingConnect { deadline } | State::Connected { deadline, .. } => Some(*deadline),
+            State::AwaitingConnect { deadline } | State::Connected { deadline, .. } => {
+                Some(*deadline)
+            }
             State::Closed => None,
         }
     }
@@ -146,9 +161,19 @@ impl DeviceMqttConnection {
                                 secs => Duration::from_secs(u64::from(secs)),
                             };
                             let own_topic = crate::broker::topics::p2p(&identity.mac);
-                            self.state = State::Connected { own_topic, keep_alive, deadline: now + grace(keep_alive) };
-                            out.push(Action::Authenticated { identity, keep_alive });
-                            out.push(Action::Send(Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, false))));
+                            self.state = State::Connected {
+                                own_topic,
+                                keep_alive,
+                                deadline: now + grace(keep_alive),
+                            };
+                            out.push(Action::Authenticated {
+                                identity,
+                                keep_alive,
+                            });
+                            out.push(Action::Send(Packet::ConnAck(ConnAck::new(
+                                ConnectReturnCode::Success,
+                                false,
+                            ))));
                         }
                         Err(e) => {
                             let code = match e.connack_code() {
@@ -160,15 +185,25 @@ impl DeviceMqttConnection {
                         }
                     }
                 }
-                _ => self.close(CloseReason::ProtocolViolation("first packet was not CONNECT"), out),
+                _ => self.close(
+                    CloseReason::ProtocolViolation("first packet was not CONNECT"),
+                    out,
+                ),
             },
-            State::Connected { own_topic, keep_alive, deadline } => {
+            State::Connected {
+                own_topic,
+                keep_alive,
+                deadline,
+            } => {
                 // Any control packet from the client counts as keep-alive activity.
                 *deadline = now + grace(*keep_alive);
                 match packet {
                     Packet::Publish(publish) => {
                         if publish.qos == QoS::ExactlyOnce {
-                            self.close(CloseReason::ProtocolViolation("QoS 2 publish is not supported"), out);
+                            self.close(
+                                CloseReason::ProtocolViolation("QoS 2 publish is not supported"),
+                                out,
+                            );
                             return;
                         }
                         if publish.topic == settings.uplink_topic {
@@ -192,21 +227,33 @@ impl DeviceMqttConnection {
                                 }
                             })
                             .collect();
-                        out.push(Action::Send(Packet::SubAck(SubAck::new(subscribe.pkid, codes))));
+                        out.push(Action::Send(Packet::SubAck(SubAck::new(
+                            subscribe.pkid,
+                            codes,
+                        ))));
                     }
                     Packet::Unsubscribe(unsubscribe) => {
-                        out.push(Action::Send(Packet::UnsubAck(UnsubAck::new(unsubscribe.pkid))));
+                        out.push(Action::Send(Packet::UnsubAck(UnsubAck::new(
+                            unsubscribe.pkid,
+                        ))));
                     }
                     Packet::PingReq => out.push(Action::Send(Packet::PingResp)),
                     Packet::Disconnect => self.close(CloseReason::ClientDisconnect, out),
                     // We publish at QoS 0 only, so acknowledgements have nothing to match.
-                    Packet::PubAck(_) | Packet::PubRec(_) | Packet::PubRel(_) | Packet::PubComp(_) => {
-                        out.push(Action::Dropped("unexpected_ack"))
+                    Packet::PubAck(_)
+                    | Packet::PubRec(_)
+                    | Packet::PubRel(_)
+                    | Packet::PubComp(_) => out.push(Action::Dropped("unexpected_ack")),
+                    Packet::Connect(_) => {
+                        self.close(CloseReason::ProtocolViolation("second CONNECT"), out)
                     }
-                    Packet::Connect(_) => self.close(CloseReason::ProtocolViolation("second CONNECT"), out),
-                    Packet::ConnAck(_) | Packet::SubAck(_) | Packet::UnsubAck(_) | Packet::PingResp => {
-                        self.close(CloseReason::ProtocolViolation("server-only packet from client"), out)
-                    }
+                    Packet::ConnAck(_)
+                    | Packet::SubAck(_)
+                    | Packet::UnsubAck(_)
+                    | Packet::PingResp => self.close(
+                        CloseReason::ProtocolViolation("server-only packet from client"),
+                        out,
+                    ),
                 }
             }
         }
@@ -250,7 +297,10 @@ mod tests {
         let username = username_for_ip("192.0.2.1");
         let mut c = Connect::new(CLIENT_ID);
         c.keep_alive = keep_alive;
-        c.login = Some(Login::new(username.clone(), password.unwrap_or_else(|| sign(KEY, CLIENT_ID, &username))));
+        c.login = Some(Login::new(
+            username.clone(),
+            password.unwrap_or_else(|| sign(KEY, CLIENT_ID, &username)),
+        ));
         Packet::Connect(c)
     }
 
@@ -259,7 +309,13 @@ mod tests {
         let mut out = vec![];
         c.handle_packet(connect(60, None), now, &settings(), &verifier(), &mut out);
         assert!(matches!(out[0], Action::Authenticated { .. }));
-        assert_eq!(out[1], Action::Send(Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, false))));
+        assert_eq!(
+            out[1],
+            Action::Send(Packet::ConnAck(ConnAck::new(
+                ConnectReturnCode::Success,
+                false
+            )))
+        );
         c
     }
 
@@ -274,8 +330,17 @@ mod tests {
         let now = Instant::now();
         let mut c = DeviceMqttConnection::new(&settings(), now);
         let out = feed(&mut c, connect(60, Some("d3Jvbmc=".into())), now);
-        assert_eq!(out[0], Action::Send(Packet::ConnAck(ConnAck::new(ConnectReturnCode::BadUserNamePassword, false))));
-        assert_eq!(out[1], Action::Close(CloseReason::AuthFailed(AuthError::BadSignature)));
+        assert_eq!(
+            out[0],
+            Action::Send(Packet::ConnAck(ConnAck::new(
+                ConnectReturnCode::BadUserNamePassword,
+                false
+            )))
+        );
+        assert_eq!(
+            out[1],
+            Action::Close(CloseReason::AuthFailed(AuthError::BadSignature))
+        );
         assert_eq!(out.len(), 2);
     }
 
@@ -283,7 +348,12 @@ mod tests {
     fn connect_must_come_first_and_in_time() {
         let now = Instant::now();
         let mut c = DeviceMqttConnection::new(&settings(), now);
-        assert_eq!(feed(&mut c, Packet::PingReq, now), vec![Action::Close(CloseReason::ProtocolViolation("first packet was not CONNECT"))]);
+        assert_eq!(
+            feed(&mut c, Packet::PingReq, now),
+            vec![Action::Close(CloseReason::ProtocolViolation(
+                "first packet was not CONNECT"
+            ))]
+        );
         let mut c = DeviceMqttConnection::new(&settings(), now);
         let mut out = vec![];
         c.handle_timeout(now + Duration::from_secs(9), &mut out);
@@ -298,7 +368,10 @@ mod tests {
         let mut c = connected(now);
         assert_eq!(c.deadline(), Some(now + Duration::from_secs(90)));
         let later = now + Duration::from_secs(50);
-        assert_eq!(feed(&mut c, Packet::PingReq, later), vec![Action::Send(Packet::PingResp)]);
+        assert_eq!(
+            feed(&mut c, Packet::PingReq, later),
+            vec![Action::Send(Packet::PingResp)]
+        );
         assert_eq!(c.deadline(), Some(later + Duration::from_secs(90)));
         let mut out = vec![];
         c.handle_timeout(later + Duration::from_secs(90), &mut out);
@@ -309,16 +382,41 @@ mod tests {
     fn publishes_qos0_and_qos1_on_uplink_topic_only() {
         let now = Instant::now();
         let mut c = connected(now);
-        let out = feed(&mut c, Packet::Publish(Publish::new("device-server", QoS::AtMostOnce, b"{}".to_vec())), now);
+        let out = feed(
+            &mut c,
+            Packet::Publish(Publish::new(
+                "device-server",
+                QoS::AtMostOnce,
+                b"{}".to_vec(),
+            )),
+            now,
+        );
         assert_eq!(out, vec![Action::Uplink(Bytes::from_static(b"{}"))]);
         let mut p1 = Publish::new("device-server", QoS::AtLeastOnce, b"x".to_vec());
         p1.pkid = 9;
-        assert_eq!(feed(&mut c, Packet::Publish(p1), now), vec![Action::Uplink(Bytes::from_static(b"x")), Action::Send(Packet::PubAck(PubAck::new(9)))]);
-        let out = feed(&mut c, Packet::Publish(Publish::new("devices/p2p/other", QoS::AtMostOnce, b"x".to_vec())), now);
+        assert_eq!(
+            feed(&mut c, Packet::Publish(p1), now),
+            vec![
+                Action::Uplink(Bytes::from_static(b"x")),
+                Action::Send(Packet::PubAck(PubAck::new(9)))
+            ]
+        );
+        let out = feed(
+            &mut c,
+            Packet::Publish(Publish::new(
+                "devices/p2p/other",
+                QoS::AtMostOnce,
+                b"x".to_vec(),
+            )),
+            now,
+        );
         assert_eq!(out, vec![Action::Dropped("foreign_topic")]);
         let mut p2 = Publish::new("device-server", QoS::ExactlyOnce, b"x".to_vec());
         p2.pkid = 1;
-        assert!(matches!(feed(&mut c, Packet::Publish(p2), now)[..], [Action::Close(CloseReason::ProtocolViolation(_))]));
+        assert!(matches!(
+            feed(&mut c, Packet::Publish(p2), now)[..],
+            [Action::Close(CloseReason::ProtocolViolation(_))]
+        ));
     }
 
     #[test]
@@ -336,7 +434,11 @@ mod tests {
             out,
             vec![Action::Send(Packet::SubAck(SubAck::new(
                 3,
-                vec![SubscribeReasonCode::Success(QoS::AtMostOnce), SubscribeReasonCode::Failure, SubscribeReasonCode::Failure]
+                vec![
+                    SubscribeReasonCode::Success(QoS::AtMostOnce),
+                    SubscribeReasonCode::Failure,
+                    SubscribeReasonCode::Failure
+                ]
             )))]
         );
     }
@@ -346,7 +448,9 @@ mod tests {
         let now = Instant::now();
         let mut c = DeviceMqttConnection::new(&settings(), now);
         let out = feed(&mut c, connect(0, None), now);
-        assert!(matches!(&out[0], Action::Authenticated { keep_alive, .. } if *keep_alive == Duration::from_secs(240)));
+        assert!(
+            matches!(&out[0], Action::Authenticated { keep_alive, .. } if *keep_alive == Duration::from_secs(240))
+        );
         assert_eq!(c.deadline(), Some(now + Duration::from_secs(360)));
     }
 }

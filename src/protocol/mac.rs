@@ -101,7 +101,14 @@ mod tests {
 
     #[test]
     fn rejects_malformed() {
-        for bad in ["", "aa_bb", "aa_bb_cc_dd_ee_ff_00", "zz_bb_cc_dd_ee_ff", "aab_b_cc_dd_ee_ff", "+a_bb_cc_dd_ee_ff"] {
+        for bad in [
+            "",
+            "aa_bb",
+            "aa_bb_cc_dd_ee_ff_00",
+            "zz_bb_cc_dd_ee_ff",
+            "aab_b_cc_dd_ee_ff",
+            "+a_bb_cc_dd_ee_ff",
+        ] {
             assert!(bad.parse::<Mac>().is_err(), "{bad} accepted");
         }
     }

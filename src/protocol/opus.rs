@@ -59,7 +59,10 @@ pub fn inspect(packet: &[u8]) -> Option<PacketShape> {
         }
     };
     let duration_us = per_frame * u32::from(frames);
-    (duration_us <= MAX_PACKET_US).then_some(PacketShape { duration_us, frames })
+    (duration_us <= MAX_PACKET_US).then_some(PacketShape {
+        duration_us,
+        frames,
+    })
 }
 
 #[cfg(test)]
@@ -71,22 +74,50 @@ mod tests {
     fn silk_wideband_60ms_single_frame() {
         // TOC config 11 (SILK WB, 60 ms), mono, code 0: what the firmware's encoder emits.
         let packet = [11 << 3, 0xaa, 0xbb, 0xcc];
-        assert_eq!(inspect(&packet), Some(PacketShape { duration_us: 60_000, frames: 1 }));
+        assert_eq!(
+            inspect(&packet),
+            Some(PacketShape {
+                duration_us: 60_000,
+                frames: 1
+            })
+        );
     }
 
     #[test]
     fn celt_20ms_times_three_is_60ms() {
         let packet = [(31 << 3) | 3, 3, 1, 2, 3];
-        assert_eq!(inspect(&packet), Some(PacketShape { duration_us: 60_000, frames: 3 }));
+        assert_eq!(
+            inspect(&packet),
+            Some(PacketShape {
+                duration_us: 60_000,
+                frames: 3
+            })
+        );
     }
 
     #[test]
     fn rejects_impossible_packets() {
         assert_eq!(inspect(&[]), None);
-        assert_eq!(inspect(&[(11 << 3) | 1, 1, 2, 3]), None, "code 1 needs an even payload");
-        assert_eq!(inspect(&[(11 << 3) | 3, 0]), None, "code 3 needs at least one frame");
-        assert_eq!(inspect(&[(11 << 3) | 3, 3]), None, "3 x 60 ms exceeds 120 ms");
-        assert_eq!(inspect(&[(11 << 3) | 2, 200, 1]), None, "first frame longer than the packet");
+        assert_eq!(
+            inspect(&[(11 << 3) | 1, 1, 2, 3]),
+            None,
+            "code 1 needs an even payload"
+        );
+        assert_eq!(
+            inspect(&[(11 << 3) | 3, 0]),
+            None,
+            "code 3 needs at least one frame"
+        );
+        assert_eq!(
+            inspect(&[(11 << 3) | 3, 3]),
+            None,
+            "3 x 60 ms exceeds 120 ms"
+        );
+        assert_eq!(
+            inspect(&[(11 << 3) | 2, 200, 1]),
+            None,
+            "first frame longer than the packet"
+        );
     }
 
     proptest! {

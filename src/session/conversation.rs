@@ -31,7 +31,12 @@ pub(crate) struct ConversationStart {
 
 /// Runs one conversation to its end and returns why it ended.
 pub(crate) async fn run(deps: Arc<SessionDeps>, start: ConversationStart) -> EndReason {
-    let ConversationStart { device, hello, control, mut end } = start;
+    let ConversationStart {
+        device,
+        hello,
+        control,
+        mut end,
+    } = start;
     let out = DeviceOut::new(device.mac, deps.sink.clone());
     let started = tokio::time::Instant::now();
 
@@ -40,7 +45,10 @@ pub(crate) async fn run(deps: Arc<SessionDeps>, start: ConversationStart) -> End
         let channel = deps.audio.open_channel().await.map_err(|e| e.to_string())?;
         let opened = deps
             .pipeline
-            .open(OpenRequest { device: device.clone(), hello: hello.clone() })
+            .open(OpenRequest {
+                device: device.clone(),
+                hello: hello.clone(),
+            })
             .await
             .map_err(|e| e.message)?;
         Ok::<_, String>((channel, opened))
@@ -67,7 +75,11 @@ pub(crate) async fn run(deps: Arc<SessionDeps>, start: ConversationStart) -> End
         key_hex: hex::encode(channel.key),
         nonce_hex: hex::encode(nonce_template(channel.connection_id)),
     };
-    out.send_json(control::server_hello(&session_id, &opened.downlink_audio, &offer));
+    out.send_json(control::server_hello(
+        &session_id,
+        &opened.downlink_audio,
+        &offer,
+    ));
     Metrics::inc(&deps.metrics.hellos_ok);
     Metrics::inc(&deps.metrics.sessions_live);
     info!(%session_id, connection_id = channel.connection_id, pipeline = deps.pipeline.name(), "conversation started");

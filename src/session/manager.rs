@@ -41,10 +41,22 @@ pub struct SessionDeps {
 }
 
 enum Event {
-    Message { device: Arc<DeviceIdentity>, generation: u64, payload: Bytes },
-    Gone { mac: Mac, generation: u64 },
-    Ended { mac: Mac, serial: u64 },
-    Shutdown { done: oneshot::Sender<()> },
+    Message {
+        device: Arc<DeviceIdentity>,
+        generation: u64,
+        payload: Bytes,
+    },
+    Gone {
+        mac: Mac,
+        generation: u64,
+    },
+    Ended {
+        mac: Mac,
+        serial: u64,
+    },
+    Shutdown {
+        done: oneshot::Sender<()>,
+    },
 }
 
 /// Handle to the dispatcher; cheap to clone.
@@ -86,8 +98,20 @@ impl SessionManager {
     }
 
     /// A device published a message.
-    pub async fn device_message(&self, device: Arc<DeviceIdentity>, generation: u64, payload: Bytes) {
-        let _ = self.tx.send(Event::Message { device, generation, payload }).await;
+    pub async fn device_message(
+        &self,
+        device: Arc<DeviceIdentity>,
+        generation: u64,
+        payload: Bytes,
+    ) {
+        let _ = self
+            .tx
+            .send(Event::Message {
+                device,
+                generation,
+                payload,
+            })
+            .await;
     }
 
     /// A device connection ended: its conversation ends with it.
@@ -119,9 +143,17 @@ impl Dispatcher {
     async fn run(mut self, mut rx: mpsc::Receiver<Event>) {
         while let Some(event) = rx.recv().await {
             match event {
-                Event::Message { device, generation, payload } => self.on_message(device, generation, payload),
+                Event::Message {
+                    device,
+                    generation,
+                    payload,
+                } => self.on_message(device, generation, payload),
                 Event::Gone { mac, generation } => {
-                    if let Some(live) = self.live.get_mut(&mac).filter(|l| l.generation == generation) {
+                    if let Some(live) = self
+                        .live
+                        .get_mut(&mac)
+                        .filter(|l| l.generation == generation)
+                    {
                         live.end(EndReason::DeviceDisconnected);
                     }
                 }
@@ -155,7 +187,10 @@ impl Dispatcher {
                 debug!(mac = %device.mac, error = %e, "device message dropped");
                 if matches!(e, control::ControlError::BadHello { .. }) {
                     Metrics::inc(&m.hellos_refused);
-                    self.deps.sink.send_to_device(&device.mac, Bytes::from(control::alert(None, &e.to_string())));
+                    self.deps.sink.send_to_device(
+                        &device.mac,
+                        Bytes::from(control::alert(None, &e.to_string())),
+                    );
                 }
                 return;
             }
@@ -169,10 +204,13 @@ impl Dispatcher {
                         hello.version, hello.transport
                     );
                     warn!(mac = %device.mac, "{why}");
-                    self.deps.sink.send_to_device(&device.mac, Bytes::from(control::alert(None, &why)));
+                    self.deps
+                        .sink
+                        .send_to_device(&device.mac, Bytes::from(control::alert(None, &why)));
                     return;
                 }
                 if self.shutting_down {
+                    Metrics::inc(&m.hellos_during_shutdown);
                     return;
                 }
                 if let Some(mut old) = self.live.remove(&device.mac) {
@@ -187,8 +225,19 @@ impl Dispatcher {
             }
             message => match self.live.get(&device.mac) {
                 Some(live) => {
-                    if live.control.try_send(ControlMessage { message, json, raw: payload }).is_err() {
-                        Metrics::inc(&m.control_without_session);
+                    match live.control.try_send(ControlMessage {
+                        message,
+                        json,
+                        raw: payload,
+                    }) {
+                        Ok(()) => {}
+                        Err(mpsc::error::TrySendError::Full(_)) => {
+                            Metrics::inc(&m.control_queue_full);
+                            warn!(mac = %device.mac, "conversation control queue full; device message dropped");
+                        }
+                        Err(mpsc::error::TrySendError::Closed(_)) => {
+                            Metrics::inc(&m.control_without_session)
+                        }
                     }
                 }
                 None => {
@@ -199,19 +248,41 @@ impl Dispatcher {
         }
     }
 
-    fn spawn(&mut self, device: Arc<DeviceIdentity>, generation: u64, hello: control::HelloRequest) {
+    fn spawn(
+        &mut self,
+        device: Arc<DeviceIdentity>,
+        generation: u64,
+        hello: control::HelloRequest,
+    ) {
         let serial = self.next_serial;
         self.next_serial += 1;
         let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
         let (end_tx, end_rx) = oneshot::channel();
         let mac = device.mac;
-        self.live.insert(mac, Live { serial, generation, control: control_tx, end: Some(end_tx) });
+        self.live.insert(
+            mac,
+            Live {
+                serial,
+                generation,
+                control: control_tx,
+                end: Some(end_tx),
+            },
+        );
         let deps = self.deps.clone();
         let events = self.events.clone();
         let span = info_span!("session", %mac, session_id = tracing::field::Empty);
         self.tracker.spawn(
             async move {
-                conversation::run(deps, ConversationStart { device, hello, control: control_rx, end: end_rx }).await;
+                conversation::run(
+                    deps,
+                    ConversationStart {
+                        device,
+                        hello,
+                        control: control_rx,
+                        end: end_rx,
+                    },
+                )
+                .await;
                 if let Some(events) = events.upgrade() {
                     let _ = events.send(Event::Ended { mac, serial }).await;
                 }

@@ -78,7 +78,13 @@ impl EndReason {
     /// Whether the device should be told (`goodbye`): only when we end it and the device
     /// is still there to hear it.
     pub fn tell_device(&self) -> bool {
-        matches!(self, EndReason::Idle | EndReason::PipelineFinished | EndReason::PipelineFailed(_) | EndReason::Shutdown)
+        matches!(
+            self,
+            EndReason::Idle
+                | EndReason::PipelineFinished
+                | EndReason::PipelineFailed(_)
+                | EndReason::Shutdown
+        )
     }
 
     pub fn label(&self) -> &'static str {

@@ -31,12 +31,22 @@ impl ServerHello {
         if v["transport"] != "udp" {
             return Err(bad("transport is not udp"));
         }
-        let host = v["udp"]["server"].as_str().ok_or_else(|| bad("udp.server"))?;
-        let port = v["udp"]["port"].as_u64().and_then(|p| u16::try_from(p).ok()).ok_or_else(|| bad("udp.port"))?;
-        let udp = format!("{host}:{port}").parse().map_err(|_| bad("udp server is not an IP"))?;
+        let host = v["udp"]["server"]
+            .as_str()
+            .ok_or_else(|| bad("udp.server"))?;
+        let port = v["udp"]["port"]
+            .as_u64()
+            .and_then(|p| u16::try_from(p).ok())
+            .ok_or_else(|| bad("udp.port"))?;
+        let udp = format!("{host}:{port}")
+            .parse()
+            .map_err(|_| bad("udp server is not an IP"))?;
         let hex16 = |field: &str| -> Result<[u8; 16], SimError> {
             let s = v["udp"][field].as_str().ok_or_else(|| bad(field))?;
-            hex::decode(s).ok().and_then(|b| b.try_into().ok()).ok_or_else(|| bad(field))
+            hex::decode(s)
+                .ok()
+                .and_then(|b| b.try_into().ok())
+                .ok_or_else(|| bad(field))
         };
         Ok(ServerHello {
             session_id: v["session_id"].as_str().unwrap_or_default().to_owned(),
@@ -131,13 +141,20 @@ impl SimAudio {
             return None;
         };
         let h = Header::from_bytes(&head);
-        if head[0] != PACKET_TYPE_AUDIO || usize::from(h.payload_len) + HEADER_LEN != n || h.sequence <= self.last_downlink_sequence {
+        if head[0] != PACKET_TYPE_AUDIO
+            || usize::from(h.payload_len) + HEADER_LEN != n
+            || h.sequence <= self.last_downlink_sequence
+        {
             self.rejected += 1;
             return None;
         }
         self.last_downlink_sequence = h.sequence;
         self.cipher.apply(&head, &mut d[HEADER_LEN..]);
-        Some(DownlinkFrame { sequence: h.sequence, timestamp: h.timestamp, opus: d[HEADER_LEN..].to_vec() })
+        Some(DownlinkFrame {
+            sequence: h.sequence,
+            timestamp: h.timestamp,
+            opus: d[HEADER_LEN..].to_vec(),
+        })
     }
 }
 

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use rumqttc::mqttbytes::QoS;
-use rumqttc::mqttbytes::v4::{Connect, ConnectReturnCode, Login, Packet, Publish, Subscribe, SubscribeReasonCode};
+use rumqttc::mqttbytes::v4::{
+    Connect, ConnectReturnCode, Login, Packet, Publish, Subscribe, SubscribeReasonCode,
+};
 use serde_json::{Value, json};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
@@ -39,7 +41,12 @@ impl DeviceCredentials {
             Some(k) => sign(k, &client_id, &username),
             None => "unsigned".to_owned(),
         };
-        DeviceCredentials { client_id, username, password, mac }
+        DeviceCredentials {
+            client_id,
+            username,
+            password,
+            mac,
+        }
     }
 
     /// The n-th simulated MAC (`02:00:..`, locally administered).
@@ -87,7 +94,10 @@ enum Inbound {
 
 impl SimDevice {
     /// Connects over TCP and completes CONNECT/CONNACK.
-    pub async fn connect(addr: SocketAddr, credentials: DeviceCredentials) -> Result<SimDevice, SimError> {
+    pub async fn connect(
+        addr: SocketAddr,
+        credentials: DeviceCredentials,
+    ) -> Result<SimDevice, SimError> {
         let stream = TcpStream::connect(addr).await?;
         stream.set_nodelay(true)?;
         Self::connect_over(Box::new(stream), credentials, FIRMWARE_KEEP_ALIVE_SECS).await
@@ -102,24 +112,41 @@ impl SimDevice {
         let (mut reader, mut writer) = tokio::io::split(stream);
         let mut connect = Connect::new(credentials.client_id.clone());
         connect.keep_alive = keep_alive;
-        connect.login = Some(Login::new(credentials.username.clone(), credentials.password.clone()));
+        connect.login = Some(Login::new(
+            credentials.username.clone(),
+            credentials.password.clone(),
+        ));
         let mut wbuf = BytesMut::new();
-        Packet::Connect(connect).write(&mut wbuf, usize::MAX).map_err(|e| SimError::Protocol(e.to_string()))?;
+        Packet::Connect(connect)
+            .write(&mut wbuf, usize::MAX)
+            .map_err(|e| SimError::Protocol(e.to_string()))?;
         writer.write_all(&wbuf).await?;
         wbuf.clear();
 
         let mut rbuf = BytesMut::with_capacity(4096);
-        let connack = tokio::time::timeout(Duration::from_secs(10), read_packet(&mut reader, &mut rbuf))
-            .await
-            .map_err(|_| SimError::Timeout("CONNACK"))??;
+        let connack =
+            tokio::time::timeout(Duration::from_secs(10), read_packet(&mut reader, &mut rbuf))
+                .await
+                .map_err(|_| SimError::Timeout("CONNACK"))??;
         match connack {
             Packet::ConnAck(ack) if ack.code == ConnectReturnCode::Success => {}
             Packet::ConnAck(ack) => return Err(SimError::Refused(ack.code)),
-            other => return Err(SimError::Protocol(format!("expected CONNACK, got {other:?}"))),
+            other => {
+                return Err(SimError::Protocol(format!(
+                    "expected CONNACK, got {other:?}"
+                )));
+            }
         }
         let (tx, inbox) = mpsc::channel(1024);
         let reader = tokio::spawn(read_loop(reader, rbuf, tx));
-        Ok(SimDevice { credentials, writer, inbox, reader, wbuf, next_pkid: 1 })
+        Ok(SimDevice {
+            credentials,
+            writer,
+            inbox,
+            reader,
+            wbuf,
+            next_pkid: 1,
+        })
     }
 
     /// Publishes JSON to `device-server` at QoS 0, as the firmware does.
@@ -129,7 +156,12 @@ impl SimDevice {
 
     /// Publishes any bytes to `device-server` at QoS 0.
     pub async fn publish_raw(&mut self, payload: Vec<u8>) -> Result<(), SimError> {
-        self.send(Packet::Publish(Publish::new("device-server", QoS::AtMostOnce, payload))).await
+        self.send(Packet::Publish(Publish::new(
+            "device-server",
+            QoS::AtMostOnce,
+            payload,
+        )))
+        .await
     }
 
     /// Sends a PINGREQ.
@@ -156,7 +188,9 @@ impl SimDevice {
 
     async fn send(&mut self, packet: Packet) -> Result<(), SimError> {
         self.wbuf.clear();
-        packet.write(&mut self.wbuf, usize::MAX).map_err(|e| SimError::Protocol(e.to_string()))?;
+        packet
+            .write(&mut self.wbuf, usize::MAX)
+            .map_err(|e| SimError::Protocol(e.to_string()))?;
         self.writer.write_all(&self.wbuf).await?;
         Ok(())
     }
@@ -230,7 +264,10 @@ impl Drop for SimDevice {
     }
 }
 
-async fn read_packet<R: AsyncRead + Unpin>(reader: &mut R, buf: &mut BytesMut) -> Result<Packet, SimError> {
+async fn read_packet<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    buf: &mut BytesMut,
+) -> Result<Packet, SimError> {
     loop {
         match Packet::read(buf, 1 << 20) {
             Ok(p) => return Ok(p),
@@ -243,10 +280,17 @@ async fn read_packet<R: AsyncRead + Unpin>(reader: &mut R, buf: &mut BytesMut) -
     }
 }
 
-async fn read_loop(mut reader: ReadHalf<Box<dyn Stream>>, mut buf: BytesMut, tx: mpsc::Sender<Inbound>) {
+async fn read_loop(
+    mut reader: ReadHalf<Box<dyn Stream>>,
+    mut buf: BytesMut,
+    tx: mpsc::Sender<Inbound>,
+) {
     while let Ok(packet) = read_packet(&mut reader, &mut buf).await {
         let inbound = match packet {
-            Packet::Publish(p) => Inbound::Publish { topic: p.topic, payload: p.payload },
+            Packet::Publish(p) => Inbound::Publish {
+                topic: p.topic,
+                payload: p.payload,
+            },
             Packet::SubAck(ack) => Inbound::SubAck(ack.return_codes),
             _ => continue,
         };

@@ -83,7 +83,12 @@ impl Percentiles {
             let i = ((samples.len() as f64 - 1.0) * q).round() as usize;
             samples[i].as_secs_f64() * 1000.0
         };
-        Percentiles { count: samples.len(), p50_ms: at(0.5), p99_ms: at(0.99), max_ms: at(1.0) }
+        Percentiles {
+            count: samples.len(),
+            p50_ms: at(0.5),
+            p99_ms: at(0.99),
+            max_ms: at(1.0),
+        }
     }
 }
 
@@ -107,20 +112,40 @@ pub struct SimReport {
 
 impl std::fmt::Display for SimReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        writeln!(f, "devices:        {} started, {} connected, {} in conversation", self.devices, self.connected, self.conversations)?;
-        writeln!(f, "hello latency:  p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms", self.hello.p50_ms, self.hello.p99_ms, self.hello.max_ms)?;
+        writeln!(
+            f,
+            "devices:        {} started, {} connected, {} in conversation",
+            self.devices, self.connected, self.conversations
+        )?;
+        writeln!(
+            f,
+            "hello latency:  p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+            self.hello.p50_ms, self.hello.p99_ms, self.hello.max_ms
+        )?;
         writeln!(
             f,
             "audio round trip: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms ({} frames)",
-            self.round_trip.p50_ms, self.round_trip.p99_ms, self.round_trip.max_ms, self.round_trip.count
+            self.round_trip.p50_ms,
+            self.round_trip.p99_ms,
+            self.round_trip.max_ms,
+            self.round_trip.count
         )?;
         writeln!(
             f,
             "frames:         {} sent, {} echoed, {} lost ({:.3}% loss), {} rejected by firmware checks",
-            self.frames_sent, self.frames_echoed, self.frames_lost, self.loss_percent, self.downlink_rejected
+            self.frames_sent,
+            self.frames_echoed,
+            self.frames_lost,
+            self.loss_percent,
+            self.downlink_rejected
         )?;
         if !self.errors.is_empty() {
-            writeln!(f, "errors:         {} (first: {})", self.errors.len(), self.errors[0])?;
+            writeln!(
+                f,
+                "errors:         {} (first: {})",
+                self.errors.len(),
+                self.errors[0]
+            )?;
         }
         write!(f, "wall time:      {:.1} s", self.wall_secs)
     }
@@ -151,17 +176,25 @@ pub async fn run(config: SimConfig) -> SimReport {
         let handshakes = handshakes.clone();
         tasks.push(tokio::spawn(async move {
             let mut result = DeviceResult::default();
-            if let Err(e) = one_device(&config, config.first_device + i, &handshakes, &mut result).await {
+            if let Err(e) =
+                one_device(&config, config.first_device + i, &handshakes, &mut result).await
+            {
                 result.error = Some(e);
             }
             result
         }));
         tokio::time::sleep(gap).await;
     }
-    let mut report = SimReport { devices: config.devices, ..SimReport::default() };
+    let mut report = SimReport {
+        devices: config.devices,
+        ..SimReport::default()
+    };
     let (mut hellos, mut rtts) = (Vec::new(), Vec::new());
     for t in tasks {
-        let r = t.await.unwrap_or_else(|e| DeviceResult { error: Some(e.to_string()), ..Default::default() });
+        let r = t.await.unwrap_or_else(|e| DeviceResult {
+            error: Some(e.to_string()),
+            ..Default::default()
+        });
         report.connected += u32::from(r.connected);
         report.conversations += u32::from(r.conversation);
         hellos.extend(r.hello);
@@ -176,32 +209,53 @@ pub async fn run(config: SimConfig) -> SimReport {
     report.hello = Percentiles::of(hellos);
     report.round_trip = Percentiles::of(rtts);
     report.frames_lost = report.frames_sent.saturating_sub(report.frames_echoed);
-    report.loss_percent = if report.frames_sent == 0 { 0.0 } else { report.frames_lost as f64 * 100.0 / report.frames_sent as f64 };
+    report.loss_percent = if report.frames_sent == 0 {
+        0.0
+    } else {
+        report.frames_lost as f64 * 100.0 / report.frames_sent as f64
+    };
     report.wall_secs = started.elapsed().as_secs_f64();
     report
 }
 
-async fn one_device(config: &SimConfig, n: u32, handshakes: &Semaphore, result: &mut DeviceResult) -> Result<(), String> {
+async fn one_device(
+    config: &SimConfig,
+    n: u32,
+    handshakes: &Semaphore,
+    result: &mut DeviceResult,
+) -> Result<(), String> {
     let creds = DeviceCredentials::for_mac(
         DeviceCredentials::nth_mac(n),
         &config.group,
         config.signature_key.as_deref().map(str::as_bytes),
     );
     let permit = handshakes.acquire().await.map_err(|e| e.to_string())?;
-    let mut device = SimDevice::connect(config.mqtt, creds).await.map_err(|e| format!("connect: {e}"))?;
+    let mut device = SimDevice::connect(config.mqtt, creds)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
     result.connected = true;
     let t0 = Instant::now();
-    device.publish_json(&SimDevice::firmware_hello()).await.map_err(|e| e.to_string())?;
+    device
+        .publish_json(&SimDevice::firmware_hello())
+        .await
+        .map_err(|e| e.to_string())?;
     // The firmware waits 10 s for the server hello.
-    let hello = device.recv_type("hello", Duration::from_secs(10)).await.map_err(|e| format!("hello: {e}"))?;
+    let hello = device
+        .recv_type("hello", Duration::from_secs(10))
+        .await
+        .map_err(|e| format!("hello: {e}"))?;
     result.hello = Some(t0.elapsed());
     drop(permit);
     let hello = ServerHello::parse(&hello).map_err(|e| e.to_string())?;
-    let mut audio = SimAudio::open(&hello, config.udp_bind).await.map_err(|e| format!("udp: {e}"))?;
+    let mut audio = SimAudio::open(&hello, config.udp_bind)
+        .await
+        .map_err(|e| format!("udp: {e}"))?;
     result.conversation = true;
     let session = hello.session_id.clone();
     device
-        .publish_json(&json!({"session_id": session, "type": "listen", "state": "start", "mode": "realtime"}))
+        .publish_json(
+            &json!({"session_id": session, "type": "listen", "state": "start", "mode": "realtime"}),
+        )
         .await
         .map_err(|e| e.to_string())?;
 
@@ -210,7 +264,9 @@ async fn one_device(config: &SimConfig, n: u32, handshakes: &Semaphore, result: 
     let mut seen = vec![false; frames as usize];
     let mut tick = tokio::time::interval(Duration::from_millis(u64::from(config.frame_ms)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-    let mut ping = tokio::time::interval(Duration::from_secs(u64::from(device::FIRMWARE_KEEP_ALIVE_SECS) / 2));
+    let mut ping = tokio::time::interval(Duration::from_secs(
+        u64::from(device::FIRMWARE_KEEP_ALIVE_SECS) / 2,
+    ));
     ping.tick().await;
     let drain = Duration::from_millis(u64::from(config.frame_ms) * 4 + 500);
     let mut stop_at: Option<tokio::time::Instant> = None;
@@ -245,7 +301,9 @@ async fn one_device(config: &SimConfig, n: u32, handshakes: &Semaphore, result: 
     }
     result.sent = sent_at.len() as u64;
     result.rejected = audio.rejected;
-    let _ = device.publish_json(&json!({"session_id": session, "type": "goodbye"})).await;
+    let _ = device
+        .publish_json(&json!({"session_id": session, "type": "goodbye"}))
+        .await;
     device.disconnect().await;
     Ok(())
 }

@@ -20,7 +20,8 @@ pub const ADMIN_PASS: &str = "admin-secret";
 /// A config with every listener on an ephemeral loopback port.
 pub fn test_config() -> Config {
     let mut c = Config::from_figment(
-        Figment::from(Serialized::defaults(Config::default())).merge(Serialized::default("auth.signature_key", KEY)),
+        Figment::from(Serialized::defaults(Config::default()))
+            .merge(Serialized::default("auth.signature_key", KEY)),
     )
     .expect("test config");
     let any = |port| std::net::SocketAddr::from(([127, 0, 0, 1], port));
@@ -30,7 +31,10 @@ pub fn test_config() -> Config {
     c.udp.listen = any(0);
     c.http.listen = any(0);
     c.udp.public_host = "127.0.0.1".into();
-    c.broker.users = vec![BrokerUser { username: ADMIN_USER.into(), password: ADMIN_PASS.into() }];
+    c.broker.users = vec![BrokerUser {
+        username: ADMIN_USER.into(),
+        password: ADMIN_PASS.into(),
+    }];
     c.shutdown.grace_secs = 3;
     c
 }
@@ -40,7 +44,10 @@ pub async fn start() -> Gateway {
 }
 
 pub async fn start_with(config: Config) -> Gateway {
-    let _ = tracing_subscriber::fmt().with_env_filter("warn").with_test_writer().try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("warn")
+        .with_test_writer()
+        .try_init();
     Gateway::start(config).await.expect("gateway starts")
 }
 
@@ -53,15 +60,24 @@ pub fn creds(n: u32) -> DeviceCredentials {
 }
 
 pub async fn device(gw: &Gateway, n: u32) -> SimDevice {
-    SimDevice::connect(gw.addrs.mqtt, creds(n)).await.expect("device connects")
+    SimDevice::connect(gw.addrs.mqtt, creds(n))
+        .await
+        .expect("device connects")
 }
 
 /// Says hello and opens the audio channel, as the firmware does.
 pub async fn conversation(dev: &mut SimDevice) -> (ServerHello, SimAudio) {
-    dev.publish_json(&SimDevice::firmware_hello()).await.unwrap();
-    let hello = dev.recv_type("hello", Duration::from_secs(10)).await.expect("server hello");
+    dev.publish_json(&SimDevice::firmware_hello())
+        .await
+        .unwrap();
+    let hello = dev
+        .recv_type("hello", Duration::from_secs(10))
+        .await
+        .expect("server hello");
     let hello = ServerHello::parse(&hello).expect("valid server hello");
-    let audio = SimAudio::open(&hello, "127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let audio = SimAudio::open(&hello, "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
     (hello, audio)
 }
 
