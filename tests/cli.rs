@@ -1,0 +1,139 @@
+//! The `xiaozhi-gateway` binary as an operator runs it: exit codes, error messages that
+//! name the setting to change, signals, and the shipped example config.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::process::{Output, Stdio};
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use xiaozhi_gateway::simulator::audio::{ServerHello, SimAudio};
+use xiaozhi_gateway::simulator::device::SimDevice;
+
+const BIN: &str = env!("CARGO_BIN_EXE_xiaozhi-gateway");
+
+/// The binary with every listener on an ephemeral loopback port, JSON logs, no config
+/// from the caller's environment.
+fn gateway_command() -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("XZ_MQTT__LISTEN", "127.0.0.1:0")
+        .env("XZ_BROKER__LISTEN", "127.0.0.1:0")
+        .env("XZ_UDP__LISTEN", "127.0.0.1:0")
+        .env("XZ_HTTP__LISTEN", "127.0.0.1:0")
+        .env("XZ_LOG__FORMAT", "json")
+        .env("XZ_SHUTDOWN__GRACE_SECS", "3")
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    cmd
+}
+
+async fn run(cmd: &mut Command) -> Output {
+    tokio::time::timeout(Duration::from_secs(20), cmd.output()).await.expect("command finishes").expect("command runs")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[tokio::test]
+async fn a_busy_port_names_the_setting_that_moves_it() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let out = run(gateway_command().arg("--dev").arg("serve").env("XZ_MQTT__LISTEN", addr.to_string())).await;
+    assert!(!out.status.success(), "must not start on a busy port");
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains(&addr.to_string()), "names the address: {stderr}");
+    assert!(stderr.contains("mqtt.listen") && stderr.contains("XZ_MQTT__LISTEN"), "names the setting: {stderr}");
+    drop(taken);
+}
+
+#[tokio::test]
+async fn config_check_names_the_bad_key_and_value() {
+    let out = run(gateway_command().args(["--dev", "config", "check"]).env("XZ_UDP__IDLE_TIMEOUT_SECS", "soon")).await;
+    assert_eq!(out.status.code(), Some(2), "bad config exits 2");
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("idle_timeout_secs") && stderr.contains("soon"), "{stderr}");
+
+    let out = run(gateway_command().args(["config", "check"])).await;
+    assert_eq!(out.status.code(), Some(2), "no signature key and no --dev is refused");
+    assert!(text(&out.stderr).contains("auth.signature_key"), "{}", text(&out.stderr));
+
+    let out = run(gateway_command().args(["config", "check", "--config", "/nonexistent/gw.toml"])).await;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("/nonexistent/gw.toml"), "{}", text(&out.stderr));
+}
+
+#[tokio::test]
+async fn the_example_config_is_valid_and_secrets_are_not_printed() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/config/xiaozhi-gateway.example.toml");
+    let out = run(gateway_command().args(["--dev", "config", "check", "--config", example])).await;
+    assert!(out.status.success(), "example config: {}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("config OK"));
+
+    let out = run(gateway_command()
+        .args(["config", "check", "--config", example])
+        .env("XZ_AUTH__SIGNATURE_KEY", "super-secret-signature-key"))
+    .await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(!stdout.contains("super-secret-signature-key"), "the key is redacted: {stdout}");
+    assert!(stdout.contains("<redacted>"));
+}
+
+/// Starts `serve --dev` and returns it with its device MQTT address, read from the
+/// "serving" log line.
+async fn serve() -> (Child, SocketAddr) {
+    let mut child = gateway_command().args(["--dev", "serve"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines();
+    let mqtt = tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            let Ok(v) = serde_json::from_str::<Value>(&line) else { continue };
+            if v["fields"]["message"] == "xiaozhi-gateway serving" {
+                return v["fields"]["mqtt"].as_str().unwrap().parse::<SocketAddr>().unwrap();
+            }
+        }
+        panic!("gateway exited before serving");
+    })
+    .await
+    .expect("gateway starts");
+    // Keep draining the logs so the child never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    (child, mqtt)
+}
+
+#[tokio::test]
+async fn sigterm_says_goodbye_to_live_sessions_and_exits_zero() {
+    let (mut child, mqtt) = serve().await;
+    let mut dev = SimDevice::connect(mqtt, common::creds(70)).await.expect("device connects");
+    dev.publish_json(&SimDevice::firmware_hello()).await.unwrap();
+    let hello = dev.recv_type("hello", Duration::from_secs(10)).await.expect("server hello");
+    let hello = ServerHello::parse(&hello).unwrap();
+    let _audio = SimAudio::open(&hello, "127.0.0.1:0".parse().unwrap()).await.unwrap();
+
+    let pid = child.id().unwrap().to_string();
+    let status = std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    assert!(status.success());
+
+    let goodbye = dev.recv_type("goodbye", Duration::from_secs(5)).await.expect("goodbye before exit");
+    assert_eq!(goodbye["session_id"], hello.session_id.as_str());
+
+    let exit = tokio::time::timeout(Duration::from_secs(5), child.wait()).await.expect("exits within the grace period").unwrap();
+    assert_eq!(exit.code(), Some(0), "graceful shutdown exits 0");
+}
+
+#[tokio::test]
+async fn sigint_with_no_devices_exits_zero_quickly() {
+    let (mut child, _) = serve().await;
+    let started = std::time::Instant::now();
+    let pid = child.id().unwrap().to_string();
+    assert!(std::process::Command::new("kill").args(["-INT", &pid]).status().unwrap().success());
+    let exit = tokio::time::timeout(Duration::from_secs(5), child.wait()).await.expect("exits").unwrap();
+    assert_eq!(exit.code(), Some(0));
+    assert!(started.elapsed() < Duration::from_secs(2), "idle shutdown took {:?}", started.elapsed());
+}
