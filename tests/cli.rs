@@ -33,7 +33,10 @@ fn gateway_command() -> Command {
 }
 
 async fn run(cmd: &mut Command) -> Output {
-    tokio::time::timeout(Duration::from_secs(20), cmd.output()).await.expect("command finishes").expect("command runs")
+    tokio::time::timeout(Duration::from_secs(20), cmd.output())
+        .await
+        .expect("command finishes")
+        .expect("command runs")
 }
 
 fn text(bytes: &[u8]) -> String {
@@ -44,35 +47,71 @@ fn text(bytes: &[u8]) -> String {
 async fn a_busy_port_names_the_setting_that_moves_it() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap();
-    let out = run(gateway_command().arg("--dev").arg("serve").env("XZ_MQTT__LISTEN", addr.to_string())).await;
+    let out = run(gateway_command()
+        .arg("--dev")
+        .arg("serve")
+        .env("XZ_MQTT__LISTEN", addr.to_string()))
+    .await;
     assert!(!out.status.success(), "must not start on a busy port");
     let stderr = text(&out.stderr);
-    assert!(stderr.contains(&addr.to_string()), "names the address: {stderr}");
-    assert!(stderr.contains("mqtt.listen") && stderr.contains("XZ_MQTT__LISTEN"), "names the setting: {stderr}");
+    assert!(
+        stderr.contains(&addr.to_string()),
+        "names the address: {stderr}"
+    );
+    assert!(
+        stderr.contains("mqtt.listen") && stderr.contains("XZ_MQTT__LISTEN"),
+        "names the setting: {stderr}"
+    );
     drop(taken);
 }
 
 #[tokio::test]
 async fn config_check_names_the_bad_key_and_value() {
-    let out = run(gateway_command().args(["--dev", "config", "check"]).env("XZ_UDP__IDLE_TIMEOUT_SECS", "soon")).await;
+    let out = run(gateway_command()
+        .args(["--dev", "config", "check"])
+        .env("XZ_UDP__IDLE_TIMEOUT_SECS", "soon"))
+    .await;
     assert_eq!(out.status.code(), Some(2), "bad config exits 2");
     let stderr = text(&out.stderr);
-    assert!(stderr.contains("idle_timeout_secs") && stderr.contains("soon"), "{stderr}");
+    assert!(
+        stderr.contains("idle_timeout_secs") && stderr.contains("soon"),
+        "{stderr}"
+    );
 
     let out = run(gateway_command().args(["config", "check"])).await;
-    assert_eq!(out.status.code(), Some(2), "no signature key and no --dev is refused");
-    assert!(text(&out.stderr).contains("auth.signature_key"), "{}", text(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "no signature key and no --dev is refused"
+    );
+    assert!(
+        text(&out.stderr).contains("auth.signature_key"),
+        "{}",
+        text(&out.stderr)
+    );
 
-    let out = run(gateway_command().args(["config", "check", "--config", "/nonexistent/gw.toml"])).await;
+    let out =
+        run(gateway_command().args(["config", "check", "--config", "/nonexistent/gw.toml"])).await;
     assert_eq!(out.status.code(), Some(2));
-    assert!(text(&out.stderr).contains("/nonexistent/gw.toml"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("/nonexistent/gw.toml"),
+        "{}",
+        text(&out.stderr)
+    );
 }
 
 #[tokio::test]
 async fn the_example_config_is_valid_and_secrets_are_not_printed() {
-    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/config/xiaozhi-gateway.example.toml");
+    let example = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/config/xiaozhi-gateway.example.toml"
+    );
     let out = run(gateway_command().args(["--dev", "config", "check", "--config", example])).await;
-    assert!(out.status.success(), "example config: {}", text(&out.stderr));
+    assert!(
+        out.status.success(),
+        "example config: {}",
+        text(&out.stderr)
+    );
     assert!(text(&out.stdout).contains("config OK"));
 
     let out = run(gateway_command()
@@ -81,21 +120,35 @@ async fn the_example_config_is_valid_and_secrets_are_not_printed() {
     .await;
     assert!(out.status.success(), "{}", text(&out.stderr));
     let stdout = text(&out.stdout);
-    assert!(!stdout.contains("super-secret-signature-key"), "the key is redacted: {stdout}");
+    assert!(
+        !stdout.contains("super-secret-signature-key"),
+        "the key is redacted: {stdout}"
+    );
     assert!(stdout.contains("<redacted>"));
 }
 
 /// Starts `serve --dev` and returns it with its device MQTT address, read from the
 /// "serving" log line.
 async fn serve() -> (Child, SocketAddr) {
-    let mut child = gateway_command().args(["--dev", "serve"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut child = gateway_command()
+        .args(["--dev", "serve"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     let stdout = child.stdout.take().unwrap();
     let mut lines = BufReader::new(stdout).lines();
     let mqtt = tokio::time::timeout(Duration::from_secs(20), async {
         while let Some(line) = lines.next_line().await.unwrap() {
-            let Ok(v) = serde_json::from_str::<Value>(&line) else { continue };
+            let Ok(v) = serde_json::from_str::<Value>(&line) else {
+                continue;
+            };
             if v["fields"]["message"] == "xiaozhi-gateway serving" {
-                return v["fields"]["mqtt"].as_str().unwrap().parse::<SocketAddr>().unwrap();
+                return v["fields"]["mqtt"]
+                    .as_str()
+                    .unwrap()
+                    .parse::<SocketAddr>()
+                    .unwrap();
             }
         }
         panic!("gateway exited before serving");
@@ -110,20 +163,38 @@ async fn serve() -> (Child, SocketAddr) {
 #[tokio::test]
 async fn sigterm_says_goodbye_to_live_sessions_and_exits_zero() {
     let (mut child, mqtt) = serve().await;
-    let mut dev = SimDevice::connect(mqtt, common::creds(70)).await.expect("device connects");
-    dev.publish_json(&SimDevice::firmware_hello()).await.unwrap();
-    let hello = dev.recv_type("hello", Duration::from_secs(10)).await.expect("server hello");
+    let mut dev = SimDevice::connect(mqtt, common::creds(70))
+        .await
+        .expect("device connects");
+    dev.publish_json(&SimDevice::firmware_hello())
+        .await
+        .unwrap();
+    let hello = dev
+        .recv_type("hello", Duration::from_secs(10))
+        .await
+        .expect("server hello");
     let hello = ServerHello::parse(&hello).unwrap();
-    let _audio = SimAudio::open(&hello, "127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let _audio = SimAudio::open(&hello, "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
 
     let pid = child.id().unwrap().to_string();
-    let status = std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
     assert!(status.success());
 
-    let goodbye = dev.recv_type("goodbye", Duration::from_secs(5)).await.expect("goodbye before exit");
+    let goodbye = dev
+        .recv_type("goodbye", Duration::from_secs(5))
+        .await
+        .expect("goodbye before exit");
     assert_eq!(goodbye["session_id"], hello.session_id.as_str());
 
-    let exit = tokio::time::timeout(Duration::from_secs(5), child.wait()).await.expect("exits within the grace period").unwrap();
+    let exit = tokio::time::timeout(Duration::from_secs(5), child.wait())
+        .await
+        .expect("exits within the grace period")
+        .unwrap();
     assert_eq!(exit.code(), Some(0), "graceful shutdown exits 0");
 }
 
@@ -132,8 +203,21 @@ async fn sigint_with_no_devices_exits_zero_quickly() {
     let (mut child, _) = serve().await;
     let started = std::time::Instant::now();
     let pid = child.id().unwrap().to_string();
-    assert!(std::process::Command::new("kill").args(["-INT", &pid]).status().unwrap().success());
-    let exit = tokio::time::timeout(Duration::from_secs(5), child.wait()).await.expect("exits").unwrap();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-INT", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let exit = tokio::time::timeout(Duration::from_secs(5), child.wait())
+        .await
+        .expect("exits")
+        .unwrap();
     assert_eq!(exit.code(), Some(0));
-    assert!(started.elapsed() < Duration::from_secs(2), "idle shutdown took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "idle shutdown took {:?}",
+        started.elapsed()
+    );
 }
