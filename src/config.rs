@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use crate::protocol::credentials::Verifier;
 
 /// Everything the gateway can be told.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub node: NodeConfig,
@@ -40,7 +40,7 @@ pub struct NodeConfig {
 }
 
 /// Device authentication.
-#[derive(Clone, Serialize, Deserialize)]
+#[derive(Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {
     /// manager-api's `server.mqtt_signature_key`: device passwords are HMACs under it.
@@ -198,35 +198,10 @@ pub struct ShutdownConfig {
     pub grace_secs: u64,
 }
 
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            node: NodeConfig::default(),
-            auth: AuthConfig::default(),
-            mqtt: MqttConfig::default(),
-            broker: BrokerConfig::default(),
-            udp: UdpConfig::default(),
-            http: HttpConfig::default(),
-            pipeline: PipelineConfig::default(),
-            log: LogConfig::default(),
-            shutdown: ShutdownConfig::default(),
-        }
-    }
-}
-
 impl Default for NodeConfig {
     fn default() -> Self {
         NodeConfig {
             id: "gateway-1".into(),
-        }
-    }
-}
-
-impl Default for AuthConfig {
-    fn default() -> Self {
-        AuthConfig {
-            signature_key: None,
-            allow_unsigned: false,
         }
     }
 }
@@ -551,6 +526,7 @@ fn is_loopback_host(host: &str) -> bool {
 }
 
 #[cfg(test)]
+#[allow(clippy::result_large_err)] // figment::Jail closures return figment::Error
 mod tests {
     use super::*;
 

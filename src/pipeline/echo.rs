@@ -9,6 +9,7 @@
 //!   `max_turn_secs` of audio, then played back between `tts start` and `tts stop` (a
 //!   half-duplex device stops capturing while it speaks, so echoing frame by frame would
 //!   cut it off after one frame).
+//!
 //! Playback is paced at the frame duration: a frame goes out no earlier than one frame
 //! ahead of the real-time playback clock, so the device's decode queue never floods and
 //! is never starved by jitter. `abort` or a new `listen start` stops playback.
@@ -201,11 +202,7 @@ impl Echo {
             DeviceMessage::Listen {
                 state: ListenState::Stop,
                 ..
-            } => {
-                if self.mode == Mode::Turn {
-                    self.play_turn();
-                }
-            }
+            } if self.mode == Mode::Turn => self.play_turn(),
             DeviceMessage::Abort { .. } => {
                 self.queue.clear();
                 self.collected.clear();
