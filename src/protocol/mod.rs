@@ -16,4 +16,6 @@ pub mod credentials;
 pub mod datagram;
 pub mod device_mqtt;
 pub mod mac;
+pub mod mcp;
 pub mod opus;
+pub mod upstream;
