@@ -1,8 +1,19 @@
 //! One simulated device's MQTT side, speaking as the firmware does: MQTT 3.1.1, the
 //! manager-api style credentials, QoS 0 JSON to `device-server`, no SUBSCRIBE (unless a
 //! test asks for one, as older firmware did), PINGREQ at half the keep-alive.
+//!
+//! MCP: like the firmware, the device answers the server's MCP requests itself (see
+//! [`super::mcp`]): a `{"type":"mcp"}` message whose payload has a string `method` is
+//! handled by the device's [`SimMcpServer`], logged (see [`SimDevice::mcp_requests`]) and
+//! kept out of [`SimDevice::recv`]. The answer goes to `device-server` at QoS 0 as
+//! `{"session_id":..,"type":"mcp","payload":..}`, with the session id of the last server
+//! hello (or [`SimDevice::set_session_id`]), `""` before any. Turn this off with
+//! [`SimDeviceOptions::mcp_auto`] or [`SimDevice::set_mcp_auto`] to see the requests in
+//! `recv` and answer them by hand.
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -16,11 +27,15 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
+use super::mcp::{McpOutcome, SimMcpServer};
 use crate::protocol::credentials::{sign, username_for_ip};
 use crate::protocol::mac::Mac;
 
 /// The keep-alive the firmware asks for.
 pub const FIRMWARE_KEEP_ALIVE_SECS: u16 = 240;
+
+/// How many MCP requests (and replies) a device remembers for tests.
+pub const MCP_LOG_CAPACITY: usize = 1000;
 
 /// Credentials of a simulated device.
 #[derive(Debug, Clone)]
@@ -71,14 +86,70 @@ pub enum SimError {
     Protocol(String),
 }
 
+/// How a simulated device behaves beyond its credentials.
+#[derive(Debug, Clone)]
+pub struct SimDeviceOptions {
+    /// MQTT keep-alive in CONNECT.
+    pub keep_alive: u16,
+    /// Answer MCP requests automatically (the firmware does). When off, they arrive in
+    /// [`SimDevice::recv`] like any other message.
+    pub mcp_auto: bool,
+    /// The device's MCP server: tools, paging, state.
+    pub mcp: SimMcpServer,
+}
+
+impl Default for SimDeviceOptions {
+    fn default() -> Self {
+        SimDeviceOptions {
+            keep_alive: FIRMWARE_KEEP_ALIVE_SECS,
+            mcp_auto: true,
+            mcp: SimMcpServer::default(),
+        }
+    }
+}
+
 /// A connected simulated device (MQTT side).
 pub struct SimDevice {
     pub credentials: DeviceCredentials,
-    writer: WriteHalf<Box<dyn Stream>>,
+    writer: Arc<tokio::sync::Mutex<Writer>>,
+    shared: Arc<Mutex<Shared>>,
     inbox: mpsc::Receiver<Inbound>,
     reader: JoinHandle<()>,
-    wbuf: BytesMut,
+    replier: JoinHandle<()>,
     next_pkid: u16,
+}
+
+/// The write half, shared by the device's methods and its MCP replier.
+struct Writer {
+    half: WriteHalf<Box<dyn Stream>>,
+    buf: BytesMut,
+}
+
+impl Writer {
+    async fn send(&mut self, packet: Packet) -> Result<(), SimError> {
+        self.buf.clear();
+        packet
+            .write(&mut self.buf, usize::MAX)
+            .map_err(|e| SimError::Protocol(e.to_string()))?;
+        self.half.write_all(&self.buf).await?;
+        Ok(())
+    }
+}
+
+/// State the reader task and the device share.
+struct Shared {
+    mcp: SimMcpServer,
+    mcp_auto: bool,
+    session_id: String,
+    requests: VecDeque<Value>,
+    replies: VecDeque<Value>,
+}
+
+fn push_bounded(log: &mut VecDeque<Value>, v: Value) {
+    if log.len() == MCP_LOG_CAPACITY {
+        log.pop_front();
+    }
+    log.push_back(v);
 }
 
 /// A byte stream the simulator can run over (TCP or TLS).
@@ -98,9 +169,18 @@ impl SimDevice {
         addr: SocketAddr,
         credentials: DeviceCredentials,
     ) -> Result<SimDevice, SimError> {
+        Self::connect_with(addr, credentials, SimDeviceOptions::default()).await
+    }
+
+    /// Connects over TCP with options and completes CONNECT/CONNACK.
+    pub async fn connect_with(
+        addr: SocketAddr,
+        credentials: DeviceCredentials,
+        options: SimDeviceOptions,
+    ) -> Result<SimDevice, SimError> {
         let stream = TcpStream::connect(addr).await?;
         stream.set_nodelay(true)?;
-        Self::connect_over(Box::new(stream), credentials, FIRMWARE_KEEP_ALIVE_SECS).await
+        Self::connect_over_with(Box::new(stream), credentials, options).await
     }
 
     /// Completes CONNECT/CONNACK over any stream.
@@ -109,9 +189,22 @@ impl SimDevice {
         credentials: DeviceCredentials,
         keep_alive: u16,
     ) -> Result<SimDevice, SimError> {
+        let options = SimDeviceOptions {
+            keep_alive,
+            ..SimDeviceOptions::default()
+        };
+        Self::connect_over_with(stream, credentials, options).await
+    }
+
+    /// Completes CONNECT/CONNACK over any stream, with options.
+    pub async fn connect_over_with(
+        stream: Box<dyn Stream>,
+        credentials: DeviceCredentials,
+        options: SimDeviceOptions,
+    ) -> Result<SimDevice, SimError> {
         let (mut reader, mut writer) = tokio::io::split(stream);
         let mut connect = Connect::new(credentials.client_id.clone());
-        connect.keep_alive = keep_alive;
+        connect.keep_alive = options.keep_alive;
         connect.login = Some(Login::new(
             credentials.username.clone(),
             credentials.password.clone(),
@@ -137,14 +230,36 @@ impl SimDevice {
                 )));
             }
         }
+        let mut mcp = options.mcp;
+        if mcp.mac.is_empty() {
+            mcp.mac = credentials.mac.colon();
+        }
+        let shared = Arc::new(Mutex::new(Shared {
+            mcp,
+            mcp_auto: options.mcp_auto,
+            session_id: String::new(),
+            requests: VecDeque::new(),
+            replies: VecDeque::new(),
+        }));
+        let writer = Arc::new(tokio::sync::Mutex::new(Writer {
+            half: writer,
+            buf: wbuf,
+        }));
         let (tx, inbox) = mpsc::channel(1024);
-        let reader = tokio::spawn(read_loop(reader, rbuf, tx));
+        let (reply_tx, reply_rx) = mpsc::unbounded_channel();
+        let replier = tokio::spawn(reply_loop(
+            reply_rx,
+            Arc::downgrade(&writer),
+            Arc::downgrade(&shared),
+        ));
+        let reader = tokio::spawn(read_loop(reader, rbuf, tx, shared.clone(), reply_tx));
         Ok(SimDevice {
             credentials,
             writer,
+            shared,
             inbox,
             reader,
-            wbuf,
+            replier,
             next_pkid: 1,
         })
     }
@@ -187,12 +302,57 @@ impl SimDevice {
     }
 
     async fn send(&mut self, packet: Packet) -> Result<(), SimError> {
-        self.wbuf.clear();
-        packet
-            .write(&mut self.wbuf, usize::MAX)
-            .map_err(|e| SimError::Protocol(e.to_string()))?;
-        self.writer.write_all(&self.wbuf).await?;
-        Ok(())
+        self.writer.lock().await.send(packet).await
+    }
+
+    fn shared(&self) -> MutexGuard<'_, Shared> {
+        lock(&self.shared)
+    }
+
+    /// Turns automatic MCP answers on or off (on by default). Off, MCP requests arrive in
+    /// [`SimDevice::recv`]; they are logged either way. The gateway asks right after
+    /// CONNECT, so to catch its first requests use [`SimDeviceOptions::mcp_auto`].
+    pub fn set_mcp_auto(&self, on: bool) {
+        self.shared().mcp_auto = on;
+    }
+
+    /// The MCP request payloads (JSON-RPC, without the envelope) the server sent, oldest
+    /// first: the last [`MCP_LOG_CAPACITY`], answered or not, notifications included.
+    pub fn mcp_requests(&self) -> Vec<Value> {
+        self.shared().requests.iter().cloned().collect()
+    }
+
+    /// The MCP replies the device published (whole messages, with `session_id`), oldest
+    /// first: the last [`MCP_LOG_CAPACITY`].
+    pub fn mcp_replies(&self) -> Vec<Value> {
+        self.shared().replies.iter().cloned().collect()
+    }
+
+    /// Sets the session id MCP replies carry (the reader also takes it from every server
+    /// hello, as the firmware does).
+    pub fn set_session_id(&self, id: &str) {
+        self.shared().session_id = id.to_owned();
+    }
+
+    /// The session id MCP replies carry now.
+    pub fn session_id(&self) -> String {
+        self.shared().session_id.clone()
+    }
+
+    /// The speaker volume, as MCP tool calls left it.
+    pub fn mcp_volume(&self) -> u8 {
+        self.shared().mcp.volume()
+    }
+
+    /// The vision capability the last `initialize` carried.
+    pub fn mcp_vision(&self) -> Option<Value> {
+        self.shared().mcp.vision()
+    }
+
+    /// Reads or changes the device's MCP server (tools, page size, state). Don't hold it
+    /// across an await: the reader task needs it.
+    pub fn with_mcp<R>(&self, f: impl FnOnce(&mut SimMcpServer) -> R) -> R {
+        f(&mut self.shared().mcp)
     }
 
     /// The next message the server published to this device (topic, payload).
@@ -241,8 +401,9 @@ impl SimDevice {
 
     /// Sends DISCONNECT and closes.
     pub async fn disconnect(mut self) {
+        self.replier.abort();
         let _ = self.send(Packet::Disconnect).await;
-        let _ = self.writer.shutdown().await;
+        let _ = self.writer.lock().await.half.shutdown().await;
         self.reader.abort();
     }
 
@@ -261,7 +422,12 @@ impl SimDevice {
 impl Drop for SimDevice {
     fn drop(&mut self) {
         self.reader.abort();
+        self.replier.abort();
     }
+}
+
+fn lock(shared: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
+    shared.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 async fn read_packet<R: AsyncRead + Unpin>(
@@ -284,18 +450,326 @@ async fn read_loop(
     mut reader: ReadHalf<Box<dyn Stream>>,
     mut buf: BytesMut,
     tx: mpsc::Sender<Inbound>,
+    shared: Arc<Mutex<Shared>>,
+    replies: mpsc::UnboundedSender<Value>,
 ) {
     while let Ok(packet) = read_packet(&mut reader, &mut buf).await {
         let inbound = match packet {
-            Packet::Publish(p) => Inbound::Publish {
-                topic: p.topic,
-                payload: p.payload,
-            },
+            Packet::Publish(p) => {
+                if answer_mcp(&p.payload, &shared, &replies) {
+                    continue;
+                }
+                Inbound::Publish {
+                    topic: p.topic,
+                    payload: p.payload,
+                }
+            }
             Packet::SubAck(ack) => Inbound::SubAck(ack.return_codes),
             _ => continue,
         };
         if tx.send(inbound).await.is_err() {
             break;
         }
+    }
+}
+
+/// Looks at one server message as the firmware would: takes the session id of a hello,
+/// and answers an MCP request. Whether the message was an MCP request the device
+/// consumed (kept out of the inbox).
+fn answer_mcp(
+    payload: &[u8],
+    shared: &Mutex<Shared>,
+    replies: &mpsc::UnboundedSender<Value>,
+) -> bool {
+    let Ok(message) = serde_json::from_slice::<Value>(payload) else {
+        return false;
+    };
+    let kind = message.get("type").and_then(Value::as_str);
+    if kind == Some("hello")
+        && let Some(id) = message.get("session_id").and_then(Value::as_str)
+    {
+        lock(shared).session_id = id.to_owned();
+        return false;
+    }
+    let request = &message["payload"];
+    if kind != Some("mcp") || !request["method"].is_string() {
+        return false;
+    }
+    let outcome = {
+        let mut s = lock(shared);
+        push_bounded(&mut s.requests, request.clone());
+        if !s.mcp_auto {
+            return false;
+        }
+        s.mcp.handle(request)
+    };
+    match outcome {
+        McpOutcome::Reply(reply) => {
+            let _ = replies.send(reply);
+        }
+        McpOutcome::ReplyAfter(delay, reply) => {
+            let replies = replies.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                let _ = replies.send(reply);
+            });
+        }
+        McpOutcome::Ignore => {}
+    }
+    true
+}
+
+/// Publishes MCP replies in the order they are ready, wrapped as the firmware's
+/// `Protocol::SendMcpMessage` does. Holds the writer only weakly, so the connection
+/// closes when the device is dropped.
+async fn reply_loop(
+    mut replies: mpsc::UnboundedReceiver<Value>,
+    writer: Weak<tokio::sync::Mutex<Writer>>,
+    shared: Weak<Mutex<Shared>>,
+) {
+    while let Some(payload) = replies.recv().await {
+        let (Some(writer), Some(shared)) = (writer.upgrade(), shared.upgrade()) else {
+            break;
+        };
+        let message = {
+            let mut s = lock(&shared);
+            let message = json!({"session_id": s.session_id, "type": "mcp", "payload": payload});
+            push_bounded(&mut s.replies, message.clone());
+            message
+        };
+        let publish = Publish::new("device-server", QoS::AtMostOnce, message.to_string());
+        if writer
+            .lock()
+            .await
+            .send(Packet::Publish(publish))
+            .await
+            .is_err()
+        {
+            break;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rumqttc::mqttbytes::v4::ConnAck;
+    use tokio::io::DuplexStream;
+
+    use super::*;
+
+    /// The server's side of a simulated device's connection.
+    struct FakeServer {
+        stream: DuplexStream,
+        buf: BytesMut,
+    }
+
+    impl FakeServer {
+        async fn send_json(&mut self, v: Value) {
+            let mut out = BytesMut::new();
+            Packet::Publish(Publish::new(
+                "devices/p2p/x",
+                QoS::AtMostOnce,
+                v.to_string(),
+            ))
+            .write(&mut out, usize::MAX)
+            .unwrap();
+            self.stream.write_all(&out).await.unwrap();
+        }
+
+        async fn next_json(&mut self) -> Value {
+            let p = tokio::time::timeout(
+                Duration::from_secs(5),
+                read_packet(&mut self.stream, &mut self.buf),
+            )
+            .await
+            .expect("a packet in time")
+            .unwrap();
+            match p {
+                Packet::Publish(p) => {
+                    assert_eq!(p.topic, "device-server");
+                    assert_eq!(p.qos, QoS::AtMostOnce);
+                    serde_json::from_slice(&p.payload).unwrap()
+                }
+                other => panic!("expected PUBLISH, got {other:?}"),
+            }
+        }
+    }
+
+    async fn pair(options: SimDeviceOptions) -> (SimDevice, FakeServer) {
+        let (device_side, server_side) = tokio::io::duplex(1 << 16);
+        let mut server = FakeServer {
+            stream: server_side,
+            buf: BytesMut::new(),
+        };
+        let creds = DeviceCredentials::for_mac(DeviceCredentials::nth_mac(1), "GID_test", None);
+        let handshake = async {
+            let p = read_packet(&mut server.stream, &mut server.buf)
+                .await
+                .unwrap();
+            assert!(matches!(p, Packet::Connect(..)));
+            let mut out = BytesMut::new();
+            Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, false))
+                .write(&mut out, usize::MAX)
+                .unwrap();
+            server.stream.write_all(&out).await.unwrap();
+        };
+        let (dev, ()) = tokio::join!(
+            SimDevice::connect_over_with(Box::new(device_side), creds, options),
+            handshake
+        );
+        (dev.unwrap(), server)
+    }
+
+    fn mcp(payload: Value) -> Value {
+        json!({"type": "mcp", "payload": payload})
+    }
+
+    #[tokio::test]
+    async fn answers_mcp_and_keeps_it_out_of_the_inbox() {
+        let (mut dev, mut server) = pair(SimDeviceOptions::default()).await;
+        let vision = json!({"url": "http://v.example/x", "token": "t"});
+        server
+            .send_json(mcp(
+                json!({"jsonrpc": "2.0", "id": 10000, "method": "initialize",
+                "params": {"capabilities": {"vision": vision}}}),
+            ))
+            .await;
+        let reply = server.next_json().await;
+        assert_eq!(reply["session_id"], "");
+        assert_eq!(reply["type"], "mcp");
+        assert_eq!(reply["payload"]["id"], 10000);
+        assert_eq!(reply["payload"]["result"]["protocolVersion"], "2024-11-05");
+        assert_eq!(dev.mcp_vision(), Some(vision));
+
+        // Notifications get no answer and stay out of the inbox too.
+        server
+            .send_json(mcp(
+                json!({"jsonrpc": "2.0", "method": "notifications/initialized"}),
+            ))
+            .await;
+        server
+            .send_json(json!({"type": "hello", "session_id": "s-1", "transport": "udp"}))
+            .await;
+        let hello = dev
+            .recv_type("hello", Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert_eq!(hello["session_id"], "s-1");
+        assert_eq!(dev.session_id(), "s-1");
+
+        server
+            .send_json(mcp(
+                json!({"jsonrpc": "2.0", "id": 10001, "method": "tools/call",
+                "params": {"name": "self.audio_speaker.set_volume", "arguments": {"volume": 12}}}),
+            ))
+            .await;
+        let reply = server.next_json().await;
+        assert_eq!(reply["session_id"], "s-1");
+        assert_eq!(reply["payload"]["id"], 10001);
+        assert_eq!(reply["payload"]["result"]["content"][0]["text"], "true");
+        assert_eq!(dev.mcp_volume(), 12);
+
+        dev.set_session_id("s-2");
+        server
+            .send_json(mcp(
+                json!({"jsonrpc": "2.0", "id": 10002, "method": "nope"}),
+            ))
+            .await;
+        let reply = server.next_json().await;
+        assert_eq!(reply["session_id"], "s-2");
+        assert_eq!(reply["payload"]["error"]["code"], -32601);
+
+        // An MCP message without a method (not a request) is an ordinary message.
+        server
+            .send_json(mcp(json!({"jsonrpc": "2.0", "id": 1, "result": {}})))
+            .await;
+        let v = dev.recv_type("mcp", Duration::from_secs(5)).await.unwrap();
+        assert_eq!(v["payload"]["result"], json!({}));
+        assert!(matches!(
+            dev.recv(Duration::from_millis(100)).await,
+            Err(SimError::Timeout(_))
+        ));
+
+        let methods: Vec<Value> = dev
+            .mcp_requests()
+            .iter()
+            .map(|r| r["method"].clone())
+            .collect();
+        assert_eq!(
+            methods,
+            [
+                "initialize",
+                "notifications/initialized",
+                "tools/call",
+                "nope"
+            ]
+        );
+        assert_eq!(dev.mcp_replies().len(), 3);
+
+        // The device's own messages still go out.
+        dev.publish_json(&json!({"type": "goodbye"})).await.unwrap();
+        assert_eq!(server.next_json().await["type"], "goodbye");
+        dev.disconnect().await;
+    }
+
+    #[tokio::test]
+    async fn slow_calls_are_answered_when_done() {
+        let (dev, mut server) = pair(SimDeviceOptions::default()).await;
+        let sleep = |id: u64, ms: u64| {
+            mcp(json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
+                "params": {"name": "self.test.sleep", "arguments": {"ms": ms}}}))
+        };
+        server.send_json(sleep(1, 300)).await;
+        server.send_json(sleep(2, 10)).await;
+        server
+            .send_json(mcp(
+                json!({"jsonrpc": "2.0", "id": 3, "method": "tools/list"}),
+            ))
+            .await;
+        let ids: Vec<Value> = [
+            server.next_json().await,
+            server.next_json().await,
+            server.next_json().await,
+        ]
+        .iter()
+        .map(|r| r["payload"]["id"].clone())
+        .collect();
+        assert_eq!(ids, [json!(3), json!(2), json!(1)]);
+        drop(dev);
+    }
+
+    #[tokio::test]
+    async fn manual_mode_passes_requests_through() {
+        let options = SimDeviceOptions {
+            mcp_auto: false,
+            ..SimDeviceOptions::default()
+        };
+        let (mut dev, mut server) = pair(options).await;
+        let request = json!({"jsonrpc": "2.0", "id": 5, "method": "tools/list"});
+        server.send_json(mcp(request.clone())).await;
+        let got = dev.recv_type("mcp", Duration::from_secs(5)).await.unwrap();
+        assert_eq!(got["payload"], request);
+        assert_eq!(dev.mcp_requests(), [request]);
+
+        // Back on: answered again, with the page size the test set.
+        dev.set_mcp_auto(true);
+        dev.with_mcp(|m| m.page_size = 1);
+        server
+            .send_json(mcp(
+                json!({"jsonrpc": "2.0", "id": 6, "method": "tools/list"}),
+            ))
+            .await;
+        let reply = server.next_json().await;
+        assert_eq!(
+            reply["payload"]["result"]["tools"]
+                .as_array()
+                .unwrap()
+                .len(),
+            1
+        );
+        assert_eq!(
+            reply["payload"]["result"]["nextCursor"],
+            "self.audio_speaker.set_volume"
+        );
     }
 }

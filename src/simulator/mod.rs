@@ -11,6 +11,9 @@
 
 pub mod audio;
 pub mod device;
+pub mod mcp;
+pub mod turns;
+pub mod upstream;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
