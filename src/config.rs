@@ -27,6 +27,9 @@ pub struct Config {
     pub udp: UdpConfig,
     pub http: HttpConfig,
     pub pipeline: PipelineConfig,
+    pub mcp: McpConfig,
+    pub management: ManagementConfig,
+    pub ota: OtaConfig,
     pub log: LogConfig,
     pub shutdown: ShutdownConfig,
 }
@@ -150,15 +153,144 @@ pub struct HttpConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PipelineConfig {
-    /// `echo` (the only one so far).
+    /// `auto` (xiaozhi when `pipeline.xiaozhi.urls` is set, else echo), `echo` or
+    /// `xiaozhi`.
     pub kind: PipelineKind,
     pub echo: EchoConfig,
+    pub xiaozhi: XiaozhiConfig,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum PipelineKind {
+    Auto,
     Echo,
+    Xiaozhi,
+}
+
+/// The xiaozhi-server upstream: one WebSocket per conversation.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct XiaozhiConfig {
+    /// WebSocket URLs of xiaozhi-server, e.g. `ws://127.0.0.1:8000/xiaozhi/v1/`
+    /// (`?from=mqtt_gateway` is appended). Each conversation picks one in turn, skipping
+    /// those that failed recently.
+    pub urls: Vec<String>,
+    /// xiaozhi-server's `server.auth_key`: when set, each connection carries the HMAC
+    /// bearer token it verifies.
+    pub auth_key: Option<String>,
+    /// Time to connect and get the server's hello, over all upstreams tried.
+    pub connect_timeout_ms: u64,
+    /// An upstream that failed is skipped for this long (unless all have failed).
+    pub retry_after_secs: u64,
+    /// Uplink audio frames buffered per conversation while the upstream is slow; the
+    /// oldest are dropped (and counted) beyond this.
+    pub audio_buffer_frames: usize,
+    /// Largest WebSocket message accepted from the upstream.
+    pub max_message_bytes: usize,
+}
+
+impl std::fmt::Debug for XiaozhiConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("XiaozhiConfig")
+            .field("urls", &self.urls)
+            .field("auth_key", &self.auth_key.as_ref().map(|_| "<redacted>"))
+            .field("connect_timeout_ms", &self.connect_timeout_ms)
+            .field("retry_after_secs", &self.retry_after_secs)
+            .field("audio_buffer_frames", &self.audio_buffer_frames)
+            .field("max_message_bytes", &self.max_message_bytes)
+            .finish()
+    }
+}
+
+impl Default for XiaozhiConfig {
+    fn default() -> Self {
+        XiaozhiConfig {
+            urls: Vec::new(),
+            auth_key: None,
+            connect_timeout_ms: 5_000,
+            retry_after_secs: 30,
+            audio_buffer_frames: 50,
+            max_message_bytes: 1 << 20,
+        }
+    }
+}
+
+/// Device MCP: the gateway's own `initialize` / `tools/list` after each connect.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct McpConfig {
+    /// Ask each device for its tools right after it connects and answer the speech
+    /// server's `initialize` / `tools/list` from that cache.
+    pub setup: bool,
+    /// Most tools cached per device (the Node gateway's limit is 32).
+    pub max_tools: usize,
+    /// Timeout of each setup request, in seconds.
+    pub timeout_secs: u64,
+    /// MCP requests in flight per device.
+    pub max_pending: usize,
+}
+
+impl Default for McpConfig {
+    fn default() -> Self {
+        McpConfig {
+            setup: true,
+            max_tools: 32,
+            timeout_secs: 10,
+            max_pending: 64,
+        }
+    }
+}
+
+/// The Node gateway's management API on the HTTP port (manager-api calls it).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ManagementConfig {
+    /// Serve `/api/devices/status` and `/api/commands/{clientId}` (needs
+    /// `auth.signature_key`: the daily bearer token is derived from it).
+    pub enabled: bool,
+    /// How long a command waits for the device, in seconds (manager-api expects 5).
+    pub command_timeout_secs: u64,
+}
+
+impl Default for ManagementConfig {
+    fn default() -> Self {
+        ManagementConfig {
+            enabled: true,
+            command_timeout_secs: 5,
+        }
+    }
+}
+
+/// The optional OTA endpoint that hands devices their MQTT settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OtaConfig {
+    /// Serve `POST /xiaozhi/ota/`.
+    pub enabled: bool,
+    /// `host:port` devices connect to for MQTT; default `udp.public_host` and the
+    /// `mqtt.listen` port.
+    pub mqtt_endpoint: Option<String>,
+    /// Client id group when the request names no board (`GID_default`, as manager-api).
+    pub group: String,
+    /// Firmware block: the version and URL devices compare against their own.
+    pub firmware_version: String,
+    pub firmware_url: String,
+    /// `server_time.timezone_offset`, minutes east of UTC.
+    pub timezone_offset_minutes: i32,
+}
+
+impl Default for OtaConfig {
+    fn default() -> Self {
+        OtaConfig {
+            enabled: false,
+            mqtt_endpoint: None,
+            group: "GID_default".into(),
+            firmware_version: String::new(),
+            firmware_url: String::new(),
+            timezone_offset_minutes: 0,
+        }
+    }
 }
 
 /// The echo pipeline: plays the device's own audio back.
@@ -260,8 +392,9 @@ impl Default for HttpConfig {
 impl Default for PipelineConfig {
     fn default() -> Self {
         PipelineConfig {
-            kind: PipelineKind::Echo,
+            kind: PipelineKind::Auto,
             echo: EchoConfig::default(),
+            xiaozhi: XiaozhiConfig::default(),
         }
     }
 }
@@ -371,6 +504,22 @@ impl Config {
             }
             _ => {}
         }
+        for (i, url) in self.pipeline.xiaozhi.urls.iter().enumerate() {
+            if let Err(e) = crate::protocol::upstream::gateway_url(url) {
+                return Err(invalid(
+                    &format!("pipeline.xiaozhi.urls[{i}]"),
+                    url,
+                    &e.to_string(),
+                ));
+            }
+        }
+        if self.pipeline.kind == PipelineKind::Xiaozhi && self.pipeline.xiaozhi.urls.is_empty() {
+            return Err(invalid(
+                "pipeline.xiaozhi.urls",
+                &"[]",
+                "pipeline.kind = \"xiaozhi\" needs at least one xiaozhi-server URL, e.g. ws://127.0.0.1:8000/xiaozhi/v1/",
+            ));
+        }
         if self.udp.public_host.trim().is_empty() {
             return Err(invalid(
                 "udp.public_host",
@@ -398,6 +547,15 @@ impl Config {
                 self.pipeline.echo.realtime_idle_ms,
             ),
             ("shutdown.grace_secs", self.shutdown.grace_secs),
+            (
+                "pipeline.xiaozhi.connect_timeout_ms",
+                self.pipeline.xiaozhi.connect_timeout_ms,
+            ),
+            ("mcp.timeout_secs", self.mcp.timeout_secs),
+            (
+                "management.command_timeout_secs",
+                self.management.command_timeout_secs,
+            ),
         ] {
             if value == 0 {
                 return Err(invalid(key, &value, "must be greater than 0"));
@@ -409,6 +567,16 @@ impl Config {
             ("mqtt.outbound_queue", self.mqtt.outbound_queue),
             ("broker.publish_queue", self.broker.publish_queue),
             ("udp.uplink_queue", self.udp.uplink_queue),
+            (
+                "pipeline.xiaozhi.audio_buffer_frames",
+                self.pipeline.xiaozhi.audio_buffer_frames,
+            ),
+            (
+                "pipeline.xiaozhi.max_message_bytes",
+                self.pipeline.xiaozhi.max_message_bytes,
+            ),
+            ("mcp.max_tools", self.mcp.max_tools),
+            ("mcp.max_pending", self.mcp.max_pending),
         ] {
             if value == 0 {
                 return Err(invalid(key, &value, "must be greater than 0"));
@@ -465,7 +633,30 @@ impl Config {
         if self.broker.users.is_empty() {
             w.push("broker.users is empty: the broker listener refuses every client.".to_owned());
         }
+        if let Some(key) = &self.auth.signature_key
+            && let Some(why) = weak_signature_key(key)
+        {
+            w.push(format!(
+                "auth.signature_key is weak ({why}): it signs every device password and the management API's daily token. Choose a long random key in manager-api and here."
+            ));
+        }
+        if self.management.enabled && self.auth.signature_key.is_none() {
+            w.push("the management API (/api/devices/status, /api/commands) is off: its bearer token is derived from auth.signature_key, which is not set.".to_owned());
+        }
+        if self.pipeline_kind() == PipelineKind::Xiaozhi && self.pipeline.xiaozhi.auth_key.is_none()
+        {
+            w.push("pipeline.xiaozhi.auth_key is not set: connections to xiaozhi-server carry no token (fine only if its server.auth.enabled is false).".to_owned());
+        }
         w
+    }
+
+    /// The pipeline to run: `auto` resolves to `xiaozhi` when upstream URLs are set.
+    pub fn pipeline_kind(&self) -> PipelineKind {
+        match self.pipeline.kind {
+            PipelineKind::Auto if self.pipeline.xiaozhi.urls.is_empty() => PipelineKind::Echo,
+            PipelineKind::Auto => PipelineKind::Xiaozhi,
+            kind => kind,
+        }
     }
 
     /// The device password verifier this config asks for.
@@ -489,6 +680,25 @@ impl Config {
     pub fn udp_idle_timeout(&self) -> Duration {
         Duration::from_secs(self.udp.idle_timeout_secs)
     }
+}
+
+/// Why a signature key is weak, by the Node gateway's rules (which refuses to start its
+/// management API with such a key; we warn instead).
+pub fn weak_signature_key(key: &str) -> Option<&'static str> {
+    if key.chars().count() < 8 {
+        return Some("shorter than 8 characters");
+    }
+    if !key.chars().any(|c| c.is_ascii_uppercase()) {
+        return Some("no upper-case letter");
+    }
+    if !key.chars().any(|c| c.is_ascii_lowercase()) {
+        return Some("no lower-case letter");
+    }
+    let lower = key.to_lowercase();
+    ["test", "1234", "admin", "password", "qwerty", "xiaozhi"]
+        .into_iter()
+        .find(|w| lower.contains(w))
+        .map(|_| "contains a common word or sequence")
 }
 
 /// Turns figment's error into one that names the key, the bad value and where it came

@@ -98,6 +98,24 @@ counters! {
     udp_send_errors,
     /// Downlink frames larger than one datagram (dropped).
     udp_drop_downlink_oversized,
+    /// Upstream (xiaozhi-server) WebSocket connections opened / failed, by reason.
+    upstream_connects,
+    upstream_failed_refused,
+    upstream_failed_timeout,
+    upstream_failed_auth,
+    upstream_failed_handshake,
+    upstream_failed_hello,
+    /// Upstream conversations that ended in failure after the hello (closed mid-turn,
+    /// connection lost, protocol error).
+    upstream_failed_midway,
+    /// Uplink frames dropped because the upstream was too slow to take them (oldest first).
+    upstream_audio_dropped,
+    /// Device JSON dropped because the upstream was too slow to take it.
+    upstream_text_dropped,
+    /// Upstream frames that were not valid (bad binary header, non-JSON text).
+    upstream_malformed,
+    /// Upstream MCP `initialize` / `tools/list` answered from the device tool cache.
+    mcp_cache_answers,
     /// Uplink frames the echo pipeline did not play: over its per-turn cap, or arriving
     /// while it plays a turn back to a half-duplex device.
     echo_frames_dropped,

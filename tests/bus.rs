@@ -28,6 +28,15 @@ async fn admin(gw: &xiaozhi_gateway::server::Gateway, id: &str) -> (AsyncClient,
 
 /// Polls the admin's event loop until a publish on a topic matching `pred` arrives.
 async fn next_publish(eventloop: &mut EventLoop, pred: impl Fn(&str) -> bool) -> (String, Vec<u8>) {
+    next_publish_where(eventloop, |topic, _| pred(topic)).await
+}
+
+/// Like [`next_publish`], with the JSON payload in the predicate (the gateway's own MCP
+/// traffic with each new device shares the topics).
+async fn next_publish_where(
+    eventloop: &mut EventLoop,
+    pred: impl Fn(&str, &serde_json::Value) -> bool,
+) -> (String, Vec<u8>) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     loop {
         let ev = tokio::time::timeout_at(deadline, eventloop.poll())
@@ -35,7 +44,10 @@ async fn next_publish(eventloop: &mut EventLoop, pred: impl Fn(&str) -> bool) ->
             .expect("publish in time")
             .expect("admin connection");
         if let Event::Incoming(Packet::Publish(p)) = ev
-            && pred(&p.topic)
+            && pred(
+                &p.topic,
+                &serde_json::from_slice(&p.payload).unwrap_or_default(),
+            )
         {
             return (p.topic, p.payload.to_vec());
         }
@@ -100,7 +112,10 @@ async fn admin_sees_device_messages_and_presence_on_identity_topics() {
 
     let msg = json!({"type": "mcp", "session_id": "", "payload": {"jsonrpc": "2.0", "method": "notifications/state"}});
     dev.publish_json(&msg).await.unwrap();
-    let (topic, payload) = next_publish(&mut eventloop, |t| t.ends_with("/up")).await;
+    let (topic, payload) = next_publish_where(&mut eventloop, |t, v| {
+        t.ends_with("/up") && v["payload"]["method"] == "notifications/state"
+    })
+    .await;
     assert_eq!(
         topic,
         format!("xiaozhi/devices/{mac}/up"),
@@ -170,7 +185,10 @@ async fn bus_copy_of_the_server_hello_hides_the_audio_key() {
     let mut dev = common::device(&gw, 53).await;
     let mac = dev.credentials.mac.to_string();
     let (hello, _audio) = common::conversation(&mut dev).await;
-    let (topic, payload) = next_publish(&mut eventloop, |t| t.ends_with("/down")).await;
+    let (topic, payload) = next_publish_where(&mut eventloop, |t, v| {
+        t.ends_with("/down") && v["type"] == "hello"
+    })
+    .await;
     assert_eq!(topic, format!("xiaozhi/devices/{mac}/down"));
     let mirrored: serde_json::Value = serde_json::from_slice(&payload).unwrap();
     assert_eq!(mirrored["type"], "hello");

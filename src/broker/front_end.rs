@@ -293,6 +293,9 @@ impl FrontEnd {
                             .to_string(),
                         ),
                     );
+                    self.sessions
+                        .device_connected(handle.identity.clone(), handle.generation, remote)
+                        .await;
                     *device = Some((handle, rx));
                 }
                 Action::Uplink(payload) => {

@@ -135,6 +135,7 @@ impl Echo {
             let next_send = self.next_send_at();
             let turn_end = self.realtime_turn_end_at();
             tokio::select! {
+                _ = self.io.stop.cancelled() => return ConversationEnd::Finished,
                 frame = self.io.uplink.recv() => match frame {
                     Some(frame) => self.on_uplink(frame),
                     None => return ConversationEnd::Finished,

@@ -8,28 +8,36 @@
 //! session id and audio parameters).
 //!
 //! A conversation ends when `run` returns (the pipeline hung up: the session sends the
-//! device a goodbye) or when the session drops it (device goodbye, disconnect, idle,
-//! replacement or shutdown), so implementations must release everything on drop.
+//! device a goodbye) or when the session ends it (device goodbye, disconnect, idle,
+//! replacement or shutdown): then `ConversationIo::stop` is cancelled and `run` has a
+//! moment to hang up cleanly before it is dropped, so implementations must also release
+//! everything on drop.
 
 pub mod echo;
+pub mod xiaozhi;
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use serde_json::Value;
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 use crate::audio::{Downlink, UplinkFrame};
 use crate::protocol::control::{AudioParams, DeviceMessage, HelloRequest};
 use crate::protocol::credentials::DeviceIdentity;
 use crate::session::DeviceOut;
+use crate::session::device_mcp::DeviceMcp;
 
 /// What a pipeline is told when a device says hello.
 #[derive(Debug, Clone)]
 pub struct OpenRequest {
     pub device: Arc<DeviceIdentity>,
     pub hello: HelloRequest,
+    /// The device's address as its MQTT connection came from.
+    pub remote: Option<SocketAddr>,
 }
 
 /// A conversation a pipeline agreed to run.
@@ -73,6 +81,10 @@ pub struct ConversationIo {
     pub uplink_audio: AudioParams,
     /// Audio parameters announced for the downlink.
     pub downlink_audio: AudioParams,
+    /// The device's MCP client (routes MCP between the device and the pipeline).
+    pub mcp: Option<Arc<DeviceMcp>>,
+    /// Cancelled when the session ends the conversation: hang up and return.
+    pub stop: CancellationToken,
 }
 
 /// How a conversation ended from the pipeline's side.

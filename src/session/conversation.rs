@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::{DeviceOut, EndReason, SessionDeps};
@@ -21,8 +22,12 @@ use crate::protocol::datagram::nonce_template;
 
 /// How often the idle timeout is checked.
 const IDLE_CHECK: Duration = Duration::from_secs(1);
+/// How long a pipeline may take to hang up once the session ends its conversation.
+const HANG_UP: Duration = Duration::from_secs(1);
 
 pub(crate) struct ConversationStart {
+    /// Tells this conversation apart from the device's earlier and later ones.
+    pub serial: u64,
     pub device: Arc<DeviceIdentity>,
     pub hello: HelloRequest,
     pub control: mpsc::Receiver<ControlMessage>,
@@ -32,6 +37,7 @@ pub(crate) struct ConversationStart {
 /// Runs one conversation to its end and returns why it ended.
 pub(crate) async fn run(deps: Arc<SessionDeps>, start: ConversationStart) -> EndReason {
     let ConversationStart {
+        serial,
         device,
         hello,
         control,
@@ -39,6 +45,9 @@ pub(crate) async fn run(deps: Arc<SessionDeps>, start: ConversationStart) -> End
     } = start;
     let out = DeviceOut::new(device.mac, deps.sink.clone());
     let started = tokio::time::Instant::now();
+    let entry = deps.directory.get(&device.mac);
+    let remote = entry.as_ref().map(|e| e.remote);
+    let mcp = entry.map(|e| e.mcp);
 
     // Everything up to the hello reply can be cut short by an end request too.
     let setup = async {
@@ -48,6 +57,7 @@ pub(crate) async fn run(deps: Arc<SessionDeps>, start: ConversationStart) -> End
             .open(OpenRequest {
                 device: device.clone(),
                 hello: hello.clone(),
+                remote,
             })
             .await
             .map_err(|e| e.message)?;
@@ -60,6 +70,9 @@ pub(crate) async fn run(deps: Arc<SessionDeps>, start: ConversationStart) -> End
                 Metrics::inc(&deps.metrics.hellos_refused);
                 warn!(%message, "conversation could not be opened");
                 out.send_json(control::alert(None, &message));
+                // The device has no session id yet; the one it holds while waiting for
+                // our hello is empty, and firmware closes on a goodbye that matches it.
+                out.send_json(control::goodbye(""));
                 return EndReason::PipelineFailed(message);
             }
         },
@@ -82,6 +95,8 @@ pub(crate) async fn run(deps: Arc<SessionDeps>, start: ConversationStart) -> End
     ));
     Metrics::inc(&deps.metrics.hellos_ok);
     Metrics::inc(&deps.metrics.sessions_live);
+    deps.directory
+        .set_conversation(&device.mac, serial, Some(session_id.clone()));
     info!(%session_id, connection_id = channel.connection_id, pipeline = deps.pipeline.name(), "conversation started");
 
     let (uplink, downlink) = channel.take_io();
@@ -93,7 +108,10 @@ pub(crate) async fn run(deps: Arc<SessionDeps>, start: ConversationStart) -> End
         device: out.clone(),
         uplink_audio: hello.audio_params.clone(),
         downlink_audio: opened.downlink_audio.clone(),
+        mcp,
+        stop: CancellationToken::new(),
     };
+    let stop = io.stop.clone();
     let idle_timeout = deps.idle_timeout;
     let idle = async {
         let mut tick = tokio::time::interval(IDLE_CHECK);
@@ -104,15 +122,26 @@ pub(crate) async fn run(deps: Arc<SessionDeps>, start: ConversationStart) -> End
             }
         }
     };
+    let running = opened.conversation.run(io);
+    tokio::pin!(running);
     let reason = tokio::select! {
-        ended = opened.conversation.run(io) => match ended {
+        ended = &mut running => match ended {
             ConversationEnd::Finished => EndReason::PipelineFinished,
             ConversationEnd::Failed(why) => EndReason::PipelineFailed(why),
         },
         reason = &mut end => reason.unwrap_or(EndReason::Shutdown),
         _ = idle => EndReason::Idle,
     };
+    if !matches!(
+        reason,
+        EndReason::PipelineFinished | EndReason::PipelineFailed(_)
+    ) {
+        // Let the pipeline hang up (e.g. close its WebSocket) before it is dropped.
+        stop.cancel();
+        let _ = tokio::time::timeout(HANG_UP, &mut running).await;
+    }
     drop(channel);
+    deps.directory.set_conversation(&device.mac, serial, None);
 
     if let EndReason::PipelineFailed(why) = &reason {
         out.send_json(control::alert(Some(&session_id), why));

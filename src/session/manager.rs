@@ -6,16 +6,20 @@
 //! itself never waits on a conversation: it forwards with `try_send` and counts drops.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info_span, warn};
 
 use super::conversation::{self, ConversationStart};
-use super::{DeviceSink, EndReason};
+use super::device_mcp::{DeviceMcp, McpSettings};
+use super::directory::{DeviceDirectory, DeviceEntry};
+use super::{DeviceOut, DeviceSink, EndReason};
 use crate::audio::AudioSocketHandle;
 use crate::metrics::Metrics;
 use crate::pipeline::{ControlMessage, Pipeline};
@@ -38,9 +42,17 @@ pub struct SessionDeps {
     pub udp_public_host: String,
     pub udp_public_port: u16,
     pub idle_timeout: Duration,
+    /// What each connected device is doing (written here, read by the HTTP API).
+    pub directory: Arc<DeviceDirectory>,
+    pub mcp: McpSettings,
 }
 
 enum Event {
+    Connected {
+        device: Arc<DeviceIdentity>,
+        generation: u64,
+        remote: SocketAddr,
+    },
     Message {
         device: Arc<DeviceIdentity>,
         generation: u64,
@@ -92,9 +104,28 @@ impl SessionManager {
             events: tx.downgrade(),
             tracker: TaskTracker::new(),
             shutting_down: false,
+            background: TaskTracker::new(),
+            stop_background: CancellationToken::new(),
         };
         tokio::spawn(dispatcher.run(rx));
         SessionManager { tx }
+    }
+
+    /// A device connected (authenticated); its MCP setup starts.
+    pub async fn device_connected(
+        &self,
+        device: Arc<DeviceIdentity>,
+        generation: u64,
+        remote: SocketAddr,
+    ) {
+        let _ = self
+            .tx
+            .send(Event::Connected {
+                device,
+                generation,
+                remote,
+            })
+            .await;
     }
 
     /// A device published a message.
@@ -137,18 +168,29 @@ struct Dispatcher {
     events: mpsc::WeakSender<Event>,
     tracker: TaskTracker,
     shutting_down: bool,
+    /// Per-device MCP setup tasks; cancelled at shutdown.
+    background: TaskTracker,
+    stop_background: CancellationToken,
 }
 
 impl Dispatcher {
     async fn run(mut self, mut rx: mpsc::Receiver<Event>) {
         while let Some(event) = rx.recv().await {
             match event {
+                Event::Connected {
+                    device,
+                    generation,
+                    remote,
+                } => self.on_connected(device, generation, remote),
                 Event::Message {
                     device,
                     generation,
                     payload,
                 } => self.on_message(device, generation, payload),
                 Event::Gone { mac, generation } => {
+                    if let Some(entry) = self.deps.directory.gone(&mac, generation) {
+                        entry.mcp.close();
+                    }
                     if let Some(live) = self
                         .live
                         .get_mut(&mac)
@@ -164,17 +206,47 @@ impl Dispatcher {
                 }
                 Event::Shutdown { done } => {
                     self.shutting_down = true;
+                    self.stop_background.cancel();
+                    self.background.close();
                     for live in self.live.values_mut() {
                         live.end(EndReason::Shutdown);
                     }
                     self.tracker.close();
                     let tracker = self.tracker.clone();
+                    let background = self.background.clone();
                     tokio::spawn(async move {
                         tracker.wait().await;
+                        background.wait().await;
                         let _ = done.send(());
                     });
                 }
             }
+        }
+    }
+
+    fn on_connected(&mut self, device: Arc<DeviceIdentity>, generation: u64, remote: SocketAddr) {
+        let out = DeviceOut::new(device.mac, self.deps.sink.clone());
+        let mcp = Arc::new(DeviceMcp::new(out, self.deps.mcp.max_pending));
+        let replaced = self.deps.directory.connected(DeviceEntry {
+            identity: device,
+            generation,
+            remote,
+            connected_at: std::time::SystemTime::now(),
+            mcp: mcp.clone(),
+            conversation: None,
+        });
+        if let Some(old) = replaced {
+            old.mcp.close();
+        }
+        if self.deps.mcp.setup && !self.shutting_down {
+            let settings = self.deps.mcp.clone();
+            let stop = self.stop_background.clone();
+            self.background.spawn(async move {
+                tokio::select! {
+                    _ = mcp.setup(&settings) => {}
+                    _ = stop.cancelled() => {}
+                }
+            });
         }
     }
 
@@ -223,28 +295,54 @@ impl Dispatcher {
                     live.end(EndReason::DeviceGoodbye);
                 }
             }
-            message => match self.live.get(&device.mac) {
-                Some(live) => {
-                    match live.control.try_send(ControlMessage {
-                        message,
-                        json,
-                        raw: payload,
-                    }) {
-                        Ok(()) => {}
-                        Err(mpsc::error::TrySendError::Full(_)) => {
-                            Metrics::inc(&m.control_queue_full);
-                            warn!(mac = %device.mac, "conversation control queue full; device message dropped");
-                        }
-                        Err(mpsc::error::TrySendError::Closed(_)) => {
-                            Metrics::inc(&m.control_without_session)
-                        }
-                    }
+            DeviceMessage::Other { ref kind, .. } if kind == "mcp" => {
+                let Some(mcp) = self.deps.directory.mcp(&device.mac) else {
+                    return;
+                };
+                let mut json = json;
+                let inner = json.get_mut("payload").map(serde_json::Value::take);
+                let Some(inner) = inner.filter(serde_json::Value::is_object) else {
+                    Metrics::inc(&m.control_malformed);
+                    return;
+                };
+                if let Some(relay) = mcp.on_device_payload(inner) {
+                    json["payload"] = relay;
+                    let raw = Bytes::from(json.to_string());
+                    self.forward_to_conversation(
+                        &device.mac,
+                        ControlMessage { message, json, raw },
+                    );
                 }
-                None => {
-                    Metrics::inc(&m.control_without_session);
-                    debug!(mac = %device.mac, "device message with no conversation");
+            }
+            message => self.forward_to_conversation(
+                &device.mac,
+                ControlMessage {
+                    message,
+                    json,
+                    raw: payload,
+                },
+            ),
+        }
+    }
+
+    fn forward_to_conversation(&mut self, mac: &Mac, message: ControlMessage) {
+        let m = &self.deps.metrics;
+        let device = mac;
+        match self.live.get(mac) {
+            Some(live) => match live.control.try_send(message) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    Metrics::inc(&m.control_queue_full);
+                    warn!(mac = %device, "conversation control queue full; device message dropped");
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => {
+                    Metrics::inc(&m.control_without_session)
                 }
             },
+            None => {
+                Metrics::inc(&m.control_without_session);
+                debug!(mac = %device, "device message with no conversation");
+            }
         }
     }
 
@@ -276,6 +374,7 @@ impl Dispatcher {
                 conversation::run(
                     deps,
                     ConversationStart {
+                        serial,
                         device,
                         hello,
                         control: control_rx,

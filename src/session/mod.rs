@@ -13,6 +13,8 @@
 //! conversation or a disconnected device gets nothing.
 
 pub mod conversation;
+pub mod device_mcp;
+pub mod directory;
 pub mod manager;
 
 use std::sync::Arc;
