@@ -1,4 +1,5 @@
-//! The `xiaozhi-gateway` command: `serve` (the default), `config check`, `simulate`.
+//! The `xiaozhi-gateway` command: `serve` (the default), `config check`, `simulate`,
+//! `credentials`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -9,7 +10,11 @@ use figment::Figment;
 use figment::providers::Serialized;
 use tracing_subscriber::EnvFilter;
 use xiaozhi_gateway::config::{Config, LogFormat};
+use xiaozhi_gateway::http::ota;
+use xiaozhi_gateway::protocol::mac::Mac;
 use xiaozhi_gateway::server::Gateway;
+use xiaozhi_gateway::simulator::turns::{TurnConfig, run_turns};
+use xiaozhi_gateway::simulator::upstream::{MockUpstream, MockUpstreamConfig};
 use xiaozhi_gateway::simulator::{self, SimConfig};
 
 #[derive(Parser)]
@@ -47,6 +52,46 @@ enum Command {
     },
     /// Simulate firmware devices against a running gateway and report latency and loss.
     Simulate(SimulateArgs),
+    /// Print a device's MQTT settings (as the OTA endpoint hands them out) as JSON,
+    /// signed with the configured signature key.
+    Credentials(CredentialsArgs),
+    /// Run a mock xiaozhi-server (WebSocket) to try or measure the `xiaozhi` pipeline
+    /// without a real one: it answers each turn with stt, tts and audio frames that carry
+    /// their send time.
+    MockUpstream(MockUpstreamArgs),
+}
+
+#[derive(Args)]
+struct MockUpstreamArgs {
+    /// Address to listen on; the URL to configure is ws://ADDR/xiaozhi/v1/.
+    #[arg(long, default_value = "127.0.0.1:8000")]
+    listen: std::net::SocketAddr,
+    /// Verify the gateway's bearer token with this secret (xiaozhi-server's server.auth_key).
+    #[arg(long, env = "XZ_PIPELINE__XIAOZHI__AUTH_KEY", hide_env_values = true)]
+    auth_key: Option<String>,
+    /// Uplink frames that make one user turn.
+    #[arg(long, default_value_t = 5)]
+    frames_per_turn: u32,
+    /// Reply frames per turn.
+    #[arg(long, default_value_t = 5)]
+    reply_frames: u32,
+    /// Pace reply frames at the frame duration (as xiaozhi-server does) instead of
+    /// sending them at once.
+    #[arg(long)]
+    paced: bool,
+}
+
+#[derive(Args)]
+struct CredentialsArgs {
+    /// The device's MAC address (aa:bb:cc:dd:ee:ff or aa_bb_cc_dd_ee_ff).
+    #[arg(long)]
+    mac: Mac,
+    /// Client id group (board type); default ota.group (GID_default).
+    #[arg(long)]
+    group: Option<String>,
+    /// IP address put in the username, as manager-api records the device's address.
+    #[arg(long, default_value = "127.0.0.1")]
+    ip: std::net::IpAddr,
 }
 
 #[derive(Subcommand)]
@@ -81,6 +126,16 @@ struct SimulateArgs {
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
+    /// Take turns through a speech server (the `xiaozhi` pipeline, e.g. against
+    /// `mock-upstream`) instead of streaming to the echo pipeline, and report the relay
+    /// latency (server send to device receive).
+    #[arg(long)]
+    turns: bool,
+    /// With --turns: frames spoken per turn and reply frames expected (the mock's settings).
+    #[arg(long, default_value_t = 5)]
+    frames_per_turn: u32,
+    #[arg(long, default_value_t = 5)]
+    reply_frames: u32,
 }
 
 fn main() -> ExitCode {
@@ -126,6 +181,46 @@ fn main() -> ExitCode {
             }
             Err(code) => code,
         },
+        Command::Credentials(args) => match load_config(&cli.config) {
+            Ok(config) => credentials(&config, &args),
+            Err(code) => code,
+        },
+        Command::Simulate(args) if args.turns => {
+            tracing_subscriber::fmt()
+                .with_env_filter(EnvFilter::new("warn"))
+                .init();
+            let config = TurnConfig {
+                mqtt: args.mqtt,
+                signature_key: args.key,
+                devices: args.devices,
+                duration: Duration::from_secs_f64(args.seconds.max(0.0)),
+                frames_per_turn: args.frames_per_turn,
+                reply_frames: args.reply_frames,
+                connect_rate: args.connect_rate,
+                first_device: args.first_device,
+                ..TurnConfig::default()
+            };
+            let report = runtime.block_on(run_turns(config));
+            if args.json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).unwrap_or_default()
+                );
+            } else {
+                println!("{report}");
+            }
+            if report.conversations == 0 {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+        Command::MockUpstream(args) => {
+            tracing_subscriber::fmt()
+                .with_env_filter(EnvFilter::new("info"))
+                .init();
+            runtime.block_on(mock_upstream(args))
+        }
         Command::Simulate(args) => {
             tracing_subscriber::fmt()
                 .with_env_filter(EnvFilter::new("warn"))
@@ -154,6 +249,45 @@ fn main() -> ExitCode {
             } else {
                 ExitCode::SUCCESS
             }
+        }
+    }
+}
+
+/// `credentials`: the device's MQTT settings as JSON on stdout.
+fn credentials(config: &Config, args: &CredentialsArgs) -> ExitCode {
+    let group = match &args.group {
+        None => config.ota.group.clone(),
+        Some(g) => match ota::sanitize_group(g) {
+            Some(clean) if clean == *g => clean,
+            _ => {
+                eprintln!(
+                    "error: --group {g:?} is not a valid group (want 1 to {} characters of A-Z a-z 0-9 _ -)",
+                    ota::MAX_GROUP_LEN
+                );
+                return ExitCode::from(2);
+            }
+        },
+    };
+    if config.auth.signature_key.is_none() {
+        eprintln!(
+            "warning: no signature key is set; the password is unsigned and only a gateway in development mode (--dev) accepts it"
+        );
+    }
+    let settings = ota::mqtt_settings(
+        config,
+        config.mqtt.listen.port(),
+        &group,
+        &args.mac,
+        &args.ip.to_string(),
+    );
+    match serde_json::to_string_pretty(&settings) {
+        Ok(text) => {
+            println!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: cannot print the settings: {e}");
+            ExitCode::FAILURE
         }
     }
 }
@@ -218,4 +352,40 @@ async fn wait_for_signal() {
     }
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
+}
+
+async fn mock_upstream(args: MockUpstreamArgs) -> ExitCode {
+    let config = MockUpstreamConfig {
+        auth_key: args.auth_key,
+        frames_per_turn: args.frames_per_turn,
+        reply_frames: args.reply_frames,
+        paced: args.paced,
+        stamp_frames: true,
+        ..MockUpstreamConfig::default()
+    };
+    let mock = match MockUpstream::start_on(args.listen, config).await {
+        Ok(mock) => mock,
+        Err(e) => {
+            eprintln!(
+                "error: cannot listen on {}: {e} (change --listen)",
+                args.listen
+            );
+            return ExitCode::FAILURE;
+        }
+    };
+    println!(
+        "mock xiaozhi-server listening; configure pipeline.xiaozhi.urls = [\"{}\"]",
+        mock.url
+    );
+    wait_for_signal().await;
+    mock.stop().await;
+    let seen = mock.observed();
+    println!(
+        "connections {}, refused {}, turns {}, uplink frames {}",
+        seen.connections,
+        seen.rejected.len(),
+        seen.turns,
+        seen.uplink_frames
+    );
+    ExitCode::SUCCESS
 }

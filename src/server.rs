@@ -24,7 +24,10 @@ use crate::config::{Config, PipelineKind};
 use crate::metrics::Metrics;
 use crate::pipeline::Pipeline;
 use crate::pipeline::echo::EchoPipeline;
+use crate::pipeline::xiaozhi::XiaozhiPipeline;
 use crate::protocol::device_mqtt::DeviceMqttSettings;
+use crate::session::device_mcp::McpSettings;
+use crate::session::directory::DeviceDirectory;
 use crate::session::{SessionDeps, SessionManager};
 
 /// A listener could not be bound.
@@ -108,6 +111,8 @@ pub struct Gateway {
     pub addrs: BoundAddrs,
     pub metrics: Arc<Metrics>,
     pub registry: Arc<DeviceRegistry>,
+    /// What each connected device is doing (status, MCP, conversation).
+    pub directory: Arc<DeviceDirectory>,
     sessions: SessionManager,
     broker: EmbeddedBroker,
     stop_accepting: CancellationToken,
@@ -156,12 +161,17 @@ impl Gateway {
             EmbeddedBroker::start(&config.broker, registry.clone(), metrics.clone()).await?;
 
         let udp_addr = audio.local_addr();
-        let pipeline: Arc<dyn Pipeline> = match config.pipeline.kind {
-            PipelineKind::Echo => Arc::new(EchoPipeline::new(
+        let pipeline: Arc<dyn Pipeline> = match config.pipeline_kind() {
+            PipelineKind::Xiaozhi => Arc::new(XiaozhiPipeline::new(
+                config.pipeline.xiaozhi.clone(),
+                metrics.clone(),
+            )),
+            PipelineKind::Echo | PipelineKind::Auto => Arc::new(EchoPipeline::new(
                 config.pipeline.echo.clone(),
                 metrics.clone(),
             )),
         };
+        let directory = Arc::new(DeviceDirectory::default());
         let sessions = SessionManager::start(SessionDeps {
             pipeline,
             audio,
@@ -174,6 +184,14 @@ impl Gateway {
                 config.udp.public_port
             },
             idle_timeout: config.udp_idle_timeout(),
+            directory: directory.clone(),
+            mcp: McpSettings {
+                setup: config.mcp.setup,
+                max_tools: config.mcp.max_tools,
+                setup_timeout: Duration::from_secs(config.mcp.timeout_secs),
+                max_pending: config.mcp.max_pending,
+                ..McpSettings::default()
+            },
         });
 
         let front_end = Arc::new(FrontEnd {
@@ -234,10 +252,18 @@ impl Gateway {
         }
         background.push(tokio::spawn(audio_socket.run(stop_rest.clone())));
         let http_stop = stop_rest.clone();
-        let app = crate::http::router(metrics.clone());
+        let app = crate::http::router(crate::http::HttpState {
+            metrics: metrics.clone(),
+            directory: directory.clone(),
+            config: Arc::new(config.clone()),
+            mqtt_port: addrs.mqtt.port(),
+        });
         background.push(tokio::spawn(async move {
-            let serve = axum::serve(http_listener, app)
-                .with_graceful_shutdown(async move { http_stop.cancelled().await });
+            let serve = axum::serve(
+                http_listener,
+                app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+            )
+            .with_graceful_shutdown(async move { http_stop.cancelled().await });
             if let Err(e) = serve.await {
                 warn!(error = %e, "HTTP server stopped");
             }
@@ -257,6 +283,7 @@ impl Gateway {
             addrs,
             metrics,
             registry,
+            directory,
             sessions,
             broker,
             stop_accepting,

@@ -1,5 +1,8 @@
-//! The HTTP server (axum). For now: `GET /healthz`, answered as long as the process is
-//! serving. Metrics, readiness and the APIs arrive with their issues.
+//! The HTTP server (axum): `GET /healthz`, the Node gateway's management API that
+//! manager-api calls ([`management`]), and the optional OTA endpoint ([`ota`]).
+
+pub mod management;
+pub mod ota;
 
 use std::sync::Arc;
 
@@ -8,17 +11,31 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::{Value, json};
 
+use crate::config::Config;
 use crate::metrics::Metrics;
+use crate::session::directory::DeviceDirectory;
 
-/// Builds the router.
-pub fn router(metrics: Arc<Metrics>) -> Router {
-    Router::new()
-        .route("/healthz", get(healthz))
-        .with_state(metrics)
+/// What the handlers share.
+#[derive(Clone)]
+pub struct HttpState {
+    pub metrics: Arc<Metrics>,
+    pub directory: Arc<DeviceDirectory>,
+    pub config: Arc<Config>,
+    /// The device MQTT port actually bound (for OTA's default endpoint).
+    pub mqtt_port: u16,
 }
 
-async fn healthz(State(metrics): State<Arc<Metrics>>) -> Json<Value> {
-    let m = metrics.snapshot();
+/// Builds the router.
+pub fn router(state: HttpState) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .merge(management::routes(&state))
+        .merge(ota::routes(&state))
+        .with_state(state)
+}
+
+async fn healthz(State(state): State<HttpState>) -> Json<Value> {
+    let m = state.metrics.snapshot();
     Json(json!({
         "status": "ok",
         "devices_connected": m.devices_connected,
