@@ -190,10 +190,20 @@ async fn one_device(
         .publish_json(&SimDevice::firmware_hello())
         .await
         .map_err(|e| e.to_string())?;
-    let hello = device
-        .recv_type("hello", Duration::from_secs(10))
-        .await
-        .map_err(|e| format!("hello: {e}"))?;
+    // The firmware waits 10 s for the hello; an alert says why it will not come.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let hello = loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let (_, payload) = device.recv(left).await.map_err(|e| format!("hello: {e}"))?;
+        let Ok(message) = serde_json::from_slice::<serde_json::Value>(&payload) else {
+            continue;
+        };
+        match message["type"].as_str() {
+            Some("hello") => break message,
+            Some("alert") => return Err(format!("alert instead of hello: {}", message["message"])),
+            _ => {}
+        }
+    };
     r.hello = Some(t0.elapsed());
     drop(permit);
     let hello = ServerHello::parse(&hello).map_err(|e| e.to_string())?;
