@@ -525,3 +525,29 @@ async fn a_stalled_upstream_costs_bounded_memory_and_drops_oldest_audio() {
     assert!(!h.session_id.is_empty());
     gw.shutdown().await;
 }
+
+#[tokio::test]
+async fn shutdown_says_goodbye_and_closes_the_upstream() {
+    let upstream = mock(Behavior::Normal).await;
+    let gw = gateway_with(&upstream).await;
+    let mut dev = common::device(&gw, 117).await;
+    let (hello, _audio) = common::conversation(&mut dev).await;
+    let shutdown = tokio::spawn(gw.shutdown());
+    let goodbye = dev
+        .recv_type("goodbye", Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(goodbye["session_id"], hello.session_id.as_str());
+    tokio::time::timeout(Duration::from_secs(5), shutdown)
+        .await
+        .expect("shutdown is bounded")
+        .unwrap();
+    assert!(
+        common::eventually(Duration::from_secs(2), || upstream
+            .observed()
+            .closes_by_gateway
+            == 1)
+        .await,
+        "the upstream got a close"
+    );
+}
