@@ -30,6 +30,7 @@ pub struct Config {
     pub mcp: McpConfig,
     pub management: ManagementConfig,
     pub ota: OtaConfig,
+    pub history: HistoryConfig,
     pub log: LogConfig,
     pub shutdown: ShutdownConfig,
 }
@@ -259,6 +260,78 @@ impl Default for ManagementConfig {
             enabled: true,
             command_timeout_secs: 5,
         }
+    }
+}
+
+/// Chat history: what is recorded and where it is stored.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HistoryConfig {
+    /// Record conversations relayed through a speech server.
+    pub enabled: bool,
+    /// `sqlite://path` (created if missing; the default) or
+    /// `mysql://user:password@host:3306/database` (manager-api's database).
+    pub database_url: String,
+    /// Directory of the journal that holds records while the database is away.
+    pub journal_dir: PathBuf,
+    /// For devices manager-api does not manage (no `ai_device`/`ai_agent` tables):
+    /// `off`, `text` or `audio` (text and audio). Managed devices follow their agent's
+    /// `chat_history_conf`.
+    pub mode: crate::history::writer::RecordMode,
+    /// Time zone of `created_at`, minutes east of UTC (manager-api deployments usually
+    /// run in Asia/Shanghai: 480).
+    pub utc_offset_minutes: i32,
+    /// Records waiting for the writer.
+    pub queue: usize,
+    /// Records per transaction at most.
+    pub batch: usize,
+    /// A write slower than this goes to the journal, in ms.
+    pub write_timeout_ms: u64,
+    /// How often the journal is retried while the database is away, in seconds.
+    pub retry_secs: u64,
+    /// Most audio kept per utterance, in seconds.
+    pub max_utterance_secs: u64,
+}
+
+impl std::fmt::Debug for HistoryConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HistoryConfig")
+            .field("enabled", &self.enabled)
+            .field("database_url", &redact_url(&self.database_url))
+            .field("journal_dir", &self.journal_dir)
+            .field("mode", &self.mode)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for HistoryConfig {
+    fn default() -> Self {
+        HistoryConfig {
+            enabled: true,
+            database_url: "sqlite://data/history.db".into(),
+            journal_dir: PathBuf::from("data"),
+            mode: crate::history::writer::RecordMode::Audio,
+            utc_offset_minutes: 480,
+            queue: 10_000,
+            batch: 256,
+            write_timeout_ms: 5_000,
+            retry_secs: 5,
+            max_utterance_secs: 120,
+        }
+    }
+}
+
+/// A database URL with its password replaced, for logs and `config check`.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let Some((userinfo, host)) = rest.split_once('@') else {
+        return url.to_owned();
+    };
+    match userinfo.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:<redacted>@{host}"),
+        None => url.to_owned(),
     }
 }
 
@@ -520,6 +593,19 @@ impl Config {
                 "pipeline.kind = \"xiaozhi\" needs at least one xiaozhi-server URL, e.g. ws://127.0.0.1:8000/xiaozhi/v1/",
             ));
         }
+        if self.history.enabled {
+            let url = &self.history.database_url;
+            if !(url.starts_with("sqlite:")
+                || url.starts_with("mysql://")
+                || url.starts_with("mariadb://"))
+            {
+                return Err(invalid(
+                    "history.database_url",
+                    &redact_url(url),
+                    "must start with sqlite:// or mysql://",
+                ));
+            }
+        }
         if self.udp.public_host.trim().is_empty() {
             return Err(invalid(
                 "udp.public_host",
@@ -552,6 +638,12 @@ impl Config {
                 self.pipeline.xiaozhi.connect_timeout_ms,
             ),
             ("mcp.timeout_secs", self.mcp.timeout_secs),
+            ("history.write_timeout_ms", self.history.write_timeout_ms),
+            ("history.retry_secs", self.history.retry_secs),
+            (
+                "history.max_utterance_secs",
+                self.history.max_utterance_secs,
+            ),
             (
                 "management.command_timeout_secs",
                 self.management.command_timeout_secs,
@@ -576,6 +668,8 @@ impl Config {
                 self.pipeline.xiaozhi.max_message_bytes,
             ),
             ("mcp.max_tools", self.mcp.max_tools),
+            ("history.queue", self.history.queue),
+            ("history.batch", self.history.batch),
             ("mcp.max_pending", self.mcp.max_pending),
         ] {
             if value == 0 {

@@ -20,6 +20,7 @@
 pub mod audio;
 pub mod broker;
 pub mod config;
+pub mod history;
 pub mod http;
 pub mod metrics;
 pub mod pipeline;

@@ -55,6 +55,9 @@ enum Command {
     /// Print a device's MQTT settings (as the OTA endpoint hands them out) as JSON,
     /// signed with the configured signature key.
     Credentials(CredentialsArgs),
+    /// Create the chat-history schema in `history.database_url` (what is missing only;
+    /// existing tables are never altered).
+    Migrate,
     /// Run a mock xiaozhi-server (WebSocket) to try or measure the `xiaozhi` pipeline
     /// without a real one: it answers each turn with stt, tts and audio frames that carry
     /// their send time.
@@ -169,6 +172,11 @@ fn main() -> ExitCode {
                 if shown.auth.signature_key.is_some() {
                     shown.auth.signature_key = Some("<redacted>".into());
                 }
+                shown.history.database_url =
+                    xiaozhi_gateway::config::redact_url(&shown.history.database_url);
+                if shown.pipeline.xiaozhi.auth_key.is_some() {
+                    shown.pipeline.xiaozhi.auth_key = Some("<redacted>".into());
+                }
                 for user in &mut shown.broker.users {
                     user.password = "<redacted>".into();
                 }
@@ -215,6 +223,10 @@ fn main() -> ExitCode {
                 ExitCode::SUCCESS
             }
         }
+        Command::Migrate => match load_config(&cli.config) {
+            Ok(config) => runtime.block_on(migrate(config)),
+            Err(code) => code,
+        },
         Command::MockUpstream(args) => {
             tracing_subscriber::fmt()
                 .with_env_filter(EnvFilter::new("info"))
@@ -388,4 +400,38 @@ async fn mock_upstream(args: MockUpstreamArgs) -> ExitCode {
         seen.uplink_frames
     );
     ExitCode::SUCCESS
+}
+
+async fn migrate(config: Config) -> ExitCode {
+    use xiaozhi_gateway::history::store::Store;
+    let url = &config.history.database_url;
+    let shown = xiaozhi_gateway::config::redact_url(url);
+    if let Some(path) = url.strip_prefix("sqlite://")
+        && let Some(parent) = std::path::Path::new(path).parent()
+        && !parent.as_os_str().is_empty()
+        && let Err(e) = std::fs::create_dir_all(parent)
+    {
+        eprintln!("error: cannot create {}: {e}", parent.display());
+        return ExitCode::FAILURE;
+    }
+    let store = match Store::connect(url, Duration::from_secs(10)).await {
+        Ok(store) => store,
+        Err(e) => {
+            eprintln!("error: {shown}: {e} (history.database_url)");
+            return ExitCode::FAILURE;
+        }
+    };
+    match store.migrate().await {
+        Ok(applied) => {
+            for name in applied {
+                println!("{name}: up to date");
+            }
+            println!("chat-history schema ready in {shown}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: migrating {shown}: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }

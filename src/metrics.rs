@@ -116,6 +116,19 @@ counters! {
     upstream_malformed,
     /// Upstream MCP `initialize` / `tools/list` answered from the device tool cache.
     mcp_cache_answers,
+    /// Chat-history records: stored in the database, skipped by the device's policy,
+    /// written to the journal while the database was away, replayed from it.
+    history_records_stored,
+    history_records_skipped,
+    history_records_journaled,
+    history_records_replayed,
+    /// Database writes that failed or timed out (the batch went to the journal).
+    history_write_failures,
+    /// Records lost: the recorder's queue was full, or the journal could not be written.
+    history_records_lost,
+    /// Records waiting for the writer (gauge) and bytes in the journal (gauge).
+    history_queue_depth,
+    history_journal_bytes,
     /// Uplink frames the echo pipeline did not play: over its per-turn cap, or arriving
     /// while it plays a turn back to a half-duplex device.
     echo_frames_dropped,
@@ -132,5 +145,10 @@ impl Metrics {
 
     pub fn dec(counter: &AtomicU64) {
         counter.fetch_sub(1, Relaxed);
+    }
+
+    /// Sets a gauge.
+    pub fn set(gauge: &AtomicU64, value: u64) {
+        gauge.store(value, Relaxed);
     }
 }

@@ -94,6 +94,8 @@ pub enum StartError {
     Broker(#[from] BrokerError),
     #[error("device TLS (mqtt.tls_cert / mqtt.tls_key): {0}")]
     Tls(String),
+    #[error("chat history (history.*): {0}")]
+    History(String),
 }
 
 /// The addresses actually bound (ports resolved).
@@ -113,6 +115,10 @@ pub struct Gateway {
     pub registry: Arc<DeviceRegistry>,
     /// What each connected device is doing (status, MCP, conversation).
     pub directory: Arc<DeviceDirectory>,
+    /// Every stored chat-history record, for live consumers.
+    pub history_events: tokio::sync::broadcast::Sender<crate::history::writer::StoredEvent>,
+    history_stop: CancellationToken,
+    history_task: Option<JoinHandle<()>>,
     sessions: SessionManager,
     broker: EmbeddedBroker,
     stop_accepting: CancellationToken,
@@ -172,6 +178,24 @@ impl Gateway {
             )),
         };
         let directory = Arc::new(DeviceDirectory::default());
+        let (history_events, _) = tokio::sync::broadcast::channel(1024);
+        let history_stop = CancellationToken::new();
+        let history = match config.history.enabled {
+            true => Some(
+                start_history(
+                    &config,
+                    metrics.clone(),
+                    history_events.clone(),
+                    history_stop.clone(),
+                )
+                .await?,
+            ),
+            false => None,
+        };
+        let (history, history_task) = match history {
+            Some((handle, task)) => (Some(handle), Some(task)),
+            None => (None, None),
+        };
         let sessions = SessionManager::start(SessionDeps {
             pipeline,
             audio,
@@ -185,6 +209,8 @@ impl Gateway {
             },
             idle_timeout: config.udp_idle_timeout(),
             directory: directory.clone(),
+            history,
+            history_max_packets: (config.history.max_utterance_secs * 1000 / 20) as usize,
             mcp: McpSettings {
                 setup: config.mcp.setup,
                 max_tools: config.mcp.max_tools,
@@ -284,6 +310,9 @@ impl Gateway {
             metrics,
             registry,
             directory,
+            history_events,
+            history_stop,
+            history_task,
             sessions,
             broker,
             stop_accepting,
@@ -315,6 +344,15 @@ impl Gateway {
             .is_err()
         {
             warn!("device connections did not all close within the grace period");
+        }
+        // Everything recorded is written (or journaled) before the process ends.
+        self.history_stop.cancel();
+        if let Some(task) = self.history_task
+            && tokio::time::timeout_at(deadline, task).await.is_err()
+        {
+            warn!(
+                "chat history did not finish writing within the grace period; the journal keeps the rest"
+            );
         }
         self.stop_rest.cancel();
         for task in self.background {
@@ -351,4 +389,59 @@ pub fn tls_acceptor(cert: &std::path::Path, key: &std::path::Path) -> Result<Tls
     .with_single_cert(certs, key)
     .map_err(|e| e.to_string())?;
     Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// Opens the chat-history store and journal and starts the writer. A database that is
+/// unreachable now is not an error: records wait in the journal until it is there.
+async fn start_history(
+    config: &Config,
+    metrics: Arc<Metrics>,
+    events: tokio::sync::broadcast::Sender<crate::history::writer::StoredEvent>,
+    stop: CancellationToken,
+) -> Result<(crate::history::writer::HistoryHandle, JoinHandle<()>), StartError> {
+    use crate::history::{journal::Journal, store::Store, writer};
+    let h = &config.history;
+    if let Some(path) = h
+        .database_url
+        .strip_prefix("sqlite://")
+        .or_else(|| h.database_url.strip_prefix("sqlite:"))
+        && let Some(parent) = std::path::Path::new(path.split('?').next().unwrap_or(path)).parent()
+        && !parent.as_os_str().is_empty()
+    {
+        std::fs::create_dir_all(parent).map_err(|e| {
+            StartError::History(format!(
+                "cannot create {}: {e} (history.database_url)",
+                parent.display()
+            ))
+        })?;
+    }
+    let timeout = Duration::from_millis(h.write_timeout_ms);
+    let store = Store::connect(&h.database_url, timeout)
+        .await
+        .map_err(|e| StartError::History(format!("{e} (history.database_url)")))?;
+    match tokio::time::timeout(timeout, store.migrate()).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => {
+            warn!(error = %e, "chat-history schema not checked yet (database unavailable?); will retry")
+        }
+        Err(_) => warn!("chat-history database did not answer in time; will retry"),
+    }
+    let journal = Journal::open(&h.journal_dir).map_err(|e| {
+        StartError::History(format!(
+            "journal in {}: {e} (history.journal_dir)",
+            h.journal_dir.display()
+        ))
+    })?;
+    info!(backend = store.backend(), journal = %journal.path().display(), "chat history recording");
+    let settings = writer::WriterSettings {
+        queue: h.queue,
+        batch: h.batch,
+        write_timeout: timeout,
+        retry_interval: Duration::from_secs(h.retry_secs),
+        mode: h.mode,
+        utc_offset_minutes: h.utc_offset_minutes,
+    };
+    Ok(writer::HistoryWriter::start(
+        store, journal, settings, metrics, events, stop,
+    ))
 }

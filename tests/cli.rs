@@ -27,6 +27,8 @@ fn gateway_command() -> Command {
         .env("XZ_HTTP__LISTEN", "127.0.0.1:0")
         .env("XZ_LOG__FORMAT", "json")
         .env("XZ_SHUTDOWN__GRACE_SECS", "3")
+        // No chat-history files in the working tree.
+        .env("XZ_HISTORY__ENABLED", "false")
         .stdin(Stdio::null())
         .kill_on_drop(true);
     cmd
@@ -220,4 +222,42 @@ async fn sigint_with_no_devices_exits_zero_quickly() {
         "idle shutdown took {:?}",
         started.elapsed()
     );
+}
+
+#[tokio::test]
+async fn migrate_creates_the_schema_and_can_run_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("db/history.db").display());
+    for _ in 0..2 {
+        let out = run(gateway_command()
+            .args(["--dev", "migrate"])
+            .env("XZ_HISTORY__DATABASE_URL", &url))
+        .await;
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        assert!(text(&out.stdout).contains("schema ready"));
+    }
+    let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+    let tables: Vec<String> = sqlx::query_scalar(
+        "SELECT name FROM sqlite_master WHERE type IN ('table', 'view') ORDER BY name",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    for expected in [
+        "ai_agent_chat_audio",
+        "ai_agent_chat_history",
+        "v_chat_summary",
+        "xz_chat_applied",
+    ] {
+        assert!(
+            tables.iter().any(|t| t == expected),
+            "{expected} in {tables:?}"
+        );
+    }
+    let out = run(gateway_command()
+        .args(["--dev", "migrate"])
+        .env("XZ_HISTORY__DATABASE_URL", "postgres://nope"))
+    .await;
+    assert_eq!(out.status.code(), Some(2), "a bad URL is a config error");
+    assert!(text(&out.stderr).contains("history.database_url"));
 }

@@ -85,6 +85,8 @@ pub struct ConversationIo {
     pub mcp: Option<Arc<DeviceMcp>>,
     /// Cancelled when the session ends the conversation: hang up and return.
     pub stop: CancellationToken,
+    /// Records the conversation's chat history, when enabled.
+    pub recorder: Option<crate::history::recorder::ConversationRecorder>,
 }
 
 /// How a conversation ended from the pipeline's side.

@@ -110,6 +110,16 @@ pub(crate) async fn run(deps: Arc<SessionDeps>, start: ConversationStart) -> End
         downlink_audio: opened.downlink_audio.clone(),
         mcp,
         stop: CancellationToken::new(),
+        recorder: deps.history.clone().map(|history| {
+            crate::history::recorder::ConversationRecorder::new(
+                history,
+                device.mac.colon(),
+                session_id.clone(),
+                hello.audio_params.sample_rate,
+                opened.downlink_audio.sample_rate,
+                deps.history_max_packets,
+            )
+        }),
     };
     let stop = io.stop.clone();
     let idle_timeout = deps.idle_timeout;

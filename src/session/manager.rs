@@ -45,6 +45,10 @@ pub struct SessionDeps {
     /// What each connected device is doing (written here, read by the HTTP API).
     pub directory: Arc<DeviceDirectory>,
     pub mcp: McpSettings,
+    /// Where conversations record chat history (none: not recorded).
+    pub history: Option<crate::history::writer::HistoryHandle>,
+    /// Most Opus packets recorded per utterance.
+    pub history_max_packets: usize,
 }
 
 enum Event {

@@ -36,6 +36,8 @@ pub fn test_config() -> Config {
         password: ADMIN_PASS.into(),
     }];
     c.shutdown.grace_secs = 3;
+    // Tests that record chat history turn it on with their own database and journal.
+    c.history.enabled = false;
     c
 }
 

@@ -100,7 +100,11 @@ impl Conversation for XiaozhiConversation {
                 message = stream.next() => match message {
                     Some(Ok(Message::Binary(frame))) => match upstream::decode_audio(&frame) {
                         Ok(audio) => {
-                            io.downlink.send(audio.timestamp, &frame[audio.payload]).await;
+                            let opus = &frame[audio.payload];
+                            if let Some(recorder) = &mut io.recorder {
+                                recorder.downlink(opus);
+                            }
+                            io.downlink.send(audio.timestamp, opus).await;
                         }
                         Err(e) => {
                             Metrics::inc(&metrics.upstream_malformed);
@@ -136,7 +140,17 @@ impl Conversation for XiaozhiConversation {
                     Some(control) => {
                         match &control.message {
                             DeviceMessage::Listen { state: ListenState::Stop, .. } => turn.on_listen_stop(),
+                            DeviceMessage::Listen { state: ListenState::Start, .. } => {
+                                if let Some(recorder) = &mut io.recorder {
+                                    recorder.listen_start();
+                                }
+                            }
                             DeviceMessage::Abort { .. } => turn.on_abort(),
+                            DeviceMessage::Other { kind, .. } if kind == "mcp" => {
+                                if let (Some(recorder), Some(payload)) = (&mut io.recorder, control.json.get("payload")) {
+                                    recorder.device_mcp(payload);
+                                }
+                            }
                             _ => {}
                         }
                         match String::from_utf8(control.raw.to_vec()) {
@@ -148,6 +162,9 @@ impl Conversation for XiaozhiConversation {
                 },
                 frame = io.uplink.recv() => match frame {
                     Some(frame) => {
+                        if let Some(recorder) = &mut io.recorder {
+                            recorder.uplink(&frame.opus);
+                        }
                         let timestamp = clock.timestamp(frame.sequence, frame_ms);
                         upstream::encode_audio(timestamp, &frame.opus, &mut frame_buf);
                         // No receiver only once the writer has stopped; the loop learns
@@ -188,6 +205,9 @@ fn on_server_text(
     };
     let kind = value.get("type").and_then(Value::as_str).unwrap_or("");
     turn.on_server_message(kind, value.get("state").and_then(Value::as_str));
+    if let Some(recorder) = &mut io.recorder {
+        recorder.server_message(&value);
+    }
     if kind == "mcp"
         && let Some(mcp) = &io.mcp
         && let Some(payload) = value.get("payload").filter(|p| p.is_object())

@@ -1,0 +1,15 @@
+//! Chat history: recording conversations, storing them, querying them.
+//!
+//! * [`recorder`]: per conversation, turns relayed traffic (stt, tts sentences, tool
+//!   calls, uplink and downlink Opus) into [`record::ChatRecord`]s.
+//! * [`writer`]: one task behind a bounded queue that batches records into
+//!   transactions, applies each device's `chat_history_conf`, decodes audio
+//!   ([`audio`]) and falls back to the on-disk [`journal`] while the database is away.
+//! * [`store`]: manager-api's tables in MySQL/MariaDB, or the same schema in SQLite.
+
+pub mod audio;
+pub mod journal;
+pub mod record;
+pub mod recorder;
+pub mod store;
+pub mod writer;

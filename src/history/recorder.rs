@@ -1,0 +1,207 @@
+//! The recorder of one conversation: turns relayed traffic into chat-history records.
+//!
+//! * A user row per `stt` text from the speech server, with the uplink Opus of that
+//!   utterance: the frames since the device last started listening (at most
+//!   `max_utterance` of the most recent ones).
+//! * An assistant row per `tts sentence_start` text, with the downlink Opus that follows
+//!   it until the next sentence or `tts stop`; written when the sentence is complete.
+//! * A tool row (chat_type 3, a one-element JSON array) per `tools/call` the speech
+//!   server sends the device, and one per result the device returns.
+//!
+//! The recorder never blocks the relay: it builds records and hands them to the writer's
+//! queue.
+
+use std::collections::{HashMap, VecDeque};
+
+use serde_json::{Value, json};
+
+use super::record::{ChatRecord, ChatType, OpusAudio, now_ms};
+use super::writer::HistoryHandle;
+
+/// Records one conversation.
+pub struct ConversationRecorder {
+    history: HistoryHandle,
+    mac_address: String,
+    session_id: String,
+    uplink_rate: u32,
+    downlink_rate: u32,
+    max_packets: usize,
+    user_audio: VecDeque<Vec<u8>>,
+    user_started_ms: Option<i64>,
+    sentence: Option<Sentence>,
+    /// `tools/call` requests waiting for their result: id -> tool name.
+    tool_calls: HashMap<String, String>,
+}
+
+struct Sentence {
+    text: String,
+    started_ms: i64,
+    packets: Vec<Vec<u8>>,
+}
+
+impl ConversationRecorder {
+    /// `max_packets`: the most Opus packets kept per utterance.
+    pub fn new(
+        history: HistoryHandle,
+        mac_address: String,
+        session_id: String,
+        uplink_rate: u32,
+        downlink_rate: u32,
+        max_packets: usize,
+    ) -> Self {
+        ConversationRecorder {
+            history,
+            mac_address,
+            session_id,
+            uplink_rate,
+            downlink_rate,
+            max_packets: max_packets.max(1),
+            user_audio: VecDeque::new(),
+            user_started_ms: None,
+            sentence: None,
+            tool_calls: HashMap::new(),
+        }
+    }
+
+    /// An uplink Opus frame from the device.
+    pub fn uplink(&mut self, opus: &[u8]) {
+        if self.user_audio.len() == self.max_packets {
+            self.user_audio.pop_front();
+        }
+        self.user_started_ms.get_or_insert_with(now_ms);
+        self.user_audio.push_back(opus.to_vec());
+    }
+
+    /// A downlink Opus frame from the speech server.
+    pub fn downlink(&mut self, opus: &[u8]) {
+        if let Some(sentence) = &mut self.sentence
+            && sentence.packets.len() < self.max_packets
+        {
+            sentence.packets.push(opus.to_vec());
+        }
+    }
+
+    /// The device started listening: a new utterance begins.
+    pub fn listen_start(&mut self) {
+        self.user_audio.clear();
+        self.user_started_ms = None;
+    }
+
+    /// A JSON message from the speech server (already parsed).
+    pub fn server_message(&mut self, message: &Value) {
+        let kind = message.get("type").and_then(Value::as_str).unwrap_or("");
+        let text = message.get("text").and_then(Value::as_str);
+        match (kind, message.get("state").and_then(Value::as_str)) {
+            ("stt", _) => {
+                if let Some(text) = text.filter(|t| !t.trim().is_empty()) {
+                    let packets: Vec<Vec<u8>> = self.user_audio.drain(..).collect();
+                    let at = self.user_started_ms.take().unwrap_or_else(now_ms);
+                    let audio = (!packets.is_empty()).then_some(OpusAudio {
+                        sample_rate: self.uplink_rate,
+                        packets,
+                    });
+                    self.emit(ChatType::User, text.to_owned(), audio, at);
+                }
+            }
+            ("tts", Some("sentence_start")) => {
+                self.finish_sentence();
+                if let Some(text) = text.filter(|t| !t.trim().is_empty()) {
+                    self.sentence = Some(Sentence {
+                        text: text.to_owned(),
+                        started_ms: now_ms(),
+                        packets: Vec::new(),
+                    });
+                }
+            }
+            ("tts", Some("stop")) => self.finish_sentence(),
+            ("mcp", _) => {
+                if let Some(payload) = message.get("payload") {
+                    self.server_mcp(payload);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// An MCP payload the device sent toward the speech server (already routed).
+    pub fn device_mcp(&mut self, payload: &Value) {
+        let Some(id) = payload.get("id").map(id_key) else {
+            return;
+        };
+        let Some(name) = self.tool_calls.remove(&id) else {
+            return;
+        };
+        let outcome = payload
+            .get("result")
+            .or_else(|| payload.get("error"))
+            .cloned()
+            .unwrap_or(Value::Null);
+        let content = json!([{ "tool_call_id": id, "name": name, "content": outcome }]);
+        self.emit(ChatType::Tool, content.to_string(), None, now_ms());
+    }
+
+    fn server_mcp(&mut self, payload: &Value) {
+        if payload.get("method").and_then(Value::as_str) != Some("tools/call") {
+            return;
+        }
+        let Some(id) = payload.get("id").map(id_key) else {
+            return;
+        };
+        let params = payload.get("params").cloned().unwrap_or(Value::Null);
+        let name = params
+            .get("name")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_owned();
+        let arguments = params.get("arguments").cloned().unwrap_or(json!({}));
+        let content = json!([{
+            "id": id,
+            "type": "function",
+            "function": { "name": name, "arguments": arguments.to_string() },
+        }]);
+        if self.tool_calls.len() < 256 {
+            self.tool_calls.insert(id, name);
+        }
+        self.emit(ChatType::Tool, content.to_string(), None, now_ms());
+    }
+
+    fn finish_sentence(&mut self) {
+        if let Some(sentence) = self.sentence.take() {
+            let audio = (!sentence.packets.is_empty()).then_some(OpusAudio {
+                sample_rate: self.downlink_rate,
+                packets: sentence.packets,
+            });
+            self.emit(
+                ChatType::Assistant,
+                sentence.text,
+                audio,
+                sentence.started_ms,
+            );
+        }
+    }
+
+    fn emit(&mut self, chat_type: ChatType, content: String, audio: Option<OpusAudio>, at: i64) {
+        self.history.record(ChatRecord::new(
+            self.mac_address.clone(),
+            self.session_id.clone(),
+            chat_type,
+            content,
+            audio,
+            at,
+        ));
+    }
+}
+
+impl Drop for ConversationRecorder {
+    /// A conversation that ends mid-sentence still records what was said.
+    fn drop(&mut self) {
+        self.finish_sentence();
+    }
+}
+
+fn id_key(id: &Value) -> String {
+    match id {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}

@@ -1,0 +1,390 @@
+//! The write-behind writer: records from every conversation go through one bounded
+//! queue to one task that batches them into transactions.
+//!
+//! Recording never waits for the database. When a write fails or takes longer than
+//! `write_timeout`, the batch goes to the on-disk journal and so does everything after
+//! it, to keep order, until a replay has moved the whole journal into the database
+//! (tried every `retry_interval`, and at start, so a journal left by a previous run is
+//! replayed too). The device's recording policy (`chat_history_conf`) is looked up at
+//! write time, cached for a minute, and decides whether audio is decoded and kept.
+//!
+//! Shutdown drains: the queue is closed, what is in it is written (or journaled), and
+//! the task ends.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{broadcast, mpsc};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::audio::opus_to_wav;
+use super::journal::Journal;
+use super::record::{ChatRecord, OpusAudio};
+use super::store::{DevicePolicy, Store, StoreError, StoredRecord};
+use crate::metrics::Metrics;
+
+/// What is recorded for devices manager-api does not manage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RecordMode {
+    Off,
+    Text,
+    Audio,
+}
+
+/// Writer settings (from `history.*`).
+#[derive(Debug, Clone)]
+pub struct WriterSettings {
+    pub queue: usize,
+    pub batch: usize,
+    pub write_timeout: Duration,
+    pub retry_interval: Duration,
+    /// For devices outside manager-api's tables.
+    pub mode: RecordMode,
+    /// Offset of the time zone `created_at` is written in, minutes east of UTC.
+    pub utc_offset_minutes: i32,
+}
+
+impl Default for WriterSettings {
+    fn default() -> Self {
+        WriterSettings {
+            queue: 10_000,
+            batch: 256,
+            write_timeout: Duration::from_secs(5),
+            retry_interval: Duration::from_secs(5),
+            mode: RecordMode::Audio,
+            utc_offset_minutes: 480,
+        }
+    }
+}
+
+/// A stored record, for live consumers (the admin feed).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct StoredEvent {
+    pub mac_address: String,
+    pub agent_id: Option<String>,
+    pub session_id: String,
+    pub chat_type: u8,
+    pub content: String,
+    pub has_audio: bool,
+    pub created_at: String,
+}
+
+/// Where conversations hand their records; cheap to clone.
+#[derive(Clone)]
+pub struct HistoryHandle {
+    tx: mpsc::Sender<ChatRecord>,
+    metrics: Arc<Metrics>,
+}
+
+impl HistoryHandle {
+    /// Queues a record without waiting. A full queue loses the record (counted): it
+    /// only fills if the journal's disk cannot keep up.
+    pub fn record(&self, record: ChatRecord) {
+        match self.tx.try_send(record) {
+            Ok(()) => Metrics::set(
+                &self.metrics.history_queue_depth,
+                (self.tx.max_capacity() - self.tx.capacity()) as u64,
+            ),
+            Err(_) => {
+                Metrics::inc(&self.metrics.history_records_lost);
+                warn!("chat-history queue full; record lost");
+            }
+        }
+    }
+}
+
+/// The writer task and its state.
+pub struct HistoryWriter {
+    rx: mpsc::Receiver<ChatRecord>,
+    store: Store,
+    journal: Journal,
+    settings: WriterSettings,
+    metrics: Arc<Metrics>,
+    policies: HashMap<String, (Instant, DevicePolicy)>,
+    events: broadcast::Sender<StoredEvent>,
+    /// Where in the journal the replay has got to.
+    replayed_to: u64,
+    database_down: bool,
+    /// Set once the schema is in place: the `content` length limit, if any.
+    ready: Option<Option<usize>>,
+}
+
+/// Policies are looked up again after this long.
+const POLICY_TTL: Duration = Duration::from_secs(60);
+/// Records moved from the journal per replay step.
+const REPLAY_CHUNK: usize = 512;
+
+impl HistoryWriter {
+    /// Starts the writer; returns the handle for conversations and the task.
+    pub fn start(
+        store: Store,
+        journal: Journal,
+        settings: WriterSettings,
+        metrics: Arc<Metrics>,
+        events: broadcast::Sender<StoredEvent>,
+        stop: CancellationToken,
+    ) -> (HistoryHandle, JoinHandle<()>) {
+        let (tx, rx) = mpsc::channel(settings.queue.max(1));
+        Metrics::set(&metrics.history_journal_bytes, journal.len());
+        let writer = HistoryWriter {
+            rx,
+            store,
+            journal,
+            settings,
+            metrics: metrics.clone(),
+            policies: HashMap::new(),
+            events,
+            replayed_to: 0,
+            database_down: false,
+            ready: None,
+        };
+        let task = tokio::spawn(writer.run(stop));
+        (HistoryHandle { tx, metrics }, task)
+    }
+
+    async fn run(mut self, stop: CancellationToken) {
+        if !self.journal.is_empty() {
+            info!(bytes = self.journal.len(), path = %self.journal.path().display(), "replaying the chat-history journal");
+            self.replay().await;
+        }
+        let mut retry = tokio::time::interval(self.settings.retry_interval);
+        retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut batch = Vec::with_capacity(self.settings.batch);
+        loop {
+            tokio::select! {
+                biased;
+                _ = stop.cancelled(), if !self.rx.is_closed() => self.rx.close(),
+                n = self.rx.recv_many(&mut batch, self.settings.batch) => {
+                    if n == 0 {
+                        break;
+                    }
+                    Metrics::set(&self.metrics.history_queue_depth, self.rx.len() as u64);
+                    let records = std::mem::take(&mut batch);
+                    self.handle(records).await;
+                }
+                _ = retry.tick(), if !self.journal.is_empty() => self.replay().await,
+            }
+        }
+        if !self.journal.is_empty() {
+            self.replay().await;
+        }
+        if !self.journal.is_empty() {
+            info!(
+                bytes = self.journal.len(),
+                "chat-history journal kept for the next start"
+            );
+        }
+    }
+
+    /// Writes a batch, or journals it when the journal is in use or the write fails.
+    async fn handle(&mut self, records: Vec<ChatRecord>) {
+        if !self.journal.is_empty() {
+            self.journal_batch(&records);
+            return;
+        }
+        match self.write(&records).await {
+            Ok(()) => {}
+            Err(e) => {
+                Metrics::inc(&self.metrics.history_write_failures);
+                if !self.database_down {
+                    warn!(error = %e, "chat-history database unavailable; recording to the journal until it returns");
+                    self.database_down = true;
+                }
+                self.journal_batch(&records);
+            }
+        }
+    }
+
+    fn journal_batch(&mut self, records: &[ChatRecord]) {
+        match self.journal.append(records) {
+            Ok(()) => Metrics::add(
+                &self.metrics.history_records_journaled,
+                records.len() as u64,
+            ),
+            Err(e) => {
+                Metrics::add(&self.metrics.history_records_lost, records.len() as u64);
+                warn!(error = %e, lost = records.len(), "chat-history journal cannot be written; records lost");
+            }
+        }
+        Metrics::set(&self.metrics.history_journal_bytes, self.journal.len());
+    }
+
+    /// Moves the journal into the database, chunk by chunk; stops at the first failure.
+    async fn replay(&mut self) {
+        loop {
+            let chunk = match self.journal.read_from(self.replayed_to, REPLAY_CHUNK) {
+                Ok(chunk) => chunk,
+                Err(e) => {
+                    warn!(error = %e, "chat-history journal cannot be read");
+                    return;
+                }
+            };
+            if chunk.records.is_empty() {
+                break;
+            }
+            if let Err(e) = self.write(&chunk.records).await {
+                Metrics::inc(&self.metrics.history_write_failures);
+                tracing::debug!(error = %e, "journal replay deferred");
+                return;
+            }
+            Metrics::add(
+                &self.metrics.history_records_replayed,
+                chunk.records.len() as u64,
+            );
+            self.replayed_to = chunk.next;
+        }
+        if let Err(e) = self.journal.clear() {
+            warn!(error = %e, "chat-history journal cannot be emptied");
+            return;
+        }
+        self.replayed_to = 0;
+        Metrics::set(&self.metrics.history_journal_bytes, 0);
+        if self.database_down {
+            info!("chat-history database is back; journal replayed");
+            self.database_down = false;
+        }
+    }
+
+    /// Applies policies, decodes audio and writes one transaction, within the timeout.
+    async fn write(&mut self, records: &[ChatRecord]) -> Result<(), StoreError> {
+        let timeout = self.settings.write_timeout;
+        let work = async {
+            let content_limit = match self.ready {
+                Some(limit) => limit,
+                None => {
+                    // The database may have been away at start: migrate when it is here.
+                    self.store.migrate().await?;
+                    let limit = self.store.content_limit().await?;
+                    self.ready = Some(limit);
+                    limit
+                }
+            };
+            let mut stored = Vec::with_capacity(records.len());
+            let mut audio_jobs = Vec::new();
+            for record in records {
+                let (agent_id, keep_text, keep_audio) =
+                    match self.policy(&record.mac_address).await? {
+                        DevicePolicy::Unmanaged => match self.settings.mode {
+                            RecordMode::Off => (None, false, false),
+                            RecordMode::Text => (None, true, false),
+                            RecordMode::Audio => (None, true, true),
+                        },
+                        DevicePolicy::Unknown => (None, false, false),
+                        DevicePolicy::Agent { agent_id, conf } => {
+                            (Some(agent_id), conf >= 1, conf >= 2)
+                        }
+                    };
+                if !keep_text {
+                    Metrics::inc(&self.metrics.history_records_skipped);
+                    continue;
+                }
+                if keep_audio && let Some(audio) = &record.audio {
+                    audio_jobs.push((stored.len(), audio.clone()));
+                }
+                stored.push(StoredRecord {
+                    record_id: record.record_id.clone(),
+                    mac_address: record.mac_address.clone(),
+                    agent_id,
+                    session_id: record.session_id.clone(),
+                    chat_type: record.chat_type,
+                    content: match content_limit {
+                        Some(limit) => record.content.chars().take(limit).collect(),
+                        None => record.content.clone(),
+                    },
+                    wav: None,
+                    created_at: format_time(record.created_at_ms, self.settings.utc_offset_minutes),
+                });
+            }
+            if !audio_jobs.is_empty() {
+                let decoded = tokio::task::spawn_blocking(move || decode_all(audio_jobs))
+                    .await
+                    .unwrap_or_default();
+                for (index, wav) in decoded {
+                    stored[index].wav = Some(wav);
+                }
+            }
+            if !stored.is_empty() {
+                let new = self.store.write_batch(&stored).await?;
+                Metrics::add(&self.metrics.history_records_stored, new as u64);
+                for r in &stored {
+                    let _ = self.events.send(StoredEvent {
+                        mac_address: r.mac_address.clone(),
+                        agent_id: r.agent_id.clone(),
+                        session_id: r.session_id.clone(),
+                        chat_type: r.chat_type as u8,
+                        content: r.content.clone(),
+                        has_audio: r.wav.is_some(),
+                        created_at: r.created_at.clone(),
+                    });
+                }
+            }
+            Ok(())
+        };
+        match tokio::time::timeout(timeout, work).await {
+            Ok(result) => result,
+            Err(_) => Err(StoreError::Sql(sqlx::Error::PoolTimedOut)),
+        }
+    }
+
+    async fn policy(&mut self, mac: &str) -> Result<DevicePolicy, StoreError> {
+        if let Some((at, policy)) = self.policies.get(mac)
+            && at.elapsed() < POLICY_TTL
+        {
+            return Ok(policy.clone());
+        }
+        let policy = self.store.device_policy(mac).await?;
+        if self.policies.len() > 100_000 {
+            self.policies.clear();
+        }
+        self.policies
+            .insert(mac.to_owned(), (Instant::now(), policy.clone()));
+        Ok(policy)
+    }
+}
+
+fn decode_all(jobs: Vec<(usize, OpusAudio)>) -> Vec<(usize, Vec<u8>)> {
+    jobs.into_iter()
+        .filter_map(|(index, audio)| {
+            opus_to_wav(&audio.packets, audio.sample_rate)
+                .ok()
+                .map(|wav| (index, wav.bytes))
+        })
+        .collect()
+}
+
+/// `YYYY-MM-DD HH:MM:SS.mmm` for unix milliseconds at a UTC offset.
+pub fn format_time(unix_ms: i64, utc_offset_minutes: i32) -> String {
+    let offset = time::UtcOffset::from_whole_seconds(utc_offset_minutes * 60)
+        .unwrap_or(time::UtcOffset::UTC);
+    let t = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(unix_ms) * 1_000_000)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
+        .to_offset(offset);
+    format!(
+        "{:04}-{:02}-{:02} {:02}:{:02}:{:02}.{:03}",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second(),
+        t.millisecond()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_are_written_in_the_configured_zone() {
+        // 2023-11-14 22:13:20.123 UTC
+        let ms = 1_700_000_000_123;
+        assert_eq!(format_time(ms, 0), "2023-11-14 22:13:20.123");
+        assert_eq!(format_time(ms, 480), "2023-11-15 06:13:20.123");
+        assert_eq!(format_time(ms, -300), "2023-11-14 17:13:20.123");
+    }
+}

@@ -1,0 +1,453 @@
+//! Chat history end to end: conversations through the mock xiaozhi-server are recorded
+//! in SQLite and in real MariaDB (127.0.0.1:3306, root, no password), with WAV audio,
+//! per-agent policies, and no loss or duplicates across a database outage and a restart.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use serde_json::json;
+use sqlx::Row;
+use tokio::net::{TcpListener, TcpStream};
+use xiaozhi_gateway::config::Config;
+use xiaozhi_gateway::history::audio::wav_info;
+use xiaozhi_gateway::history::writer::RecordMode;
+use xiaozhi_gateway::server::Gateway;
+use xiaozhi_gateway::simulator::audio::{SimAudio, synthetic_frame};
+use xiaozhi_gateway::simulator::upstream::{MockUpstream, MockUpstreamConfig};
+
+const MARIADB: &str = "mysql://root@127.0.0.1:3306";
+
+/// A fresh MariaDB database for one test, dropped at the end.
+struct ScratchDb {
+    name: String,
+    admin: sqlx::MySqlPool,
+}
+
+impl ScratchDb {
+    async fn new() -> ScratchDb {
+        let admin = sqlx::MySqlPool::connect(&format!("{MARIADB}/test"))
+            .await
+            .expect("MariaDB at 127.0.0.1:3306 (root, no password); .ci/run starts it");
+        let name = format!(
+            "xz_test_{}",
+            xiaozhi_gateway::history::record::new_id()[..12].to_owned()
+        );
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "CREATE DATABASE `{name}` CHARACTER SET utf8mb4"
+        )))
+        .execute(&admin)
+        .await
+        .unwrap();
+        ScratchDb { name, admin }
+    }
+
+    fn url(&self) -> String {
+        format!("{MARIADB}/{}", self.name)
+    }
+
+    async fn pool(&self) -> sqlx::MySqlPool {
+        sqlx::MySqlPool::connect(&self.url()).await.unwrap()
+    }
+
+    async fn drop_db(self) {
+        let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE `{}`",
+            self.name
+        )))
+        .execute(&self.admin)
+        .await;
+    }
+}
+
+fn history_config(
+    upstream: &MockUpstream,
+    database_url: String,
+    journal: &std::path::Path,
+) -> Config {
+    let mut c = common::test_config();
+    c.pipeline.xiaozhi.urls = vec![upstream.url.clone()];
+    c.history.enabled = true;
+    c.history.database_url = database_url;
+    c.history.journal_dir = journal.to_owned();
+    c.history.mode = RecordMode::Audio;
+    c.history.write_timeout_ms = 1_000;
+    c.history.retry_secs = 1;
+    c
+}
+
+/// One device takes `turns` turns of 5 frames each, then says goodbye.
+async fn converse(gw: &Gateway, n: u32, turns: u32) -> String {
+    let mut dev = common::device(gw, n).await;
+    let (hello, mut audio): (_, SimAudio) = common::conversation(&mut dev).await;
+    dev.publish_json(&common::listen_start(&hello.session_id, "auto"))
+        .await
+        .unwrap();
+    for turn in 0..turns {
+        for i in 0..5 {
+            let index = turn * 5 + i;
+            audio
+                .send(index * 60, &synthetic_frame(index, 30))
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Wait for the whole reply before speaking again.
+        loop {
+            let tts = dev.recv_type("tts", Duration::from_secs(5)).await.unwrap();
+            if tts["state"] == "stop" {
+                break;
+            }
+        }
+        dev.publish_json(&common::listen_start(&hello.session_id, "auto"))
+            .await
+            .unwrap();
+    }
+    dev.publish_json(&json!({"session_id": hello.session_id, "type": "goodbye"}))
+        .await
+        .unwrap();
+    hello.session_id
+}
+
+#[derive(Debug)]
+struct Row3 {
+    session_id: String,
+    chat_type: i64,
+    content: String,
+    audio: Option<Vec<u8>>,
+    agent_id: Option<String>,
+}
+
+async fn mysql_rows(pool: &sqlx::MySqlPool, mac: &str) -> Vec<Row3> {
+    sqlx::query(
+        "SELECT h.session_id, h.chat_type, h.content, h.agent_id, a.audio FROM ai_agent_chat_history h \
+         LEFT JOIN ai_agent_chat_audio a ON a.id = h.audio_id WHERE h.mac_address = ? ORDER BY h.id",
+    )
+    .bind(mac)
+    .fetch_all(pool)
+    .await
+    .unwrap()
+    .into_iter()
+    .map(|r| Row3 {
+        session_id: r.get("session_id"),
+        chat_type: i64::from(r.get::<i8, _>("chat_type")),
+        content: r.get("content"),
+        audio: r.get("audio"),
+        agent_id: r.get("agent_id"),
+    })
+    .collect()
+}
+
+/// The rows a conversation of `turns` turns must produce, in order.
+fn assert_turn_rows(rows: &[Row3], session_id: &str, turns: u32, with_audio: bool) {
+    let expected: Vec<(i64, String)> = (1..=turns)
+        .flat_map(|t| [(1, format!("turn {t}")), (2, format!("reply {t}"))])
+        .collect();
+    let got: Vec<(i64, String)> = rows
+        .iter()
+        .map(|r| (r.chat_type, r.content.clone()))
+        .collect();
+    assert_eq!(got, expected);
+    for row in rows {
+        assert_eq!(
+            row.session_id, session_id,
+            "the session id the device got in its hello"
+        );
+        match (&row.audio, with_audio) {
+            (Some(wav), true) => {
+                let info = wav_info(wav).expect("a valid WAV");
+                assert_eq!(
+                    (info.sample_rate, info.channels, info.bits_per_sample),
+                    (16_000, 1, 16)
+                );
+                // 5 frames of 60 ms each way, within one frame.
+                assert!(
+                    (240..=360).contains(&info.duration_ms),
+                    "{} ms for {:?}",
+                    info.duration_ms,
+                    row.content
+                );
+            }
+            (None, false) => {}
+            (audio, _) => panic!(
+                "audio {:?} for {:?}, expected {with_audio}",
+                audio.as_ref().map(Vec::len),
+                row.content
+            ),
+        }
+    }
+}
+
+async fn eventually_rows(pool: &sqlx::MySqlPool, mac: &str, n: usize) -> Vec<Row3> {
+    for _ in 0..100 {
+        let rows = mysql_rows(pool, mac).await;
+        if rows.len() >= n {
+            return rows;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    mysql_rows(pool, mac).await
+}
+
+#[tokio::test]
+async fn a_conversation_is_recorded_in_mariadb_with_audio() {
+    let db = ScratchDb::new().await;
+    let upstream = MockUpstream::start(MockUpstreamConfig::default())
+        .await
+        .unwrap();
+    let journal = tempfile::tempdir().unwrap();
+    let gw = common::start_with(history_config(&upstream, db.url(), journal.path())).await;
+    let mut events = gw.history_events.subscribe();
+    let session = converse(&gw, 200, 2).await;
+    let mac = common::mac(200).colon();
+    let pool = db.pool().await;
+    let rows = eventually_rows(&pool, &mac, 4).await;
+    assert_turn_rows(&rows, &session, 2, true);
+    // Live consumers saw each stored record.
+    let mut seen = Vec::new();
+    while let Ok(e) = events.try_recv() {
+        seen.push(e.content);
+    }
+    assert_eq!(seen, ["turn 1", "reply 1", "turn 2", "reply 2"]);
+    gw.shutdown().await;
+    pool.close().await;
+    db.drop_db().await;
+}
+
+#[tokio::test]
+async fn the_embedded_default_sqlite_gets_the_same_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = MockUpstream::start(MockUpstreamConfig::default())
+        .await
+        .unwrap();
+    let url = format!(
+        "sqlite://{}",
+        dir.path().join("nested/history.db").display()
+    );
+    let gw = common::start_with(history_config(&upstream, url.clone(), dir.path())).await;
+    let session = converse(&gw, 201, 2).await;
+    let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+    let mac = common::mac(201).colon();
+    let mut rows = Vec::new();
+    for _ in 0..100 {
+        rows = sqlx::query(
+            "SELECT h.session_id, h.chat_type, h.content, a.audio FROM ai_agent_chat_history h \
+             LEFT JOIN ai_agent_chat_audio a ON a.id = h.audio_id WHERE h.mac_address = ? ORDER BY h.id",
+        )
+        .bind(&mac)
+        .fetch_all(&pool)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| Row3 {
+            session_id: r.get("session_id"),
+            chat_type: r.get("chat_type"),
+            content: r.get("content"),
+            audio: r.get("audio"),
+            agent_id: None,
+        })
+        .collect();
+        if rows.len() >= 4 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_turn_rows(&rows, &session, 2, true);
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn chat_history_conf_decides_what_is_recorded() {
+    let db = ScratchDb::new().await;
+    let pool = db.pool().await;
+    // Minimal manager-api device and agent tables.
+    for sql in [
+        "CREATE TABLE ai_agent (id VARCHAR(32) NOT NULL PRIMARY KEY, chat_history_conf TINYINT NOT NULL DEFAULT 0)",
+        "CREATE TABLE ai_device (id VARCHAR(32) NOT NULL PRIMARY KEY, mac_address VARCHAR(50), agent_id VARCHAR(32))",
+        "INSERT INTO ai_agent VALUES ('agent0', 0), ('agent1', 1), ('agent2', 2)",
+    ] {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+            .execute(&pool)
+            .await
+            .unwrap();
+    }
+    for (n, agent) in [(210u32, "agent0"), (211, "agent1"), (212, "agent2")] {
+        let mac = common::mac(n).colon();
+        sqlx::query("INSERT INTO ai_device (id, mac_address, agent_id) VALUES (?, ?, ?)")
+            .bind(mac.replace(':', ""))
+            .bind(&mac)
+            .bind(agent)
+            .execute(&pool)
+            .await
+            .unwrap();
+    }
+    let upstream = MockUpstream::start(MockUpstreamConfig::default())
+        .await
+        .unwrap();
+    let journal = tempfile::tempdir().unwrap();
+    let gw = common::start_with(history_config(&upstream, db.url(), journal.path())).await;
+    let mut sessions = Vec::new();
+    for n in [210u32, 211, 212, 213] {
+        sessions.push(converse(&gw, n, 1).await);
+    }
+    let rows = eventually_rows(&pool, &common::mac(212).colon(), 2).await;
+    assert_turn_rows(&rows, &sessions[2], 1, true);
+    assert!(rows.iter().all(|r| r.agent_id.as_deref() == Some("agent2")));
+    let rows = eventually_rows(&pool, &common::mac(211).colon(), 2).await;
+    assert_turn_rows(&rows, &sessions[1], 1, false);
+    // Give the writer time to have written anything it would write for the others.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        mysql_rows(&pool, &common::mac(210).colon())
+            .await
+            .is_empty(),
+        "conf 0 records nothing"
+    );
+    assert!(
+        mysql_rows(&pool, &common::mac(213).colon())
+            .await
+            .is_empty(),
+        "unknown device: nothing"
+    );
+    assert!(gw.metrics.snapshot().history_records_skipped >= 4);
+    gw.shutdown().await;
+    pool.close().await;
+    db.drop_db().await;
+}
+
+/// A TCP proxy to MariaDB that can be cut (connections refused and existing ones dropped).
+struct Switch {
+    addr: SocketAddr,
+    up: Arc<AtomicBool>,
+    generation: Arc<tokio::sync::watch::Sender<u64>>,
+}
+
+impl Switch {
+    async fn start() -> Switch {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let up = Arc::new(AtomicBool::new(true));
+        let generation = Arc::new(tokio::sync::watch::Sender::new(0u64));
+        let (u, g) = (up.clone(), generation.clone());
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                if !u.load(Ordering::SeqCst) {
+                    drop(client);
+                    continue;
+                }
+                let mut cut = g.subscribe();
+                tokio::spawn(async move {
+                    let Ok(mut server) = TcpStream::connect("127.0.0.1:3306").await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = cut.changed() => {}
+                    }
+                });
+            }
+        });
+        Switch {
+            addr,
+            up,
+            generation,
+        }
+    }
+
+    fn set(&self, up: bool) {
+        self.up.store(up, Ordering::SeqCst);
+        if !up {
+            self.generation.send_modify(|g| *g += 1);
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_outage_loses_nothing_and_duplicates_nothing_even_across_a_restart() {
+    let db = ScratchDb::new().await;
+    let switch = Switch::start().await;
+    let url = format!("mysql://root@{}/{}", switch.addr, db.name);
+    let upstream = MockUpstream::start(MockUpstreamConfig::default())
+        .await
+        .unwrap();
+    let journal = tempfile::tempdir().unwrap();
+    let pool = db.pool().await;
+
+    // Up: the schema is created and a first conversation stored.
+    let gw = common::start_with(history_config(&upstream, url.clone(), journal.path())).await;
+    let s1 = converse(&gw, 220, 1).await;
+    assert_eq!(
+        eventually_rows(&pool, &common::mac(220).colon(), 2)
+            .await
+            .len(),
+        2
+    );
+
+    // Down mid-service: a conversation goes to the journal...
+    switch.set(false);
+    let s2 = converse(&gw, 221, 2).await;
+    assert!(
+        common::eventually(Duration::from_secs(10), || gw
+            .metrics
+            .snapshot()
+            .history_records_journaled
+            >= 4)
+        .await,
+        "{:?}",
+        gw.metrics.snapshot()
+    );
+    // ...and comes back when the database does.
+    switch.set(true);
+    let rows = eventually_rows(&pool, &common::mac(221).colon(), 4).await;
+    assert_turn_rows(&rows, &s2, 2, true);
+
+    // Down again, and the gateway restarts before it returns: the journal survives.
+    switch.set(false);
+    let s3 = converse(&gw, 222, 1).await;
+    assert!(
+        common::eventually(Duration::from_secs(10), || gw
+            .metrics
+            .snapshot()
+            .history_records_journaled
+            >= 6)
+        .await
+    );
+    gw.shutdown().await;
+    assert!(
+        std::fs::metadata(journal.path().join("history.journal"))
+            .unwrap()
+            .len()
+            > 0
+    );
+    switch.set(true);
+    let gw = common::start_with(history_config(&upstream, url, journal.path())).await;
+    let rows = eventually_rows(&pool, &common::mac(222).colon(), 2).await;
+    assert_turn_rows(&rows, &s3, 1, true);
+
+    // Nothing twice, anywhere.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_turn_rows(
+        &mysql_rows(&pool, &common::mac(220).colon()).await,
+        &s1,
+        1,
+        true,
+    );
+    assert_turn_rows(
+        &mysql_rows(&pool, &common::mac(221).colon()).await,
+        &s2,
+        2,
+        true,
+    );
+    assert_turn_rows(
+        &mysql_rows(&pool, &common::mac(222).colon()).await,
+        &s3,
+        1,
+        true,
+    );
+    gw.shutdown().await;
+    pool.close().await;
+    db.drop_db().await;
+}
