@@ -291,6 +291,12 @@ pub struct HistoryConfig {
     pub retry_secs: u64,
     /// Most audio kept per utterance, in seconds.
     pub max_utterance_secs: u64,
+    /// Bearer token of the history API and the `/ws/admin` feed; unset: they are off.
+    pub api_token: Option<String>,
+    /// Delete audio older than this many days (0: keep forever).
+    pub retention_audio_days: u32,
+    /// Delete text rows older than this many days (0: keep forever).
+    pub retention_text_days: u32,
 }
 
 impl std::fmt::Debug for HistoryConfig {
@@ -317,6 +323,9 @@ impl Default for HistoryConfig {
             write_timeout_ms: 5_000,
             retry_secs: 5,
             max_utterance_secs: 120,
+            api_token: None,
+            retention_audio_days: 0,
+            retention_text_days: 0,
         }
     }
 }

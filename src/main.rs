@@ -174,6 +174,9 @@ fn main() -> ExitCode {
                 }
                 shown.history.database_url =
                     xiaozhi_gateway::config::redact_url(&shown.history.database_url);
+                if shown.history.api_token.is_some() {
+                    shown.history.api_token = Some("<redacted>".into());
+                }
                 if shown.pipeline.xiaozhi.auth_key.is_some() {
                     shown.pipeline.xiaozhi.auth_key = Some("<redacted>".into());
                 }

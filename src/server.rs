@@ -192,9 +192,9 @@ impl Gateway {
             ),
             false => None,
         };
-        let (history, history_task) = match history {
-            Some((handle, task)) => (Some(handle), Some(task)),
-            None => (None, None),
+        let (history, history_task, history_store) = match history {
+            Some((handle, task, store)) => (Some(handle), Some(task), Some(store)),
+            None => (None, None, None),
         };
         let sessions = SessionManager::start(SessionDeps {
             pipeline,
@@ -283,6 +283,8 @@ impl Gateway {
             directory: directory.clone(),
             config: Arc::new(config.clone()),
             mqtt_port: addrs.mqtt.port(),
+            history: history_store,
+            history_events: history_events.clone(),
         });
         background.push(tokio::spawn(async move {
             let serve = axum::serve(
@@ -398,7 +400,14 @@ async fn start_history(
     metrics: Arc<Metrics>,
     events: tokio::sync::broadcast::Sender<crate::history::writer::StoredEvent>,
     stop: CancellationToken,
-) -> Result<(crate::history::writer::HistoryHandle, JoinHandle<()>), StartError> {
+) -> Result<
+    (
+        crate::history::writer::HistoryHandle,
+        JoinHandle<()>,
+        crate::history::store::Store,
+    ),
+    StartError,
+> {
     use crate::history::{journal::Journal, store::Store, writer};
     let h = &config.history;
     if let Some(path) = h
@@ -441,7 +450,7 @@ async fn start_history(
         mode: h.mode,
         utc_offset_minutes: h.utc_offset_minutes,
     };
-    Ok(writer::HistoryWriter::start(
-        store, journal, settings, metrics, events, stop,
-    ))
+    let (handle, task) =
+        writer::HistoryWriter::start(store.clone(), journal, settings, metrics, events, stop);
+    Ok((handle, task, store))
 }

@@ -23,6 +23,10 @@ pub struct HttpState {
     pub config: Arc<Config>,
     /// The device MQTT port actually bound (for OTA's default endpoint).
     pub mqtt_port: u16,
+    /// The chat-history database, when history is enabled.
+    pub history: Option<crate::history::store::Store>,
+    /// Every stored chat-history record, for `/ws/admin`.
+    pub history_events: tokio::sync::broadcast::Sender<crate::history::writer::StoredEvent>,
 }
 
 /// Builds the router.
