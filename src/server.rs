@@ -277,6 +277,19 @@ impl Gateway {
             )));
         }
         background.push(tokio::spawn(audio_socket.run(stop_rest.clone())));
+        if let Some(store) = &history_store {
+            let retention = crate::history::retention::Retention {
+                audio_days: config.history.retention_audio_days,
+                text_days: config.history.retention_text_days,
+                utc_offset_minutes: config.history.utc_offset_minutes,
+            };
+            background.push(tokio::spawn(crate::history::retention::run_periodically(
+                store.clone(),
+                retention,
+                Duration::from_secs(3600),
+                stop_rest.clone(),
+            )));
+        }
         let http_stop = stop_rest.clone();
         let app = crate::http::router(crate::http::HttpState {
             metrics: metrics.clone(),

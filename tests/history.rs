@@ -451,3 +451,77 @@ async fn an_outage_loses_nothing_and_duplicates_nothing_even_across_a_restart() 
     pool.close().await;
     db.drop_db().await;
 }
+
+#[tokio::test]
+async fn retention_deletes_old_audio_and_text_without_dangling_references() {
+    use xiaozhi_gateway::history::record::{ChatType, now_ms};
+    use xiaozhi_gateway::history::retention::{Retention, run_once};
+    use xiaozhi_gateway::history::store::{Store, StoredRecord};
+    use xiaozhi_gateway::history::writer::format_time;
+
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("r.db").display());
+    let store = Store::connect(&url, Duration::from_secs(5)).await.unwrap();
+    store.migrate().await.unwrap();
+    let day = 86_400_000i64;
+    let now = now_ms();
+    let wav = xiaozhi_gateway::history::audio::encode_wav(&[0i16; 1600], 16_000);
+    let rows: Vec<StoredRecord> = [(40, "forty"), (10, "ten"), (1, "one")]
+        .into_iter()
+        .map(|(age, text)| StoredRecord {
+            record_id: xiaozhi_gateway::history::record::new_id(),
+            mac_address: "aa:bb:cc:dd:ee:ff".into(),
+            agent_id: None,
+            session_id: format!("s-{age}"),
+            chat_type: ChatType::User,
+            content: text.into(),
+            wav: Some(wav.clone()),
+            created_at: format_time(now - age * day, 480),
+        })
+        .collect();
+    assert_eq!(store.write_batch(&rows).await.unwrap(), 3);
+
+    let retention = Retention {
+        audio_days: 7,
+        text_days: 30,
+        utc_offset_minutes: 480,
+    };
+    let deleted = run_once(&store, retention, now).await.unwrap();
+    assert_eq!((deleted.rows, deleted.audio), (1, 2), "{deleted:?}");
+
+    let Store::Sqlite(pool) = &store else {
+        unreachable!()
+    };
+    let left: Vec<(String, Option<String>)> =
+        sqlx::query_as("SELECT content, audio_id FROM ai_agent_chat_history ORDER BY id")
+            .fetch_all(pool)
+            .await
+            .unwrap();
+    assert_eq!(left.len(), 2);
+    assert_eq!(
+        (left[0].0.as_str(), left[0].1.is_none()),
+        ("ten", true),
+        "old audio stripped"
+    );
+    assert_eq!(
+        (left[1].0.as_str(), left[1].1.is_some()),
+        ("one", true),
+        "recent audio kept"
+    );
+    let dangling: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM ai_agent_chat_history h LEFT JOIN ai_agent_chat_audio a ON a.id = h.audio_id \
+         WHERE h.audio_id IS NOT NULL AND a.id IS NULL",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    assert_eq!(dangling, 0);
+    let blobs: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM ai_agent_chat_audio")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    assert_eq!(blobs, 1, "only the recent row's audio remains");
+    // A second pass has nothing left to do.
+    let again = run_once(&store, retention, now).await.unwrap();
+    assert_eq!((again.rows, again.audio), (0, 0));
+}

@@ -11,5 +11,6 @@ pub mod audio;
 pub mod journal;
 pub mod record;
 pub mod recorder;
+pub mod retention;
 pub mod store;
 pub mod writer;
