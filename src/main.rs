@@ -55,6 +55,8 @@ enum Command {
     /// Print a device's MQTT settings (as the OTA endpoint hands them out) as JSON,
     /// signed with the configured signature key.
     Credentials(CredentialsArgs),
+    /// Measure sustained chat-history writes (records/s) against a database.
+    BenchHistory(BenchHistoryArgs),
     /// Create the chat-history schema in `history.database_url` (what is missing only;
     /// existing tables are never altered).
     Migrate,
@@ -62,6 +64,23 @@ enum Command {
     /// without a real one: it answers each turn with stt, tts and audio frames that carry
     /// their send time.
     MockUpstream(MockUpstreamArgs),
+}
+
+#[derive(Args)]
+struct BenchHistoryArgs {
+    /// Database to write to (its rows use MACs starting with 02:be).
+    #[arg(long, default_value = "mysql://root@127.0.0.1:3306/test")]
+    database_url: String,
+    #[arg(long, default_value_t = 50_000)]
+    records: u64,
+    /// Records per transaction at most.
+    #[arg(long, default_value_t = 256)]
+    batch: usize,
+    /// Opus frames of audio per record, decoded to WAV and stored (0: text only).
+    #[arg(long, default_value_t = 0)]
+    audio_frames: u32,
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -139,6 +158,13 @@ struct SimulateArgs {
     frames_per_turn: u32,
     #[arg(long, default_value_t = 5)]
     reply_frames: u32,
+    /// With --turns: also watch the gateway's history feed (e.g.
+    /// ws://127.0.0.1:8007/ws/admin) and report how long after each stt its row was
+    /// stored; needs --history-token (the gateway's history.api_token).
+    #[arg(long, requires = "history_token")]
+    history_feed: Option<String>,
+    #[arg(long, env = "XZ_HISTORY__API_TOKEN", hide_env_values = true)]
+    history_token: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -209,6 +235,7 @@ fn main() -> ExitCode {
                 reply_frames: args.reply_frames,
                 connect_rate: args.connect_rate,
                 first_device: args.first_device,
+                history_feed: args.history_feed.zip(args.history_token),
                 ..TurnConfig::default()
             };
             let report = runtime.block_on(run_turns(config));
@@ -224,6 +251,34 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             } else {
                 ExitCode::SUCCESS
+            }
+        }
+        Command::BenchHistory(args) => {
+            tracing_subscriber::fmt()
+                .with_env_filter(EnvFilter::new("warn"))
+                .init();
+            let config = xiaozhi_gateway::history::bench::BenchConfig {
+                database_url: args.database_url,
+                records: args.records,
+                batch: args.batch,
+                audio_frames: args.audio_frames,
+            };
+            match runtime.block_on(xiaozhi_gateway::history::bench::run(config)) {
+                Ok(report) if args.json => {
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&report).unwrap_or_default()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Ok(report) => {
+                    println!("{report}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
             }
         }
         Command::Migrate => match load_config(&cli.config) {

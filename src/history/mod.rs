@@ -6,9 +6,12 @@
 //!   transactions, applies each device's `chat_history_conf`, decodes audio
 //!   ([`audio`]) and falls back to the on-disk [`journal`] while the database is away.
 //! * [`store`]: manager-api's tables in MySQL/MariaDB, or the same schema in SQLite.
+//! * [`query`]: reading it back for the history API (keyset-paged, both backends).
 
 pub mod audio;
+pub mod bench;
 pub mod journal;
+pub mod query;
 pub mod record;
 pub mod recorder;
 pub mod retention;

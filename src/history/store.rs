@@ -220,6 +220,11 @@ impl Store {
         if !self.managed().await? {
             return Ok(DevicePolicy::Unmanaged);
         }
+        self.agent_policy(mac_address).await
+    }
+
+    /// The policy of a device's agent, given that manager-api's tables are there.
+    pub async fn agent_policy(&self, mac_address: &str) -> Result<DevicePolicy, StoreError> {
         const SQL: &str = "SELECT d.agent_id AS agent_id, a.chat_history_conf AS conf \
              FROM ai_device d JOIN ai_agent a ON a.id = d.agent_id \
              WHERE d.mac_address = ? LIMIT 1";
@@ -256,118 +261,84 @@ impl Store {
     }
 
     /// Writes a batch in one transaction; records written before are skipped. Returns
-    /// how many were new.
+    /// how many were new. Whatever the batch size, it costs four statements: which ids
+    /// are known, then one multi-row insert each into the ledger, the audio table and
+    /// the history table.
     pub async fn write_batch(&self, batch: &[StoredRecord]) -> Result<usize, StoreError> {
-        match self {
-            Store::MySql(pool) => {
-                let mut tx = pool.begin().await?;
-                let mut new = 0;
-                for r in batch {
-                    let claimed =
-                        sqlx::query("INSERT IGNORE INTO xz_chat_applied (record_id) VALUES (?)")
-                            .bind(&r.record_id)
-                            .execute(&mut *tx)
-                            .await?
-                            .rows_affected();
-                    if claimed == 0 {
-                        continue;
-                    }
-                    let audio_id = match &r.wav {
-                        Some(wav) => {
-                            let id = new_id();
-                            sqlx::query(
-                                "INSERT INTO ai_agent_chat_audio (id, audio) VALUES (?, ?)",
-                            )
-                            .bind(&id)
-                            .bind(wav.as_slice())
-                            .execute(&mut *tx)
-                            .await?;
-                            Some(id)
-                        }
-                        None => None,
-                    };
-                    let history_id = sqlx::query(
-                        "INSERT INTO ai_agent_chat_history \
-                         (mac_address, agent_id, session_id, chat_type, content, audio_id, created_at, updated_at) \
-                         VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    )
-                    .bind(&r.mac_address)
-                    .bind(&r.agent_id)
-                    .bind(&r.session_id)
-                    .bind(r.chat_type as i8)
-                    .bind(&r.content)
-                    .bind(&audio_id)
-                    .bind(&r.created_at)
-                    .bind(&r.created_at)
-                    .execute(&mut *tx)
-                    .await?
-                    .last_insert_id();
-                    sqlx::query("UPDATE xz_chat_applied SET history_id = ? WHERE record_id = ?")
-                        .bind(history_id as i64)
-                        .bind(&r.record_id)
-                        .execute(&mut *tx)
-                        .await?;
-                    new += 1;
-                }
-                tx.commit().await?;
-                Ok(new)
-            }
-            Store::Sqlite(pool) => {
-                let mut tx = pool.begin().await?;
-                let mut new = 0;
-                for r in batch {
-                    let claimed =
-                        sqlx::query("INSERT OR IGNORE INTO xz_chat_applied (record_id) VALUES (?)")
-                            .bind(&r.record_id)
-                            .execute(&mut *tx)
-                            .await?
-                            .rows_affected();
-                    if claimed == 0 {
-                        continue;
-                    }
-                    let audio_id = match &r.wav {
-                        Some(wav) => {
-                            let id = new_id();
-                            sqlx::query(
-                                "INSERT INTO ai_agent_chat_audio (id, audio) VALUES (?, ?)",
-                            )
-                            .bind(&id)
-                            .bind(wav.as_slice())
-                            .execute(&mut *tx)
-                            .await?;
-                            Some(id)
-                        }
-                        None => None,
-                    };
-                    let history_id = sqlx::query(
-                        "INSERT INTO ai_agent_chat_history \
-                         (mac_address, agent_id, session_id, chat_type, content, audio_id, created_at, updated_at) \
-                         VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    )
-                    .bind(&r.mac_address)
-                    .bind(&r.agent_id)
-                    .bind(&r.session_id)
-                    .bind(r.chat_type as i64)
-                    .bind(&r.content)
-                    .bind(&audio_id)
-                    .bind(&r.created_at)
-                    .bind(&r.created_at)
-                    .execute(&mut *tx)
-                    .await?
-                    .last_insert_rowid();
-                    sqlx::query("UPDATE xz_chat_applied SET history_id = ? WHERE record_id = ?")
-                        .bind(history_id)
-                        .bind(&r.record_id)
-                        .execute(&mut *tx)
-                        .await?;
-                    new += 1;
-                }
-                tx.commit().await?;
-                Ok(new)
-            }
+        let mut new = 0;
+        for chunk in batch.chunks(MAX_ROWS_PER_STATEMENT) {
+            new += match self {
+                Store::MySql(pool) => write_chunk!(pool, chunk),
+                Store::Sqlite(pool) => write_chunk!(pool, chunk),
+            };
         }
+        Ok(new)
     }
 }
+
+/// Rows per multi-row statement (8 parameters each, well under every backend's limit).
+const MAX_ROWS_PER_STATEMENT: usize = 512;
+
+/// The body of [`Store::write_batch`] for one pool type.
+macro_rules! write_chunk {
+    ($pool:expr, $chunk:expr) => {{
+        let chunk: &[StoredRecord] = $chunk;
+        let mut tx = $pool.begin().await?;
+        let mut known = sqlx::QueryBuilder::new("SELECT record_id FROM xz_chat_applied WHERE record_id IN (");
+        let mut list = known.separated(", ");
+        for r in chunk {
+            list.push_bind(&r.record_id);
+        }
+        list.push_unseparated(")");
+        let known: std::collections::HashSet<String> = known
+            .build_query_scalar::<String>()
+            .fetch_all(&mut *tx)
+            .await?
+            .into_iter()
+            .collect();
+        let fresh: Vec<(&StoredRecord, Option<String>)> = chunk
+            .iter()
+            .filter(|r| !known.contains(&r.record_id))
+            .map(|r| (r, r.wav.as_ref().map(|_| new_id())))
+            .collect();
+        if !fresh.is_empty() {
+            let mut ledger = sqlx::QueryBuilder::new("INSERT INTO xz_chat_applied (record_id) ");
+            ledger.push_values(&fresh, |mut b, (r, _)| {
+                b.push_bind(&r.record_id);
+            });
+            ledger.build().execute(&mut *tx).await?;
+            let with_audio: Vec<(&Vec<u8>, &String)> = fresh
+                .iter()
+                .filter_map(|(r, id)| Some((r.wav.as_ref()?, id.as_ref()?)))
+                .collect();
+            if !with_audio.is_empty() {
+                let mut audio = sqlx::QueryBuilder::new("INSERT INTO ai_agent_chat_audio (id, audio) ");
+                audio.push_values(&with_audio, |mut b, (wav, id)| {
+                    b.push_bind(*id).push_bind(wav.as_slice());
+                });
+                audio.build().execute(&mut *tx).await?;
+            }
+            let mut rows = sqlx::QueryBuilder::new(
+                "INSERT INTO ai_agent_chat_history \
+                 (mac_address, agent_id, session_id, chat_type, content, audio_id, created_at, updated_at) ",
+            );
+            rows.push_values(&fresh, |mut b, (r, audio_id)| {
+                b.push_bind(&r.mac_address)
+                    .push_bind(&r.agent_id)
+                    .push_bind(&r.session_id)
+                    .push_bind(r.chat_type as i16)
+                    .push_bind(&r.content)
+                    .push_bind(audio_id)
+                    .push_bind(&r.created_at)
+                    .push_bind(&r.created_at);
+            });
+            rows.build().execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        fresh.len()
+    }};
+}
+use write_chunk;
 
 /// `CREATE INDEX IF NOT EXISTS name ON table (cols)` for MySQL: look first, then create.
 async fn create_index_mysql(

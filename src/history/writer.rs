@@ -81,6 +81,12 @@ pub struct HistoryHandle {
 }
 
 impl HistoryHandle {
+    /// Queues a record, waiting for room (for load generators; conversations use
+    /// [`record`](Self::record), which never waits).
+    pub async fn record_waiting(&self, record: ChatRecord) -> bool {
+        self.tx.send(record).await.is_ok()
+    }
+
     /// Queues a record without waiting. A full queue loses the record (counted): it
     /// only fills if the journal's disk cannot keep up.
     pub fn record(&self, record: ChatRecord) {
@@ -111,6 +117,8 @@ pub struct HistoryWriter {
     database_down: bool,
     /// Set once the schema is in place: the `content` length limit, if any.
     ready: Option<Option<usize>>,
+    /// Whether manager-api's device and agent tables are there, and since when we know.
+    managed: Option<(Instant, bool)>,
 }
 
 /// Policies are looked up again after this long.
@@ -141,6 +149,7 @@ impl HistoryWriter {
             replayed_to: 0,
             database_down: false,
             ready: None,
+            managed: None,
         };
         let task = tokio::spawn(writer.run(stop));
         (HistoryHandle { tx, metrics }, task)
@@ -336,7 +345,18 @@ impl HistoryWriter {
         {
             return Ok(policy.clone());
         }
-        let policy = self.store.device_policy(mac).await?;
+        let managed = match self.managed {
+            Some((at, managed)) if at.elapsed() < POLICY_TTL => managed,
+            _ => {
+                let managed = self.store.managed().await?;
+                self.managed = Some((Instant::now(), managed));
+                managed
+            }
+        };
+        let policy = match managed {
+            false => DevicePolicy::Unmanaged,
+            true => self.store.agent_policy(mac).await?,
+        };
         if self.policies.len() > 100_000 {
             self.policies.clear();
         }

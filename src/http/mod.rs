@@ -1,6 +1,7 @@
 //! The HTTP server (axum): `GET /healthz`, the Node gateway's management API that
 //! manager-api calls ([`management`]), and the optional OTA endpoint ([`ota`]).
 
+pub mod history;
 pub mod management;
 pub mod ota;
 
@@ -34,6 +35,7 @@ pub fn router(state: HttpState) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .merge(management::routes(&state))
+        .merge(history::routes(&state))
         .merge(ota::routes(&state))
         .with_state(state)
 }

@@ -36,6 +36,9 @@ pub struct TurnConfig {
     pub connect_rate: u32,
     pub first_device: u32,
     pub group: String,
+    /// Watch the gateway's `/ws/admin` feed (URL, bearer token) and measure how long
+    /// after the device received each `stt` its row was stored and pushed.
+    pub history_feed: Option<(String, String)>,
 }
 
 impl Default for TurnConfig {
@@ -51,6 +54,7 @@ impl Default for TurnConfig {
             connect_rate: 500,
             first_device: 0,
             group: "GID_sim".into(),
+            history_feed: None,
         }
     }
 }
@@ -70,6 +74,10 @@ pub struct TurnReport {
     pub hello: Percentiles,
     /// Server send -> device receive, per reply frame.
     pub relay: Percentiles,
+    /// Device receives `stt` -> its chat-history row is stored and on `/ws/admin`.
+    pub history: Percentiles,
+    /// `stt` texts whose row never showed up on the feed.
+    pub history_missing: u64,
     pub errors: Vec<String>,
     pub wall_secs: f64,
 }
@@ -96,6 +104,17 @@ impl std::fmt::Display for TurnReport {
             "turns:          {} completed, {} reply frames, {} missing, {} unstamped",
             self.turns, self.reply_frames, self.missing_frames, self.unstamped_frames
         )?;
+        if self.history.count > 0 || self.history_missing > 0 {
+            writeln!(
+                f,
+                "history:        p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms (stt -> row stored and pushed, {} rows, {} missing)",
+                self.history.p50_ms,
+                self.history.p99_ms,
+                self.history.max_ms,
+                self.history.count,
+                self.history_missing
+            )?;
+        }
         if !self.errors.is_empty() {
             writeln!(
                 f,
@@ -105,6 +124,63 @@ impl std::fmt::Display for TurnReport {
             )?;
         }
         write!(f, "wall time:      {:.1} s", self.wall_secs)
+    }
+}
+
+type SttTimes = Arc<std::sync::Mutex<std::collections::HashMap<(String, String), Instant>>>;
+
+/// Collects `(session_id, content) -> arrival` for user rows from `/ws/admin`.
+async fn watch_feed(
+    url: String,
+    token: String,
+    seen: SttTimes,
+    ready: tokio::sync::oneshot::Sender<Result<(), String>>,
+) {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut request = match url.as_str().into_client_request() {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = ready.send(Err(e.to_string()));
+            return;
+        }
+    };
+    if let Ok(v) = format!("Bearer {token}").parse() {
+        request.headers_mut().insert("authorization", v);
+    }
+    let host = request.uri().host().unwrap_or("127.0.0.1").to_owned();
+    let port = request.uri().port_u16().unwrap_or(80);
+    let stream = match tokio::net::TcpStream::connect((host.as_str(), port)).await {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = ready.send(Err(format!("history feed: {e}")));
+            return;
+        }
+    };
+    let mut ws = match tokio_tungstenite::client_async(request, stream).await {
+        Ok((ws, _)) => ws,
+        Err(e) => {
+            let _ = ready.send(Err(format!("history feed: {e}")));
+            return;
+        }
+    };
+    let _ = ready.send(Ok(()));
+    while let Some(Ok(message)) = ws.next().await {
+        let Ok(text) = message.to_text() else {
+            continue;
+        };
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(text) else {
+            continue;
+        };
+        if v["type"] == "chat_update" && v["chat_type"] == 1 {
+            let key = (
+                v["session_id"].as_str().unwrap_or_default().to_owned(),
+                v["content"].as_str().unwrap_or_default().to_owned(),
+            );
+            seen.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(key, Instant::now());
+        }
     }
 }
 
@@ -118,12 +194,27 @@ struct DeviceTurns {
     unstamped: u64,
     missing: u64,
     relay: Vec<Duration>,
+    /// `(session_id, stt text) -> when the device received it`.
+    stt: Vec<((String, String), Instant)>,
     error: Option<String>,
 }
 
 /// Runs the devices and reports.
 pub async fn run_turns(config: TurnConfig) -> TurnReport {
     let started = Instant::now();
+    let feed: SttTimes = Arc::default();
+    let mut feed_task = None;
+    if let Some((url, token)) = config.history_feed.clone() {
+        let (ready_tx, ready) = tokio::sync::oneshot::channel();
+        feed_task = Some(tokio::spawn(watch_feed(url, token, feed.clone(), ready_tx)));
+        if let Ok(Err(e)) = ready.await {
+            return TurnReport {
+                devices: config.devices,
+                errors: vec![e],
+                ..TurnReport::default()
+            };
+        }
+    }
     let config = Arc::new(config);
     let handshakes = Arc::new(Semaphore::new(256));
     let gap = Duration::from_secs_f64(1.0 / f64::from(config.connect_rate.max(1)));
@@ -145,7 +236,7 @@ pub async fn run_turns(config: TurnConfig) -> TurnReport {
         devices: config.devices,
         ..TurnReport::default()
     };
-    let (mut hellos, mut relay) = (Vec::new(), Vec::new());
+    let (mut hellos, mut relay, mut stt) = (Vec::new(), Vec::new(), Vec::new());
     for t in tasks {
         let r = t.await.unwrap_or_else(|e| DeviceTurns {
             error: Some(e.to_string()),
@@ -159,12 +250,27 @@ pub async fn run_turns(config: TurnConfig) -> TurnReport {
         report.missing_frames += r.missing;
         hellos.extend(r.hello);
         relay.extend(r.relay);
+        stt.extend(r.stt);
         if let Some(e) = r.error {
             report.errors.push(e);
         }
     }
     report.hello = Percentiles::of(hellos);
     report.relay = Percentiles::of(relay);
+    if let Some(task) = feed_task {
+        // The last rows may still be on their way.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        task.abort();
+        let seen = feed.lock().unwrap_or_else(|p| p.into_inner());
+        let mut delays = Vec::new();
+        for (key, at) in stt {
+            match seen.get(&key) {
+                Some(stored) => delays.push(stored.saturating_duration_since(at)),
+                None => report.history_missing += 1,
+            }
+        }
+        report.history = Percentiles::of(delays);
+    }
     report.wall_secs = started.elapsed().as_secs_f64();
     report
 }
@@ -255,9 +361,14 @@ async fn one_device(
                         break;
                     }
                 }
-                msg = device.recv_type("tts", Duration::from_secs(10)), if stop_seen.is_none() => {
-                    let msg = msg.map_err(|e| format!("reply: {e}"))?;
-                    if msg["state"] == "stop" {
+                msg = device.recv(Duration::from_secs(10)), if stop_seen.is_none() => {
+                    let (_, payload) = msg.map_err(|e| format!("reply: {e}"))?;
+                    let Ok(msg) = serde_json::from_slice::<serde_json::Value>(&payload) else { continue };
+                    if msg["type"] == "stt" {
+                        let text = msg["text"].as_str().unwrap_or_default().to_owned();
+                        r.stt.push(((hello.session_id.clone(), text), Instant::now()));
+                    }
+                    if msg["type"] == "tts" && msg["state"] == "stop" {
                         stop_seen = Some(tokio::time::Instant::now());
                         if got >= config.reply_frames {
                             break;

@@ -1,0 +1,660 @@
+//! Reading chat history back: the queries behind the history API (`src/http/history.rs`).
+//!
+//! Every statement is a compiled-in constant, one per backend, and every value goes
+//! through `bind`. Times are selected as strings so that both backends answer alike:
+//! `YYYY-MM-DD HH:MM:SS.mmm`, in the zone they were written in
+//! (`history.utc_offset_minutes`). On MySQL/MariaDB they are formatted from the
+//! `DATETIME(3)` column; on SQLite they are the stored text.
+//!
+//! Lists that grow while someone pages through them are paged by key, never by offset:
+//! messages by `id`, sessions by `(started_at, session_id)`. A row inserted while a client
+//! pages (a new session, a new message) never shifts the items it has not seen yet, so
+//! every item that existed when paging began is returned exactly once.
+
+use serde::Serialize;
+use sqlx::Row;
+use sqlx::mysql::MySqlRow;
+use sqlx::sqlite::SqliteRow;
+
+use super::store::{Store, StoreError};
+
+/// A row from either backend, with the few typed getters the queries need.
+enum AnyRow<'r> {
+    MySql(&'r MySqlRow),
+    Sqlite(&'r SqliteRow),
+}
+
+impl AnyRow<'_> {
+    fn i64(&self, col: &str) -> Result<i64, sqlx::Error> {
+        Ok(self.opt_i64(col)?.unwrap_or(0))
+    }
+
+    fn opt_i64(&self, col: &str) -> Result<Option<i64>, sqlx::Error> {
+        match self {
+            AnyRow::MySql(r) => r.try_get(col),
+            AnyRow::Sqlite(r) => r.try_get(col),
+        }
+    }
+
+    fn opt_string(&self, col: &str) -> Result<Option<String>, sqlx::Error> {
+        match self {
+            // A computed string may come back with a binary collation on some servers.
+            AnyRow::MySql(r) => match r.try_get::<Option<String>, _>(col) {
+                Ok(s) => Ok(s),
+                Err(_) => Ok(r
+                    .try_get::<Option<Vec<u8>>, _>(col)?
+                    .map(|b| String::from_utf8_lossy(&b).into_owned())),
+            },
+            AnyRow::Sqlite(r) => r.try_get(col),
+        }
+    }
+
+    fn string(&self, col: &str) -> Result<String, sqlx::Error> {
+        Ok(self.opt_string(col)?.unwrap_or_default())
+    }
+
+    fn opt_bytes(&self, col: &str) -> Result<Option<Vec<u8>>, sqlx::Error> {
+        match self {
+            AnyRow::MySql(r) => r.try_get(col),
+            AnyRow::Sqlite(r) => r.try_get(col),
+        }
+    }
+}
+
+/// Runs one of two statements (MySQL, SQLite) with the same binds and maps every row.
+macro_rules! fetch_all {
+    ($store:expr, $mysql:expr, $sqlite:expr, [$($arg:expr),* $(,)?], $map:expr) => {
+        match $store {
+            Store::MySql(pool) => sqlx::query($mysql)
+                $(.bind($arg))*
+                .fetch_all(pool)
+                .await?
+                .iter()
+                .map(|r| $map(&AnyRow::MySql(r)))
+                .collect::<Result<Vec<_>, sqlx::Error>>()?,
+            Store::Sqlite(pool) => sqlx::query($sqlite)
+                $(.bind($arg))*
+                .fetch_all(pool)
+                .await?
+                .iter()
+                .map(|r| $map(&AnyRow::Sqlite(r)))
+                .collect::<Result<Vec<_>, sqlx::Error>>()?,
+        }
+    };
+}
+
+/// A device that has history.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct DeviceSummary {
+    pub mac_address: String,
+    pub agent_id: Option<String>,
+    pub sessions: i64,
+    pub messages: i64,
+    /// The newest message's time.
+    pub last_at: Option<String>,
+}
+
+/// One session of a device.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct SessionSummary {
+    pub session_id: String,
+    pub agent_id: Option<String>,
+    /// The first message's time.
+    pub started_at: String,
+    /// The last message's time.
+    pub ended_at: String,
+    pub messages: i64,
+    pub user: i64,
+    pub assistant: i64,
+    pub tool: i64,
+    /// How many messages have audio.
+    pub has_audio: i64,
+    /// The paging key: `started_at` at the database's full precision.
+    #[serde(skip)]
+    pub started_key: String,
+}
+
+/// One message.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Message {
+    pub id: i64,
+    pub mac_address: Option<String>,
+    pub agent_id: Option<String>,
+    pub session_id: Option<String>,
+    /// 1 user, 2 assistant, 3 tool.
+    pub chat_type: Option<i64>,
+    pub content: Option<String>,
+    pub audio_id: Option<String>,
+    pub created_at: String,
+}
+
+/// One day of a device's activity.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct DayStats {
+    /// `YYYY-MM-DD`.
+    pub day: String,
+    /// Sessions with at least one message that day.
+    pub sessions: i64,
+    pub messages: i64,
+    pub user: i64,
+    pub assistant: i64,
+    pub tool: i64,
+    /// Messages with audio.
+    pub audio_messages: i64,
+    /// Sum of the WAV durations (16 kHz mono s16le: `(bytes - 44) / 32000`).
+    pub audio_seconds: f64,
+}
+
+impl DayStats {
+    /// A day without activity.
+    pub fn empty(day: String) -> DayStats {
+        DayStats {
+            day,
+            sessions: 0,
+            messages: 0,
+            user: 0,
+            assistant: 0,
+            tool: 0,
+            audio_messages: 0,
+            audio_seconds: 0.0,
+        }
+    }
+}
+
+/// What a device has in total.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, Default)]
+pub struct DeviceTotals {
+    pub sessions: i64,
+    pub messages: i64,
+    pub last_at: Option<String>,
+}
+
+/// Bytes of PCM per second in the stored WAVs (16 kHz, mono, 16-bit).
+pub const WAV_BYTES_PER_SECOND: f64 = 32_000.0;
+
+/// Lower and upper time bound that match every row (the upper one exclusive).
+pub const TIME_MIN: &str = "1000-01-01 00:00:00.000";
+pub const TIME_MAX: &str = "9999-12-31 23:59:59.999999";
+
+/// The escape character of every `LIKE` pattern built here (`ESCAPE '!'`). Not `\`:
+/// MySQL and SQLite disagree on backslashes in string literals, and `!` means the same
+/// in both.
+pub const LIKE_ESCAPE: char = '!';
+
+/// A `LIKE` pattern matching `term` anywhere, with `%`, `_` and the escape character
+/// taken literally.
+pub fn contains_pattern(term: &str) -> String {
+    let mut out = String::with_capacity(term.len() + 2);
+    out.push('%');
+    for c in term.chars() {
+        if c == '%' || c == '_' || c == LIKE_ESCAPE {
+            out.push(LIKE_ESCAPE);
+        }
+        out.push(c);
+    }
+    out.push('%');
+    out
+}
+
+/// Where a page of sessions continues: after the session that started at `started_at`
+/// with id `session_id` (sessions are listed newest first).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionCursor {
+    pub started_at: String,
+    pub session_id: String,
+}
+
+impl SessionCursor {
+    /// The cursor after `s`.
+    pub fn after(s: &SessionSummary) -> SessionCursor {
+        SessionCursor {
+            started_at: s.started_key.clone(),
+            session_id: s.session_id.clone(),
+        }
+    }
+
+    /// An opaque URL-safe token.
+    pub fn encode(&self) -> String {
+        use base64::Engine;
+        let raw = format!("{}\n{}", self.started_at, self.session_id);
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw)
+    }
+
+    /// Reads a token made by [`SessionCursor::encode`]; `None` if it is not one.
+    pub fn decode(token: &str) -> Option<SessionCursor> {
+        use base64::Engine;
+        if token.is_empty() || token.len() > 200 {
+            return None;
+        }
+        let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(token)
+            .ok()?;
+        let raw = String::from_utf8(raw).ok()?;
+        let (started_at, session_id) = raw.split_once('\n')?;
+        let time_like = !started_at.is_empty()
+            && started_at.len() <= 32
+            && started_at
+                .bytes()
+                .all(|b| b.is_ascii_digit() || b" -:.T".contains(&b));
+        if !time_like || session_id.is_empty() || session_id.chars().count() > 64 {
+            return None;
+        }
+        Some(SessionCursor {
+            started_at: started_at.to_owned(),
+            session_id: session_id.to_owned(),
+        })
+    }
+}
+
+/// Which rows an export covers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportFilter {
+    /// Colon form.
+    pub mac_address: Option<String>,
+    /// Inclusive lower time bound.
+    pub from: String,
+    /// Exclusive upper time bound.
+    pub until: String,
+}
+
+// --- statements --------------------------------------------------------------------
+// MySQL formats times with DATE_FORMAT(..., '%Y-%m-%d %H:%i:%s.%f') (microseconds),
+// trimmed to milliseconds with LEFT(..., 23) for display. Counts are COUNT (BIGINT on
+// both backends); sums are cast to SIGNED (MySQL's SUM would be DECIMAL).
+
+const DEVICES_MY: &str = "SELECT mac_address, MAX(agent_id) AS agent_id, \
+     COUNT(DISTINCT session_id) AS sessions, COUNT(*) AS messages, \
+     LEFT(DATE_FORMAT(MAX(created_at), '%Y-%m-%d %H:%i:%s.%f'), 23) AS last_at \
+     FROM ai_agent_chat_history WHERE mac_address IS NOT NULL \
+     GROUP BY mac_address ORDER BY MAX(created_at) DESC, mac_address LIMIT ? OFFSET ?";
+const DEVICES_LITE: &str = "SELECT mac_address, MAX(agent_id) AS agent_id, \
+     COUNT(DISTINCT session_id) AS sessions, COUNT(*) AS messages, \
+     MAX(created_at) AS last_at \
+     FROM ai_agent_chat_history WHERE mac_address IS NOT NULL \
+     GROUP BY mac_address ORDER BY MAX(created_at) DESC, mac_address LIMIT ? OFFSET ?";
+
+const SESSIONS_MY: &str = "SELECT session_id, MAX(agent_id) AS agent_id, \
+     LEFT(DATE_FORMAT(MIN(created_at), '%Y-%m-%d %H:%i:%s.%f'), 23) AS started_at, \
+     LEFT(DATE_FORMAT(MAX(created_at), '%Y-%m-%d %H:%i:%s.%f'), 23) AS ended_at, \
+     DATE_FORMAT(MIN(created_at), '%Y-%m-%d %H:%i:%s.%f') AS started_key, \
+     COUNT(*) AS messages, \
+     COUNT(CASE WHEN chat_type = 1 THEN 1 END) AS user_messages, \
+     COUNT(CASE WHEN chat_type = 2 THEN 1 END) AS assistant_messages, \
+     COUNT(CASE WHEN chat_type = 3 THEN 1 END) AS tool_messages, \
+     COUNT(audio_id) AS audio_messages \
+     FROM ai_agent_chat_history WHERE mac_address = ? AND session_id IS NOT NULL \
+     GROUP BY session_id \
+     ORDER BY MIN(created_at) DESC, CAST(session_id AS BINARY) DESC LIMIT ?";
+const SESSIONS_BEFORE_MY: &str = "SELECT session_id, MAX(agent_id) AS agent_id, \
+     LEFT(DATE_FORMAT(MIN(created_at), '%Y-%m-%d %H:%i:%s.%f'), 23) AS started_at, \
+     LEFT(DATE_FORMAT(MAX(created_at), '%Y-%m-%d %H:%i:%s.%f'), 23) AS ended_at, \
+     DATE_FORMAT(MIN(created_at), '%Y-%m-%d %H:%i:%s.%f') AS started_key, \
+     COUNT(*) AS messages, \
+     COUNT(CASE WHEN chat_type = 1 THEN 1 END) AS user_messages, \
+     COUNT(CASE WHEN chat_type = 2 THEN 1 END) AS assistant_messages, \
+     COUNT(CASE WHEN chat_type = 3 THEN 1 END) AS tool_messages, \
+     COUNT(audio_id) AS audio_messages \
+     FROM ai_agent_chat_history WHERE mac_address = ? AND session_id IS NOT NULL \
+     GROUP BY session_id \
+     HAVING MIN(created_at) < ? \
+         OR (MIN(created_at) = ? AND CAST(session_id AS BINARY) < CAST(? AS BINARY)) \
+     ORDER BY MIN(created_at) DESC, CAST(session_id AS BINARY) DESC LIMIT ?";
+const SESSIONS_LITE: &str = "SELECT session_id, MAX(agent_id) AS agent_id, \
+     MIN(created_at) AS started_at, MAX(created_at) AS ended_at, \
+     MIN(created_at) AS started_key, \
+     COUNT(*) AS messages, \
+     COUNT(CASE WHEN chat_type = 1 THEN 1 END) AS user_messages, \
+     COUNT(CASE WHEN chat_type = 2 THEN 1 END) AS assistant_messages, \
+     COUNT(CASE WHEN chat_type = 3 THEN 1 END) AS tool_messages, \
+     COUNT(audio_id) AS audio_messages \
+     FROM ai_agent_chat_history WHERE mac_address = ? AND session_id IS NOT NULL \
+     GROUP BY session_id \
+     ORDER BY MIN(created_at) DESC, session_id DESC LIMIT ?";
+const SESSIONS_BEFORE_LITE: &str = "SELECT session_id, MAX(agent_id) AS agent_id, \
+     MIN(created_at) AS started_at, MAX(created_at) AS ended_at, \
+     MIN(created_at) AS started_key, \
+     COUNT(*) AS messages, \
+     COUNT(CASE WHEN chat_type = 1 THEN 1 END) AS user_messages, \
+     COUNT(CASE WHEN chat_type = 2 THEN 1 END) AS assistant_messages, \
+     COUNT(CASE WHEN chat_type = 3 THEN 1 END) AS tool_messages, \
+     COUNT(audio_id) AS audio_messages \
+     FROM ai_agent_chat_history WHERE mac_address = ? AND session_id IS NOT NULL \
+     GROUP BY session_id \
+     HAVING MIN(created_at) < ? OR (MIN(created_at) = ? AND session_id < ?) \
+     ORDER BY MIN(created_at) DESC, session_id DESC LIMIT ?";
+
+const MESSAGES_MY: &str = "SELECT id, mac_address, agent_id, session_id, \
+     CAST(chat_type AS SIGNED) AS chat_type, content, audio_id, \
+     LEFT(DATE_FORMAT(created_at, '%Y-%m-%d %H:%i:%s.%f'), 23) AS created_at \
+     FROM ai_agent_chat_history WHERE session_id = ? AND id > ? ORDER BY id LIMIT ?";
+const MESSAGES_LITE: &str = "SELECT id, mac_address, agent_id, session_id, chat_type, \
+     content, audio_id, created_at \
+     FROM ai_agent_chat_history WHERE session_id = ? AND id > ? ORDER BY id LIMIT ?";
+
+const AUDIO: &str = "SELECT audio FROM ai_agent_chat_audio WHERE id = ?";
+
+const STATS_MY: &str = "SELECT DATE_FORMAT(h.created_at, '%Y-%m-%d') AS day, \
+     COUNT(DISTINCT h.session_id) AS sessions, COUNT(*) AS messages, \
+     COUNT(CASE WHEN h.chat_type = 1 THEN 1 END) AS user_messages, \
+     COUNT(CASE WHEN h.chat_type = 2 THEN 1 END) AS assistant_messages, \
+     COUNT(CASE WHEN h.chat_type = 3 THEN 1 END) AS tool_messages, \
+     COUNT(a.id) AS audio_messages, \
+     CAST(COALESCE(SUM(CASE WHEN LENGTH(a.audio) > 44 THEN LENGTH(a.audio) - 44 ELSE 0 END), 0) \
+         AS SIGNED) AS audio_bytes \
+     FROM ai_agent_chat_history h LEFT JOIN ai_agent_chat_audio a ON a.id = h.audio_id \
+     WHERE h.mac_address = ? AND h.created_at >= ? AND h.created_at < ? \
+     GROUP BY DATE_FORMAT(h.created_at, '%Y-%m-%d') ORDER BY day";
+const STATS_LITE: &str = "SELECT substr(h.created_at, 1, 10) AS day, \
+     COUNT(DISTINCT h.session_id) AS sessions, COUNT(*) AS messages, \
+     COUNT(CASE WHEN h.chat_type = 1 THEN 1 END) AS user_messages, \
+     COUNT(CASE WHEN h.chat_type = 2 THEN 1 END) AS assistant_messages, \
+     COUNT(CASE WHEN h.chat_type = 3 THEN 1 END) AS tool_messages, \
+     COUNT(a.id) AS audio_messages, \
+     COALESCE(SUM(CASE WHEN LENGTH(a.audio) > 44 THEN LENGTH(a.audio) - 44 ELSE 0 END), 0) \
+         AS audio_bytes \
+     FROM ai_agent_chat_history h LEFT JOIN ai_agent_chat_audio a ON a.id = h.audio_id \
+     WHERE h.mac_address = ? AND h.created_at >= ? AND h.created_at < ? \
+     GROUP BY substr(h.created_at, 1, 10) ORDER BY day";
+
+const SEARCH_MY: &str = "SELECT id, mac_address, agent_id, session_id, \
+     CAST(chat_type AS SIGNED) AS chat_type, content, audio_id, \
+     LEFT(DATE_FORMAT(created_at, '%Y-%m-%d %H:%i:%s.%f'), 23) AS created_at \
+     FROM ai_agent_chat_history WHERE id > ? AND content LIKE ? ESCAPE '!' \
+     ORDER BY id LIMIT ?";
+const SEARCH_MAC_MY: &str = "SELECT id, mac_address, agent_id, session_id, \
+     CAST(chat_type AS SIGNED) AS chat_type, content, audio_id, \
+     LEFT(DATE_FORMAT(created_at, '%Y-%m-%d %H:%i:%s.%f'), 23) AS created_at \
+     FROM ai_agent_chat_history WHERE mac_address = ? AND id > ? \
+     AND content LIKE ? ESCAPE '!' ORDER BY id LIMIT ?";
+const SEARCH_LITE: &str = "SELECT id, mac_address, agent_id, session_id, chat_type, \
+     content, audio_id, created_at \
+     FROM ai_agent_chat_history WHERE id > ? AND content LIKE ? ESCAPE '!' \
+     ORDER BY id LIMIT ?";
+const SEARCH_MAC_LITE: &str = "SELECT id, mac_address, agent_id, session_id, chat_type, \
+     content, audio_id, created_at \
+     FROM ai_agent_chat_history WHERE mac_address = ? AND id > ? \
+     AND content LIKE ? ESCAPE '!' ORDER BY id LIMIT ?";
+
+const MAX_ID: &str = "SELECT COALESCE(MAX(id), 0) AS max_id FROM ai_agent_chat_history";
+
+const EXPORT_MY: &str = "SELECT id, mac_address, agent_id, session_id, \
+     CAST(chat_type AS SIGNED) AS chat_type, content, audio_id, \
+     LEFT(DATE_FORMAT(created_at, '%Y-%m-%d %H:%i:%s.%f'), 23) AS created_at \
+     FROM ai_agent_chat_history WHERE id > ? AND id <= ? \
+     AND created_at >= ? AND created_at < ? ORDER BY id LIMIT ?";
+const EXPORT_MAC_MY: &str = "SELECT id, mac_address, agent_id, session_id, \
+     CAST(chat_type AS SIGNED) AS chat_type, content, audio_id, \
+     LEFT(DATE_FORMAT(created_at, '%Y-%m-%d %H:%i:%s.%f'), 23) AS created_at \
+     FROM ai_agent_chat_history WHERE mac_address = ? AND id > ? AND id <= ? \
+     AND created_at >= ? AND created_at < ? ORDER BY id LIMIT ?";
+const EXPORT_LITE: &str = "SELECT id, mac_address, agent_id, session_id, chat_type, \
+     content, audio_id, created_at \
+     FROM ai_agent_chat_history WHERE id > ? AND id <= ? \
+     AND created_at >= ? AND created_at < ? ORDER BY id LIMIT ?";
+const EXPORT_MAC_LITE: &str = "SELECT id, mac_address, agent_id, session_id, chat_type, \
+     content, audio_id, created_at \
+     FROM ai_agent_chat_history WHERE mac_address = ? AND id > ? AND id <= ? \
+     AND created_at >= ? AND created_at < ? ORDER BY id LIMIT ?";
+
+const TOTALS_MY: &str = "SELECT COUNT(DISTINCT session_id) AS sessions, COUNT(*) AS messages, \
+     LEFT(DATE_FORMAT(MAX(created_at), '%Y-%m-%d %H:%i:%s.%f'), 23) AS last_at \
+     FROM ai_agent_chat_history WHERE mac_address = ?";
+const TOTALS_LITE: &str = "SELECT COUNT(DISTINCT session_id) AS sessions, COUNT(*) AS messages, \
+     MAX(created_at) AS last_at FROM ai_agent_chat_history WHERE mac_address = ?";
+
+// --- row mapping -------------------------------------------------------------------
+
+fn device(r: &AnyRow<'_>) -> Result<DeviceSummary, sqlx::Error> {
+    Ok(DeviceSummary {
+        mac_address: r.string("mac_address")?,
+        agent_id: r.opt_string("agent_id")?,
+        sessions: r.i64("sessions")?,
+        messages: r.i64("messages")?,
+        last_at: r.opt_string("last_at")?,
+    })
+}
+
+fn session(r: &AnyRow<'_>) -> Result<SessionSummary, sqlx::Error> {
+    Ok(SessionSummary {
+        session_id: r.string("session_id")?,
+        agent_id: r.opt_string("agent_id")?,
+        started_at: r.string("started_at")?,
+        ended_at: r.string("ended_at")?,
+        started_key: r.string("started_key")?,
+        messages: r.i64("messages")?,
+        user: r.i64("user_messages")?,
+        assistant: r.i64("assistant_messages")?,
+        tool: r.i64("tool_messages")?,
+        has_audio: r.i64("audio_messages")?,
+    })
+}
+
+fn message(r: &AnyRow<'_>) -> Result<Message, sqlx::Error> {
+    Ok(Message {
+        id: r.i64("id")?,
+        mac_address: r.opt_string("mac_address")?,
+        agent_id: r.opt_string("agent_id")?,
+        session_id: r.opt_string("session_id")?,
+        chat_type: r.opt_i64("chat_type")?,
+        content: r.opt_string("content")?,
+        audio_id: r.opt_string("audio_id")?,
+        created_at: r.string("created_at")?,
+    })
+}
+
+fn day(r: &AnyRow<'_>) -> Result<DayStats, sqlx::Error> {
+    Ok(DayStats {
+        day: r.string("day")?,
+        sessions: r.i64("sessions")?,
+        messages: r.i64("messages")?,
+        user: r.i64("user_messages")?,
+        assistant: r.i64("assistant_messages")?,
+        tool: r.i64("tool_messages")?,
+        audio_messages: r.i64("audio_messages")?,
+        audio_seconds: r.i64("audio_bytes")? as f64 / WAV_BYTES_PER_SECOND,
+    })
+}
+
+fn totals(r: &AnyRow<'_>) -> Result<DeviceTotals, sqlx::Error> {
+    Ok(DeviceTotals {
+        sessions: r.i64("sessions")?,
+        messages: r.i64("messages")?,
+        last_at: r.opt_string("last_at")?,
+    })
+}
+
+// --- queries -----------------------------------------------------------------------
+
+/// Devices with history, most recently active first.
+pub async fn devices(
+    store: &Store,
+    limit: i64,
+    offset: i64,
+) -> Result<Vec<DeviceSummary>, StoreError> {
+    Ok(fetch_all!(
+        store,
+        DEVICES_MY,
+        DEVICES_LITE,
+        [limit, offset],
+        device
+    ))
+}
+
+/// A device's sessions, newest first, starting after `before` (exclusive).
+pub async fn sessions(
+    store: &Store,
+    mac_address: &str,
+    before: Option<&SessionCursor>,
+    limit: i64,
+) -> Result<Vec<SessionSummary>, StoreError> {
+    Ok(match before {
+        None => fetch_all!(
+            store,
+            SESSIONS_MY,
+            SESSIONS_LITE,
+            [mac_address, limit],
+            session
+        ),
+        Some(c) => fetch_all!(
+            store,
+            SESSIONS_BEFORE_MY,
+            SESSIONS_BEFORE_LITE,
+            [
+                mac_address,
+                c.started_at.as_str(),
+                c.started_at.as_str(),
+                c.session_id.as_str(),
+                limit
+            ],
+            session
+        ),
+    })
+}
+
+/// A session's messages in order, after message `after_id`.
+pub async fn messages(
+    store: &Store,
+    session_id: &str,
+    after_id: i64,
+    limit: i64,
+) -> Result<Vec<Message>, StoreError> {
+    Ok(fetch_all!(
+        store,
+        MESSAGES_MY,
+        MESSAGES_LITE,
+        [session_id, after_id, limit],
+        message
+    ))
+}
+
+/// The WAV of an audio id, if there is one.
+pub async fn audio(store: &Store, audio_id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+    let rows: Vec<Option<Vec<u8>>> =
+        fetch_all!(store, AUDIO, AUDIO, [audio_id], |r: &AnyRow<'_>| r
+            .opt_bytes("audio"));
+    Ok(rows.into_iter().next().flatten())
+}
+
+/// A device's activity per day with any, between `from` (inclusive) and `until`
+/// (exclusive), oldest first.
+pub async fn daily_stats(
+    store: &Store,
+    mac_address: &str,
+    from: &str,
+    until: &str,
+) -> Result<Vec<DayStats>, StoreError> {
+    Ok(fetch_all!(
+        store,
+        STATS_MY,
+        STATS_LITE,
+        [mac_address, from, until],
+        day
+    ))
+}
+
+/// Messages whose content contains `term` (taken literally), in id order after
+/// `after_id`, optionally of one device.
+pub async fn search(
+    store: &Store,
+    term: &str,
+    mac_address: Option<&str>,
+    after_id: i64,
+    limit: i64,
+) -> Result<Vec<Message>, StoreError> {
+    let pattern = contains_pattern(term);
+    Ok(match mac_address {
+        None => fetch_all!(
+            store,
+            SEARCH_MY,
+            SEARCH_LITE,
+            [after_id, pattern.as_str(), limit],
+            message
+        ),
+        Some(mac) => fetch_all!(
+            store,
+            SEARCH_MAC_MY,
+            SEARCH_MAC_LITE,
+            [mac, after_id, pattern.as_str(), limit],
+            message
+        ),
+    })
+}
+
+/// The highest message id now (0 when there are none): an export covers what existed
+/// when it began.
+pub async fn max_id(store: &Store) -> Result<i64, StoreError> {
+    let rows: Vec<i64> = fetch_all!(store, MAX_ID, MAX_ID, [], |r: &AnyRow<'_>| r.i64("max_id"));
+    Ok(rows.into_iter().next().unwrap_or(0))
+}
+
+/// One page of an export: the rows after `after_id` up to `max_id`, in id order.
+pub async fn export_page(
+    store: &Store,
+    filter: &ExportFilter,
+    after_id: i64,
+    max_id: i64,
+    limit: i64,
+) -> Result<Vec<Message>, StoreError> {
+    let (from, until) = (filter.from.as_str(), filter.until.as_str());
+    Ok(match filter.mac_address.as_deref() {
+        None => fetch_all!(
+            store,
+            EXPORT_MY,
+            EXPORT_LITE,
+            [after_id, max_id, from, until, limit],
+            message
+        ),
+        Some(mac) => fetch_all!(
+            store,
+            EXPORT_MAC_MY,
+            EXPORT_MAC_LITE,
+            [mac, after_id, max_id, from, until, limit],
+            message
+        ),
+    })
+}
+
+/// What a device has in total.
+pub async fn device_totals(store: &Store, mac_address: &str) -> Result<DeviceTotals, StoreError> {
+    let rows: Vec<DeviceTotals> = fetch_all!(store, TOTALS_MY, TOTALS_LITE, [mac_address], totals);
+    Ok(rows.into_iter().next().unwrap_or_default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn like_patterns_take_metacharacters_literally() {
+        assert_eq!(contains_pattern("abc"), "%abc%");
+        assert_eq!(contains_pattern("50%_off!"), "%50!%!_off!!%");
+        assert_eq!(contains_pattern(r"a\b"), r"%a\b%");
+        assert_eq!(contains_pattern("' OR 1=1 --"), "%' OR 1=1 --%");
+    }
+
+    #[test]
+    fn session_cursors_round_trip_and_reject_garbage() {
+        let c = SessionCursor {
+            started_at: "2025-01-02 03:04:05.678000".into(),
+            session_id: "a b/c+d".into(),
+        };
+        let token = c.encode();
+        assert!(
+            token
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        );
+        assert_eq!(SessionCursor::decode(&token), Some(c));
+        for bad in ["", "!!!", "abc", &"A".repeat(300)] {
+            assert_eq!(SessionCursor::decode(bad), None, "{bad}");
+        }
+        use base64::Engine;
+        let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+        assert_eq!(SessionCursor::decode(&b64("' OR 1=1 --\nx")), None);
+        assert_eq!(SessionCursor::decode(&b64("2025-01-01\n")), None);
+        assert_eq!(
+            SessionCursor::decode(&b64(&format!("2025-01-01\n{}", "x".repeat(65)))),
+            None
+        );
+    }
+}
