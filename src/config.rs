@@ -602,7 +602,7 @@ impl Config {
                 "pipeline.kind = \"xiaozhi\" needs at least one xiaozhi-server URL, e.g. ws://127.0.0.1:8000/xiaozhi/v1/",
             ));
         }
-        if self.history.enabled {
+        {
             let url = &self.history.database_url;
             if !(url.starts_with("sqlite:")
                 || url.starts_with("mysql://")
