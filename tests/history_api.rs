@@ -666,6 +666,9 @@ async fn chat_updates(ws: &mut Ws, n: usize, timeout: Duration) -> Vec<Value> {
         };
         if let tungstenite::Message::Text(text) = message {
             let v: Value = serde_json::from_str(&text).unwrap();
+            if v["type"] == "presence" {
+                continue;
+            }
             assert_eq!(v["type"], "chat_update", "{v}");
             out.push(v);
         }
@@ -1677,4 +1680,36 @@ async fn stats_count_days_and_audio_seconds_sqlite() {
 #[tokio::test]
 async fn stats_count_days_and_audio_seconds_mariadb() {
     stats_count_days_and_audio_seconds(Kind::MariaDb).await;
+}
+
+#[tokio::test]
+async fn ws_admin_receives_presence_as_devices_come_and_go() {
+    let upstream = MockUpstream::start(MockUpstreamConfig::default())
+        .await
+        .unwrap();
+    let env = Env::start(Kind::Sqlite, Some(&upstream)).await;
+    let gw = &env.gw;
+    let (mut ws, _) = ws_connect(gw, &[("authorization", format!("Bearer {TOKEN}"))])
+        .await
+        .unwrap();
+    let (dev, session) = converse(gw, 390, 1).await;
+    let mac = dev.credentials.mac.colon();
+    dev.disconnect().await;
+    let mut states = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while states.last().map(String::as_str) != Some("offline") {
+        let Ok(Some(Ok(tungstenite::Message::Text(text)))) =
+            tokio::time::timeout_at(deadline, ws.next()).await
+        else {
+            break;
+        };
+        let v: Value = serde_json::from_str(&text).unwrap();
+        if v["type"] == "presence" && v["mac_address"] == mac.as_str() {
+            if v["state"] == "in_session" || v["state"] == "session_ended" {
+                assert_eq!(v["session_id"], session.as_str());
+            }
+            states.push(v["state"].as_str().unwrap().to_owned());
+        }
+    }
+    assert_eq!(states, ["online", "in_session", "session_ended", "offline"]);
 }

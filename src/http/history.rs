@@ -779,7 +779,8 @@ async fn admin_feed(State(state): State<HttpState>, mut ws: WebSocketUpgrade) ->
     }) {
         ws.set_selected_protocol(p.clone());
     }
-    ws.on_upgrade(move |socket| feed(socket, events))
+    let presence = state.directory.subscribe_presence();
+    ws.on_upgrade(move |socket| feed(socket, events, presence))
 }
 
 /// Close codes of the feed.
@@ -801,7 +802,11 @@ async fn close(socket: &mut WebSocket, code: u16, reason: String) {
 /// Sends every stored record until the consumer leaves, falls behind (the broadcast
 /// queue overtook it) or stalls (one send took longer than `FEED_SEND_TIMEOUT`). The
 /// recorder never waits for a consumer: the broadcast queue drops for the slow one.
-async fn feed(mut socket: WebSocket, mut events: broadcast::Receiver<StoredEvent>) {
+async fn feed(
+    mut socket: WebSocket,
+    mut events: broadcast::Receiver<StoredEvent>,
+    mut presence: broadcast::Receiver<crate::session::directory::PresenceEvent>,
+) {
     debug!("admin feed: consumer connected");
     let mut ping = tokio::time::interval_at(
         tokio::time::Instant::now() + Duration::from_secs(30),
@@ -826,6 +831,28 @@ async fn feed(mut socket: WebSocket, mut events: broadcast::Receiver<StoredEvent
                 Err(broadcast::error::RecvError::Lagged(missed)) => {
                     info!(missed, "admin feed: consumer fell behind; disconnected");
                     close(&mut socket, CLOSE_TRY_AGAIN_LATER, format!("too slow: {missed} records missed")).await;
+                    return;
+                }
+                Err(broadcast::error::RecvError::Closed) => {
+                    close(&mut socket, CLOSE_GOING_AWAY, "shutting down".into()).await;
+                    return;
+                }
+            },
+            event = presence.recv() => match event {
+                Ok(event) => {
+                    let mut value = serde_json::to_value(&event).unwrap_or_default();
+                    value["type"] = serde_json::Value::from("presence");
+                    match tokio::time::timeout(FEED_SEND_TIMEOUT, socket.send(WsMessage::Text(value.to_string().into()))).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(_)) => return,
+                        Err(_) => {
+                            close(&mut socket, CLOSE_TRY_AGAIN_LATER, "too slow: a send took over 1 s".into()).await;
+                            return;
+                        }
+                    }
+                }
+                Err(broadcast::error::RecvError::Lagged(missed)) => {
+                    close(&mut socket, CLOSE_TRY_AGAIN_LATER, format!("too slow: {missed} presence events missed")).await;
                     return;
                 }
                 Err(broadcast::error::RecvError::Closed) => {

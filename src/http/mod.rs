@@ -46,5 +46,13 @@ async fn healthz(State(state): State<HttpState>) -> Json<Value> {
         "status": "ok",
         "devices_connected": m.devices_connected,
         "sessions_live": m.sessions_live,
+        "history": {
+            "queue_depth": m.history_queue_depth,
+            "journal_bytes": m.history_journal_bytes,
+            "stored": m.history_records_stored,
+            "journaled": m.history_records_journaled,
+            "replayed": m.history_records_replayed,
+            "lost": m.history_records_lost,
+        },
     }))
 }

@@ -28,19 +28,65 @@ pub struct DeviceEntry {
     pub conversation: Option<(u64, String)>,
 }
 
+/// A device came or went, or started or ended a conversation (for live consumers such
+/// as `/ws/admin`).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PresenceEvent {
+    /// Colon form.
+    pub mac_address: String,
+    pub client_id: String,
+    /// `online`, `in_session`, `session_ended` or `offline`.
+    pub state: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub session_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub remote: Option<String>,
+    /// Unix milliseconds.
+    pub at_ms: i64,
+}
+
+/// Presence events buffered for slow consumers before they are dropped.
+const PRESENCE_BUFFER: usize = 1024;
+
 /// The connected devices of this node.
-#[derive(Default)]
 pub struct DeviceDirectory {
     devices: Mutex<HashMap<Mac, DeviceEntry>>,
+    presence: tokio::sync::broadcast::Sender<PresenceEvent>,
+}
+
+impl Default for DeviceDirectory {
+    fn default() -> Self {
+        DeviceDirectory {
+            devices: Mutex::new(HashMap::new()),
+            presence: tokio::sync::broadcast::channel(PRESENCE_BUFFER).0,
+        }
+    }
 }
 
 impl DeviceDirectory {
+    /// Presence events from now on.
+    pub fn subscribe_presence(&self) -> tokio::sync::broadcast::Receiver<PresenceEvent> {
+        self.presence.subscribe()
+    }
+
+    fn announce(&self, entry: &DeviceEntry, state: &'static str, session_id: Option<String>) {
+        let _ = self.presence.send(PresenceEvent {
+            mac_address: entry.identity.mac.colon(),
+            client_id: entry.identity.client_id.clone(),
+            state,
+            session_id,
+            remote: Some(entry.remote.to_string()),
+            at_ms: crate::history::record::now_ms(),
+        });
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Mac, DeviceEntry>> {
         self.devices.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Records a new connection; returns the entry it replaced, if any.
     pub fn connected(&self, entry: DeviceEntry) -> Option<DeviceEntry> {
+        self.announce(&entry, "online", None);
         self.lock().insert(entry.identity.mac, entry)
     }
 
@@ -48,7 +94,15 @@ impl DeviceDirectory {
     pub fn gone(&self, mac: &Mac, generation: u64) -> Option<DeviceEntry> {
         let mut devices = self.lock();
         if devices.get(mac).is_some_and(|e| e.generation == generation) {
-            devices.remove(mac)
+            let entry = devices.remove(mac);
+            drop(devices);
+            if let Some(entry) = &entry {
+                if let Some((_, session_id)) = &entry.conversation {
+                    self.announce(entry, "session_ended", Some(session_id.clone()));
+                }
+                self.announce(entry, "offline", None);
+            }
+            entry
         } else {
             None
         }
@@ -56,19 +110,24 @@ impl DeviceDirectory {
 
     /// A conversation started (`Some`) or ended (`None`) on a device's connection.
     pub fn set_conversation(&self, mac: &Mac, serial: u64, session_id: Option<String>) {
-        if let Some(entry) = self.lock().get_mut(mac) {
-            match session_id {
-                Some(id) => entry.conversation = Some((serial, id)),
-                None => {
-                    if entry
-                        .conversation
-                        .as_ref()
-                        .is_some_and(|(s, _)| *s == serial)
-                    {
-                        entry.conversation = None;
-                    }
-                }
+        let mut devices = self.lock();
+        let Some(entry) = devices.get_mut(mac) else {
+            return;
+        };
+        let event = match session_id {
+            Some(id) => {
+                entry.conversation = Some((serial, id.clone()));
+                Some(("in_session", id))
             }
+            None => entry
+                .conversation
+                .take_if(|(s, _)| *s == serial)
+                .map(|(_, id)| ("session_ended", id)),
+        };
+        let entry = entry.clone();
+        drop(devices);
+        if let Some((state, id)) = event {
+            self.announce(&entry, state, Some(id));
         }
     }
 
