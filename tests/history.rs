@@ -406,8 +406,14 @@ async fn an_outage_loses_nothing_and_duplicates_nothing_even_across_a_restart() 
         .json()
         .await
         .unwrap();
-    assert!(health["history"]["journal_bytes"].as_u64().unwrap() > 0, "{health}");
-    assert!(health["history"]["journaled"].as_u64().unwrap() >= 4, "{health}");
+    assert!(
+        health["history"]["journal_bytes"].as_u64().unwrap() > 0,
+        "{health}"
+    );
+    assert!(
+        health["history"]["journaled"].as_u64().unwrap() >= 4,
+        "{health}"
+    );
     // ...and comes back when the database does.
     switch.set(true);
     let rows = eventually_rows(&pool, &common::mac(221).colon(), 4).await;
