@@ -12,14 +12,19 @@
 //! * the first address is bound by the first datagram whose sequence is plausible for a
 //!   new channel (`<= FIRST_BIND_MAX_SEQUENCE`) and whose payload decrypts to a
 //!   structurally valid Opus packet;
-//! * a different address may take over (NAT rebinding) only with a strictly newer
-//!   sequence no further than [`REBIND_WINDOW`] ahead, whose payload decrypts to Opus of
-//!   the same duration the device has been sending;
+//! * a different address may take over (NAT rebinding) only with *two* datagrams in a
+//!   row from that address, each with a strictly newer sequence no further than
+//!   [`REBIND_WINDOW`] ahead, whose payloads decrypt to Opus packets with exactly the TOC
+//!   byte the device has been sending (the firmware's encoder settings are fixed, so
+//!   its TOC byte is constant): a payload under the wrong key passes that test about
+//!   once in 256 tries, so two in a row about once in 65,536. The first of the two is
+//!   dropped (60 ms of audio after a real NAT rebinding);
 //! * even the bound address must decrypt plausibly to jump more than [`REBIND_WINDOW`]
 //!   ahead, so a spoofed source cannot push the sequence out of reach.
 //!
 //! A blind attacker must guess a 32-bit connection id, a sequence within a 64-wide window
-//! and pass the Opus check; each failed try is a counted drop that changes no state.
+//! and pass the TOC check twice in a row; each failed try is a counted drop. Only an
+//! authenticated transport can do better (CTR has no integrity).
 
 use std::net::SocketAddr;
 
@@ -86,6 +91,11 @@ pub struct UplinkChannel {
     /// Duration of the Opus packets the device has been sending, learned from accepted
     /// datagrams; a rebinding datagram must match it.
     learned_duration_us: Option<u32>,
+    /// The TOC byte of the device's last structurally valid Opus packet.
+    learned_toc: Option<u8>,
+    /// A new address that sent one datagram passing the rebinding checks, and its
+    /// sequence: a second one in a row from there moves the channel.
+    candidate: Option<(SocketAddr, u32)>,
 }
 
 impl UplinkChannel {
@@ -95,6 +105,8 @@ impl UplinkChannel {
             peer: None,
             last_sequence: 0,
             learned_duration_us: None,
+            learned_toc: None,
+            candidate: None,
         }
     }
 
@@ -138,8 +150,19 @@ impl UplinkChannel {
                     (Some(_), None) => true,
                     (None, _) => false,
                 };
-                if !(within_window && same_shape) {
+                let same_toc = self
+                    .learned_toc
+                    .is_none_or(|toc| payload.first() == Some(&toc));
+                if !(within_window && same_shape && same_toc) {
                     return Verdict::Drop(DropReason::Hijack);
+                }
+                match self.candidate {
+                    Some((addr, seq)) if addr == from && sequence > seq => {}
+                    _ => {
+                        // The first sign from a new address: remember it, move nothing.
+                        self.candidate = Some((from, sequence));
+                        return Verdict::Drop(DropReason::Hijack);
+                    }
                 }
                 true
             }
@@ -155,7 +178,10 @@ impl UplinkChannel {
         };
         if let Some(s) = shape {
             self.learned_duration_us = Some(s.duration_us);
+            self.learned_toc = payload.first().copied();
         }
+        // Any accepted datagram breaks a run of candidates from elsewhere.
+        self.candidate = None;
         let gap = if self.last_sequence == 0 {
             sequence - 1
         } else {
@@ -318,18 +344,84 @@ mod tests {
     }
 
     #[test]
-    fn nat_rebinding_follows_a_newer_plausible_datagram() {
+    fn nat_rebinding_follows_two_newer_plausible_datagrams() {
         let mut ch = channel();
         ch.on_datagram(&mut device_datagram(1, &OPUS), addr(1));
-        assert!(matches!(
+        // The first from the new address is only a candidate.
+        assert_eq!(
             ch.on_datagram(&mut device_datagram(3, &OPUS), addr(2)),
+            Verdict::Drop(DropReason::Hijack)
+        );
+        assert_eq!(ch.peer(), Some(addr(1)));
+        assert!(matches!(
+            ch.on_datagram(&mut device_datagram(4, &OPUS), addr(2)),
             Verdict::Accept {
                 rebound: true,
-                gap: 1,
+                gap: 2,
                 ..
             }
         ));
         assert_eq!(ch.peer(), Some(addr(2)));
+    }
+
+    #[test]
+    fn a_datagram_from_the_bound_device_breaks_a_candidate_run() {
+        let mut ch = channel();
+        ch.on_datagram(&mut device_datagram(1, &OPUS), addr(1));
+        assert!(matches!(
+            ch.on_datagram(&mut device_datagram(2, &OPUS), addr(2)),
+            Verdict::Drop(_)
+        ));
+        assert!(matches!(
+            ch.on_datagram(&mut device_datagram(3, &OPUS), addr(1)),
+            Verdict::Accept { rebound: false, .. }
+        ));
+        // The run starts again.
+        assert!(matches!(
+            ch.on_datagram(&mut device_datagram(4, &OPUS), addr(2)),
+            Verdict::Drop(_)
+        ));
+        assert_eq!(ch.peer(), Some(addr(1)));
+    }
+
+    #[test]
+    fn rebinding_needs_the_learned_toc_byte() {
+        let mut ch = channel();
+        ch.on_datagram(&mut device_datagram(1, &OPUS), addr(1));
+        // Same duration (SILK NB 60 ms), different bandwidth: not the device's encoder.
+        let other = [3 << 3, 1, 2, 3];
+        for seq in [2, 3, 4] {
+            assert_eq!(
+                ch.on_datagram(&mut device_datagram(seq, &other), addr(2)),
+                Verdict::Drop(DropReason::Hijack)
+            );
+        }
+        assert_eq!(ch.peer(), Some(addr(1)));
+    }
+
+    /// Random payloads under the wrong key (what a forger without the key produces)
+    /// essentially never move the channel.
+    #[test]
+    fn forgeries_under_a_wrong_key_do_not_rebind() {
+        use rand::Rng;
+        let mut rng = rand::rng();
+        let mut rebinds = 0;
+        for _ in 0..2_000 {
+            let mut ch = channel();
+            ch.on_datagram(&mut device_datagram(1, &OPUS), addr(1));
+            for seq in 2..6 {
+                let mut d = device_datagram(seq, &OPUS);
+                rng.fill(&mut d[HEADER_LEN..]);
+                if matches!(
+                    ch.on_datagram(&mut d, addr(9)),
+                    Verdict::Accept { rebound: true, .. }
+                ) {
+                    rebinds += 1;
+                }
+            }
+        }
+        // Expected about 2,000 * 3 / 65,536 < 0.1; allow a rare one.
+        assert!(rebinds <= 1, "{rebinds} forged rebinds in 8,000 tries");
     }
 
     #[test]
