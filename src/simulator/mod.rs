@@ -227,40 +227,23 @@ async fn one_device(
     handshakes: &Semaphore,
     result: &mut DeviceResult,
 ) -> Result<(), String> {
-    let creds = DeviceCredentials::for_mac(
-        DeviceCredentials::nth_mac(n),
-        &config.group,
-        config.signature_key.as_deref().map(str::as_bytes),
-    );
-    let permit = handshakes.acquire().await.map_err(|e| e.to_string())?;
-    let mut device = SimDevice::connect(config.mqtt, creds)
-        .await
-        .map_err(|e| format!("connect: {e}"))?;
-    result.connected = true;
-    let t0 = Instant::now();
-    device
-        .publish_json(&SimDevice::firmware_hello())
-        .await
-        .map_err(|e| e.to_string())?;
-    // The firmware waits 10 s for the server hello.
-    let hello = device
-        .recv_type("hello", Duration::from_secs(10))
-        .await
-        .map_err(|e| format!("hello: {e}"))?;
-    result.hello = Some(t0.elapsed());
-    drop(permit);
-    let hello = ServerHello::parse(&hello).map_err(|e| e.to_string())?;
-    let mut audio = SimAudio::open(&hello, config.udp_bind)
-        .await
-        .map_err(|e| format!("udp: {e}"))?;
+    let opened = open_conversation(
+        ConversationTarget {
+            mqtt: config.mqtt,
+            signature_key: config.signature_key.as_deref(),
+            group: &config.group,
+            udp_bind: config.udp_bind,
+            mode: "realtime",
+        },
+        n,
+        handshakes,
+        &mut result.connected,
+    )
+    .await?;
+    result.hello = Some(opened.hello_latency);
     result.conversation = true;
+    let (mut device, hello, mut audio) = (opened.device, opened.hello, opened.audio);
     let session = hello.session_id.clone();
-    device
-        .publish_json(
-            &json!({"session_id": session, "type": "listen", "state": "start", "mode": "realtime"}),
-        )
-        .await
-        .map_err(|e| e.to_string())?;
 
     let frames = (config.stream_for.as_millis() / u128::from(config.frame_ms.max(1))) as u32;
     let mut sent_at: Vec<Instant> = Vec::with_capacity(frames as usize);
@@ -309,6 +292,80 @@ async fn one_device(
         .await;
     device.disconnect().await;
     Ok(())
+}
+
+/// Where and how a simulated device opens its conversation.
+pub(crate) struct ConversationTarget<'a> {
+    pub mqtt: SocketAddr,
+    pub signature_key: Option<&'a str>,
+    pub group: &'a str,
+    pub udp_bind: SocketAddr,
+    /// The `listen` mode it starts in.
+    pub mode: &'a str,
+}
+
+/// A conversation a simulated device has opened.
+pub(crate) struct OpenedConversation {
+    pub device: SimDevice,
+    pub hello: ServerHello,
+    pub hello_latency: Duration,
+    pub audio: SimAudio,
+}
+
+/// Device `n` connects, says hello and waits for the server's as the firmware does (10 s;
+/// an alert says why none will come), opens its UDP channel and starts listening.
+/// `connected` is set as soon as the MQTT connection is up. At most as many devices as
+/// `handshakes` has permits are between connect and hello at once.
+pub(crate) async fn open_conversation(
+    target: ConversationTarget<'_>,
+    n: u32,
+    handshakes: &Semaphore,
+    connected: &mut bool,
+) -> Result<OpenedConversation, String> {
+    let creds = DeviceCredentials::for_mac(
+        DeviceCredentials::nth_mac(n),
+        target.group,
+        target.signature_key.map(str::as_bytes),
+    );
+    let permit = handshakes.acquire().await.map_err(|e| e.to_string())?;
+    let mut device = SimDevice::connect(target.mqtt, creds)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    *connected = true;
+    let t0 = Instant::now();
+    device
+        .publish_json(&SimDevice::firmware_hello())
+        .await
+        .map_err(|e| e.to_string())?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let hello = loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let (_, payload) = device.recv(left).await.map_err(|e| format!("hello: {e}"))?;
+        let Ok(message) = serde_json::from_slice::<serde_json::Value>(&payload) else {
+            continue;
+        };
+        match message["type"].as_str() {
+            Some("hello") => break message,
+            Some("alert") => return Err(format!("alert instead of hello: {}", message["message"])),
+            _ => {}
+        }
+    };
+    let hello_latency = t0.elapsed();
+    drop(permit);
+    let hello = ServerHello::parse(&hello).map_err(|e| e.to_string())?;
+    let audio = SimAudio::open(&hello, target.udp_bind)
+        .await
+        .map_err(|e| format!("udp: {e}"))?;
+    device
+        .publish_json(&json!({"session_id": hello.session_id, "type": "listen", "state": "start", "mode": target.mode}))
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(OpenedConversation {
+        device,
+        hello,
+        hello_latency,
+        audio,
+    })
 }
 
 async fn sleep_until_opt(at: Option<tokio::time::Instant>) {

@@ -16,8 +16,7 @@ use serde_json::json;
 use tokio::sync::Semaphore;
 
 use super::Percentiles;
-use super::audio::{ServerHello, SimAudio, synthetic_frame};
-use super::device::{DeviceCredentials, SimDevice};
+use super::audio::synthetic_frame;
 use super::upstream::{stamped_reply, unix_micros};
 
 /// What to simulate.
@@ -281,47 +280,22 @@ async fn one_device(
     handshakes: &Semaphore,
     r: &mut DeviceTurns,
 ) -> Result<(), String> {
-    let creds = DeviceCredentials::for_mac(
-        DeviceCredentials::nth_mac(n),
-        &config.group,
-        config.signature_key.as_deref().map(str::as_bytes),
-    );
-    let permit = handshakes.acquire().await.map_err(|e| e.to_string())?;
-    let mut device = SimDevice::connect(config.mqtt, creds)
-        .await
-        .map_err(|e| format!("connect: {e}"))?;
-    r.connected = true;
-    let t0 = Instant::now();
-    device
-        .publish_json(&SimDevice::firmware_hello())
-        .await
-        .map_err(|e| e.to_string())?;
-    // The firmware waits 10 s for the hello; an alert says why it will not come.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    let hello = loop {
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        let (_, payload) = device.recv(left).await.map_err(|e| format!("hello: {e}"))?;
-        let Ok(message) = serde_json::from_slice::<serde_json::Value>(&payload) else {
-            continue;
-        };
-        match message["type"].as_str() {
-            Some("hello") => break message,
-            Some("alert") => return Err(format!("alert instead of hello: {}", message["message"])),
-            _ => {}
-        }
-    };
-    r.hello = Some(t0.elapsed());
-    drop(permit);
-    let hello = ServerHello::parse(&hello).map_err(|e| e.to_string())?;
-    device.set_session_id(&hello.session_id);
-    let mut audio = SimAudio::open(&hello, ([127, 0, 0, 1], 0).into())
-        .await
-        .map_err(|e| format!("udp: {e}"))?;
+    let opened = super::open_conversation(
+        super::ConversationTarget {
+            mqtt: config.mqtt,
+            signature_key: config.signature_key.as_deref(),
+            group: &config.group,
+            udp_bind: ([127, 0, 0, 1], 0).into(),
+            mode: "auto",
+        },
+        n,
+        handshakes,
+        &mut r.connected,
+    )
+    .await?;
+    r.hello = Some(opened.hello_latency);
     r.conversation = true;
-    device
-        .publish_json(&json!({"session_id": hello.session_id, "type": "listen", "state": "start", "mode": "auto"}))
-        .await
-        .map_err(|e| e.to_string())?;
+    let (mut device, hello, mut audio) = (opened.device, opened.hello, opened.audio);
 
     let frame = Duration::from_millis(u64::from(config.frame_ms));
     let end = Instant::now() + config.duration;
