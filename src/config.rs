@@ -31,6 +31,8 @@ pub struct Config {
     pub management: ManagementConfig,
     pub ota: OtaConfig,
     pub history: HistoryConfig,
+    pub presence: PresenceConfig,
+    pub admin: AdminConfig,
     pub log: LogConfig,
     pub shutdown: ShutdownConfig,
 }
@@ -113,11 +115,25 @@ pub struct BrokerConfig {
 pub struct BrokerUser {
     pub username: String,
     pub password: String,
+    /// What the user may do on the bus (default `admin`).
+    #[serde(default)]
+    pub role: BrokerRole,
+}
+
+/// A broker-listener user's rights.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BrokerRole {
+    /// Sends admin commands, publishes to devices, reads every topic.
+    #[default]
+    Admin,
+    /// Reads device and gateway events (`xiaozhi/devices/#`, `xiaozhi/events/#`) only.
+    Observer,
 }
 
 impl std::fmt::Debug for BrokerUser {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "BrokerUser({:?}, <redacted>)", self.username)
+        write!(f, "BrokerUser({:?}, <redacted>, {:?})", self.username, self.role)
     }
 }
 
@@ -297,6 +313,75 @@ pub struct HistoryConfig {
     pub retention_audio_days: u32,
     /// Delete text rows older than this many days (0: keep forever).
     pub retention_text_days: u32,
+}
+
+/// Where device presence is kept.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PresenceConfig {
+    /// `redis://host:6379/0` for Redis (production, several nodes); unset: in memory.
+    pub redis_url: Option<String>,
+    /// Prefix of every Redis key (several deployments can share one Redis).
+    pub key_prefix: String,
+    /// How often this node refreshes its devices' entries, in seconds.
+    pub heartbeat_secs: u64,
+    /// A connected device's entry expires this long after its node's last heartbeat,
+    /// in seconds (a crashed node's devices turn offline on their own).
+    pub ttl_secs: u64,
+    /// How long an offline device's entry (its last seen) is kept, in seconds.
+    pub offline_retention_secs: u64,
+    /// Timeout of each presence store round trip, in ms (Redis down must not stall).
+    pub timeout_ms: u64,
+    /// Update manager-api's `ai_device.last_connected_at` at most this often per device,
+    /// in seconds (0: never).
+    pub last_connected_throttle_secs: u64,
+}
+
+impl std::fmt::Debug for PresenceConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PresenceConfig")
+            .field("redis_url", &self.redis_url.as_deref().map(redact_url))
+            .field("key_prefix", &self.key_prefix)
+            .field("heartbeat_secs", &self.heartbeat_secs)
+            .field("ttl_secs", &self.ttl_secs)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for PresenceConfig {
+    fn default() -> Self {
+        PresenceConfig {
+            redis_url: None,
+            key_prefix: "xiaozhi:".into(),
+            heartbeat_secs: 30,
+            ttl_secs: 90,
+            offline_retention_secs: 7 * 24 * 3600,
+            timeout_ms: 2_000,
+            last_connected_throttle_secs: 300,
+        }
+    }
+}
+
+/// Admin commands over MQTT (`xiaozhi/admin/commands/...`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Take commands from the bus.
+    pub enabled: bool,
+    /// How long a command waits for the device, in ms.
+    pub command_timeout_ms: u64,
+    /// Commands running at once; further ones get a `busy` error reply.
+    pub max_in_flight: usize,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            enabled: true,
+            command_timeout_ms: 5_000,
+            max_in_flight: 256,
+        }
+    }
 }
 
 impl std::fmt::Debug for HistoryConfig {
@@ -657,6 +742,14 @@ impl Config {
                 "management.command_timeout_secs",
                 self.management.command_timeout_secs,
             ),
+            ("presence.heartbeat_secs", self.presence.heartbeat_secs),
+            ("presence.ttl_secs", self.presence.ttl_secs),
+            (
+                "presence.offline_retention_secs",
+                self.presence.offline_retention_secs,
+            ),
+            ("presence.timeout_ms", self.presence.timeout_ms),
+            ("admin.command_timeout_ms", self.admin.command_timeout_ms),
         ] {
             if value == 0 {
                 return Err(invalid(key, &value, "must be greater than 0"));
@@ -680,6 +773,7 @@ impl Config {
             ("history.queue", self.history.queue),
             ("history.batch", self.history.batch),
             ("mcp.max_pending", self.mcp.max_pending),
+            ("admin.max_in_flight", self.admin.max_in_flight),
         ] {
             if value == 0 {
                 return Err(invalid(key, &value, "must be greater than 0"));
@@ -691,6 +785,31 @@ impl Config {
                 &self.mqtt.max_packet_bytes,
                 "at most 16 MiB",
             ));
+        }
+        if self.presence.ttl_secs <= self.presence.heartbeat_secs {
+            return Err(invalid(
+                "presence.ttl_secs",
+                &self.presence.ttl_secs,
+                "must be longer than presence.heartbeat_secs (three heartbeats is a good choice), or live devices expire between heartbeats",
+            ));
+        }
+        if let Some(url) = &self.presence.redis_url
+            && !(url.starts_with("redis://") || url.starts_with("rediss://"))
+        {
+            return Err(invalid(
+                "presence.redis_url",
+                &redact_url(url),
+                "must start with redis:// (or rediss://), e.g. redis://127.0.0.1:6379/0",
+            ));
+        }
+        for (i, user) in self.broker.users.iter().enumerate() {
+            if user.username.is_empty() || user.password.is_empty() {
+                return Err(invalid(
+                    &format!("broker.users[{i}]"),
+                    &user.username,
+                    "username and password must not be empty",
+                ));
+            }
         }
         match (&self.mqtt.tls_cert, &self.mqtt.tls_key) {
             (Some(_), None) => {

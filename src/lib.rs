@@ -24,6 +24,7 @@ pub mod history;
 pub mod http;
 pub mod metrics;
 pub mod pipeline;
+pub mod presence;
 pub mod protocol;
 pub mod server;
 pub mod session;

@@ -270,6 +270,7 @@ mod tests {
         let users = vec![BrokerUser {
             username: "admin".into(),
             password: "pw".into(),
+            role: Default::default(),
         }];
         assert!(broker_user_matches(&users, "admin", "pw"));
         assert!(!broker_user_matches(&users, "admin", "PW"));

@@ -7,7 +7,7 @@ use std::time::Duration;
 use figment::Figment;
 use figment::providers::Serialized;
 use serde_json::{Value, json};
-use xiaozhi_gateway::config::{BrokerUser, Config};
+use xiaozhi_gateway::config::{BrokerRole, BrokerUser, Config};
 use xiaozhi_gateway::protocol::mac::Mac;
 use xiaozhi_gateway::server::Gateway;
 use xiaozhi_gateway::simulator::audio::{ServerHello, SimAudio};
@@ -34,6 +34,7 @@ pub fn test_config() -> Config {
     c.broker.users = vec![BrokerUser {
         username: ADMIN_USER.into(),
         password: ADMIN_PASS.into(),
+        role: BrokerRole::Admin,
     }];
     c.shutdown.grace_secs = 3;
     // Tests that record chat history turn it on with their own database and journal.

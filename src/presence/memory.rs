@@ -1,0 +1,1 @@
+//! In-memory presence (placeholder until the backend lands).

@@ -1,0 +1,1 @@
+//! Redis presence (placeholder until the backend lands).
