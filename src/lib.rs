@@ -17,6 +17,7 @@
 //!   tests and load.
 //! * [`server`] wires it all together and owns shutdown.
 
+pub mod admin;
 pub mod audio;
 pub mod broker;
 pub mod config;

@@ -69,6 +69,24 @@ counters! {
     mqtt_dropped_unexpected_ack,
     /// Messages the bus publisher dropped because its queue was full.
     bus_dropped,
+    /// Broker-listener (admin/integration) clients currently connected (gauge).
+    broker_clients_connected,
+    /// Broker-listener CONNECTs accepted.
+    broker_connects,
+    /// Broker-listener CONNECTs refused for missing or wrong credentials.
+    broker_auth_refused,
+    /// Broker-listener publishes (and wills) refused by the role's ACL.
+    broker_publish_refused,
+    /// Broker-listener SUBSCRIBEs refused by the role's ACL.
+    broker_subscribe_refused,
+    /// Broker-listener sockets refused because the client cap was reached.
+    broker_connections_refused_limit,
+    /// Broker-listener connections closed for a missing CONNECT or keep-alive timeout.
+    broker_connections_timed_out,
+    /// Broker-listener connections closed for a malformed or forbidden packet.
+    broker_protocol_errors,
+    /// Admin commands dropped because the gateway's command queue was full.
+    admin_commands_dropped,
     /// Hellos answered / refused.
     hellos_ok,
     hellos_refused,
@@ -132,6 +150,23 @@ counters! {
     /// Uplink frames the echo pipeline did not play: over its per-turn cap, or arriving
     /// while it plays a turn back to a half-duplex device.
     echo_frames_dropped,
+    /// Presence transitions reported by the session layer.
+    presence_transitions,
+    /// Presence records written to the store.
+    presence_writes,
+    /// Heartbeats that refreshed this node's entries.
+    presence_heartbeats,
+    /// Presence store round trips that failed or timed out (the state is kept and
+    /// written when the store returns).
+    presence_errors,
+    /// `ai_device.last_connected_at` rows updated / update failures.
+    presence_last_connected_updates,
+    presence_last_connected_errors,
+    /// Admin commands answered, by outcome.
+    admin_commands_ok,
+    admin_commands_failed,
+    /// Events (session, chat, upstream) not published because the event feed lagged.
+    events_dropped,
 }
 
 impl Metrics {

@@ -25,6 +25,9 @@ use crate::metrics::Metrics;
 use crate::pipeline::Pipeline;
 use crate::pipeline::echo::EchoPipeline;
 use crate::pipeline::xiaozhi::XiaozhiPipeline;
+use crate::presence::hints::DeviceHints;
+use crate::presence::tracker::{PresenceTracker, TrackerSettings, TrackerTask};
+use crate::presence::{PresenceStore, Ttls};
 use crate::protocol::device_mqtt::DeviceMqttSettings;
 use crate::session::device_mcp::McpSettings;
 use crate::session::directory::DeviceDirectory;
@@ -96,6 +99,8 @@ pub enum StartError {
     Tls(String),
     #[error("chat history (history.*): {0}")]
     History(String),
+    #[error("presence (presence.*): {0}")]
+    Presence(String),
 }
 
 /// The addresses actually bound (ports resolved).
@@ -115,6 +120,9 @@ pub struct Gateway {
     pub registry: Arc<DeviceRegistry>,
     /// What each connected device is doing (status, MCP, conversation).
     pub directory: Arc<DeviceDirectory>,
+    /// This node's presence writer (and the store readers use).
+    pub presence: PresenceTracker,
+    presence_task: Option<TrackerTask>,
     /// Every stored chat-history record, for live consumers.
     pub history_events: tokio::sync::broadcast::Sender<crate::history::writer::StoredEvent>,
     history_stop: CancellationToken,
@@ -177,7 +185,6 @@ impl Gateway {
                 metrics.clone(),
             )),
         };
-        let directory = Arc::new(DeviceDirectory::default());
         let (history_events, _) = tokio::sync::broadcast::channel(1024);
         let history_stop = CancellationToken::new();
         let history = match config.history.enabled {
@@ -196,6 +203,16 @@ impl Gateway {
             Some((handle, task, store)) => (Some(handle), Some(task), Some(store)),
             None => (None, None, None),
         };
+        let hints = Arc::new(DeviceHints::default());
+        let (presence, presence_task) = start_presence(
+            &config,
+            hints.clone(),
+            broker.bus.clone(),
+            history_store.clone(),
+            metrics.clone(),
+        )
+        .await?;
+        let directory = Arc::new(DeviceDirectory::new(Some(presence.clone())));
         let sessions = SessionManager::start(SessionDeps {
             pipeline,
             audio,
@@ -211,6 +228,10 @@ impl Gateway {
             directory: directory.clone(),
             history,
             history_max_packets: (config.history.max_utterance_secs * 1000 / 20) as usize,
+            events: Some(crate::admin::events::EventPublisher::new(
+                broker.bus.clone(),
+                &config.node.id,
+            )),
             mcp: McpSettings {
                 setup: config.mcp.setup,
                 max_tools: config.mcp.max_tools,
@@ -298,6 +319,8 @@ impl Gateway {
             mqtt_port: addrs.mqtt.port(),
             history: history_store,
             history_events: history_events.clone(),
+            hints,
+            presence: presence.clone(),
         });
         background.push(tokio::spawn(async move {
             let serve = axum::serve(
@@ -325,6 +348,8 @@ impl Gateway {
             metrics,
             registry,
             directory,
+            presence,
+            presence_task: Some(presence_task),
             history_events,
             history_stop,
             history_task,
@@ -359,6 +384,14 @@ impl Gateway {
             .is_err()
         {
             warn!("device connections did not all close within the grace period");
+        }
+        // The devices' offline records are written while the store still answers.
+        if let Some(task) = self.presence_task
+            && tokio::time::timeout_at(deadline, task.shutdown())
+                .await
+                .is_err()
+        {
+            warn!("presence did not finish writing within the grace period");
         }
         // Everything recorded is written (or journaled) before the process ends.
         self.history_stop.cancel();
@@ -404,6 +437,53 @@ pub fn tls_acceptor(cert: &std::path::Path, key: &std::path::Path) -> Result<Tls
     .with_single_cert(certs, key)
     .map_err(|e| e.to_string())?;
     Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// Opens the presence store (Redis when `presence.redis_url` is set, else memory) and
+/// starts its writer. Redis being down now is not an error: the gateway serves devices
+/// and writes their state when Redis answers.
+async fn start_presence(
+    config: &Config,
+    hints: Arc<DeviceHints>,
+    bus: crate::broker::bus::Bus,
+    history: Option<crate::history::store::Store>,
+    metrics: Arc<Metrics>,
+) -> Result<(PresenceTracker, TrackerTask), StartError> {
+    let p = &config.presence;
+    let timeout = Duration::from_millis(p.timeout_ms);
+    let store: Arc<dyn PresenceStore> = match &p.redis_url {
+        Some(url) => Arc::new(
+            crate::presence::redis::RedisPresence::connect(url, &p.key_prefix, timeout)
+                .await
+                .map_err(|e| {
+                    StartError::Presence(format!(
+                        "{e} (presence.redis_url = {})",
+                        crate::config::redact_url(url)
+                    ))
+                })?,
+        ),
+        None => Arc::new(crate::presence::memory::MemoryPresence::new()),
+    };
+    info!(backend = store.backend(), node = %config.node.id, "device presence");
+    let settings = TrackerSettings {
+        node: config.node.id.clone(),
+        ttls: Ttls {
+            connected: Duration::from_secs(p.ttl_secs),
+            offline: Duration::from_secs(p.offline_retention_secs),
+        },
+        heartbeat: Duration::from_secs(p.heartbeat_secs),
+        timeout,
+        touch_throttle: Duration::from_secs(p.last_connected_throttle_secs),
+        utc_offset_minutes: config.history.utc_offset_minutes,
+    };
+    Ok(PresenceTracker::start(
+        settings,
+        store,
+        hints,
+        Some(bus),
+        history,
+        metrics,
+    ))
 }
 
 /// Opens the chat-history store and journal and starts the writer. A database that is

@@ -36,6 +36,46 @@ pub(crate) struct ChannelShared {
     /// Milliseconds since `epoch` of the last audio in either direction.
     pub last_activity_ms: AtomicU64,
     pub epoch: Instant,
+    /// This channel's traffic, for the session-end event and log line.
+    pub stats: ChannelCounters,
+}
+
+/// Per-channel traffic counters (relaxed atomics: one writer each way, read at the end).
+#[derive(Debug, Default)]
+pub(crate) struct ChannelCounters {
+    pub uplink_packets: AtomicU64,
+    pub uplink_bytes: AtomicU64,
+    pub downlink_packets: AtomicU64,
+    pub downlink_bytes: AtomicU64,
+    /// Datagrams for this channel refused (replay, hijack, undecryptable, malformed) or
+    /// frames lost to a full queue, either way.
+    pub dropped: AtomicU64,
+}
+
+/// A snapshot of one channel's traffic.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ChannelStats {
+    pub uplink_packets: u64,
+    pub uplink_bytes: u64,
+    pub downlink_packets: u64,
+    pub downlink_bytes: u64,
+    pub dropped: u64,
+}
+
+impl ChannelCounters {
+    pub(crate) fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    fn snapshot(&self) -> ChannelStats {
+        ChannelStats {
+            uplink_packets: self.uplink_packets.load(Ordering::Relaxed),
+            uplink_bytes: self.uplink_bytes.load(Ordering::Relaxed),
+            downlink_packets: self.downlink_packets.load(Ordering::Relaxed),
+            downlink_bytes: self.downlink_bytes.load(Ordering::Relaxed),
+            dropped: self.dropped.load(Ordering::Relaxed),
+        }
+    }
 }
 
 impl ChannelShared {
@@ -63,6 +103,11 @@ impl AudioChannel {
         let last = self.shared.last_activity_ms.load(Ordering::Relaxed);
         let now = u64::try_from(self.shared.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
         std::time::Duration::from_millis(now.saturating_sub(last))
+    }
+
+    /// Traffic so far.
+    pub fn stats(&self) -> ChannelStats {
+        self.shared.stats.snapshot()
     }
 
     /// Splits off the parts a pipeline needs, keeping the lease (and idle tracking) here.
@@ -139,6 +184,7 @@ impl Downlink {
         );
         if let Err(too_large) = sealed {
             Metrics::inc(&self.metrics.udp_drop_downlink_oversized);
+            ChannelCounters::add(&self.shared.stats.dropped, 1);
             debug!(
                 bytes = too_large.0,
                 "downlink frame does not fit one datagram; dropped"
@@ -150,6 +196,8 @@ impl Downlink {
             Ok(n) => {
                 Metrics::inc(&self.metrics.udp_tx_datagrams);
                 Metrics::add(&self.metrics.udp_tx_bytes, n as u64);
+                ChannelCounters::add(&self.shared.stats.downlink_packets, 1);
+                ChannelCounters::add(&self.shared.stats.downlink_bytes, n as u64);
                 true
             }
             Err(_) => {

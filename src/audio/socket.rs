@@ -20,7 +20,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use super::channel::{AudioChannel, ChannelShared, Downlink, UplinkFrame};
+use super::channel::{AudioChannel, ChannelCounters, ChannelShared, Downlink, UplinkFrame};
 use crate::metrics::Metrics;
 use crate::protocol::audio_channel::{DownlinkSealer, DropReason, UplinkChannel, Verdict};
 use crate::protocol::cipher::{KEY_LEN, PacketCipher};
@@ -171,6 +171,9 @@ impl AudioSocket {
                     }
                 }
                 route.shared.touch();
+                let stats = &route.shared.stats;
+                ChannelCounters::add(&stats.uplink_packets, 1);
+                ChannelCounters::add(&stats.uplink_bytes, datagram.len() as u64);
                 let frame = UplinkFrame {
                     timestamp: header.timestamp,
                     sequence: header.sequence,
@@ -178,6 +181,7 @@ impl AudioSocket {
                 };
                 if route.uplink_tx.try_send(frame).is_err() {
                     Metrics::inc(&m.udp_drop_queue_full);
+                    ChannelCounters::add(&stats.dropped, 1);
                 }
             }
             Verdict::Drop(reason) => {
@@ -188,6 +192,7 @@ impl AudioSocket {
                     DropReason::Undecryptable => &m.udp_drop_decrypt,
                 };
                 Metrics::inc(counter);
+                ChannelCounters::add(&route.shared.stats.dropped, 1);
                 if matches!(reason, DropReason::Hijack) {
                     warn!(connection_id = id, %from, "datagram with a live connection id from an unproven address dropped");
                 }
@@ -228,6 +233,7 @@ impl AudioSocketHandle {
             peer: Mutex::new(None),
             last_activity_ms: AtomicU64::new(0),
             epoch: self.epoch,
+            stats: ChannelCounters::default(),
         });
         shared.touch();
         let (uplink_tx, uplink_rx) = mpsc::channel(self.uplink_queue);

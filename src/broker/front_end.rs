@@ -20,7 +20,6 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use rumqttc::mqttbytes::v4::{Packet, Publish};
 use rumqttc::mqttbytes::{Error as FrameError, QoS};
-use serde_json::json;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc};
@@ -226,14 +225,8 @@ impl FrontEnd {
         let reason = end.unwrap_or_default();
         if let Some((handle, _)) = device {
             let mac = handle.identity.mac;
-            let current = self.registry.unregister(&mac, handle.generation);
+            self.registry.unregister(&mac, handle.generation);
             self.sessions.device_gone(mac, handle.generation).await;
-            if current {
-                self.bus.publish(
-                    topics::device_presence(&mac),
-                    Bytes::from(json!({"state": "offline", "reason": reason}).to_string()),
-                );
-            }
             info!(%reason, "device disconnected");
         } else {
             debug!(%reason, "connection closed before CONNECT");
@@ -281,18 +274,6 @@ impl FrontEnd {
                     let (handle, rx) = self.registry.register(identity, remote);
                     Metrics::inc(&self.metrics.device_connects);
                     info!(client_id = %handle.identity.client_id, keep_alive_secs = keep_alive.as_secs(), "device connected");
-                    self.bus.publish(
-                        topics::device_presence(&handle.identity.mac),
-                        Bytes::from(
-                            json!({
-                                "state": "online",
-                                "client_id": handle.identity.client_id,
-                                "group": handle.identity.group,
-                                "remote": remote.to_string(),
-                            })
-                            .to_string(),
-                        ),
-                    );
                     self.sessions
                         .device_connected(handle.identity.clone(), handle.generation, remote)
                         .await;

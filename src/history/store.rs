@@ -215,6 +215,65 @@ impl Store {
         Ok(n == 2)
     }
 
+    /// Whether manager-api's `ai_device` table is present.
+    pub async fn has_device_table(&self) -> Result<bool, StoreError> {
+        let n: i64 = match self {
+            Store::MySql(pool) => {
+                sqlx::query_scalar(
+                    "SELECT COUNT(*) FROM information_schema.tables \
+                     WHERE table_schema = DATABASE() AND table_name = 'ai_device'",
+                )
+                .fetch_one(pool)
+                .await?
+            }
+            Store::Sqlite(pool) => {
+                sqlx::query_scalar(
+                    "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = 'ai_device'",
+                )
+                .fetch_one(pool)
+                .await?
+            }
+        };
+        Ok(n == 1)
+    }
+
+    /// Sets manager-api's `ai_device.last_connected_at` to `at` (formatted like every
+    /// other manager-api time) for these devices (colon MACs), one statement per 512;
+    /// returns the rows changed. Nothing happens (and no error) without the table.
+    pub async fn touch_last_connected(
+        &self,
+        mac_addresses: &[String],
+        at: &str,
+    ) -> Result<u64, StoreError> {
+        if mac_addresses.is_empty() || !self.has_device_table().await? {
+            return Ok(0);
+        }
+        let mut changed = 0;
+        for chunk in mac_addresses.chunks(MAX_ROWS_PER_STATEMENT) {
+            let marks = vec!["?"; chunk.len()].join(", ");
+            let sql = format!(
+                "UPDATE ai_device SET last_connected_at = ? WHERE mac_address IN ({marks})"
+            );
+            changed += match self {
+                Store::MySql(pool) => {
+                    let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(at);
+                    for mac in chunk {
+                        q = q.bind(mac);
+                    }
+                    q.execute(pool).await?.rows_affected()
+                }
+                Store::Sqlite(pool) => {
+                    let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(at);
+                    for mac in chunk {
+                        q = q.bind(mac);
+                    }
+                    q.execute(pool).await?.rows_affected()
+                }
+            };
+        }
+        Ok(changed)
+    }
+
     /// The recording policy for a device (its agent's `chat_history_conf`).
     pub async fn device_policy(&self, mac_address: &str) -> Result<DevicePolicy, StoreError> {
         if !self.managed().await? {

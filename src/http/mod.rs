@@ -28,6 +28,10 @@ pub struct HttpState {
     pub history: Option<crate::history::store::Store>,
     /// Every stored chat-history record, for `/ws/admin`.
     pub history_events: tokio::sync::broadcast::Sender<crate::history::writer::StoredEvent>,
+    /// Board and firmware the devices report in their OTA checks.
+    pub hints: Arc<crate::presence::hints::DeviceHints>,
+    /// Device presence (this node's writer and the shared store).
+    pub presence: crate::presence::tracker::PresenceTracker,
 }
 
 /// Builds the router.

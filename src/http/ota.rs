@@ -156,6 +156,11 @@ async fn ota(
         .as_str()
         .and_then(sanitize_group)
         .unwrap_or_else(|| state.config.ota.group.clone());
+    state.hints.record(
+        mac,
+        info["board"]["type"].as_str(),
+        info["application"]["version"].as_str(),
+    );
     let ip = canonical_ip(peer.ip()).to_string();
     let mqtt = mqtt_settings(&state.config, state.mqtt_port, &group, &mac, &ip);
 

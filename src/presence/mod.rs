@@ -16,6 +16,7 @@
 //! TTLs of this node's devices on a heartbeat, and rewrites everything after the store
 //! comes back from an outage.
 
+pub mod hints;
 pub mod memory;
 pub mod redis;
 pub mod tracker;

@@ -51,7 +51,11 @@ pub(crate) async fn run(deps: Arc<SessionDeps>, start: ConversationStart) -> End
 
     // Everything up to the hello reply can be cut short by an end request too.
     let setup = async {
-        let channel = deps.audio.open_channel().await.map_err(|e| e.to_string())?;
+        let channel = deps
+            .audio
+            .open_channel()
+            .await
+            .map_err(|e| (false, e.to_string()))?;
         let opened = deps
             .pipeline
             .open(OpenRequest {
@@ -60,15 +64,18 @@ pub(crate) async fn run(deps: Arc<SessionDeps>, start: ConversationStart) -> End
                 remote,
             })
             .await
-            .map_err(|e| e.message)?;
-        Ok::<_, String>((channel, opened))
+            .map_err(|e| (true, e.message))?;
+        Ok::<_, (bool, String)>((channel, opened))
     };
     let (mut channel, opened) = tokio::select! {
         r = setup => match r {
             Ok(v) => v,
-            Err(message) => {
+            Err((upstream, message)) => {
                 Metrics::inc(&deps.metrics.hellos_refused);
                 warn!(%message, "conversation could not be opened");
+                if upstream && let Some(events) = &deps.events {
+                    events.upstream_failed(&device.mac, &message);
+                }
                 out.send_json(control::alert(None, &message));
                 // The device has no session id yet; the one it holds while waiting for
                 // our hello is empty, and firmware closes on a goodbye that matches it.
@@ -98,6 +105,9 @@ pub(crate) async fn run(deps: Arc<SessionDeps>, start: ConversationStart) -> End
     deps.directory
         .set_conversation(&device.mac, serial, Some(session_id.clone()));
     info!(%session_id, connection_id = channel.connection_id, pipeline = deps.pipeline.name(), "conversation started");
+    if let Some(events) = &deps.events {
+        events.session_started(&device.mac, &session_id, deps.pipeline.name());
+    }
 
     let (uplink, downlink) = channel.take_io();
     let io = ConversationIo {
@@ -150,6 +160,7 @@ pub(crate) async fn run(deps: Arc<SessionDeps>, start: ConversationStart) -> End
         stop.cancel();
         let _ = tokio::time::timeout(HANG_UP, &mut running).await;
     }
+    let stats = channel.stats();
     drop(channel);
     deps.directory.set_conversation(&device.mac, serial, None);
 
@@ -161,6 +172,28 @@ pub(crate) async fn run(deps: Arc<SessionDeps>, start: ConversationStart) -> End
     }
     Metrics::dec(&deps.metrics.sessions_live);
     Metrics::inc(&deps.metrics.sessions_ended);
-    info!(%session_id, reason = reason.label(), duration_ms = started.elapsed().as_millis() as u64, "conversation ended");
+    let duration_ms = started.elapsed().as_millis() as u64;
+    info!(
+        %session_id,
+        reason = reason.label(),
+        duration_ms,
+        uplink_packets = stats.uplink_packets,
+        uplink_bytes = stats.uplink_bytes,
+        downlink_packets = stats.downlink_packets,
+        downlink_bytes = stats.downlink_bytes,
+        dropped = stats.dropped,
+        "conversation ended"
+    );
+    if let Some(events) = &deps.events {
+        events.session_ended(
+            &device.mac,
+            &crate::admin::events::SessionEnd {
+                session_id: &session_id,
+                reason: reason.label(),
+                duration_ms,
+                stats,
+            },
+        );
+    }
     reason
 }

@@ -12,6 +12,8 @@ use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use super::device_mcp::DeviceMcp;
+use crate::presence::PresenceState;
+use crate::presence::tracker::{PresenceTracker, Transition};
 use crate::protocol::credentials::DeviceIdentity;
 use crate::protocol::mac::Mac;
 
@@ -45,6 +47,12 @@ pub struct PresenceEvent {
     pub at_ms: i64,
 }
 
+fn unix_ms(t: SystemTime) -> i64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
 /// Presence events buffered for slow consumers before they are dropped.
 const PRESENCE_BUFFER: usize = 1024;
 
@@ -52,24 +60,58 @@ const PRESENCE_BUFFER: usize = 1024;
 pub struct DeviceDirectory {
     devices: Mutex<HashMap<Mac, DeviceEntry>>,
     presence: tokio::sync::broadcast::Sender<PresenceEvent>,
+    /// Writes presence to the store and the bus; none in tests that do not need it.
+    tracker: Option<PresenceTracker>,
 }
 
 impl Default for DeviceDirectory {
     fn default() -> Self {
-        DeviceDirectory {
-            devices: Mutex::new(HashMap::new()),
-            presence: tokio::sync::broadcast::channel(PRESENCE_BUFFER).0,
-        }
+        DeviceDirectory::new(None)
     }
 }
 
 impl DeviceDirectory {
+    pub fn new(tracker: Option<PresenceTracker>) -> Self {
+        DeviceDirectory {
+            devices: Mutex::new(HashMap::new()),
+            presence: tokio::sync::broadcast::channel(PRESENCE_BUFFER).0,
+            tracker,
+        }
+    }
+
+    /// The presence writer, if this directory has one.
+    pub fn tracker(&self) -> Option<&PresenceTracker> {
+        self.tracker.as_ref()
+    }
+
     /// Presence events from now on.
     pub fn subscribe_presence(&self) -> tokio::sync::broadcast::Receiver<PresenceEvent> {
         self.presence.subscribe()
     }
 
     fn announce(&self, entry: &DeviceEntry, state: &'static str, session_id: Option<String>) {
+        if let Some(tracker) = &self.tracker {
+            let stored = match state {
+                "in_session" => Some(PresenceState::InSession),
+                "online" => Some(PresenceState::Online),
+                // Back to online, unless the device is leaving (then "offline" follows).
+                "session_ended" => self
+                    .lock()
+                    .get(&entry.identity.mac)
+                    .is_some_and(|e| e.generation == entry.generation)
+                    .then_some(PresenceState::Online),
+                _ => Some(PresenceState::Offline),
+            };
+            if let Some(stored) = stored {
+                tracker.update(Transition {
+                    identity: &entry.identity,
+                    remote: entry.remote,
+                    connected_at_ms: unix_ms(entry.connected_at),
+                    state: stored,
+                    session_id: session_id.as_deref(),
+                });
+            }
+        }
         let _ = self.presence.send(PresenceEvent {
             mac_address: entry.identity.mac.colon(),
             client_id: entry.identity.client_id.clone(),

@@ -49,6 +49,8 @@ pub struct SessionDeps {
     pub history: Option<crate::history::writer::HistoryHandle>,
     /// Most Opus packets recorded per utterance.
     pub history_max_packets: usize,
+    /// Where session and upstream events are published (none: not published).
+    pub events: Option<crate::admin::events::EventPublisher>,
 }
 
 enum Event {
@@ -72,6 +74,10 @@ enum Event {
     },
     Shutdown {
         done: oneshot::Sender<()>,
+    },
+    EndConversation {
+        mac: Mac,
+        ended: oneshot::Sender<bool>,
     },
 }
 
@@ -154,6 +160,21 @@ impl SessionManager {
         let _ = self.tx.send(Event::Gone { mac, generation }).await;
     }
 
+    /// Ends the device's conversation as an admin asked (the device gets its goodbye);
+    /// false if it had none.
+    pub async fn end_conversation(&self, mac: Mac) -> bool {
+        let (ended, wait) = oneshot::channel();
+        if self
+            .tx
+            .send(Event::EndConversation { mac, ended })
+            .await
+            .is_err()
+        {
+            return false;
+        }
+        wait.await.unwrap_or(false)
+    }
+
     /// Ends every conversation (each sends its goodbye) and waits until all have.
     pub async fn shutdown(&self) {
         let (done, wait) = oneshot::channel();
@@ -207,6 +228,14 @@ impl Dispatcher {
                     if self.live.get(&mac).is_some_and(|l| l.serial == serial) {
                         self.live.remove(&mac);
                     }
+                }
+                Event::EndConversation { mac, ended } => {
+                    let live = self.live.get_mut(&mac).filter(|l| l.end.is_some());
+                    let found = live.is_some();
+                    if let Some(live) = live {
+                        live.end(EndReason::Admin);
+                    }
+                    let _ = ended.send(found);
                 }
                 Event::Shutdown { done } => {
                     self.shutting_down = true;

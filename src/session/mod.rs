@@ -74,6 +74,8 @@ pub enum EndReason {
     PipelineFailed(String),
     /// The gateway is shutting down.
     Shutdown,
+    /// An admin ended it (`goodbye` command).
+    Admin,
 }
 
 impl EndReason {
@@ -86,6 +88,7 @@ impl EndReason {
                 | EndReason::PipelineFinished
                 | EndReason::PipelineFailed(_)
                 | EndReason::Shutdown
+                | EndReason::Admin
         )
     }
 
@@ -98,6 +101,7 @@ impl EndReason {
             EndReason::PipelineFinished => "pipeline_finished",
             EndReason::PipelineFailed(_) => "pipeline_failed",
             EndReason::Shutdown => "shutdown",
+            EndReason::Admin => "admin",
         }
     }
 }

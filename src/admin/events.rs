@@ -1,0 +1,132 @@
+//! Gateway events on the bus, for admins, observers and integrations:
+//!
+//! | topic | payload |
+//! | --- | --- |
+//! | `xiaozhi/devices/<mac_>/presence` (retained) | the presence record ([`crate::presence::PresenceRecord`]) |
+//! | `xiaozhi/devices/<mac_>/session` | `session_started` / `session_ended` (duration, bytes, drops, reason) |
+//! | `xiaozhi/devices/<mac_>/chat` | each stored chat record, the same payload as `/ws/admin`'s `chat_update` |
+//! | `xiaozhi/events/upstream` | `upstream_failed`: a conversation could not be opened upstream |
+//!
+//! Presence is published by the tracker; this module builds the rest. Publishing never
+//! blocks (the bus drops and counts when its queue is full).
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use serde_json::{Value, json};
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+
+use crate::audio::channel::ChannelStats;
+use crate::broker::bus::Bus;
+use crate::broker::topics;
+use crate::history::record::now_ms;
+use crate::history::writer::StoredEvent;
+use crate::metrics::Metrics;
+use crate::protocol::mac::Mac;
+
+/// Publishes this node's events.
+#[derive(Clone)]
+pub struct EventPublisher {
+    bus: Bus,
+    node: Arc<str>,
+}
+
+/// How a conversation ended, for its event.
+pub struct SessionEnd<'a> {
+    pub session_id: &'a str,
+    pub reason: &'a str,
+    pub duration_ms: u64,
+    pub stats: ChannelStats,
+}
+
+impl EventPublisher {
+    pub fn new(bus: Bus, node: &str) -> Self {
+        EventPublisher {
+            bus,
+            node: node.into(),
+        }
+    }
+
+    fn publish(&self, topic: String, event: Value) {
+        self.bus.publish(topic, Bytes::from(event.to_string()));
+    }
+
+    pub fn session_started(&self, mac: &Mac, session_id: &str, pipeline: &str) {
+        self.publish(
+            topics::device_session(mac),
+            json!({
+                "event": "session_started",
+                "mac_address": mac.colon(),
+                "session_id": session_id,
+                "pipeline": pipeline,
+                "node": &*self.node,
+                "at_ms": now_ms(),
+            }),
+        );
+    }
+
+    pub fn session_ended(&self, mac: &Mac, end: &SessionEnd<'_>) {
+        self.publish(
+            topics::device_session(mac),
+            json!({
+                "event": "session_ended",
+                "mac_address": mac.colon(),
+                "session_id": end.session_id,
+                "reason": end.reason,
+                "duration_ms": end.duration_ms,
+                "uplink_packets": end.stats.uplink_packets,
+                "uplink_bytes": end.stats.uplink_bytes,
+                "downlink_packets": end.stats.downlink_packets,
+                "downlink_bytes": end.stats.downlink_bytes,
+                "dropped": end.stats.dropped,
+                "node": &*self.node,
+                "at_ms": now_ms(),
+            }),
+        );
+    }
+
+    pub fn upstream_failed(&self, mac: &Mac, error: &str) {
+        self.publish(
+            topics::events_upstream(),
+            json!({
+                "event": "upstream_failed",
+                "mac_address": mac.colon(),
+                "error": error,
+                "node": &*self.node,
+                "at_ms": now_ms(),
+            }),
+        );
+    }
+
+    /// A stored chat record, as `/ws/admin` sends it.
+    pub fn chat(&self, event: &StoredEvent) {
+        let Ok(mac) = event.mac_address.parse::<Mac>() else {
+            return;
+        };
+        let Ok(Value::Object(mut body)) = serde_json::to_value(event) else {
+            return;
+        };
+        body.insert("type".into(), Value::from("chat_update"));
+        self.publish(topics::device_chat(&mac), Value::Object(body));
+    }
+
+    /// Forwards every stored chat record to the bus until stopped.
+    pub async fn forward_chat(
+        self,
+        mut events: broadcast::Receiver<StoredEvent>,
+        metrics: Arc<Metrics>,
+        stop: CancellationToken,
+    ) {
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                event = events.recv() => match event {
+                    Ok(event) => self.chat(&event),
+                    Err(broadcast::error::RecvError::Lagged(n)) => Metrics::add(&metrics.events_dropped, n),
+                    Err(broadcast::error::RecvError::Closed) => return,
+                },
+            }
+        }
+    }
+}

@@ -1,0 +1,241 @@
+//! Runs admin commands taken from the bus and publishes one reply for each.
+//!
+//! The broker listener has already checked that the publisher is an admin (only admins
+//! may publish on `xiaozhi/admin/commands/...`). Each command runs in its own task,
+//! at most `admin.max_in_flight` at once (beyond that: a `busy` reply, never a queue that
+//! grows), and every path ends in a reply:
+//!
+//! * MQTT 5 publishers that set a response topic get the reply there, with their
+//!   correlation data; the response topic must be one an admin may publish to (so a
+//!   command cannot make the gateway write on a gateway-owned topic) or lie under
+//!   `xiaozhi/admin/replies/`.
+//! * Otherwise the reply goes to `xiaozhi/admin/replies/<request_id>`, and a command
+//!   without a usable request id gets its error on `xiaozhi/admin/errors`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use serde_json::{Value, json};
+use tokio::sync::{Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use super::command::{self, AdminRequest, Command, CommandError, ErrorCode};
+use crate::broker::acl;
+use crate::broker::bus::{Bus, BusCommand};
+use crate::broker::registry::DeviceRegistry;
+use crate::broker::topics;
+use crate::config::BrokerRole;
+use crate::metrics::Metrics;
+use crate::presence::tracker::PresenceTracker;
+use crate::presence::{PresenceRecord, PresenceState};
+use crate::protocol::mac::Mac;
+use crate::protocol::mcp::McpError;
+use crate::session::SessionManager;
+use crate::session::device_mcp::McpCallError;
+use crate::session::directory::DeviceDirectory;
+
+/// What commands act on.
+#[derive(Clone)]
+pub struct AdminDeps {
+    pub bus: Bus,
+    pub directory: Arc<DeviceDirectory>,
+    pub registry: Arc<DeviceRegistry>,
+    pub sessions: SessionManager,
+    pub presence: PresenceTracker,
+    pub metrics: Arc<Metrics>,
+    pub node: String,
+    /// Default wait for the device.
+    pub command_timeout: Duration,
+    pub max_in_flight: usize,
+}
+
+/// Takes commands until stopped, then waits (briefly) for those in flight.
+pub async fn run(deps: AdminDeps, mut commands: mpsc::Receiver<BusCommand>, stop: CancellationToken) {
+    let permits = Arc::new(Semaphore::new(deps.max_in_flight));
+    let tasks = TaskTracker::new();
+    let deps = Arc::new(deps);
+    loop {
+        let msg = tokio::select! {
+            _ = stop.cancelled() => break,
+            msg = commands.recv() => match msg {
+                Some(m) => m,
+                None => break,
+            },
+        };
+        let started = Instant::now();
+        let to = ReplyTo::of(&msg);
+        let request = match command::parse(&msg.topic, &msg.payload) {
+            Ok(r) => r,
+            Err(rejected) => {
+                let id = rejected.request_id.as_deref();
+                info!(topic = %msg.topic, code = rejected.error.code.as_str(), error = %rejected.error.message, "admin command refused");
+                deps.reply_error(&to, id, &rejected.error, started);
+                continue;
+            }
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            let e = CommandError::new(ErrorCode::Busy, format!("more than {} commands in flight; try again", deps.max_in_flight));
+            deps.reply_error(&to, Some(&request.request_id), &e, started);
+            continue;
+        };
+        let deps = deps.clone();
+        tasks.spawn(async move {
+            let _permit = permit;
+            let name = request.command.name();
+            let device = request.device.map(|m| m.colon()).unwrap_or_default();
+            let result = deps.execute(&request).await;
+            let ms = started.elapsed().as_millis() as u64;
+            match result {
+                Ok(value) => {
+                    info!(command = name, device, request_id = %request.request_id, ms, "admin command done");
+                    Metrics::inc(&deps.metrics.admin_commands_ok);
+                    deps.reply(&to, Some(&request.request_id), command::ok_reply(&request.request_id, &value, &deps.node, started.elapsed()));
+                }
+                Err(e) => {
+                    info!(command = name, device, request_id = %request.request_id, ms, code = e.code.as_str(), error = %e.message, "admin command failed");
+                    deps.reply_error(&to, Some(&request.request_id), &e, started);
+                }
+            }
+        });
+    }
+    tasks.close();
+    let _ = tokio::time::timeout(Duration::from_secs(2), tasks.wait()).await;
+}
+
+/// Where a reply goes.
+struct ReplyTo {
+    response_topic: Option<String>,
+    correlation_data: Option<Bytes>,
+}
+
+impl ReplyTo {
+    fn of(msg: &BusCommand) -> ReplyTo {
+        let response_topic = msg.response_topic.clone().filter(|t| {
+            let ok = t.starts_with(topics::ADMIN_REPLIES_PREFIX)
+                && !t.contains(['+', '#'])
+                || acl::may_publish(BrokerRole::Admin, t).is_ok();
+            if !ok {
+                warn!(topic = %t, "admin command's response topic is not one an admin may publish to; replying on the default topic");
+            }
+            ok
+        });
+        ReplyTo {
+            response_topic,
+            correlation_data: msg.correlation_data.clone(),
+        }
+    }
+}
+
+impl AdminDeps {
+    fn reply(&self, to: &ReplyTo, request_id: Option<&str>, payload: Vec<u8>) {
+        let topic = match (&to.response_topic, request_id) {
+            (Some(t), _) => t.clone(),
+            (None, Some(id)) => {
+                topics::admin_reply(id).unwrap_or_else(|| topics::ADMIN_ERRORS.to_owned())
+            }
+            (None, None) => topics::ADMIN_ERRORS.to_owned(),
+        };
+        self.bus
+            .publish_reply(topic, Bytes::from(payload), to.correlation_data.clone());
+    }
+
+    fn reply_error(&self, to: &ReplyTo, request_id: Option<&str>, e: &CommandError, started: Instant) {
+        Metrics::inc(&self.metrics.admin_commands_failed);
+        self.reply(
+            to,
+            request_id,
+            command::error_reply(request_id, e, &self.node, started.elapsed()),
+        );
+    }
+
+    async fn execute(&self, request: &AdminRequest) -> Result<Value, CommandError> {
+        let timeout = request.timeout.unwrap_or(self.command_timeout);
+        match (&request.command, request.device) {
+            (Command::ListOnline(query), _) => {
+                let page = tokio::time::timeout(timeout, self.presence.store().list(query))
+                    .await
+                    .map_err(|_| CommandError::new(ErrorCode::PresenceUnavailable, "presence store did not answer in time"))?
+                    .map_err(|e| CommandError::new(ErrorCode::PresenceUnavailable, e.to_string()))?;
+                Ok(serde_json::to_value(page).unwrap_or(Value::Null))
+            }
+            (command, Some(mac)) => self.device_command(command, mac, timeout).await,
+            (_, None) => Err(CommandError::new(ErrorCode::WrongTopic, "device command without a device")),
+        }
+    }
+
+    async fn device_command(&self, command: &Command, mac: Mac, timeout: Duration) -> Result<Value, CommandError> {
+        let offline = || CommandError::new(ErrorCode::DeviceOffline, format!("{} is not connected to this gateway", mac.colon()));
+        match command {
+            Command::Status => self.status(mac, timeout).await,
+            Command::Mcp { method, params } => {
+                let mcp = self.directory.mcp(&mac).ok_or_else(offline)?;
+                match mcp.call(method, params.clone(), timeout).await {
+                    Ok(result) => Ok(result),
+                    Err(McpCallError::NotConnected) => Err(offline()),
+                    Err(McpCallError::Timeout(t)) => Err(CommandError::new(
+                        ErrorCode::DeviceTimeout,
+                        format!("device did not answer within {} ms", t.as_millis()),
+                    )),
+                    Err(McpCallError::Device(McpError::Rpc { code, message })) => Err(CommandError::new(
+                        ErrorCode::DeviceError,
+                        format!("device returned JSON-RPC error {code}: {message}"),
+                    )),
+                    Err(McpCallError::Device(McpError::TooManyPending)) => Err(CommandError::new(
+                        ErrorCode::Busy,
+                        "too many MCP requests in flight for this device",
+                    )),
+                }
+            }
+            Command::Goodbye => {
+                if self.directory.get(&mac).is_none() {
+                    return Err(offline());
+                }
+                match self.sessions.end_conversation(mac).await {
+                    true => Ok(json!({"ended": true})),
+                    false => Err(CommandError::new(ErrorCode::NoConversation, "the device is not in a conversation")),
+                }
+            }
+            Command::Kick { reason } => {
+                if !self.registry.close(&mac, "kicked by an admin") {
+                    return Err(offline());
+                }
+                warn!(mac = %mac, reason = reason.as_deref().unwrap_or(""), "device kicked by an admin");
+                Ok(json!({"kicked": true}))
+            }
+            Command::ListOnline(_) => Err(CommandError::new(ErrorCode::WrongTopic, "list_online is a fleet command")),
+        }
+    }
+
+    /// The device's presence: the store's view (any node), else this node's own.
+    async fn status(&self, mac: Mac, timeout: Duration) -> Result<Value, CommandError> {
+        let colon = mac.colon();
+        let stored = tokio::time::timeout(timeout, self.presence.store().get(&colon)).await;
+        let record: Option<PresenceRecord> = match stored {
+            Ok(Ok(r)) => r.or_else(|| self.presence.local(&colon)),
+            other => match self.presence.local(&colon) {
+                Some(r) => Some(r),
+                None if self.directory.get(&mac).is_none() => {
+                    // Not here; the store cannot tell about other nodes.
+                    let why = match other {
+                        Ok(Err(e)) => e.to_string(),
+                        _ => "presence store did not answer in time".into(),
+                    };
+                    return Err(CommandError::new(ErrorCode::PresenceUnavailable, why));
+                }
+                None => None,
+            },
+        };
+        let mut value = match record {
+            Some(r) => serde_json::to_value(r).unwrap_or(Value::Null),
+            None => json!({"mac_address": colon, "state": PresenceState::Offline}),
+        };
+        if let Some(entry) = self.directory.get(&mac) {
+            let cache = entry.mcp.cache();
+            value["tools"] = json!(cache.tools.iter().filter_map(|t| t.get("name").cloned()).collect::<Vec<_>>());
+        }
+        Ok(value)
+    }
+}

@@ -1,0 +1,14 @@
+//! Operating the fleet over MQTT: admin commands in, one reply each out, and the
+//! gateway's events.
+//!
+//! * [`command`]: the command and reply formats (sans-IO).
+//! * [`executor`]: takes commands from the bus, acts on devices (MCP calls, ending a
+//!   conversation, disconnecting, presence queries) and publishes replies.
+//! * [`events`]: session, chat and upstream events on the bus.
+//!
+//! Who may send commands is decided at the broker listener (roles, see
+//! [`crate::broker::acl`]), before a command reaches the bus.
+
+pub mod command;
+pub mod events;
+// pub mod executor; (lead: enabled once the broker listener work lands)
