@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use figment::Figment;
 use figment::providers::Serialized;
 use tracing_subscriber::EnvFilter;
+use xiaozhi_gateway::admin::client::AdminClient;
 use xiaozhi_gateway::config::{Config, LogFormat};
 use xiaozhi_gateway::http::ota;
 use xiaozhi_gateway::protocol::mac::Mac;
@@ -64,6 +65,59 @@ enum Command {
     /// without a real one: it answers each turn with stt, tts and audio frames that carry
     /// their send time.
     MockUpstream(MockUpstreamArgs),
+    /// List connected devices (online / in a conversation) through the broker listener,
+    /// as an admin: state, node, group, remote address, session.
+    Devices(DevicesArgs),
+    /// Send an admin command to a device and print the reply: status, goodbye, kick,
+    /// or mcp with a JSON-RPC request, e.g.
+    /// `cmd aa:bb:cc:dd:ee:ff mcp '{"method":"tools/list"}'`.
+    Cmd(CmdArgs),
+}
+
+#[derive(Args)]
+struct AdminArgs {
+    /// Broker listener address (default: broker.listen from the config).
+    #[arg(long)]
+    broker: Option<std::net::SocketAddr>,
+    /// Broker user (default: the first admin in broker.users).
+    #[arg(long, env = "XZ_ADMIN_USERNAME")]
+    username: Option<String>,
+    #[arg(long, env = "XZ_ADMIN_PASSWORD", hide_env_values = true)]
+    password: Option<String>,
+    /// How long to wait for the reply, in ms.
+    #[arg(long, default_value_t = 10_000)]
+    timeout_ms: u64,
+    /// Print the raw JSON reply.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct DevicesArgs {
+    #[command(flatten)]
+    admin: AdminArgs,
+    /// Only devices in this state: online or in_session.
+    #[arg(long)]
+    state: Option<String>,
+    /// Only devices on this gateway node.
+    #[arg(long)]
+    node: Option<String>,
+    /// Only devices of this client-id group.
+    #[arg(long)]
+    group: Option<String>,
+}
+
+#[derive(Args)]
+struct CmdArgs {
+    #[command(flatten)]
+    admin: AdminArgs,
+    /// The device's MAC (aa:bb:cc:dd:ee:ff or aa_bb_cc_dd_ee_ff).
+    mac: Mac,
+    /// status, goodbye, kick, mcp (or any command the gateway knows).
+    command: String,
+    /// For mcp: the JSON-RPC request (`{"method":...,"params":...}`); for others: extra
+    /// fields of the command as a JSON object (e.g. `{"reason":"maintenance"}`).
+    json: Option<String>,
 }
 
 #[derive(Args)]
@@ -291,6 +345,14 @@ fn main() -> ExitCode {
                 .init();
             runtime.block_on(mock_upstream(args))
         }
+        Command::Devices(args) => match load_admin_config(&cli.config) {
+            Ok(config) => runtime.block_on(devices(&config, args)),
+            Err(code) => code,
+        },
+        Command::Cmd(args) => match load_admin_config(&cli.config) {
+            Ok(config) => runtime.block_on(cmd(&config, args)),
+            Err(code) => code,
+        },
         Command::Simulate(args) => {
             tracing_subscriber::fmt()
                 .with_env_filter(EnvFilter::new("warn"))
@@ -377,6 +439,209 @@ fn load_config(args: &ConfigArgs) -> Result<Config, ExitCode> {
         eprintln!("error: {e}");
         ExitCode::from(2)
     })
+}
+
+/// The config for admin commands: they serve no devices, so a missing signature key is
+/// not an error here.
+fn load_admin_config(args: &ConfigArgs) -> Result<Config, ExitCode> {
+    let overrides = Figment::from(Serialized::default("auth.allow_unsigned", true));
+    Config::load(args.config.as_deref(), overrides).map_err(|e| {
+        eprintln!("error: {e}");
+        ExitCode::from(2)
+    })
+}
+
+async fn admin_client(config: &Config, args: &AdminArgs) -> Result<AdminClient, ExitCode> {
+    let mut addr = args.broker.unwrap_or(config.broker.listen);
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    let from_config = config
+        .broker
+        .users
+        .iter()
+        .find(|u| u.role == xiaozhi_gateway::config::BrokerRole::Admin);
+    let (Some(username), Some(password)) = (
+        args.username
+            .clone()
+            .or_else(|| from_config.map(|u| u.username.clone())),
+        args.password
+            .clone()
+            .or_else(|| from_config.map(|u| u.password.clone())),
+    ) else {
+        eprintln!(
+            "error: no broker user: pass --username/--password (XZ_ADMIN_USERNAME/XZ_ADMIN_PASSWORD) or add an admin to broker.users"
+        );
+        return Err(ExitCode::from(2));
+    };
+    AdminClient::connect(
+        &addr.ip().to_string(),
+        addr.port(),
+        &username,
+        &password,
+        Duration::from_secs(5),
+    )
+    .await
+    .map_err(|e| {
+        eprintln!("error: {e}");
+        ExitCode::from(2)
+    })
+}
+
+/// `devices`: every connected device, page by page.
+async fn devices(config: &Config, args: DevicesArgs) -> ExitCode {
+    let client = match admin_client(config, &args.admin).await {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let timeout = Duration::from_millis(args.admin.timeout_ms);
+    let mut after: Option<String> = None;
+    let mut all = Vec::new();
+    loop {
+        let filter = serde_json::json!({
+            "state": args.state, "node": args.node, "group": args.group,
+            "after": after, "limit": 1000,
+        });
+        let filter: serde_json::Map<String, serde_json::Value> = filter
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter(|(_, v)| !v.is_null())
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let reply = match client
+            .request(
+                None,
+                serde_json::json!({"command": "list_online", "filter": filter}),
+                timeout,
+            )
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(2);
+            }
+        };
+        if reply["ok"] != true {
+            eprintln!("error: {}", reply["error"]);
+            return ExitCode::FAILURE;
+        }
+        let result = &reply["result"];
+        all.extend(result["devices"].as_array().cloned().unwrap_or_default());
+        match result["next"].as_str() {
+            Some(next) => after = Some(next.to_owned()),
+            None => break,
+        }
+    }
+    client.disconnect().await;
+    if args.admin.json {
+        println!("{}", serde_json::Value::Array(all));
+        return ExitCode::SUCCESS;
+    }
+    println!(
+        "{:<18} {:<10} {:<14} {:<16} {:<22} {:<9} SESSION",
+        "MAC", "STATE", "NODE", "GROUP", "REMOTE", "SINCE"
+    );
+    let now = xiaozhi_gateway::history::record::now_ms();
+    for d in &all {
+        let since = d["session_since_ms"]
+            .as_i64()
+            .or(d["connected_at_ms"].as_i64())
+            .map(|t| format_age(now - t))
+            .unwrap_or_default();
+        println!(
+            "{:<18} {:<10} {:<14} {:<16} {:<22} {:<9} {}",
+            d["mac_address"].as_str().unwrap_or(""),
+            d["state"].as_str().unwrap_or(""),
+            d["node"].as_str().unwrap_or(""),
+            d["group"].as_str().unwrap_or(""),
+            d["remote"].as_str().unwrap_or(""),
+            since,
+            d["session_id"].as_str().unwrap_or(""),
+        );
+    }
+    let in_session = all.iter().filter(|d| d["state"] == "in_session").count();
+    println!(
+        "{} connected, {} in a conversation",
+        all.len(),
+        in_session
+    );
+    ExitCode::SUCCESS
+}
+
+fn format_age(ms: i64) -> String {
+    let s = (ms / 1000).max(0);
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m{}s", s / 60, s % 60),
+        _ => format!("{}h{}m", s / 3600, (s % 3600) / 60),
+    }
+}
+
+/// `cmd`: one admin command, its reply on stdout; exit 0 on success, 1 on an error reply.
+async fn cmd(config: &Config, args: CmdArgs) -> ExitCode {
+    let extra = match args.json.as_deref().map(serde_json::from_str::<serde_json::Value>) {
+        None => None,
+        Some(Ok(v)) if v.is_object() => Some(v),
+        Some(Ok(_)) => {
+            eprintln!("error: the JSON argument must be an object");
+            return ExitCode::from(2);
+        }
+        Some(Err(e)) => {
+            eprintln!("error: the JSON argument is not JSON: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let mut command = serde_json::json!({"command": args.command});
+    match (args.command.as_str(), extra) {
+        ("mcp", Some(payload)) => command["payload"] = payload,
+        ("mcp", None) => {
+            eprintln!("error: mcp needs a JSON-RPC request, e.g. '{{\"method\":\"tools/list\"}}'");
+            return ExitCode::from(2);
+        }
+        (_, Some(serde_json::Value::Object(fields))) => {
+            for (k, v) in fields {
+                command[k] = v;
+            }
+        }
+        _ => {}
+    }
+    let client = match admin_client(config, &args.admin).await {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let timeout = Duration::from_millis(args.admin.timeout_ms);
+    let reply = client.request(Some(&args.mac), command, timeout).await;
+    client.disconnect().await;
+    match reply {
+        Ok(reply) => {
+            let ok = reply["ok"] == true;
+            if args.admin.json {
+                println!("{reply}");
+            } else if ok {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&reply["result"]).unwrap_or_default()
+                );
+            } else {
+                eprintln!(
+                    "error: {}: {}",
+                    reply["error"]["code"].as_str().unwrap_or("?"),
+                    reply["error"]["message"].as_str().unwrap_or("")
+                );
+            }
+            if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
+    }
 }
 
 fn init_logging(config: &Config) {

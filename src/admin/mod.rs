@@ -9,6 +9,7 @@
 //! Who may send commands is decided at the broker listener (roles, see
 //! [`crate::broker::acl`]), before a command reaches the bus.
 
+pub mod client;
 pub mod command;
 pub mod events;
 // pub mod executor; (lead: enabled once the broker listener work lands)

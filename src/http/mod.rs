@@ -58,5 +58,13 @@ async fn healthz(State(state): State<HttpState>) -> Json<Value> {
             "replayed": m.history_records_replayed,
             "lost": m.history_records_lost,
         },
+        "presence": {
+            "backend": state.presence.store().backend(),
+            "node": state.presence.node(),
+            "healthy": state.presence.healthy(),
+            "backlog": state.presence.backlog(),
+            "errors": m.presence_errors,
+            "writes": m.presence_writes,
+        },
     }))
 }

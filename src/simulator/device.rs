@@ -279,6 +279,13 @@ impl SimDevice {
         .await
     }
 
+    /// Publishes to any topic at QoS 0 (firmware never does; tests use it to check that
+    /// the gateway refuses such publishes).
+    pub async fn publish_to(&mut self, topic: &str, payload: Vec<u8>) -> Result<(), SimError> {
+        self.send(Packet::Publish(Publish::new(topic, QoS::AtMostOnce, payload)))
+            .await
+    }
+
     /// Sends a PINGREQ.
     pub async fn ping(&mut self) -> Result<(), SimError> {
         self.send(Packet::PingReq).await
@@ -397,6 +404,14 @@ impl SimDevice {
                 Err(_) => return false,
             }
         }
+    }
+
+    /// Closes the TCP connection without DISCONNECT, as a device that loses power or
+    /// network does (the socket closes when the process does).
+    pub async fn vanish(self) {
+        self.replier.abort();
+        let _ = self.writer.lock().await.half.shutdown().await;
+        self.reader.abort();
     }
 
     /// Sends DISCONNECT and closes.
