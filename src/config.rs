@@ -41,7 +41,7 @@ pub struct Config {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NodeConfig {
-    /// Name of this node in logs and (later) presence records.
+    /// Name of this node in logs and presence records (unique per node).
     pub id: String,
 }
 
@@ -794,12 +794,12 @@ impl Config {
             ));
         }
         if let Some(url) = &self.presence.redis_url
-            && !(url.starts_with("redis://") || url.starts_with("rediss://"))
+            && !url.starts_with("redis://")
         {
             return Err(invalid(
                 "presence.redis_url",
                 &redact_url(url),
-                "must start with redis:// (or rediss://), e.g. redis://127.0.0.1:6379/0",
+                "must start with redis://, e.g. redis://127.0.0.1:6379/0 (TLS to Redis is not built in)",
             ));
         }
         for (i, user) in self.broker.users.iter().enumerate() {

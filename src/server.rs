@@ -171,7 +171,7 @@ impl Gateway {
             metrics.clone(),
         )?;
         let http_listener = bind_tcp(config.http.listen, "HTTP", "http.listen").await?;
-        let broker =
+        let mut broker =
             EmbeddedBroker::start(&config.broker, registry.clone(), metrics.clone()).await?;
 
         let udp_addr = audio.local_addr();
@@ -311,6 +311,34 @@ impl Gateway {
                 stop_rest.clone(),
             )));
         }
+        if config.admin.enabled
+            && let Some(commands) = broker.take_commands()
+        {
+            let deps = crate::admin::executor::AdminDeps {
+                bus: broker.bus.clone(),
+                directory: directory.clone(),
+                registry: registry.clone(),
+                sessions: sessions.clone(),
+                presence: presence.clone(),
+                metrics: metrics.clone(),
+                node: config.node.id.clone(),
+                command_timeout: Duration::from_millis(config.admin.command_timeout_ms),
+                max_in_flight: config.admin.max_in_flight,
+            };
+            background.push(tokio::spawn(crate::admin::executor::run(
+                deps,
+                commands,
+                stop_accepting.clone(),
+            )));
+        }
+        background.push(tokio::spawn(
+            crate::admin::events::EventPublisher::new(broker.bus.clone(), &config.node.id)
+                .forward_chat(
+                    history_events.subscribe(),
+                    metrics.clone(),
+                    stop_rest.clone(),
+                ),
+        ));
         let http_stop = stop_rest.clone();
         let app = crate::http::router(crate::http::HttpState {
             metrics: metrics.clone(),

@@ -7,7 +7,7 @@ mod common;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::json;
 use sqlx::Row;
@@ -539,4 +539,57 @@ async fn retention_deletes_old_audio_and_text_without_dangling_references() {
     // A second pass has nothing left to do.
     let again = run_once(&store, retention, now).await.unwrap();
     assert_eq!((again.rows, again.audio), (0, 0));
+}
+
+#[tokio::test]
+async fn connecting_updates_manager_api_last_connected_at_throttled() {
+    let db = ScratchDb::new().await;
+    let pool = db.pool().await;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(
+        "CREATE TABLE ai_device (id VARCHAR(32) NOT NULL PRIMARY KEY, mac_address VARCHAR(50), \
+         agent_id VARCHAR(32), last_connected_at DATETIME NULL)",
+    ))
+    .execute(&pool)
+    .await
+    .unwrap();
+    let mac = common::mac(230).colon();
+    sqlx::query("INSERT INTO ai_device (id, mac_address) VALUES (?, ?)")
+        .bind(mac.replace(':', ""))
+        .bind(&mac)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let journal = tempfile::tempdir().unwrap();
+    let mut config = common::test_config();
+    config.history.enabled = true;
+    config.history.database_url = db.url();
+    config.history.journal_dir = journal.path().to_owned();
+    let gw = common::start_with(config).await;
+    let last = || async {
+        sqlx::query_scalar::<_, Option<time::PrimitiveDateTime>>(
+            "SELECT last_connected_at FROM ai_device WHERE mac_address = ?",
+        )
+        .bind(&mac)
+        .fetch_one(&pool)
+        .await
+        .unwrap()
+    };
+    let dev = common::device(&gw, 230).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let first = loop {
+        if let Some(t) = last().await {
+            break t;
+        }
+        assert!(Instant::now() < deadline, "last_connected_at never set");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    // Reconnecting within the throttle period does not write again.
+    dev.disconnect().await;
+    let dev = common::device(&gw, 230).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(last().await, Some(first), "throttled");
+    assert_eq!(gw.metrics.snapshot().presence_last_connected_updates, 1);
+    dev.disconnect().await;
+    gw.shutdown().await;
+    db.drop_db().await;
 }

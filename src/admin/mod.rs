@@ -12,4 +12,4 @@
 pub mod client;
 pub mod command;
 pub mod events;
-// pub mod executor; (lead: enabled once the broker listener work lands)
+pub mod executor;

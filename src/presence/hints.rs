@@ -42,10 +42,11 @@ impl DeviceHints {
             return;
         }
         let mut devices = self.devices.lock().unwrap_or_else(|p| p.into_inner());
-        if devices.len() >= MAX_DEVICES && !devices.contains_key(&mac) {
-            if let Some(victim) = devices.keys().next().copied() {
-                devices.remove(&victim);
-            }
+        if devices.len() >= MAX_DEVICES
+            && !devices.contains_key(&mac)
+            && let Some(victim) = devices.keys().next().copied()
+        {
+            devices.remove(&victim);
         }
         let hint = devices.entry(mac).or_default();
         if board.is_some() {

@@ -44,7 +44,7 @@ const BATCH: usize = 500;
 /// Longest wait between retries while the store is away.
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 /// How often `last_connected_at` updates are written.
-const TOUCH_EVERY: Duration = Duration::from_secs(10);
+const TOUCH_EVERY: Duration = Duration::from_secs(2);
 /// How long shutdown waits for the final writes.
 const FINAL_FLUSH: Duration = Duration::from_secs(3);
 
@@ -305,7 +305,7 @@ async fn run(shared: Arc<Shared>, history: Option<Store>, stop: CancellationToke
 
     // Shutdown: the devices' offline records are pending; write them if the store lets.
     let deadline = tokio::time::Instant::now() + FINAL_FLUSH;
-    while lock(&s.pending).len() > 0 && tokio::time::Instant::now() < deadline {
+    while !lock(&s.pending).is_empty() && tokio::time::Instant::now() < deadline {
         if !flush(s).await {
             break;
         }
