@@ -133,7 +133,11 @@ pub enum BrokerRole {
 
 impl std::fmt::Debug for BrokerUser {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "BrokerUser({:?}, <redacted>, {:?})", self.username, self.role)
+        write!(
+            f,
+            "BrokerUser({:?}, <redacted>, {:?})",
+            self.username, self.role
+        )
     }
 }
 

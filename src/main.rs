@@ -562,11 +562,7 @@ async fn devices(config: &Config, args: DevicesArgs) -> ExitCode {
         );
     }
     let in_session = all.iter().filter(|d| d["state"] == "in_session").count();
-    println!(
-        "{} connected, {} in a conversation",
-        all.len(),
-        in_session
-    );
+    println!("{} connected, {} in a conversation", all.len(), in_session);
     ExitCode::SUCCESS
 }
 
@@ -581,7 +577,11 @@ fn format_age(ms: i64) -> String {
 
 /// `cmd`: one admin command, its reply on stdout; exit 0 on success, 1 on an error reply.
 async fn cmd(config: &Config, args: CmdArgs) -> ExitCode {
-    let extra = match args.json.as_deref().map(serde_json::from_str::<serde_json::Value>) {
+    let extra = match args
+        .json
+        .as_deref()
+        .map(serde_json::from_str::<serde_json::Value>)
+    {
         None => None,
         Some(Ok(v)) if v.is_object() => Some(v),
         Some(Ok(_)) => {

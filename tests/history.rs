@@ -9,14 +9,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use serde_json::json;
 use sqlx::Row;
 use tokio::net::{TcpListener, TcpStream};
 use xiaozhi_gateway::config::Config;
 use xiaozhi_gateway::history::audio::wav_info;
 use xiaozhi_gateway::history::writer::RecordMode;
-use xiaozhi_gateway::server::Gateway;
-use xiaozhi_gateway::simulator::audio::{SimAudio, synthetic_frame};
 use xiaozhi_gateway::simulator::upstream::{MockUpstream, MockUpstreamConfig};
 
 const MARIADB: &str = "mysql://root@127.0.0.1:3306";
@@ -77,39 +74,6 @@ fn history_config(
     c.history.write_timeout_ms = 1_000;
     c.history.retry_secs = 1;
     c
-}
-
-/// One device takes `turns` turns of 5 frames each, then says goodbye.
-async fn converse(gw: &Gateway, n: u32, turns: u32) -> String {
-    let mut dev = common::device(gw, n).await;
-    let (hello, mut audio): (_, SimAudio) = common::conversation(&mut dev).await;
-    dev.publish_json(&common::listen_start(&hello.session_id, "auto"))
-        .await
-        .unwrap();
-    for turn in 0..turns {
-        for i in 0..5 {
-            let index = turn * 5 + i;
-            audio
-                .send(index * 60, &synthetic_frame(index, 30))
-                .await
-                .unwrap();
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        // Wait for the whole reply before speaking again.
-        loop {
-            let tts = dev.recv_type("tts", Duration::from_secs(5)).await.unwrap();
-            if tts["state"] == "stop" {
-                break;
-            }
-        }
-        dev.publish_json(&common::listen_start(&hello.session_id, "auto"))
-            .await
-            .unwrap();
-    }
-    dev.publish_json(&json!({"session_id": hello.session_id, "type": "goodbye"}))
-        .await
-        .unwrap();
-    hello.session_id
 }
 
 #[derive(Debug)]
@@ -201,7 +165,7 @@ async fn a_conversation_is_recorded_in_mariadb_with_audio() {
     let journal = tempfile::tempdir().unwrap();
     let gw = common::start_with(history_config(&upstream, db.url(), journal.path())).await;
     let mut events = gw.history_events.subscribe();
-    let session = converse(&gw, 200, 2).await;
+    let session = common::converse(&gw, 200, 2).await.1;
     let mac = common::mac(200).colon();
     let pool = db.pool().await;
     let rows = eventually_rows(&pool, &mac, 4).await;
@@ -228,7 +192,7 @@ async fn the_embedded_default_sqlite_gets_the_same_rows() {
         dir.path().join("nested/history.db").display()
     );
     let gw = common::start_with(history_config(&upstream, url.clone(), dir.path())).await;
-    let session = converse(&gw, 201, 2).await;
+    let session = common::converse(&gw, 201, 2).await.1;
     let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
     let mac = common::mac(201).colon();
     let mut rows = Vec::new();
@@ -291,7 +255,7 @@ async fn chat_history_conf_decides_what_is_recorded() {
     let gw = common::start_with(history_config(&upstream, db.url(), journal.path())).await;
     let mut sessions = Vec::new();
     for n in [210u32, 211, 212, 213] {
-        sessions.push(converse(&gw, n, 1).await);
+        sessions.push(common::converse(&gw, n, 1).await.1);
     }
     let rows = eventually_rows(&pool, &common::mac(212).colon(), 2).await;
     assert_turn_rows(&rows, &sessions[2], 1, true);
@@ -378,7 +342,7 @@ async fn an_outage_loses_nothing_and_duplicates_nothing_even_across_a_restart() 
 
     // Up: the schema is created and a first conversation stored.
     let gw = common::start_with(history_config(&upstream, url.clone(), journal.path())).await;
-    let s1 = converse(&gw, 220, 1).await;
+    let s1 = common::converse(&gw, 220, 1).await.1;
     assert_eq!(
         eventually_rows(&pool, &common::mac(220).colon(), 2)
             .await
@@ -388,7 +352,7 @@ async fn an_outage_loses_nothing_and_duplicates_nothing_even_across_a_restart() 
 
     // Down mid-service: a conversation goes to the journal...
     switch.set(false);
-    let s2 = converse(&gw, 221, 2).await;
+    let s2 = common::converse(&gw, 221, 2).await.1;
     assert!(
         common::eventually(Duration::from_secs(10), || gw
             .metrics
@@ -421,7 +385,7 @@ async fn an_outage_loses_nothing_and_duplicates_nothing_even_across_a_restart() 
 
     // Down again, and the gateway restarts before it returns: the journal survives.
     switch.set(false);
-    let s3 = converse(&gw, 222, 1).await;
+    let s3 = common::converse(&gw, 222, 1).await.1;
     assert!(
         common::eventually(Duration::from_secs(10), || gw
             .metrics

@@ -23,8 +23,6 @@ use xiaozhi_gateway::history::record::new_id;
 use xiaozhi_gateway::history::store::Store;
 use xiaozhi_gateway::history::writer::{RecordMode, StoredEvent};
 use xiaozhi_gateway::server::Gateway;
-use xiaozhi_gateway::simulator::audio::{SimAudio, synthetic_frame};
-use xiaozhi_gateway::simulator::device::SimDevice;
 use xiaozhi_gateway::simulator::upstream::{MockUpstream, MockUpstreamConfig};
 
 const MARIADB: &str = "mysql://root@127.0.0.1:3306";
@@ -331,39 +329,6 @@ fn path<'a>(rest: &[&'a str]) -> Vec<&'a str> {
 
 // --- conversations ---------------------------------------------------------------------
 
-/// One device takes `turns` turns of 5 frames each, then says goodbye; the device stays
-/// connected.
-async fn converse(gw: &Gateway, n: u32, turns: u32) -> (SimDevice, String) {
-    let mut dev = common::device(gw, n).await;
-    let (hello, mut audio): (_, SimAudio) = common::conversation(&mut dev).await;
-    dev.publish_json(&common::listen_start(&hello.session_id, "auto"))
-        .await
-        .unwrap();
-    for turn in 0..turns {
-        for i in 0..5 {
-            let index = turn * 5 + i;
-            audio
-                .send(index * 60, &synthetic_frame(index, 30))
-                .await
-                .unwrap();
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        loop {
-            let tts = dev.recv_type("tts", Duration::from_secs(5)).await.unwrap();
-            if tts["state"] == "stop" {
-                break;
-            }
-        }
-        dev.publish_json(&common::listen_start(&hello.session_id, "auto"))
-            .await
-            .unwrap();
-    }
-    dev.publish_json(&json!({"session_id": hello.session_id, "type": "goodbye"}))
-        .await
-        .unwrap();
-    (dev, hello.session_id)
-}
-
 fn expected_turns(turns: u32) -> Vec<(i64, String)> {
     (1..=turns)
         .flat_map(|t| [(1, format!("turn {t}")), (2, format!("reply {t}"))])
@@ -464,7 +429,7 @@ async fn a_recorded_conversation_reads_back(kind: Kind, n: u32) {
         .await
         .unwrap();
     let env = Env::start(kind, Some(&upstream)).await;
-    let (_dev, session) = converse(&env.gw, n, 2).await;
+    let (_dev, session) = common::converse(&env.gw, n, 2).await;
     let mac = common::mac(n);
     let api = &env.api;
 
@@ -734,7 +699,7 @@ async fn ws_admin_receives_every_record_of_a_live_conversation() {
         format!("bearer.{TOKEN}").as_str()
     );
 
-    let (_dev, session) = converse(gw, 310, 2).await;
+    let (_dev, session) = common::converse(gw, 310, 2).await;
     let mac = common::mac(310).colon();
     for ws in [&mut header_ws, &mut browser_ws, &mut bare_ws] {
         let updates = chat_updates(ws, 4, Duration::from_secs(10)).await;
@@ -1692,7 +1657,7 @@ async fn ws_admin_receives_presence_as_devices_come_and_go() {
     let (mut ws, _) = ws_connect(gw, &[("authorization", format!("Bearer {TOKEN}"))])
         .await
         .unwrap();
-    let (dev, session) = converse(gw, 390, 1).await;
+    let (dev, session) = common::converse(gw, 390, 1).await;
     let mac = dev.credentials.mac.colon();
     dev.disconnect().await;
     let mut states = Vec::new();

@@ -160,7 +160,10 @@ async fn lifecycle(config: Config, tag: u32) {
     assert_eq!(rec.client_id, dev.credentials.client_id);
     assert_eq!(rec.group, "GID_test");
     assert!(rec.remote.starts_with("127.0.0.1:"));
-    let (_, v, _) = next_where(&mut events, |t, v| t.ends_with("/presence") && v["state"] == "online").await;
+    let (_, v, _) = next_where(&mut events, |t, v| {
+        t.ends_with("/presence") && v["state"] == "online"
+    })
+    .await;
     assert_eq!(v["mac_address"], mac.colon());
 
     // A subscriber that arrives later still gets the current state (retained).
@@ -182,7 +185,10 @@ async fn lifecycle(config: Config, tag: u32) {
         .unwrap();
     assert_eq!(rec.session_id.as_deref(), Some(hello.session_id.as_str()));
     assert!(rec.session_since_ms.is_some());
-    let (_, v, _) = next_where(&mut events, |t, v| t.ends_with("/session") && v["event"] == "session_started").await;
+    let (_, v, _) = next_where(&mut events, |t, v| {
+        t.ends_with("/session") && v["event"] == "session_started"
+    })
+    .await;
     assert_eq!(v["session_id"], hello.session_id.as_str());
     assert_eq!(
         store
@@ -206,7 +212,10 @@ async fn lifecycle(config: Config, tag: u32) {
         .await
         .unwrap();
     assert!(rec.session_id.is_none());
-    let (_, v, _) = next_where(&mut events, |t, v| t.ends_with("/session") && v["event"] == "session_ended").await;
+    let (_, v, _) = next_where(&mut events, |t, v| {
+        t.ends_with("/session") && v["event"] == "session_ended"
+    })
+    .await;
     assert_eq!(v["reason"], "device_goodbye");
     assert!(v["duration_ms"].is_u64());
     assert!(v["uplink_bytes"].is_u64() && v["dropped"].is_u64());
@@ -216,7 +225,10 @@ async fn lifecycle(config: Config, tag: u32) {
         .await
         .unwrap();
     assert!(rec.last_seen_ms > 0, "offline keeps last seen");
-    let (_, v, _) = next_where(&mut events, |t, v| t.ends_with("/presence") && v["state"] == "offline").await;
+    let (_, v, _) = next_where(&mut events, |t, v| {
+        t.ends_with("/presence") && v["state"] == "offline"
+    })
+    .await;
     assert_eq!(v["mac_address"], mac.colon());
     let listed = store.list(&PresenceQuery::default()).await.unwrap();
     assert!(listed.devices.iter().all(|d| d.mac_address != mac.colon()));
@@ -386,7 +398,9 @@ async fn two_nodes_share_redis_and_a_dead_nodes_devices_expire() {
     let gw_b = common::start_with(config_b.clone()).await;
     let store = gw_b.presence.store().clone();
 
-    let _dev_a = SimDevice::connect(mqtt_a, common::creds(630)).await.unwrap();
+    let _dev_a = SimDevice::connect(mqtt_a, common::creds(630))
+        .await
+        .unwrap();
     let dev_b = common::device(&gw_b, 631).await;
     let a = wait_presence(&*store, &common::mac(630), Some(PresenceState::Online))
         .await
@@ -414,7 +428,10 @@ async fn two_nodes_share_redis_and_a_dead_nodes_devices_expire() {
     let killed = Instant::now();
     wait_presence(&*store, &common::mac(630), None).await;
     let took = killed.elapsed();
-    assert!(took <= Duration::from_secs(5), "expired after {took:?} (ttl 3 s)");
+    assert!(
+        took <= Duration::from_secs(5),
+        "expired after {took:?} (ttl 3 s)"
+    );
     let page = store.list(&PresenceQuery::default()).await.unwrap();
     let macs: Vec<_> = page.devices.iter().map(|d| d.mac_address.clone()).collect();
     assert!(macs.contains(&common::mac(631).colon()), "{macs:?}");
@@ -443,14 +460,21 @@ async fn admin_commands_round_trip_with_mqtt_3() {
     let t = WAIT;
     wait_presence(&**gw.presence.store(), &mac, Some(PresenceState::Online)).await;
 
-    let status = admin.request(Some(&mac), json!({"command": "status"}), t).await.unwrap();
+    let status = admin
+        .request(Some(&mac), json!({"command": "status"}), t)
+        .await
+        .unwrap();
     assert_eq!(status["ok"], true, "{status}");
     assert_eq!(status["result"]["state"], "online");
     assert_eq!(status["result"]["node"], gw.presence.node());
     assert!(status["request_id"].is_string());
 
     let tools = admin
-        .request(Some(&mac), json!({"command": "mcp", "payload": {"jsonrpc": "2.0", "method": "tools/list"}}), t)
+        .request(
+            Some(&mac),
+            json!({"command": "mcp", "payload": {"jsonrpc": "2.0", "method": "tools/list"}}),
+            t,
+        )
         .await
         .unwrap();
     assert_eq!(tools["ok"], true, "{tools}");
@@ -460,7 +484,10 @@ async fn admin_commands_round_trip_with_mqtt_3() {
         .iter()
         .filter_map(|t| t["name"].as_str())
         .collect();
-    assert!(names.contains(&"self.audio_speaker.set_volume"), "{names:?}");
+    assert!(
+        names.contains(&"self.audio_speaker.set_volume"),
+        "{names:?}"
+    );
 
     let set = admin
         .request(
@@ -485,16 +512,30 @@ async fn admin_commands_round_trip_with_mqtt_3() {
         .unwrap();
     assert_eq!(code(&slow), "device_timeout", "{slow}");
     let rpc = admin
-        .request(Some(&mac), json!({"command": "mcp", "payload": {"method": "no/such/method"}}), t)
+        .request(
+            Some(&mac),
+            json!({"command": "mcp", "payload": {"method": "no/such/method"}}),
+            t,
+        )
         .await
         .unwrap();
     assert_eq!(code(&rpc), "device_error", "{rpc}");
-    let unknown = admin.request(Some(&mac), json!({"command": "reboot"}), t).await.unwrap();
+    let unknown = admin
+        .request(Some(&mac), json!({"command": "reboot"}), t)
+        .await
+        .unwrap();
     assert_eq!(code(&unknown), "unknown_command");
-    let none = admin.request(Some(&mac), json!({"command": "goodbye"}), t).await.unwrap();
+    let none = admin
+        .request(Some(&mac), json!({"command": "goodbye"}), t)
+        .await
+        .unwrap();
     assert_eq!(code(&none), "no_conversation");
     let offline = admin
-        .request(Some(&common::mac(649)), json!({"command": "mcp", "payload": {"method": "tools/list"}}), t)
+        .request(
+            Some(&common::mac(649)),
+            json!({"command": "mcp", "payload": {"method": "tools/list"}}),
+            t,
+        )
         .await
         .unwrap();
     assert_eq!(code(&offline), "device_offline");
@@ -503,12 +544,18 @@ async fn admin_commands_round_trip_with_mqtt_3() {
         .await
         .unwrap();
     assert_eq!(offline_status["result"]["state"], "offline");
-    let wrong = admin.request(None, json!({"command": "status"}), t).await.unwrap();
+    let wrong = admin
+        .request(None, json!({"command": "status"}), t)
+        .await
+        .unwrap();
     assert_eq!(code(&wrong), "wrong_topic");
 
     // goodbye ends the conversation; the device hears it.
     let (hello, _audio) = common::conversation(&mut dev).await;
-    let bye = admin.request(Some(&mac), json!({"command": "goodbye"}), t).await.unwrap();
+    let bye = admin
+        .request(Some(&mac), json!({"command": "goodbye"}), t)
+        .await
+        .unwrap();
     assert_eq!(bye["ok"], true, "{bye}");
     let goodbye = dev.recv_type("goodbye", t).await.unwrap();
     assert_eq!(goodbye["session_id"], hello.session_id.as_str());
@@ -517,29 +564,49 @@ async fn admin_commands_round_trip_with_mqtt_3() {
     let _d2 = common::device(&gw, 641).await;
     let _d3 = common::device(&gw, 642).await;
     for n in [641, 642] {
-        wait_presence(&**gw.presence.store(), &common::mac(n), Some(PresenceState::Online)).await;
+        wait_presence(
+            &**gw.presence.store(),
+            &common::mac(n),
+            Some(PresenceState::Online),
+        )
+        .await;
     }
     let page1 = admin
-        .request(None, json!({"command": "list_online", "filter": {"limit": 2}}), t)
+        .request(
+            None,
+            json!({"command": "list_online", "filter": {"limit": 2}}),
+            t,
+        )
         .await
         .unwrap();
     assert_eq!(page1["result"]["total"], 3, "{page1}");
     assert_eq!(page1["result"]["devices"].as_array().unwrap().len(), 2);
     let next = page1["result"]["next"].as_str().unwrap().to_owned();
     let page2 = admin
-        .request(None, json!({"command": "list_online", "filter": {"limit": 2, "after": next}}), t)
+        .request(
+            None,
+            json!({"command": "list_online", "filter": {"limit": 2, "after": next}}),
+            t,
+        )
         .await
         .unwrap();
     assert_eq!(page2["result"]["devices"].as_array().unwrap().len(), 1);
     assert!(page2["result"]["next"].is_null());
     let filtered = admin
-        .request(None, json!({"command": "list_online", "filter": {"state": "in_session"}}), t)
+        .request(
+            None,
+            json!({"command": "list_online", "filter": {"state": "in_session"}}),
+            t,
+        )
         .await
         .unwrap();
     assert_eq!(filtered["result"]["total"], 0, "{filtered}");
 
     // kick disconnects.
-    let kick = admin.request(Some(&mac), json!({"command": "kick"}), t).await.unwrap();
+    let kick = admin
+        .request(Some(&mac), json!({"command": "kick"}), t)
+        .await
+        .unwrap();
     assert_eq!(kick["ok"], true);
     assert!(dev.closed(t).await, "kicked device is disconnected");
     wait_presence(&**gw.presence.store(), &mac, Some(PresenceState::Offline)).await;
@@ -562,14 +629,24 @@ async fn malformed_commands_get_an_error_reply_never_silence() {
     .await;
     let mac = common::mac(650);
     client
-        .publish(format!("xiaozhi/admin/commands/{mac}"), QoS::AtLeastOnce, false, "{not json")
+        .publish(
+            format!("xiaozhi/admin/commands/{mac}"),
+            QoS::AtLeastOnce,
+            false,
+            "{not json",
+        )
         .await
         .unwrap();
     let (topic, v, _) = next_where(&mut el, |_, _| true).await;
     assert_eq!(topic, "xiaozhi/admin/errors");
     assert_eq!(v["error"]["code"], "malformed_json");
     client
-        .publish(format!("xiaozhi/admin/commands/{mac}"), QoS::AtLeastOnce, false, r#"{"request_id":"no-command"}"#)
+        .publish(
+            format!("xiaozhi/admin/commands/{mac}"),
+            QoS::AtLeastOnce,
+            false,
+            r#"{"request_id":"no-command"}"#,
+        )
         .await
         .unwrap();
     let (topic, v, _) = next_where(&mut el, |_, _| true).await;
@@ -592,11 +669,21 @@ async fn mqtt5_commands_reply_on_the_response_topic_with_correlation_data() {
     let mut opts = Options5::new("v5-admin", "127.0.0.1", gw.addrs.broker.port());
     opts.set_credentials(common::ADMIN_USER, common::ADMIN_PASS);
     let (client, mut el) = Client5::new(opts, 16);
-    client.subscribe("ops/replies/v5-admin", QoS5::AtMostOnce).await.unwrap();
-    client.subscribe("xiaozhi/admin/replies/+", QoS5::AtMostOnce).await.unwrap();
+    client
+        .subscribe("ops/replies/v5-admin", QoS5::AtMostOnce)
+        .await
+        .unwrap();
+    client
+        .subscribe("xiaozhi/admin/replies/+", QoS5::AtMostOnce)
+        .await
+        .unwrap();
     let mut acks = 0;
     while acks < 2 {
-        if let Event5::Incoming(Packet5::SubAck(_)) = tokio::time::timeout(WAIT, el.poll()).await.unwrap().unwrap() {
+        if let Event5::Incoming(Packet5::SubAck(_)) = tokio::time::timeout(WAIT, el.poll())
+            .await
+            .unwrap()
+            .unwrap()
+        {
             acks += 1;
         }
     }
@@ -619,10 +706,21 @@ async fn mqtt5_commands_reply_on_the_response_topic_with_correlation_data() {
     send("ops/replies/v5-admin", b"corr-1", "v5-1").await;
     let deadline = tokio::time::Instant::now() + WAIT;
     let (topic, corr, body) = loop {
-        match tokio::time::timeout_at(deadline, el.poll()).await.unwrap().unwrap() {
+        match tokio::time::timeout_at(deadline, el.poll())
+            .await
+            .unwrap()
+            .unwrap()
+        {
             Event5::Incoming(Packet5::Publish(p)) => {
-                let corr = p.properties.as_ref().and_then(|pp| pp.correlation_data.clone());
-                break (String::from_utf8_lossy(&p.topic).into_owned(), corr, serde_json::from_slice::<Value>(&p.payload).unwrap());
+                let corr = p
+                    .properties
+                    .as_ref()
+                    .and_then(|pp| pp.correlation_data.clone());
+                break (
+                    String::from_utf8_lossy(&p.topic).into_owned(),
+                    corr,
+                    serde_json::from_slice::<Value>(&p.payload).unwrap(),
+                );
             }
             _ => {}
         }
@@ -633,11 +731,22 @@ async fn mqtt5_commands_reply_on_the_response_topic_with_correlation_data() {
     assert_eq!(body["result"]["state"], "online");
 
     // A response topic on a gateway-owned topic is not honoured: the default topic is used.
-    send("xiaozhi/devices/aa_bb_cc_dd_ee_ff/presence", b"corr-2", "v5-2").await;
+    send(
+        "xiaozhi/devices/aa_bb_cc_dd_ee_ff/presence",
+        b"corr-2",
+        "v5-2",
+    )
+    .await;
     let deadline = tokio::time::Instant::now() + WAIT;
     let topic = loop {
-        match tokio::time::timeout_at(deadline, el.poll()).await.unwrap().unwrap() {
-            Event5::Incoming(Packet5::Publish(p)) => break String::from_utf8_lossy(&p.topic).into_owned(),
+        match tokio::time::timeout_at(deadline, el.poll())
+            .await
+            .unwrap()
+            .unwrap()
+        {
+            Event5::Incoming(Packet5::Publish(p)) => {
+                break String::from_utf8_lossy(&p.topic).into_owned();
+            }
             _ => {}
         }
     };
@@ -679,7 +788,12 @@ async fn observers_and_devices_cannot_command() {
     .await;
     let kick = json!({"request_id": "obs-1", "command": "kick"}).to_string();
     observer
-        .publish(format!("xiaozhi/admin/commands/{mac}"), QoS::AtLeastOnce, false, kick.clone())
+        .publish(
+            format!("xiaozhi/admin/commands/{mac}"),
+            QoS::AtLeastOnce,
+            false,
+            kick.clone(),
+        )
         .await
         .unwrap();
     let obs_pump = tokio::spawn(async move { while obs_el.poll().await.is_ok() {} });
@@ -690,18 +804,28 @@ async fn observers_and_devices_cannot_command() {
         .await
         .unwrap();
     intruder
-        .publish_to(&format!("devices/p2p/{mac}"), br#"{"type":"goodbye","session_id":""}"#.to_vec())
+        .publish_to(
+            &format!("devices/p2p/{mac}"),
+            br#"{"type":"goodbye","session_id":""}"#.to_vec(),
+        )
         .await
         .unwrap();
 
     // Nothing reached the command topic, the executor or the victim.
-    let seen = tokio::time::timeout(Duration::from_millis(1500), next_where(&mut replies, |_, _| true)).await;
+    let seen = tokio::time::timeout(
+        Duration::from_millis(1500),
+        next_where(&mut replies, |_, _| true),
+    )
+    .await;
     assert!(seen.is_err(), "no command passed: {seen:?}");
     let m = gw.metrics.snapshot();
     assert_eq!(m.admin_commands_ok + m.admin_commands_failed, 0);
     assert!(m.broker_publish_refused >= 1, "{m:?}");
     assert!(m.mqtt_dropped_foreign_topic >= 2, "{m:?}");
-    assert!(victim.recv(Duration::from_millis(300)).await.is_err(), "victim got nothing");
+    assert!(
+        victim.recv(Duration::from_millis(300)).await.is_err(),
+        "victim got nothing"
+    );
     assert!(!victim.is_closed());
     obs_pump.abort();
     gw.shutdown().await;
@@ -727,7 +851,10 @@ async fn command_round_trip_latency() {
         let mut samples = Vec::new();
         for _ in 0..300 {
             let t0 = Instant::now();
-            let reply = admin.request(Some(&mac), command.clone(), WAIT).await.unwrap();
+            let reply = admin
+                .request(Some(&mac), command.clone(), WAIT)
+                .await
+                .unwrap();
             samples.push(t0.elapsed());
             assert_eq!(reply["ok"], true, "{reply}");
         }
@@ -740,9 +867,82 @@ async fn command_round_trip_latency() {
             p(0.99),
             samples[samples.len() - 1]
         ));
-        assert!(p(0.5) < Duration::from_millis(100), "{label} p50 {:?}", p(0.5));
+        assert!(
+            p(0.5) < Duration::from_millis(100),
+            "{label} p50 {:?}",
+            p(0.5)
+        );
     }
     println!("admin command round trip: {}", report.join("; "));
     admin.disconnect().await;
+    gw.shutdown().await;
+}
+
+/// Chat records and upstream failures reach the bus, for observers too.
+#[tokio::test]
+async fn chat_records_and_upstream_failures_are_events() {
+    use xiaozhi_gateway::simulator::upstream::{MockUpstream, MockUpstreamConfig};
+    let upstream = MockUpstream::start(MockUpstreamConfig::default())
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = common::test_config();
+    config.broker.users.push(BrokerUser {
+        username: OBSERVER_USER.into(),
+        password: OBSERVER_PASS.into(),
+        role: BrokerRole::Observer,
+    });
+    config.pipeline.xiaozhi.urls = vec![upstream.url.clone()];
+    config.history.enabled = true;
+    config.history.database_url = format!("sqlite://{}/h.db", dir.path().display());
+    config.history.journal_dir = dir.path().to_owned();
+    let gw = common::start_with(config).await;
+    let (_o, mut events) = watcher(
+        gw.addrs.broker.port(),
+        OBSERVER_USER,
+        OBSERVER_PASS,
+        "chat-observer",
+        &["xiaozhi/devices/+/chat", "xiaozhi/events/#"],
+    )
+    .await;
+    let (_dev, session) = common::converse(&gw, 690, 1).await;
+    let mac = common::mac(690);
+    let (topic, user, _) = next_where(&mut events, |t, v| {
+        t.ends_with("/chat") && v["chat_type"] == 1
+    })
+    .await;
+    assert_eq!(topic, format!("xiaozhi/devices/{mac}/chat"));
+    assert_eq!(user["type"], "chat_update");
+    assert_eq!(user["session_id"], session.as_str());
+    assert_eq!(user["content"], "turn 1");
+    let (_, reply, _) = next_where(&mut events, |t, v| {
+        t.ends_with("/chat") && v["chat_type"] == 2
+    })
+    .await;
+    assert_eq!(reply["content"], "reply 1");
+    gw.shutdown().await;
+
+    // An upstream that is not there: the device gets an alert, the bus an event.
+    let mut config = common::test_config();
+    config.pipeline.xiaozhi.urls = vec![format!("ws://127.0.0.1:{}/xiaozhi/v1/", free_port())];
+    config.pipeline.xiaozhi.connect_timeout_ms = 1_000;
+    let gw = common::start_with(config).await;
+    let (_a, mut events) = watcher(
+        gw.addrs.broker.port(),
+        common::ADMIN_USER,
+        common::ADMIN_PASS,
+        "upstream-watch",
+        &["xiaozhi/events/upstream"],
+    )
+    .await;
+    let mut dev = common::device(&gw, 691).await;
+    dev.publish_json(&SimDevice::firmware_hello())
+        .await
+        .unwrap();
+    let alert = dev.recv_type("alert", WAIT).await.unwrap();
+    let (_, event, _) = next_where(&mut events, |_, _| true).await;
+    assert_eq!(event["event"], "upstream_failed");
+    assert_eq!(event["mac_address"], common::mac(691).colon());
+    assert_eq!(event["error"], alert["message"]);
     gw.shutdown().await;
 }

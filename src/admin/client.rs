@@ -24,7 +24,9 @@ use crate::protocol::mac::Mac;
 pub enum ClientError {
     #[error("cannot reach the broker listener at {addr}: {reason}")]
     Connect { addr: String, reason: String },
-    #[error("the broker listener refused the login ({0}); check the username and password in broker.users")]
+    #[error(
+        "the broker listener refused the login ({0}); check the username and password in broker.users"
+    )]
     Refused(String),
     #[error("the broker listener did not answer within {0:?}")]
     ConnectTimeout(Duration),
@@ -56,11 +58,7 @@ impl AdminClient {
         password: &str,
         timeout: Duration,
     ) -> Result<AdminClient, ClientError> {
-        let client_id = format!(
-            "xz-admin-{}-{}",
-            std::process::id(),
-            rand::random::<u32>()
-        );
+        let client_id = format!("xz-admin-{}-{}", std::process::id(), rand::random::<u32>());
         let mut opts = MqttOptions::new(&client_id, host, port);
         opts.set_credentials(username, password);
         opts.set_keep_alive(Duration::from_secs(30));
@@ -71,7 +69,10 @@ impl AdminClient {
         // Until the SUBACK arrives, errors end the connection attempt.
         let ready = async {
             client
-                .subscribe(format!("{}+", topics::ADMIN_REPLIES_PREFIX), QoS::AtMostOnce)
+                .subscribe(
+                    format!("{}+", topics::ADMIN_REPLIES_PREFIX),
+                    QoS::AtMostOnce,
+                )
                 .await
                 .map_err(|e| ClientError::Mqtt(e.to_string()))?;
             loop {
@@ -169,10 +170,7 @@ async fn pump(mut eventloop: rumqttc::EventLoop, waiters: Waiters) {
                 let Some(id) = reply.get("request_id").and_then(Value::as_str) else {
                     continue;
                 };
-                let waiter = waiters
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(id);
+                let waiter = waiters.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
                 if let Some(waiter) = waiter {
                     let _ = waiter.send(reply);
                 }

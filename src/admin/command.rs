@@ -156,7 +156,9 @@ pub fn parse(topic: &str, payload: &[u8]) -> Result<AdminRequest, Rejected> {
                 request_id: request_id_of(payload),
                 error: CommandError::new(
                     ErrorCode::WrongTopic,
-                    format!("{topic}: want {FLEET_TOPIC} or {FLEET_TOPIC}/<mac_> (lowercase, '_' between octets)"),
+                    format!(
+                        "{topic}: want {FLEET_TOPIC} or {FLEET_TOPIC}/<mac_> (lowercase, '_' between octets)"
+                    ),
                 ),
             });
         }
@@ -168,7 +170,10 @@ pub fn parse(topic: &str, payload: &[u8]) -> Result<AdminRequest, Rejected> {
     let Value::Object(obj) = json else {
         return Err(Rejected {
             request_id: None,
-            error: CommandError::new(ErrorCode::MalformedJson, "the command must be a JSON object"),
+            error: CommandError::new(
+                ErrorCode::MalformedJson,
+                "the command must be a JSON object",
+            ),
         });
     };
     let reject = |request_id: Option<String>, code, message: String| Rejected {
@@ -181,7 +186,9 @@ pub fn parse(topic: &str, payload: &[u8]) -> Result<AdminRequest, Rejected> {
             return Err(reject(
                 None,
                 ErrorCode::InvalidCommand,
-                format!("request_id must be 1-{MAX_REQUEST_ID} characters without '/', '+', '#' or control characters"),
+                format!(
+                    "request_id must be 1-{MAX_REQUEST_ID} characters without '/', '+', '#' or control characters"
+                ),
             ));
         }
         _ => {
@@ -228,7 +235,10 @@ pub fn parse(topic: &str, payload: &[u8]) -> Result<AdminRequest, Rejected> {
                 ));
             };
             let params = payload.and_then(|p| p.get("params")).cloned();
-            if params.as_ref().is_some_and(|p| !p.is_object() && !p.is_array()) {
+            if params
+                .as_ref()
+                .is_some_and(|p| !p.is_object() && !p.is_array())
+            {
                 return Err(reject(
                     rid(),
                     ErrorCode::InvalidCommand,
@@ -253,9 +263,8 @@ pub fn parse(topic: &str, payload: &[u8]) -> Result<AdminRequest, Rejected> {
             let query = if filter.is_null() {
                 PresenceQuery::default()
             } else {
-                serde_json::from_value::<PresenceQuery>(filter).map_err(|e| {
-                    reject(rid(), ErrorCode::InvalidCommand, format!("filter: {e}"))
-                })?
+                serde_json::from_value::<PresenceQuery>(filter)
+                    .map_err(|e| reject(rid(), ErrorCode::InvalidCommand, format!("filter: {e}")))?
             };
             Command::ListOnline(query)
         }
@@ -371,10 +380,16 @@ mod tests {
         );
         assert_eq!(r.timeout, Some(Duration::from_millis(700)));
         for (c, want) in [("status", Command::Status), ("goodbye", Command::Goodbye)] {
-            let r = parse(DEV, format!(r#"{{"request_id":"a","command":"{c}"}}"#).as_bytes());
+            let r = parse(
+                DEV,
+                format!(r#"{{"request_id":"a","command":"{c}"}}"#).as_bytes(),
+            );
             assert_eq!(r.unwrap().command, want);
         }
-        let r = parse(DEV, br#"{"request_id":"a","command":"kick","reason":"maintenance"}"#);
+        let r = parse(
+            DEV,
+            br#"{"request_id":"a","command":"kick","reason":"maintenance"}"#,
+        );
         assert_eq!(
             r.unwrap().command,
             Command::Kick {
@@ -415,11 +430,17 @@ mod tests {
             (Some("a".into()), "unknown_command")
         );
         assert_eq!(
-            code(parse(DEV, br#"{"request_id":"a","command":"mcp","payload":{}}"#)),
+            code(parse(
+                DEV,
+                br#"{"request_id":"a","command":"mcp","payload":{}}"#
+            )),
             (Some("a".into()), "invalid_command")
         );
         assert_eq!(
-            code(parse(DEV, br#"{"request_id":"a","command":"status","timeout_ms":-1}"#)),
+            code(parse(
+                DEV,
+                br#"{"request_id":"a","command":"status","timeout_ms":-1}"#
+            )),
             (Some("a".into()), "invalid_command")
         );
         assert_eq!(
@@ -427,7 +448,10 @@ mod tests {
             (Some("a".into()), "wrong_topic")
         );
         assert_eq!(
-            code(parse(FLEET_TOPIC, br#"{"request_id":"a","command":"status"}"#)),
+            code(parse(
+                FLEET_TOPIC,
+                br#"{"request_id":"a","command":"status"}"#
+            )),
             (Some("a".into()), "wrong_topic")
         );
         assert_eq!(
@@ -448,7 +472,10 @@ mod tests {
 
     #[test]
     fn timeouts_are_capped() {
-        let r = parse(DEV, br#"{"request_id":"a","command":"status","timeout_ms":999999999}"#);
+        let r = parse(
+            DEV,
+            br#"{"request_id":"a","command":"status","timeout_ms":999999999}"#,
+        );
         assert_eq!(r.unwrap().timeout, Some(MAX_TIMEOUT));
     }
 

@@ -53,7 +53,11 @@ pub struct AdminDeps {
 }
 
 /// Takes commands until stopped, then waits (briefly) for those in flight.
-pub async fn run(deps: AdminDeps, mut commands: mpsc::Receiver<BusCommand>, stop: CancellationToken) {
+pub async fn run(
+    deps: AdminDeps,
+    mut commands: mpsc::Receiver<BusCommand>,
+    stop: CancellationToken,
+) {
     let permits = Arc::new(Semaphore::new(deps.max_in_flight));
     let tasks = TaskTracker::new();
     let deps = Arc::new(deps);
@@ -77,7 +81,13 @@ pub async fn run(deps: AdminDeps, mut commands: mpsc::Receiver<BusCommand>, stop
             }
         };
         let Ok(permit) = permits.clone().try_acquire_owned() else {
-            let e = CommandError::new(ErrorCode::Busy, format!("more than {} commands in flight; try again", deps.max_in_flight));
+            let e = CommandError::new(
+                ErrorCode::Busy,
+                format!(
+                    "more than {} commands in flight; try again",
+                    deps.max_in_flight
+                ),
+            );
             deps.reply_error(&to, Some(&request.request_id), &e, started);
             continue;
         };
@@ -142,7 +152,13 @@ impl AdminDeps {
             .publish_reply(topic, Bytes::from(payload), to.correlation_data.clone());
     }
 
-    fn reply_error(&self, to: &ReplyTo, request_id: Option<&str>, e: &CommandError, started: Instant) {
+    fn reply_error(
+        &self,
+        to: &ReplyTo,
+        request_id: Option<&str>,
+        e: &CommandError,
+        started: Instant,
+    ) {
         Metrics::inc(&self.metrics.admin_commands_failed);
         self.reply(
             to,
@@ -157,17 +173,37 @@ impl AdminDeps {
             (Command::ListOnline(query), _) => {
                 let page = tokio::time::timeout(timeout, self.presence.store().list(query))
                     .await
-                    .map_err(|_| CommandError::new(ErrorCode::PresenceUnavailable, "presence store did not answer in time"))?
-                    .map_err(|e| CommandError::new(ErrorCode::PresenceUnavailable, e.to_string()))?;
+                    .map_err(|_| {
+                        CommandError::new(
+                            ErrorCode::PresenceUnavailable,
+                            "presence store did not answer in time",
+                        )
+                    })?
+                    .map_err(|e| {
+                        CommandError::new(ErrorCode::PresenceUnavailable, e.to_string())
+                    })?;
                 Ok(serde_json::to_value(page).unwrap_or(Value::Null))
             }
             (command, Some(mac)) => self.device_command(command, mac, timeout).await,
-            (_, None) => Err(CommandError::new(ErrorCode::WrongTopic, "device command without a device")),
+            (_, None) => Err(CommandError::new(
+                ErrorCode::WrongTopic,
+                "device command without a device",
+            )),
         }
     }
 
-    async fn device_command(&self, command: &Command, mac: Mac, timeout: Duration) -> Result<Value, CommandError> {
-        let offline = || CommandError::new(ErrorCode::DeviceOffline, format!("{} is not connected to this gateway", mac.colon()));
+    async fn device_command(
+        &self,
+        command: &Command,
+        mac: Mac,
+        timeout: Duration,
+    ) -> Result<Value, CommandError> {
+        let offline = || {
+            CommandError::new(
+                ErrorCode::DeviceOffline,
+                format!("{} is not connected to this gateway", mac.colon()),
+            )
+        };
         match command {
             Command::Status => self.status(mac, timeout).await,
             Command::Mcp { method, params } => {
@@ -179,10 +215,12 @@ impl AdminDeps {
                         ErrorCode::DeviceTimeout,
                         format!("device did not answer within {} ms", t.as_millis()),
                     )),
-                    Err(McpCallError::Device(McpError::Rpc { code, message })) => Err(CommandError::new(
-                        ErrorCode::DeviceError,
-                        format!("device returned JSON-RPC error {code}: {message}"),
-                    )),
+                    Err(McpCallError::Device(McpError::Rpc { code, message })) => {
+                        Err(CommandError::new(
+                            ErrorCode::DeviceError,
+                            format!("device returned JSON-RPC error {code}: {message}"),
+                        ))
+                    }
                     Err(McpCallError::Device(McpError::TooManyPending)) => Err(CommandError::new(
                         ErrorCode::Busy,
                         "too many MCP requests in flight for this device",
@@ -195,7 +233,10 @@ impl AdminDeps {
                 }
                 match self.sessions.end_conversation(mac).await {
                     true => Ok(json!({"ended": true})),
-                    false => Err(CommandError::new(ErrorCode::NoConversation, "the device is not in a conversation")),
+                    false => Err(CommandError::new(
+                        ErrorCode::NoConversation,
+                        "the device is not in a conversation",
+                    )),
                 }
             }
             Command::Kick { reason } => {
@@ -205,7 +246,10 @@ impl AdminDeps {
                 warn!(mac = %mac, reason = reason.as_deref().unwrap_or(""), "device kicked by an admin");
                 Ok(json!({"kicked": true}))
             }
-            Command::ListOnline(_) => Err(CommandError::new(ErrorCode::WrongTopic, "list_online is a fleet command")),
+            Command::ListOnline(_) => Err(CommandError::new(
+                ErrorCode::WrongTopic,
+                "list_online is a fleet command",
+            )),
         }
     }
 
@@ -234,7 +278,13 @@ impl AdminDeps {
         };
         if let Some(entry) = self.directory.get(&mac) {
             let cache = entry.mcp.cache();
-            value["tools"] = json!(cache.tools.iter().filter_map(|t| t.get("name").cloned()).collect::<Vec<_>>());
+            value["tools"] = json!(
+                cache
+                    .tools
+                    .iter()
+                    .filter_map(|t| t.get("name").cloned())
+                    .collect::<Vec<_>>()
+            );
         }
         Ok(value)
     }

@@ -203,8 +203,7 @@ pub trait PresenceStore: Send + Sync + 'static {
     /// Marks offline every connected entry that still names `node` (a restart of this
     /// node: whatever it held before is gone); returns how many. Entries of other nodes
     /// are never touched.
-    async fn reconcile(&self, node: &str, now_ms: i64, ttls: Ttls)
-    -> Result<usize, PresenceError>;
+    async fn reconcile(&self, node: &str, now_ms: i64, ttls: Ttls) -> Result<usize, PresenceError>;
 
     /// One device's entry; a connected entry whose TTL ran out reads as absent.
     async fn get(&self, mac_address: &str) -> Result<Option<PresenceRecord>, PresenceError>;

@@ -233,9 +233,12 @@ async fn run(shared: Arc<Shared>, history: Option<Store>, stop: CancellationToke
 
     // Reconcile before anything of this run is written, retrying while the store is away.
     loop {
-        let result =
-            tokio::time::timeout(timeout, s.store.reconcile(&s.settings.node, now_ms(), s.settings.ttls))
-                .await;
+        let result = tokio::time::timeout(
+            timeout,
+            s.store
+                .reconcile(&s.settings.node, now_ms(), s.settings.ttls),
+        )
+        .await;
         match result {
             Ok(Ok(n)) => {
                 if n > 0 {
@@ -315,7 +318,9 @@ async fn run(shared: Arc<Shared>, history: Option<Store>, stop: CancellationToke
     }
 }
 
-fn describe(result: Result<Result<(), super::PresenceError>, tokio::time::error::Elapsed>) -> String {
+fn describe(
+    result: Result<Result<(), super::PresenceError>, tokio::time::error::Elapsed>,
+) -> String {
     match result {
         Ok(Ok(())) => "ok".into(),
         Ok(Err(e)) => e.to_string(),
@@ -377,7 +382,10 @@ fn resync(s: &Shared) {
     for record in connected {
         pending.entry(record.mac_address.clone()).or_insert(record);
     }
-    info!(devices = n, "presence: rewriting this node's devices after the store came back");
+    info!(
+        devices = n,
+        "presence: rewriting this node's devices after the store came back"
+    );
 }
 
 async fn send_heartbeat(s: &Shared) -> bool {
@@ -392,7 +400,8 @@ async fn send_heartbeat(s: &Shared) -> bool {
     for chunk in macs.chunks(BATCH * 4) {
         let result = tokio::time::timeout(
             s.settings.timeout,
-            s.store.heartbeat(&s.settings.node, chunk, now, s.settings.ttls),
+            s.store
+                .heartbeat(&s.settings.node, chunk, now, s.settings.ttls),
         )
         .await;
         match result {
@@ -413,7 +422,9 @@ async fn touch_last_connected(s: &Shared, store: &Store) {
         let mut touch = lock(&s.touch);
         let now = Instant::now();
         let due = std::mem::take(&mut touch.due);
-        touch.last.retain(|_, at| now.duration_since(*at) < throttle);
+        touch
+            .last
+            .retain(|_, at| now.duration_since(*at) < throttle);
         let mut fresh = Vec::with_capacity(due.len());
         for mac in due {
             if !touch.last.contains_key(&mac) {
@@ -427,7 +438,12 @@ async fn touch_last_connected(s: &Shared, store: &Store) {
         return;
     }
     let at = crate::history::writer::format_time(now_ms(), s.settings.utc_offset_minutes);
-    match tokio::time::timeout(Duration::from_secs(5), store.touch_last_connected(&due, &at)).await {
+    match tokio::time::timeout(
+        Duration::from_secs(5),
+        store.touch_last_connected(&due, &at),
+    )
+    .await
+    {
         Ok(Ok(n)) => Metrics::add(&s.metrics.presence_last_connected_updates, n),
         Ok(Err(e)) => {
             Metrics::inc(&s.metrics.presence_last_connected_errors);
@@ -435,7 +451,10 @@ async fn touch_last_connected(s: &Shared, store: &Store) {
         }
         Err(_) => {
             Metrics::inc(&s.metrics.presence_last_connected_errors);
-            warn!(devices = due.len(), "updating ai_device.last_connected_at timed out");
+            warn!(
+                devices = due.len(),
+                "updating ai_device.last_connected_at timed out"
+            );
         }
     }
 }

@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use xiaozhi_gateway::config::{BrokerRole, BrokerUser, Config};
 use xiaozhi_gateway::protocol::mac::Mac;
 use xiaozhi_gateway::server::Gateway;
-use xiaozhi_gateway::simulator::audio::{ServerHello, SimAudio};
+use xiaozhi_gateway::simulator::audio::{ServerHello, SimAudio, synthetic_frame};
 use xiaozhi_gateway::simulator::device::{DeviceCredentials, SimDevice};
 
 pub const KEY: &str = "test-signature-key";
@@ -82,6 +82,41 @@ pub async fn conversation(dev: &mut SimDevice) -> (ServerHello, SimAudio) {
         .await
         .unwrap();
     (hello, audio)
+}
+
+/// A whole conversation through a speech server that answers each turn of 5 frames
+/// (the mock upstream's default): hello, `turns` turns (each waits for the reply's
+/// `tts stop`), goodbye. Returns the device (still connected) and the session id.
+pub async fn converse(gw: &Gateway, n: u32, turns: u32) -> (SimDevice, String) {
+    let mut dev = device(gw, n).await;
+    let (hello, mut audio) = conversation(&mut dev).await;
+    dev.publish_json(&listen_start(&hello.session_id, "auto"))
+        .await
+        .unwrap();
+    for turn in 0..turns {
+        for i in 0..5 {
+            let index = turn * 5 + i;
+            audio
+                .send(index * 60, &synthetic_frame(index, 30))
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Wait for the whole reply before speaking again.
+        loop {
+            let tts = dev.recv_type("tts", Duration::from_secs(5)).await.unwrap();
+            if tts["state"] == "stop" {
+                break;
+            }
+        }
+        dev.publish_json(&listen_start(&hello.session_id, "auto"))
+            .await
+            .unwrap();
+    }
+    dev.publish_json(&json!({"session_id": hello.session_id, "type": "goodbye"}))
+        .await
+        .unwrap();
+    (dev, hello.session_id)
 }
 
 pub fn listen_start(session: &str, mode: &str) -> Value {
