@@ -706,23 +706,17 @@ async fn mqtt5_commands_reply_on_the_response_topic_with_correlation_data() {
     send("ops/replies/v5-admin", b"corr-1", "v5-1").await;
     let deadline = tokio::time::Instant::now() + WAIT;
     let (topic, corr, body) = loop {
-        match tokio::time::timeout_at(deadline, el.poll())
-            .await
-            .unwrap()
-            .unwrap()
-        {
-            Event5::Incoming(Packet5::Publish(p)) => {
-                let corr = p
-                    .properties
-                    .as_ref()
-                    .and_then(|pp| pp.correlation_data.clone());
-                break (
-                    String::from_utf8_lossy(&p.topic).into_owned(),
-                    corr,
-                    serde_json::from_slice::<Value>(&p.payload).unwrap(),
-                );
-            }
-            _ => {}
+        let event = tokio::time::timeout_at(deadline, el.poll()).await;
+        if let Event5::Incoming(Packet5::Publish(p)) = event.unwrap().unwrap() {
+            let corr = p
+                .properties
+                .as_ref()
+                .and_then(|pp| pp.correlation_data.clone());
+            break (
+                String::from_utf8_lossy(&p.topic).into_owned(),
+                corr,
+                serde_json::from_slice::<Value>(&p.payload).unwrap(),
+            );
         }
     };
     assert_eq!(topic, "ops/replies/v5-admin");
@@ -739,15 +733,9 @@ async fn mqtt5_commands_reply_on_the_response_topic_with_correlation_data() {
     .await;
     let deadline = tokio::time::Instant::now() + WAIT;
     let topic = loop {
-        match tokio::time::timeout_at(deadline, el.poll())
-            .await
-            .unwrap()
-            .unwrap()
-        {
-            Event5::Incoming(Packet5::Publish(p)) => {
-                break String::from_utf8_lossy(&p.topic).into_owned();
-            }
-            _ => {}
+        let event = tokio::time::timeout_at(deadline, el.poll()).await;
+        if let Event5::Incoming(Packet5::Publish(p)) = event.unwrap().unwrap() {
+            break String::from_utf8_lossy(&p.topic).into_owned();
         }
     };
     assert_eq!(topic, "xiaozhi/admin/replies/v5-2");

@@ -124,11 +124,9 @@ struct ReplyTo {
 impl ReplyTo {
     fn of(msg: &BusCommand) -> ReplyTo {
         let response_topic = msg.response_topic.clone().filter(|t| {
-            let ok = t.starts_with(topics::ADMIN_REPLIES_PREFIX)
-                && !t.contains(['+', '#'])
-                || acl::may_publish(BrokerRole::Admin, t).is_ok();
+            let ok = response_topic_allowed(t);
             if !ok {
-                warn!(topic = %t, "admin command's response topic is not one an admin may publish to; replying on the default topic");
+                warn!(topic = %t, "admin command's response topic refused (gateway, device or command topic); replying on the default topic");
             }
             ok
         });
@@ -137,6 +135,19 @@ impl ReplyTo {
             correlation_data: msg.correlation_data.clone(),
         }
     }
+}
+
+/// A reply may go under `xiaozhi/admin/replies/`, or to a topic an admin may publish to
+/// outside the gateway's namespaces: never to a device (`devices/p2p/...`) or back onto a
+/// command topic (the gateway would read its own reply as a command).
+fn response_topic_allowed(topic: &str) -> bool {
+    let under_replies = topic
+        .strip_prefix(topics::ADMIN_REPLIES_PREFIX)
+        .is_some_and(|rest| !rest.is_empty() && !rest.contains(['+', '#']));
+    let outside = !topic.starts_with("xiaozhi/")
+        && !topic.starts_with("devices/")
+        && acl::may_publish(BrokerRole::Admin, topic).is_ok();
+    under_replies || outside
 }
 
 impl AdminDeps {
@@ -287,5 +298,28 @@ impl AdminDeps {
             );
         }
         Ok(value)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::response_topic_allowed;
+
+    #[test]
+    fn replies_never_reach_devices_commands_or_gateway_topics() {
+        assert!(response_topic_allowed("ops/replies/1"));
+        assert!(response_topic_allowed("xiaozhi/admin/replies/abc"));
+        for bad in [
+            "xiaozhi/admin/replies/",
+            "xiaozhi/admin/replies/+",
+            "xiaozhi/admin/commands",
+            "xiaozhi/admin/commands/aa_bb_cc_dd_ee_ff",
+            "devices/p2p/aa_bb_cc_dd_ee_ff",
+            "xiaozhi/devices/aa_bb_cc_dd_ee_ff/presence",
+            "device-server",
+            "ops/#",
+        ] {
+            assert!(!response_topic_allowed(bad), "{bad}");
+        }
     }
 }

@@ -1,41 +1,63 @@
-//! The bus: an embedded rumqttd router, its MQTT listener for admin and integration
+//! The bus: an embedded rumqttd router, the broker listener for admin and integration
 //! clients, and the gateway's own link into it.
 //!
-//! * [`Bus::publish`] puts device traffic on identity-bearing topics. It never blocks the
-//!   caller: messages go through a bounded queue to one publisher thread (rumqttd's local
-//!   link sends to the router with a blocking channel), and a full queue drops and counts.
+//! * [`Bus::publish`], [`Bus::publish_retained`] and [`Bus::publish_reply`] put gateway
+//!   traffic on the bus. They never block the caller: messages go through a bounded queue
+//!   to one publisher thread (rumqttd's local link sends to the router with a blocking
+//!   channel), and a full queue drops and counts. The gateway's link is not subject to the
+//!   broker-listener ACL.
 //! * A subscriber task takes everything published to `devices/p2p/+` and delivers it to
-//!   the device through the [`DeviceRegistry`], whether or not the device subscribed.
-//! * The listener authenticates clients against `broker.users` only, so device
-//!   credentials never work there.
+//!   the device through the [`DeviceRegistry`], whether or not the device subscribed, and
+//!   hands admin commands (`xiaozhi/admin/commands[/<mac_>]`) to a bounded queue as
+//!   [`BusCommand`]s ([`EmbeddedBroker::take_commands`]).
+//! * The broker listener is ours ([`super::clients`]), not rumqttd's: it authenticates
+//!   clients against `broker.users` only (device credentials never work there) and checks
+//!   every publish and subscription against the user's role ([`super::acl`]).
 //!
-//! rumqttd has no shutdown API: the listener task is owned here and aborted, the router
-//! thread lives as long as the process (FIELD-NOTES section 3).
+//! What rumqttd 0.20's router does with what we send it (checked by tests/broker_acl.rs):
+//! MQTT 5 publish properties (response topic, correlation data, user properties) are kept
+//! in its commit log and reach every subscriber, local links included; retained publishes
+//! are stored (an empty payload clears them) and sent, with the retain flag, to every new
+//! non-shared subscription whatever its v5 retain-handling option.
+//!
+//! rumqttd has no shutdown API: the listener task is owned here and aborted (which ends
+//! every client task), the router thread lives as long as the process (FIELD-NOTES
+//! section 3).
 
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::mpsc::{SyncSender, TrySendError, sync_channel};
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
+use std::time::Duration;
 
 use bytes::Bytes;
-use rumqttd::local::{LinkBuilder, LinkRx};
-use rumqttd::{ConnectionSettings, Notification, RouterConfig, ServerSettings};
+use futures_util::FutureExt;
+use rumqttd::local::{LinkBuilder, LinkRx, LinkTx};
+use rumqttd::protocol::{Packet, Publish, PublishProperties};
+use rumqttd::{Forward, Notification, RouterConfig};
 use serde::Deserialize;
-use subtle::ConstantTimeEq;
 use tokio::task::JoinHandle;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
+use super::clients::{BrokerListener, ListenerSettings, MAX_CLIENTS, RouterPort};
 use super::registry::DeviceRegistry;
 use super::topics;
-use crate::config::{BrokerConfig, BrokerUser};
+use crate::config::BrokerConfig;
 use crate::metrics::Metrics;
-use crate::server::{BindError, check_tcp_bind};
+use crate::server::{BindError, bind_tcp};
 
 /// The built-in router tunables (`broker-config/router.toml`).
 const DEFAULT_ROUTER_TOML: &str = include_str!("../../broker-config/router.toml");
 
-/// Name of the gateway's own link into the router.
+/// Name of the gateway's own link into the router. Broker-listener clients can never
+/// take it over: their router-side ids carry their role (`admin:<id>`).
 const GATEWAY_LINK_ID: &str = "xiaozhi-gateway";
+
+/// Admin commands waiting for the gateway before further ones are dropped (and counted).
+pub const COMMAND_QUEUE: usize = 1024;
+
+/// Publishes the publisher thread hands the router in one batch.
+const PUBLISH_BATCH: usize = 256;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -64,12 +86,39 @@ pub enum BrokerError {
     Link(String),
 }
 
+/// An admin command published by an admin bus client on `xiaozhi/admin/commands` or
+/// `xiaozhi/admin/commands/<mac_>` ([`topics::parse_admin_command`] tells which).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BusCommand {
+    pub topic: String,
+    pub payload: Bytes,
+    /// MQTT 5 response topic, when the publisher set one.
+    pub response_topic: Option<String>,
+    /// MQTT 5 correlation data, when the publisher set it; echo it with
+    /// [`Bus::publish_reply`].
+    pub correlation_data: Option<Bytes>,
+}
+
 struct BusMessage {
     topic: String,
     payload: Bytes,
+    retain: bool,
+    correlation_data: Option<Bytes>,
 }
 
-/// A cheap, cloneable handle for publishing onto the bus.
+impl BusMessage {
+    fn into_packet(self) -> Packet {
+        let publish = Publish::new(Bytes::from(self.topic), self.payload, self.retain);
+        let properties = self.correlation_data.map(|c| PublishProperties {
+            correlation_data: Some(c),
+            ..Default::default()
+        });
+        Packet::Publish(publish, properties)
+    }
+}
+
+/// A cheap, cloneable handle for publishing onto the bus (QoS 0, from the gateway's own
+/// link, which no ACL applies to).
 #[derive(Clone)]
 pub struct Bus {
     tx: SyncSender<BusMessage>,
@@ -77,9 +126,41 @@ pub struct Bus {
 }
 
 impl Bus {
-    /// Queues a QoS 0 publish; drops and counts it if the queue is full.
+    /// Queues a publish; drops and counts it if the queue is full.
     pub fn publish(&self, topic: String, payload: Bytes) {
-        match self.tx.try_send(BusMessage { topic, payload }) {
+        self.enqueue(BusMessage {
+            topic,
+            payload,
+            retain: false,
+            correlation_data: None,
+        });
+    }
+
+    /// Queues a retained publish: the router keeps the last one per topic and sends it to
+    /// every later subscriber. An empty payload clears the topic's retained message.
+    pub fn publish_retained(&self, topic: String, payload: Bytes) {
+        self.enqueue(BusMessage {
+            topic,
+            payload,
+            retain: true,
+            correlation_data: None,
+        });
+    }
+
+    /// Queues a reply carrying the request's MQTT 5 correlation data (when it had any):
+    /// MQTT 5 subscribers get it as the publish's correlation data property, 3.1.1
+    /// subscribers just the payload.
+    pub fn publish_reply(&self, topic: String, payload: Bytes, correlation_data: Option<Bytes>) {
+        self.enqueue(BusMessage {
+            topic,
+            payload,
+            retain: false,
+            correlation_data,
+        });
+    }
+
+    fn enqueue(&self, msg: BusMessage) {
+        match self.tx.try_send(msg) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
                 Metrics::inc(&self.metrics.bus_dropped)
@@ -94,6 +175,7 @@ pub struct EmbeddedBroker {
     pub bus: Bus,
     /// Where the broker listener accepts admin/integration clients.
     pub listen_addr: SocketAddr,
+    commands: Option<tokio::sync::mpsc::Receiver<BusCommand>>,
     listener: JoinHandle<()>,
     subscriber: JoinHandle<()>,
 }
@@ -106,47 +188,52 @@ impl EmbeddedBroker {
         metrics: Arc<Metrics>,
     ) -> Result<EmbeddedBroker, BrokerError> {
         let tunables = load_tunables(config.router_config.as_deref())?;
+        let listener = bind_tcp(config.listen, "broker listener", "broker.listen").await?;
+        let listen_addr = listener.local_addr().map_err(|source| BindError {
+            what: "broker listener",
+            addr: config.listen,
+            setting: "broker.listen",
+            source,
+        })?;
         let router_tx = rumqttd::Router::new(0, tunables.router).spawn();
 
-        // rumqttd binds inside `start` and reports failure only in a log line, so check
-        // the port here first (and resolve port 0 to a concrete one).
-        let listen_addr = check_tcp_bind(config.listen, "broker listener", "broker.listen")?;
-        let users = Arc::new(config.users.clone());
-        let mut connections = ConnectionSettings {
-            connection_timeout_ms: tunables.listener.connection_timeout_ms,
+        let open_tx = router_tx.clone();
+        let busy_tx = router_tx.clone();
+        let port = RouterPort {
+            open: Box::new(move |client_id: &str, clean: bool| {
+                LinkBuilder::new(client_id, open_tx.clone())
+                    .clean_session(clean)
+                    .dynamic_filters(true)
+                    .build()
+                    .map_err(|e| e.to_string())
+            }),
+            busy: Box::new(move || busy_tx.is_full()),
+        };
+        let settings = ListenerSettings {
+            connection_timeout: Duration::from_millis(
+                tunables.listener.connection_timeout_ms.into(),
+            ),
             max_payload_size: tunables.listener.max_payload_size,
-            max_inflight_count: tunables.listener.max_inflight_count,
-            auth: None,
-            external_auth: None,
-            dynamic_filters: true,
+            max_batch: tunables.listener.max_inflight_count.max(1),
+            next_connection_delay: Duration::from_millis(
+                tunables.listener.next_connection_delay_ms,
+            ),
+            max_clients: MAX_CLIENTS,
         };
-        connections.set_auth_handler(move |_client_id, username, password| {
-            let users = users.clone();
-            async move { broker_user_matches(&users, &username, &password) }
-        });
-        let settings = ServerSettings {
-            name: "broker".into(),
-            listen: listen_addr,
-            tls: None,
-            next_connection_delay_ms: tunables.listener.next_connection_delay_ms,
-            connections,
-        };
-        let mut server =
-            rumqttd::Server::new(settings, router_tx.clone(), rumqttd::protocol::v4::V4);
-        let listener = tokio::spawn(async move {
-            if let Err(e) = server.start(rumqttd::LinkType::Remote).await {
-                tracing::error!(error = %e, "broker listener stopped");
-            }
-        });
-        info!(%listen_addr, "broker listener for admin/integration clients");
 
         let (link_tx, link_rx) = tokio::task::spawn_blocking(move || {
             let (mut tx, rx, _connack) = LinkBuilder::new(GATEWAY_LINK_ID, router_tx)
                 .dynamic_filters(true)
                 .build()
                 .map_err(|e| BrokerError::Link(e.to_string()))?;
-            tx.subscribe(topics::P2P_FILTER)
-                .map_err(|e| BrokerError::Link(e.to_string()))?;
+            for filter in [
+                topics::P2P_FILTER,
+                topics::ADMIN_COMMANDS,
+                topics::ADMIN_COMMANDS_FILTER,
+            ] {
+                tx.subscribe(filter)
+                    .map_err(|e| BrokerError::Link(e.to_string()))?;
+            }
             Ok::<_, BrokerError>((tx, rx))
         })
         .await
@@ -155,27 +242,34 @@ impl EmbeddedBroker {
         let (tx, rx) = sync_channel::<BusMessage>(config.publish_queue);
         std::thread::Builder::new()
             .name("bus-publisher".into())
-            .spawn(move || {
-                let mut link_tx = link_tx;
-                while let Ok(msg) = rx.recv() {
-                    if let Err(e) = link_tx.publish(msg.topic, msg.payload) {
-                        warn!(error = %e, "bus publisher lost the router; stopping");
-                        break;
-                    }
-                }
-            })
+            .spawn(move || publish_loop(rx, link_tx))
             .map_err(|e| BrokerError::Link(e.to_string()))?;
 
-        let subscriber = tokio::spawn(deliver_p2p(link_rx, registry));
+        let (commands_tx, commands) = tokio::sync::mpsc::channel(COMMAND_QUEUE);
+        let subscriber = tokio::spawn(deliver(link_rx, registry, commands_tx, metrics.clone()));
+
+        // Clients last, so the gateway's subscriptions exist before their first publish.
+        let clients = BrokerListener::new(settings, &config.users, port, metrics.clone());
+        let listener = tokio::spawn(clients.run(listener));
+        info!(%listen_addr, "broker listener for admin/integration clients");
         Ok(EmbeddedBroker {
             bus: Bus { tx, metrics },
             listen_addr,
+            commands: Some(commands),
             listener,
             subscriber,
         })
     }
 
-    /// Stops accepting broker clients and delivering bus messages.
+    /// The admin commands admin bus clients publish, once (later calls return `None`).
+    /// Until it is taken, and whenever its holder falls 1024 behind, commands are dropped
+    /// and counted (`admin_commands_dropped`).
+    pub fn take_commands(&mut self) -> Option<tokio::sync::mpsc::Receiver<BusCommand>> {
+        self.commands.take()
+    }
+
+    /// Stops accepting broker clients (closing the connected ones) and delivering bus
+    /// messages.
     pub fn stop(&self) {
         self.listener.abort();
         self.subscriber.abort();
@@ -185,6 +279,33 @@ impl EmbeddedBroker {
 impl Drop for EmbeddedBroker {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// The publisher thread: hands queued messages to the router, a batch per router event.
+fn publish_loop(rx: Receiver<BusMessage>, mut link_tx: LinkTx) {
+    while let Ok(first) = rx.recv() {
+        let mut last = first.into_packet();
+        {
+            let mut buffer = link_tx.buffer();
+            for _ in 1..PUBLISH_BATCH {
+                let Ok(next) = rx.try_recv() else { break };
+                buffer.push_back(std::mem::replace(&mut last, next.into_packet()));
+            }
+        }
+        // `send` is an async fn without await points (it notifies the router with a
+        // blocking channel send, fine on this thread): it completes on first poll.
+        match link_tx.send(last).now_or_never() {
+            Some(Ok(_)) => {}
+            Some(Err(e)) => {
+                warn!(error = %e, "bus publisher lost the router; stopping");
+                break;
+            }
+            None => {
+                warn!("bus publisher: router link send did not complete; stopping");
+                break;
+            }
+        }
     }
 }
 
@@ -211,34 +332,18 @@ fn load_tunables(path: Option<&Path>) -> Result<Tunables, BrokerError> {
         })
 }
 
-fn broker_user_matches(users: &[BrokerUser], username: &str, password: &str) -> bool {
-    // Compare against every user so timing does not reveal which usernames exist.
-    let mut ok = false;
-    for user in users {
-        let name = user.username.as_bytes().ct_eq(username.as_bytes());
-        let pass = user.password.as_bytes().ct_eq(password.as_bytes());
-        ok |= bool::from(name & pass);
-    }
-    if !ok {
-        debug!(username, "broker client refused");
-    }
-    ok
-}
-
-/// Delivers everything published on `devices/p2p/+` to the addressed device.
-async fn deliver_p2p(mut link_rx: LinkRx, registry: Arc<DeviceRegistry>) {
+/// Delivers everything published on `devices/p2p/+` to the addressed device and hands
+/// admin commands to the gateway.
+async fn deliver(
+    mut link_rx: LinkRx,
+    registry: Arc<DeviceRegistry>,
+    commands: tokio::sync::mpsc::Sender<BusCommand>,
+    metrics: Arc<Metrics>,
+) {
     loop {
         match link_rx.next().await {
             Ok(Some(Notification::Forward(forward))) => {
-                let publish = forward.publish;
-                let Some(mac) = std::str::from_utf8(&publish.topic)
-                    .ok()
-                    .and_then(topics::parse_p2p)
-                else {
-                    continue;
-                };
-                // Drops (device offline, queue full) are counted by the registry.
-                let _ = registry.send(&mac, publish.payload);
+                on_forward(forward, &registry, &commands, &metrics)
             }
             // Without this the router stops scheduling the link (FIELD-NOTES section 3).
             Ok(Some(Notification::Unschedule)) => {
@@ -255,6 +360,38 @@ async fn deliver_p2p(mut link_rx: LinkRx, registry: Arc<DeviceRegistry>) {
     }
 }
 
+fn on_forward(
+    forward: Forward,
+    registry: &DeviceRegistry,
+    commands: &tokio::sync::mpsc::Sender<BusCommand>,
+    metrics: &Metrics,
+) {
+    let publish = forward.publish;
+    let Ok(topic) = std::str::from_utf8(&publish.topic) else {
+        return;
+    };
+    if let Some(mac) = topics::parse_p2p(topic) {
+        // Drops (device offline, queue full) are counted by the registry.
+        let _ = registry.send(&mac, publish.payload);
+        return;
+    }
+    if topics::parse_admin_command(topic).is_some() {
+        let (response_topic, correlation_data) = forward
+            .properties
+            .map(|p| (p.response_topic, p.correlation_data))
+            .unwrap_or_default();
+        let command = BusCommand {
+            topic: topic.to_owned(),
+            payload: publish.payload,
+            response_topic,
+            correlation_data,
+        };
+        if commands.try_send(command).is_err() {
+            Metrics::inc(&metrics.admin_commands_dropped);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -263,18 +400,5 @@ mod tests {
     fn built_in_tunables_parse() {
         let t = load_tunables(None).unwrap();
         assert_eq!(t.router.max_segment_size, 262_144);
-    }
-
-    #[test]
-    fn user_match_needs_both_fields() {
-        let users = vec![BrokerUser {
-            username: "admin".into(),
-            password: "pw".into(),
-            role: Default::default(),
-        }];
-        assert!(broker_user_matches(&users, "admin", "pw"));
-        assert!(!broker_user_matches(&users, "admin", "PW"));
-        assert!(!broker_user_matches(&users, "other", "pw"));
-        assert!(!broker_user_matches(&[], "", ""));
     }
 }

@@ -6,9 +6,14 @@
 //! firmware never subscribes to the topic it is sent messages on. So device connections
 //! end in our own xiaozhi-aware front end ([`front_end`]), which knows who each device is,
 //! and the rumqttd router behind it ([`bus`]) carries their traffic on identity-bearing
-//! topics ([`topics`]) to admin and integration clients, who use rumqttd's own listener.
+//! topics ([`topics`]) to admin and integration clients. Those connect to our own broker
+//! listener ([`clients`]), which bridges each to the router through a local link and
+//! checks every publish and subscription against the user's role ([`acl`]): rumqttd's
+//! own listener has no ACLs.
 
+pub mod acl;
 pub mod bus;
+pub mod clients;
 pub mod front_end;
 pub mod registry;
 pub mod topics;

@@ -6,10 +6,22 @@
 //! | `devices/p2p/<mac_>` | any authorised bus client | delivered to that device, which never subscribed |
 //! | `xiaozhi/devices/<mac_>/up` | gateway | each device message, with its identity in the topic |
 //! | `xiaozhi/devices/<mac_>/down` | gateway | each message the gateway itself sent the device |
-//! | `xiaozhi/devices/<mac_>/presence` | gateway | `{"state":"online"|"offline",...}` on connect/disconnect |
+//! | `xiaozhi/devices/<mac_>/presence` | gateway (retained) | `{"state":"online"|"offline",...}` on connect/disconnect |
+//! | `xiaozhi/devices/<mac_>/session` | gateway | a device's conversation events |
+//! | `xiaozhi/devices/<mac_>/chat` | gateway | a device's chat transcript |
+//! | `xiaozhi/events/upstream` | gateway | upstream (xiaozhi-server) connection events |
+//! | `xiaozhi/admin/commands` | admin bus clients | gateway-wide admin commands, read by the gateway |
+//! | `xiaozhi/admin/commands/<mac_>` | admin bus clients | admin commands about one device, read by the gateway |
+//! | `xiaozhi/admin/replies/<request_id>` | gateway | the answer to one admin command |
+//! | `xiaozhi/admin/errors` | gateway | admin commands that could not be read or answered |
 //!
 //! Architecture invariant: device traffic reaches the bus only on identity-bearing topics
 //! (`xiaozhi/devices/<mac_>/...`), built from the MAC the device authenticated with.
+//!
+//! Who may publish and subscribe where on the broker listener is decided in
+//! [`super::acl`]: the gateway owns `xiaozhi/devices/`, `xiaozhi/events/`,
+//! `xiaozhi/admin/replies/`, `xiaozhi/admin/errors` and `device-server`; admins may publish
+//! only the command topics and `devices/p2p/<mac_>` inside the reserved namespaces.
 
 use crate::protocol::mac::Mac;
 
@@ -26,6 +38,76 @@ pub fn p2p(mac: &Mac) -> String {
 /// The device a `devices/p2p/<mac_>` topic addresses, if it is one.
 pub fn parse_p2p(topic: &str) -> Option<Mac> {
     topic.strip_prefix(P2P_PREFIX)?.parse().ok()
+}
+
+/// First level of every gateway topic.
+pub const XIAOZHI_ROOT: &str = "xiaozhi";
+/// First level of the firmware's server-to-device topics.
+pub const DEVICES_ROOT: &str = "devices";
+/// Prefix of the per-device topics the gateway publishes.
+pub const DEVICES_PREFIX: &str = "xiaozhi/devices/";
+/// Prefix of the gateway's own events.
+pub const EVENTS_PREFIX: &str = "xiaozhi/events/";
+/// Where admin bus clients send gateway-wide commands.
+pub const ADMIN_COMMANDS: &str = "xiaozhi/admin/commands";
+/// Prefix of the per-device admin command topics (`xiaozhi/admin/commands/<mac_>`).
+pub const ADMIN_COMMANDS_PREFIX: &str = "xiaozhi/admin/commands/";
+/// Filter the gateway subscribes to for per-device admin commands.
+pub const ADMIN_COMMANDS_FILTER: &str = "xiaozhi/admin/commands/+";
+/// Prefix of the gateway's answers to admin commands.
+pub const ADMIN_REPLIES_PREFIX: &str = "xiaozhi/admin/replies/";
+/// Where the gateway reports admin commands it could not read or answer.
+pub const ADMIN_ERRORS: &str = "xiaozhi/admin/errors";
+/// The topic devices publish to (the front end's default `mqtt.uplink_topic`); reserved on
+/// the bus.
+pub const DEVICE_UPLINK: &str = "device-server";
+
+/// `xiaozhi/admin/commands/<mac_>`: admin commands about one device.
+pub fn admin_command(mac: &Mac) -> String {
+    format!("{ADMIN_COMMANDS_PREFIX}{mac}")
+}
+
+/// What an admin command topic addresses: `Some(None)` for the gateway-wide
+/// `xiaozhi/admin/commands`, `Some(Some(mac))` for `xiaozhi/admin/commands/<mac_>` (MAC in
+/// its canonical lowercase underscored form), `None` for anything else.
+pub fn parse_admin_command(topic: &str) -> Option<Option<Mac>> {
+    if topic == ADMIN_COMMANDS {
+        return Some(None);
+    }
+    let mac = parse_canonical_mac(topic.strip_prefix(ADMIN_COMMANDS_PREFIX)?)?;
+    Some(Some(mac))
+}
+
+/// `xiaozhi/admin/replies/<request_id>`: where the answer to one command goes. `None` when
+/// `request_id` cannot be one topic level (empty, longer than 128 bytes, or containing `/`,
+/// `+`, `#` or NUL), so a client-chosen id can never address another topic.
+pub fn admin_reply(request_id: &str) -> Option<String> {
+    let valid = !request_id.is_empty()
+        && request_id.len() <= 128
+        && !request_id.contains(['/', '+', '#', '\0']);
+    valid.then(|| format!("{ADMIN_REPLIES_PREFIX}{request_id}"))
+}
+
+/// `xiaozhi/devices/<mac_>/session`: a device's conversation events.
+pub fn device_session(mac: &Mac) -> String {
+    format!("{DEVICES_PREFIX}{mac}/session")
+}
+
+/// `xiaozhi/devices/<mac_>/chat`: a device's chat transcript.
+pub fn device_chat(mac: &Mac) -> String {
+    format!("{DEVICES_PREFIX}{mac}/chat")
+}
+
+/// `xiaozhi/events/upstream`: upstream (xiaozhi-server) connection events.
+pub fn events_upstream() -> String {
+    format!("{EVENTS_PREFIX}upstream")
+}
+
+/// A MAC spelled exactly as topics spell it (`aa_bb_cc_dd_ee_ff`, lowercase), so one
+/// device has exactly one topic name.
+pub fn parse_canonical_mac(s: &str) -> Option<Mac> {
+    let mac: Mac = s.parse().ok()?;
+    (mac.underscored() == s).then_some(mac)
 }
 
 /// `xiaozhi/devices/<mac_>/up`: a device's messages, as seen by bus clients.
@@ -55,5 +137,37 @@ mod tests {
         assert_eq!(parse_p2p("devices/p2p/+"), None);
         assert_eq!(parse_p2p("devices/p2p/aa_bb_cc_dd_ee_ff/x"), None);
         assert_eq!(device_up(&mac), "xiaozhi/devices/aa_bb_cc_dd_ee_ff/up");
+    }
+
+    #[test]
+    fn admin_topics() {
+        let mac: Mac = "aa_bb_cc_dd_ee_ff".parse().unwrap();
+        assert_eq!(
+            admin_command(&mac),
+            "xiaozhi/admin/commands/aa_bb_cc_dd_ee_ff"
+        );
+        assert_eq!(parse_admin_command(ADMIN_COMMANDS), Some(None));
+        assert_eq!(parse_admin_command(&admin_command(&mac)), Some(Some(mac)));
+        assert_eq!(
+            parse_admin_command("xiaozhi/admin/commands/AA_BB_CC_DD_EE_FF"),
+            None,
+            "one spelling per device"
+        );
+        assert_eq!(parse_admin_command("xiaozhi/admin/commands/"), None);
+        assert_eq!(parse_admin_command("xiaozhi/admin/commandsx"), None);
+        assert_eq!(
+            admin_reply("r-1").as_deref(),
+            Some("xiaozhi/admin/replies/r-1")
+        );
+        for bad in ["", "a/b", "+", "#", "a\0", &"x".repeat(129)] {
+            assert_eq!(admin_reply(bad), None, "{bad:?}");
+        }
+        assert_eq!(
+            device_session(&mac),
+            "xiaozhi/devices/aa_bb_cc_dd_ee_ff/session"
+        );
+        assert_eq!(device_chat(&mac), "xiaozhi/devices/aa_bb_cc_dd_ee_ff/chat");
+        assert_eq!(events_upstream(), "xiaozhi/events/upstream");
+        assert!(parse_canonical_mac("aa:bb:cc:dd:ee:ff").is_none());
     }
 }

@@ -226,13 +226,11 @@ impl Store {
                 .fetch_one(pool)
                 .await?
             }
-            Store::Sqlite(pool) => {
-                sqlx::query_scalar(
-                    "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = 'ai_device'",
-                )
-                .fetch_one(pool)
-                .await?
-            }
+            Store::Sqlite(pool) => sqlx::query_scalar(
+                "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = 'ai_device'",
+            )
+            .fetch_one(pool)
+            .await?,
         };
         Ok(n == 1)
     }

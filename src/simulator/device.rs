@@ -282,8 +282,12 @@ impl SimDevice {
     /// Publishes to any topic at QoS 0 (firmware never does; tests use it to check that
     /// the gateway refuses such publishes).
     pub async fn publish_to(&mut self, topic: &str, payload: Vec<u8>) -> Result<(), SimError> {
-        self.send(Packet::Publish(Publish::new(topic, QoS::AtMostOnce, payload)))
-            .await
+        self.send(Packet::Publish(Publish::new(
+            topic,
+            QoS::AtMostOnce,
+            payload,
+        )))
+        .await
     }
 
     /// Sends a PINGREQ.
