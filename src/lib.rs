@@ -12,6 +12,9 @@
 //!   parses JSON.
 //! * Everything that decides something about bytes lives in the sans-IO [`protocol`]
 //!   core; the tasks that own sockets are thin drivers around it.
+//! * [`presence`] tells everyone (Redis or memory, and the bus) which devices are
+//!   offline, online or in a conversation; [`admin`] runs admin commands from the bus and
+//!   publishes the gateway's events.
 //! * [`http`] serves health checks; [`metrics`] holds every counter; [`config`] is the
 //!   one typed configuration; [`simulator`] speaks exactly as the firmware does, for
 //!   tests and load.

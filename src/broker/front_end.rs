@@ -143,6 +143,7 @@ impl FrontEnd {
         let mut rbuf = BytesMut::with_capacity(4096);
         let mut wbuf = BytesMut::with_capacity(1024);
         let mut actions = Vec::with_capacity(4);
+        let mut refused_once = false;
         let mut device: Option<(DeviceHandle, mpsc::Receiver<Outbound>)> = None;
         let mut end: Option<String> = None;
 
@@ -164,7 +165,13 @@ impl FrontEnd {
                     }
                 }
                 end = self
-                    .perform(&mut actions, &mut wbuf, &mut device, remote)
+                    .perform(
+                        &mut actions,
+                        &mut wbuf,
+                        &mut device,
+                        remote,
+                        &mut refused_once,
+                    )
                     .await;
                 if end.is_some() {
                     break;
@@ -205,7 +212,7 @@ impl FrontEnd {
                 },
                 _ = sleep_until_opt(deadline) => {
                     conn.handle_timeout(Instant::now(), &mut actions);
-                    end = self.perform(&mut actions, &mut wbuf, &mut device, remote).await;
+                    end = self.perform(&mut actions, &mut wbuf, &mut device, remote, &mut refused_once).await;
                 },
                 _ = close.cancelled() => {
                     // Shutdown: deliver what sessions queued (their goodbyes), then close.
@@ -259,6 +266,7 @@ impl FrontEnd {
         wbuf: &mut BytesMut,
         device: &mut Option<(DeviceHandle, mpsc::Receiver<Outbound>)>,
         remote: SocketAddr,
+        refused_once: &mut bool,
     ) -> Option<String> {
         let mut end = None;
         for action in actions.drain(..) {
@@ -290,10 +298,22 @@ impl FrontEnd {
                     }
                 }
                 Action::Dropped(label) => {
-                    debug!(label, "device packet dropped");
                     match label {
-                        "foreign_topic" => Metrics::inc(&self.metrics.mqtt_dropped_foreign_topic),
-                        _ => Metrics::inc(&self.metrics.mqtt_dropped_unexpected_ack),
+                        "foreign_topic" => {
+                            Metrics::inc(&self.metrics.mqtt_dropped_foreign_topic);
+                            // Firmware never does this: say so once per connection.
+                            if !std::mem::replace(refused_once, true) {
+                                warn!(
+                                    "device published to a topic other than the uplink topic; dropped (further ones on this connection are logged at debug)"
+                                );
+                            } else {
+                                debug!(label, "device packet dropped");
+                            }
+                        }
+                        _ => {
+                            debug!(label, "device packet dropped");
+                            Metrics::inc(&self.metrics.mqtt_dropped_unexpected_ack)
+                        }
                     }
                 }
                 Action::Close(reason) => {
