@@ -934,3 +934,57 @@ async fn chat_records_and_upstream_failures_are_events() {
     assert_eq!(event["error"], alert["message"]);
     gw.shutdown().await;
 }
+
+/// Devices that leave in the middle of their conversations: the conversation ending (on
+/// its own task) must never overwrite the departure (seen by the dispatcher) in the store.
+#[tokio::test]
+async fn devices_leaving_mid_conversation_all_end_offline() {
+    let prefix = unique_prefix("leave");
+    let gw = common::start_with(redis_config(&prefix, "node-leave")).await;
+    let store = gw.presence.store().clone();
+    let mut devices = Vec::new();
+    for n in 0..300u32 {
+        let mut dev = common::device(&gw, 700 + n).await;
+        dev.publish_json(&SimDevice::firmware_hello()).await.unwrap();
+        devices.push(dev);
+    }
+    let mut sessions = Vec::new();
+    for dev in &mut devices {
+        let hello = dev.recv_type("hello", WAIT).await.unwrap();
+        sessions.push(hello["session_id"].as_str().unwrap().to_owned());
+    }
+    // Goodbye and gone at once, as the simulator (and a device powering off) does.
+    let leaving: Vec<_> = devices
+        .into_iter()
+        .zip(sessions)
+        .map(|(mut dev, session)| {
+            tokio::spawn(async move {
+                let bye = json!({"type": "goodbye", "session_id": session});
+                dev.publish_json(&bye).await.unwrap();
+                dev.disconnect().await
+            })
+        })
+        .collect();
+    for l in leaving {
+        l.await.unwrap();
+    }
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let page = store.list(&PresenceQuery::default()).await.unwrap();
+        if page.total == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still listed as connected: {:?}",
+            page.devices.iter().map(|d| (&d.mac_address, d.state)).collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for n in 0..300u32 {
+        let rec = store.get(&common::mac(700 + n).colon()).await.unwrap().unwrap();
+        assert_eq!(rec.state, PresenceState::Offline, "{}", rec.mac_address);
+    }
+    gw.shutdown().await;
+    clean_redis(&prefix).await;
+}

@@ -89,17 +89,22 @@ impl DeviceDirectory {
         self.presence.subscribe()
     }
 
-    fn announce(&self, entry: &DeviceEntry, state: &'static str, session_id: Option<String>) {
+    /// Reports a transition. Callers hold the devices lock, so the transitions of one
+    /// device reach the tracker in the order the table changed (a conversation ending on
+    /// one thread can never overwrite the device's departure seen on another).
+    fn announce(
+        &self,
+        entry: &DeviceEntry,
+        state: &'static str,
+        session_id: Option<String>,
+        still_connected: bool,
+    ) {
         if let Some(tracker) = &self.tracker {
             let stored = match state {
                 "in_session" => Some(PresenceState::InSession),
                 "online" => Some(PresenceState::Online),
                 // Back to online, unless the device is leaving (then "offline" follows).
-                "session_ended" => self
-                    .lock()
-                    .get(&entry.identity.mac)
-                    .is_some_and(|e| e.generation == entry.generation)
-                    .then_some(PresenceState::Online),
+                "session_ended" => still_connected.then_some(PresenceState::Online),
                 _ => Some(PresenceState::Offline),
             };
             if let Some(stored) = stored {
@@ -128,26 +133,23 @@ impl DeviceDirectory {
 
     /// Records a new connection; returns the entry it replaced, if any.
     pub fn connected(&self, entry: DeviceEntry) -> Option<DeviceEntry> {
-        self.announce(&entry, "online", None);
-        self.lock().insert(entry.identity.mac, entry)
+        let mut devices = self.lock();
+        self.announce(&entry, "online", None, true);
+        devices.insert(entry.identity.mac, entry)
     }
 
     /// Removes a connection if it is still the current one for its device.
     pub fn gone(&self, mac: &Mac, generation: u64) -> Option<DeviceEntry> {
         let mut devices = self.lock();
-        if devices.get(mac).is_some_and(|e| e.generation == generation) {
-            let entry = devices.remove(mac);
-            drop(devices);
-            if let Some(entry) = &entry {
-                if let Some((_, session_id)) = &entry.conversation {
-                    self.announce(entry, "session_ended", Some(session_id.clone()));
-                }
-                self.announce(entry, "offline", None);
-            }
-            entry
-        } else {
-            None
+        if !devices.get(mac).is_some_and(|e| e.generation == generation) {
+            return None;
         }
+        let entry = devices.remove(mac)?;
+        if let Some((_, session_id)) = &entry.conversation {
+            self.announce(&entry, "session_ended", Some(session_id.clone()), false);
+        }
+        self.announce(&entry, "offline", None, false);
+        Some(entry)
     }
 
     /// A conversation started (`Some`) or ended (`None`) on a device's connection.
@@ -166,10 +168,9 @@ impl DeviceDirectory {
                 .take_if(|(s, _)| *s == serial)
                 .map(|(_, id)| ("session_ended", id)),
         };
-        let entry = entry.clone();
-        drop(devices);
         if let Some((state, id)) = event {
-            self.announce(&entry, state, Some(id));
+            let entry = entry.clone();
+            self.announce(&entry, state, Some(id), true);
         }
     }
 
