@@ -631,8 +631,13 @@ impl Config {
             })?;
             figment = figment.merge(Toml::file_exact(path));
         }
-        // `XZ_CONFIG` names the file (a CLI flag), not a setting.
-        figment = figment.merge(Env::prefixed(ENV_PREFIX).split("__").ignore(&["config"]));
+        // `XZ_CONFIG` names the file and `XZ_ADMIN_USERNAME` / `XZ_ADMIN_PASSWORD` the
+        // broker login of the admin CLI commands (flags), not settings.
+        figment = figment.merge(Env::prefixed(ENV_PREFIX).split("__").ignore(&[
+            "config",
+            "admin_username",
+            "admin_password",
+        ]));
         // Figment parses environment values ("0123" becomes the number 123); a secret
         // must stay exactly the bytes the operator wrote.
         if let Ok(raw) = std::env::var(SIGNATURE_KEY_ENV) {

@@ -117,7 +117,8 @@ struct CmdArgs {
     command: String,
     /// For mcp: the JSON-RPC request (`{"method":...,"params":...}`); for others: extra
     /// fields of the command as a JSON object (e.g. `{"reason":"maintenance"}`).
-    json: Option<String>,
+    #[arg(value_name = "JSON")]
+    payload: Option<String>,
 }
 
 #[derive(Args)]
@@ -578,7 +579,7 @@ fn format_age(ms: i64) -> String {
 /// `cmd`: one admin command, its reply on stdout; exit 0 on success, 1 on an error reply.
 async fn cmd(config: &Config, args: CmdArgs) -> ExitCode {
     let extra = match args
-        .json
+        .payload
         .as_deref()
         .map(serde_json::from_str::<serde_json::Value>)
     {

@@ -945,7 +945,9 @@ async fn devices_leaving_mid_conversation_all_end_offline() {
     let mut devices = Vec::new();
     for n in 0..300u32 {
         let mut dev = common::device(&gw, 700 + n).await;
-        dev.publish_json(&SimDevice::firmware_hello()).await.unwrap();
+        dev.publish_json(&SimDevice::firmware_hello())
+            .await
+            .unwrap();
         devices.push(dev);
     }
     let mut sessions = Vec::new();
@@ -977,14 +979,94 @@ async fn devices_leaving_mid_conversation_all_end_offline() {
         assert!(
             Instant::now() < deadline,
             "still listed as connected: {:?}",
-            page.devices.iter().map(|d| (&d.mac_address, d.state)).collect::<Vec<_>>()
+            page.devices
+                .iter()
+                .map(|d| (&d.mac_address, d.state))
+                .collect::<Vec<_>>()
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     for n in 0..300u32 {
-        let rec = store.get(&common::mac(700 + n).colon()).await.unwrap().unwrap();
+        let rec = store
+            .get(&common::mac(700 + n).colon())
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(rec.state, PresenceState::Offline, "{}", rec.mac_address);
     }
     gw.shutdown().await;
     clean_redis(&prefix).await;
+}
+
+/// `devices` and `cmd` from the command line, against a running gateway.
+#[tokio::test]
+async fn devices_and_cmd_cli() {
+    let gw = common::start().await;
+    let mut dev = common::device(&gw, 720).await;
+    let mac = common::mac(720);
+    wait_presence(&**gw.presence.store(), &mac, Some(PresenceState::Online)).await;
+    let cli = |args: &[&str], password: &str| {
+        let mut cmd = Command::new(BIN);
+        cmd.env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("XZ_BROKER__LISTEN", gw.addrs.broker.to_string())
+            .env("XZ_ADMIN_USERNAME", common::ADMIN_USER)
+            .env("XZ_ADMIN_PASSWORD", password)
+            .args(args)
+            .stdin(Stdio::null());
+        async move {
+            let out = tokio::time::timeout(WAIT, cmd.output())
+                .await
+                .unwrap()
+                .unwrap();
+            (
+                out.status.code(),
+                String::from_utf8_lossy(&out.stdout).into_owned(),
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            )
+        }
+    };
+    let (code, stdout, stderr) = cli(&["devices", "--json"], common::ADMIN_PASS).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    let listed: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(listed[0]["mac_address"], mac.colon());
+    assert_eq!(listed[0]["state"], "online");
+
+    let (code, stdout, _) = cli(&["devices"], common::ADMIN_PASS).await;
+    assert_eq!(code, Some(0));
+    assert!(
+        stdout.contains(&mac.colon()) && stdout.contains("1 connected, 0 in a conversation"),
+        "{stdout}"
+    );
+
+    let (code, stdout, stderr) = cli(&["cmd", &mac.colon(), "status"], common::ADMIN_PASS).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&stdout).unwrap()["state"],
+        "online"
+    );
+
+    let (code, stdout, stderr) = cli(
+        &["cmd", &mac.colon(), "mcp", r#"{"method":"tools/call","params":{"name":"self.audio_speaker.set_volume","arguments":{"volume":12}}}"#],
+        common::ADMIN_PASS,
+    )
+    .await;
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    assert_eq!(dev.mcp_volume(), 12);
+
+    let (code, _, stderr) = cli(&["cmd", &mac.colon(), "goodbye"], common::ADMIN_PASS).await;
+    assert_eq!(code, Some(1));
+    assert!(stderr.contains("no_conversation"), "{stderr}");
+
+    let (code, _, stderr) = cli(&["cmd", &mac.colon(), "status"], "wrong-password").await;
+    assert_eq!(code, Some(2));
+    assert!(stderr.contains("refused"), "{stderr}");
+
+    let (code, _, stderr) = cli(&["cmd", &mac.colon(), "mcp", "[1]"], common::ADMIN_PASS).await;
+    assert_eq!(code, Some(2));
+    assert!(stderr.contains("must be an object"), "{stderr}");
+    dev.publish_json(&json!({"type": "goodbye", "session_id": ""}))
+        .await
+        .unwrap();
+    gw.shutdown().await;
 }
