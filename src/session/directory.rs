@@ -141,7 +141,7 @@ impl DeviceDirectory {
     /// Removes a connection if it is still the current one for its device.
     pub fn gone(&self, mac: &Mac, generation: u64) -> Option<DeviceEntry> {
         let mut devices = self.lock();
-        if !devices.get(mac).is_some_and(|e| e.generation == generation) {
+        if devices.get(mac).is_none_or(|e| e.generation != generation) {
             return None;
         }
         let entry = devices.remove(mac)?;
