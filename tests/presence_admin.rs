@@ -624,7 +624,7 @@ async fn malformed_commands_get_an_error_reply_never_silence() {
         common::ADMIN_USER,
         common::ADMIN_PASS,
         "raw-admin",
-        &["xiaozhi/admin/errors", "xiaozhi/admin/replies/+"],
+        &["xiaozhi/admin/errors", "xiaozhi/admin/replies/+", "ops/#"],
     )
     .await;
     let mac = common::mac(650);
@@ -652,6 +652,35 @@ async fn malformed_commands_get_an_error_reply_never_silence() {
     let (topic, v, _) = next_where(&mut el, |_, _| true).await;
     assert_eq!(topic, "xiaozhi/admin/replies/no-command");
     assert_eq!(v["error"]["code"], "invalid_command");
+
+    // MQTT 3.1.1 clients name a reply topic with reply_to; never a device's topic.
+    let status = |id: &str, reply_to: &str| {
+        json!({"request_id": id, "command": "status", "reply_to": reply_to}).to_string()
+    };
+    let topic = format!("xiaozhi/admin/commands/{mac}");
+    client
+        .publish(
+            &topic,
+            QoS::AtLeastOnce,
+            false,
+            status("rt-1", "ops/replies"),
+        )
+        .await
+        .unwrap();
+    let (reply_topic, v, _) = next_where(&mut el, |_, _| true).await;
+    assert_eq!(reply_topic, "ops/replies");
+    assert_eq!(v["result"]["state"], "offline");
+    client
+        .publish(
+            &topic,
+            QoS::AtLeastOnce,
+            false,
+            status("rt-2", &format!("devices/p2p/{mac}")),
+        )
+        .await
+        .unwrap();
+    let (reply_topic, _, _) = next_where(&mut el, |_, _| true).await;
+    assert_eq!(reply_topic, "xiaozhi/admin/replies/rt-2");
     gw.shutdown().await;
 }
 

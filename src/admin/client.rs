@@ -2,9 +2,10 @@
 //! `devices` and `cmd` CLI commands use it, and so do tests and the command latency
 //! benchmark.
 //!
-//! It is an ordinary MQTT 3.1.1 client (rumqttc) on the broker listener: it subscribes to
-//! `xiaozhi/admin/replies/+` once and matches replies to requests by request id, which it
-//! makes unique per client (`<client id>-<n>`).
+//! It is an ordinary MQTT 3.1.1 client (rumqttc) on the broker listener: every command
+//! names `xiaozhi/admin/replies/<client id>` as its `reply_to`, the client subscribes to
+//! that one topic, and replies are matched to requests by request id (`<client id>-<n>`).
+//! One reply topic per client, not per request, keeps the router's topic table small.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -125,6 +126,7 @@ impl AdminClient {
             self.next.fetch_add(1, Ordering::Relaxed)
         );
         command["request_id"] = Value::from(request_id.clone());
+        command["reply_to"] = Value::from(reply_topic(&self.prefix));
         let (tx, rx) = oneshot::channel();
         self.lock().insert(request_id.clone(), tx);
         let topic = match device {
@@ -158,6 +160,10 @@ impl AdminClient {
         let _ = self.client.disconnect().await;
         let _ = tokio::time::timeout(Duration::from_secs(1), self.task).await;
     }
+}
+
+fn reply_topic(client_id: &str) -> String {
+    format!("{}{client_id}", topics::ADMIN_REPLIES_PREFIX)
 }
 
 async fn pump(mut eventloop: rumqttc::EventLoop, waiters: Waiters) {

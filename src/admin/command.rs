@@ -16,6 +16,9 @@
 //! | `kick` | device | optional `reason` (disconnects the device) |
 //! | `list_online` | fleet | optional `filter` (`state`, `node`, `group`, `mac_prefix`, `after`, `limit`) |
 //!
+//! Optional in every command: `timeout_ms`, and `reply_to` (a topic for the reply, for
+//! MQTT 3.1.1 clients that cannot set an MQTT 5 response topic).
+//!
 //! Every command gets exactly one reply: `{"request_id", "ok": true, "result", "node",
 //! "elapsed_ms"}` or `{"request_id", "ok": false, "error": {"code", "message"}, ...}`.
 
@@ -128,6 +131,9 @@ pub struct AdminRequest {
     pub command: Command,
     /// How long to wait for the device, if the command said.
     pub timeout: Option<Duration>,
+    /// Where the reply should go (`reply_to`): the MQTT 3.1.1 client's way of naming a
+    /// response topic. Checked by the executor like an MQTT 5 response topic.
+    pub reply_to: Option<String>,
 }
 
 /// A command that could not be parsed, with the request id if one was readable (so the
@@ -220,6 +226,17 @@ pub fn parse(topic: &str, payload: &[u8]) -> Result<AdminRequest, Rejected> {
             }
         },
     };
+    let reply_to = match obj.get("reply_to") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(t)) if !t.is_empty() && t.len() <= 256 => Some(t.clone()),
+        Some(_) => {
+            return Err(reject(
+                rid(),
+                ErrorCode::InvalidCommand,
+                "reply_to must be a topic name (1-256 characters)".into(),
+            ));
+        }
+    };
     let command = match name {
         "mcp" => {
             let payload = obj.get("payload");
@@ -296,6 +313,7 @@ pub fn parse(topic: &str, payload: &[u8]) -> Result<AdminRequest, Rejected> {
             device,
             command,
             timeout,
+            reply_to,
         }),
     }
 }
@@ -379,6 +397,19 @@ mod tests {
             }
         );
         assert_eq!(r.timeout, Some(Duration::from_millis(700)));
+        assert_eq!(r.reply_to, None);
+        let r = parse(
+            DEV,
+            br#"{"request_id":"a","command":"status","reply_to":"ops/r"}"#,
+        );
+        assert_eq!(r.unwrap().reply_to.as_deref(), Some("ops/r"));
+        assert_eq!(
+            code(parse(
+                DEV,
+                br#"{"request_id":"a","command":"status","reply_to":7}"#
+            )),
+            (Some("a".into()), "invalid_command")
+        );
         for (c, want) in [("status", Command::Status), ("goodbye", Command::Goodbye)] {
             let r = parse(
                 DEV,

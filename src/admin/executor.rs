@@ -70,9 +70,14 @@ pub async fn run(
             },
         };
         let started = Instant::now();
-        let to = ReplyTo::of(&msg);
+        let mut to = ReplyTo::of(&msg);
         let request = match command::parse(&msg.topic, &msg.payload) {
-            Ok(r) => r,
+            Ok(r) => {
+                if to.response_topic.is_none() {
+                    to.response_topic = r.reply_to.clone().filter(|t| allowed_or_warn(t));
+                }
+                r
+            }
             Err(rejected) => {
                 let id = rejected.request_id.as_deref();
                 info!(topic = %msg.topic, code = rejected.error.code.as_str(), error = %rejected.error.message, "admin command refused");
@@ -123,18 +128,20 @@ struct ReplyTo {
 
 impl ReplyTo {
     fn of(msg: &BusCommand) -> ReplyTo {
-        let response_topic = msg.response_topic.clone().filter(|t| {
-            let ok = response_topic_allowed(t);
-            if !ok {
-                warn!(topic = %t, "admin command's response topic refused (gateway, device or command topic); replying on the default topic");
-            }
-            ok
-        });
+        let response_topic = msg.response_topic.clone().filter(|t| allowed_or_warn(t));
         ReplyTo {
             response_topic,
             correlation_data: msg.correlation_data.clone(),
         }
     }
+}
+
+fn allowed_or_warn(topic: &str) -> bool {
+    let ok = response_topic_allowed(topic);
+    if !ok {
+        warn!(%topic, "admin command's reply topic refused (gateway, device or command topic); replying on the default topic");
+    }
+    ok
 }
 
 /// A reply may go under `xiaozhi/admin/replies/`, or to a topic an admin may publish to
