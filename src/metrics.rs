@@ -5,6 +5,8 @@
 //! tell a hijack attempt from a slow consumer. The Prometheus exposition (issue: metrics)
 //! reads these same counters; tests read them through [`Metrics::snapshot`].
 
+pub mod exposition;
+
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 macro_rules! counters {

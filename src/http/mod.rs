@@ -38,10 +38,22 @@ pub struct HttpState {
 pub fn router(state: HttpState) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
         .merge(management::routes(&state))
         .merge(history::routes(&state))
         .merge(ota::routes(&state))
         .with_state(state)
+}
+
+/// `GET /metrics`: Prometheus text format.
+async fn metrics(State(state): State<HttpState>) -> impl axum::response::IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        crate::metrics::exposition::render(&state.metrics),
+    )
 }
 
 async fn healthz(State(state): State<HttpState>) -> Json<Value> {
