@@ -271,46 +271,10 @@ async fn presence_follows_devices_in_redis() {
 // ---------------------------------------------------------------------------------------
 // Redis outage: a private redis-server that we stop and start again.
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-async fn start_redis(port: u16) -> Child {
-    let child = Command::new("redis-server")
-        .args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("redis-server (installed by .ci/run)");
-    let deadline = Instant::now() + WAIT;
-    while tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .is_err()
-    {
-        assert!(Instant::now() < deadline, "redis-server did not start");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    child
-}
-
 #[tokio::test]
 async fn devices_keep_working_while_redis_is_down_and_state_is_right_after() {
-    let port = free_port();
-    let mut redis = start_redis(port).await;
+    let port = common::free_port();
+    let mut redis = common::start_redis(port).await;
     let mut config = common::test_config();
     config.presence.redis_url = Some(format!("redis://127.0.0.1:{port}"));
     config.presence.timeout_ms = 300;
@@ -336,7 +300,7 @@ async fn devices_keep_working_while_redis_is_down_and_state_is_right_after() {
     assert!(!gw.presence.healthy());
 
     // Redis returns empty (no persistence): the gateway writes the current state.
-    let _redis = start_redis(port).await;
+    let _redis = common::start_redis(port).await;
     wait_presence(&*store, &common::mac(621), Some(PresenceState::InSession)).await;
     wait_presence(&*store, &common::mac(620), Some(PresenceState::Offline)).await;
     assert!(common::eventually(WAIT, || gw.presence.healthy()).await);
@@ -941,7 +905,10 @@ async fn chat_records_and_upstream_failures_are_events() {
 
     // An upstream that is not there: the device gets an alert, the bus an event.
     let mut config = common::test_config();
-    config.pipeline.xiaozhi.urls = vec![format!("ws://127.0.0.1:{}/xiaozhi/v1/", free_port())];
+    config.pipeline.xiaozhi.urls = vec![format!(
+        "ws://127.0.0.1:{}/xiaozhi/v1/",
+        common::free_port()
+    )];
     config.pipeline.xiaozhi.connect_timeout_ms = 1_000;
     let gw = common::start_with(config).await;
     let (_a, mut events) = watcher(

@@ -125,6 +125,19 @@ impl Store {
         }
     }
 
+    /// One trivial query: whether the database answers.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        match self {
+            Store::MySql(pool) => {
+                sqlx::query("SELECT 1").execute(pool).await?;
+            }
+            Store::Sqlite(pool) => {
+                sqlx::query("SELECT 1").execute(pool).await?;
+            }
+        }
+        Ok(())
+    }
+
     pub fn backend(&self) -> &'static str {
         match self {
             Store::MySql(_) => "mysql",

@@ -1,9 +1,12 @@
-//! The HTTP server (axum): `GET /healthz`, the Node gateway's management API that
-//! manager-api calls ([`management`]), and the optional OTA endpoint ([`ota`]).
+//! The HTTP server (axum): `GET /healthz` (alive), `GET /readyz` (dependencies,
+//! [`readiness`]), `GET /metrics` (Prometheus), the Node gateway's management API that
+//! manager-api calls ([`management`]), the optional OTA endpoint ([`ota`]) and the chat
+//! history API ([`history`]).
 
 pub mod history;
 pub mod management;
 pub mod ota;
+pub mod readiness;
 
 use std::sync::Arc;
 
@@ -39,6 +42,7 @@ pub fn router(state: HttpState) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
+        .route("/readyz", get(readiness::readyz))
         .merge(management::routes(&state))
         .merge(history::routes(&state))
         .merge(ota::routes(&state))
