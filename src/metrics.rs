@@ -2,12 +2,20 @@
 //!
 //! Plain relaxed atomics: incrementing one is a single uncontended instruction, cheap
 //! enough for the audio path. Each drop reason has its own counter so an operator can
-//! tell a hijack attempt from a slow consumer. The Prometheus exposition (issue: metrics)
-//! reads these same counters; tests read them through [`Metrics::snapshot`].
+//! tell a hijack attempt from a slow consumer. The Prometheus exposition
+//! ([`exposition`], `GET /metrics`) reads these same counters at scrape time and names
+//! them by Prometheus conventions; tests read them through [`Metrics::snapshot`].
+//!
+//! The few latency and duration distributions ([`Histograms`]) are prometheus
+//! histograms: they are observed once per conversation, upstream connect or database
+//! batch, never per packet.
 
 pub mod exposition;
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+use prometheus::{Histogram, HistogramOpts};
 
 macro_rules! counters {
     ($( $(#[$doc:meta])* $name:ident ),* $(,)?) => {
@@ -15,6 +23,8 @@ macro_rules! counters {
         #[derive(Debug, Default)]
         pub struct Metrics {
             $( $(#[$doc])* pub $name: AtomicU64, )*
+            /// Latency and duration histograms (not counters: not in the snapshot).
+            pub histograms: Histograms,
         }
 
         /// A point-in-time copy of [`Metrics`], for tests and status output.
@@ -187,5 +197,91 @@ impl Metrics {
     /// Sets a gauge.
     pub fn set(gauge: &AtomicU64, value: u64) {
         gauge.store(value, Relaxed);
+    }
+
+    /// Records one duration in a histogram, in seconds (a few atomic operations; for
+    /// per-conversation or per-batch events, not per packet).
+    pub fn observe(histogram: &Histogram, elapsed: Duration) {
+        histogram.observe(elapsed.as_secs_f64());
+    }
+}
+
+/// The gateway's histograms, in base units (seconds). Exported as they are by
+/// [`exposition::render`].
+#[derive(Debug)]
+pub struct Histograms {
+    /// `xiaozhi_session_duration_seconds`: how long conversations last, hello to end.
+    pub session_duration: Histogram,
+    /// `xiaozhi_upstream_connect_seconds`: start of the connect to the speech server's
+    /// hello, for the attempts that succeeded.
+    pub upstream_connect: Histogram,
+    /// `xiaozhi_history_write_seconds`: one chat-history batch written to the database.
+    pub history_write: Histogram,
+}
+
+impl Histograms {
+    /// Every histogram, for the exposition.
+    pub fn all(&self) -> [&Histogram; 3] {
+        [
+            &self.session_duration,
+            &self.upstream_connect,
+            &self.history_write,
+        ]
+    }
+}
+
+impl Default for Histograms {
+    fn default() -> Self {
+        Histograms {
+            session_duration: histogram(
+                "xiaozhi_session_duration_seconds",
+                "Duration of device conversations, from the hello to their end.",
+                &[
+                    1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0,
+                ],
+            ),
+            upstream_connect: histogram(
+                "xiaozhi_upstream_connect_seconds",
+                "Time from starting to connect to the speech server to its hello \
+                 (TCP, TLS, WebSocket upgrade, hello exchange), successful attempts only.",
+                &[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0],
+            ),
+            history_write: histogram(
+                "xiaozhi_history_write_seconds",
+                "Time to write one batch of chat-history records to the database \
+                 (successful writes; failures are xiaozhi_history_write_failures_total).",
+                &[
+                    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                ],
+            ),
+        }
+    }
+}
+
+/// Builds a histogram from constant options.
+fn histogram(name: &str, help: &str, buckets: &[f64]) -> Histogram {
+    Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets.to_vec()))
+        // Only a bad name or unsorted buckets fail, and these are constants checked by
+        // the unit tests.
+        .expect("valid histogram options")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histograms_build_and_observe_in_seconds() {
+        let m = Metrics::default();
+        Metrics::observe(&m.histograms.session_duration, Duration::from_millis(1500));
+        assert_eq!(m.histograms.session_duration.get_sample_count(), 1);
+        assert!((m.histograms.session_duration.get_sample_sum() - 1.5).abs() < 1e-9);
+        for h in m.histograms.all() {
+            let desc = &prometheus::core::Collector::desc(h)[0].fq_name;
+            assert!(
+                desc.starts_with("xiaozhi_") && desc.ends_with("_seconds"),
+                "{desc}"
+            );
+        }
     }
 }

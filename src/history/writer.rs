@@ -317,7 +317,9 @@ impl HistoryWriter {
                 }
             }
             if !stored.is_empty() {
+                let started = Instant::now();
                 let new = self.store.write_batch(&stored).await?;
+                Metrics::observe(&self.metrics.histograms.history_write, started.elapsed());
                 Metrics::add(&self.metrics.history_records_stored, new as u64);
                 for r in &stored {
                     let _ = self.events.send(StoredEvent {

@@ -173,6 +173,10 @@ pub(crate) async fn run(deps: Arc<SessionDeps>, start: ConversationStart) -> End
     Metrics::dec(&deps.metrics.sessions_live);
     Metrics::inc(&deps.metrics.sessions_ended);
     let duration_ms = started.elapsed().as_millis() as u64;
+    Metrics::observe(
+        &deps.metrics.histograms.session_duration,
+        Duration::from_millis(duration_ms),
+    );
     info!(
         %session_id,
         reason = reason.label(),

@@ -237,6 +237,7 @@ impl Pipeline for XiaozhiPipeline {
                 let hello = Self::exchange_hello(&mut ws, &request).await?;
                 Ok::<_, ConnectError>((ws, hello))
             };
+            let started = Instant::now();
             let result = tokio::time::timeout_at(deadline, attempt)
                 .await
                 .unwrap_or(Err(ConnectError::Timeout(budget)));
@@ -244,6 +245,7 @@ impl Pipeline for XiaozhiPipeline {
                 Ok((ws, hello)) => {
                     self.upstreams.succeeded(index);
                     Metrics::inc(&self.metrics.upstream_connects);
+                    Metrics::observe(&self.metrics.histograms.upstream_connect, started.elapsed());
                     debug!(url, session_id = %hello.session_id, "upstream conversation opened");
                     return Ok(Opened {
                         session_id: hello.session_id,
