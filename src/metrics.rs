@@ -77,6 +77,13 @@ counters! {
     control_queue_full,
     /// Hellos ignored because the gateway is shutting down.
     hellos_during_shutdown,
+    /// Device JSON messages by type (after parsing).
+    device_messages_hello,
+    device_messages_listen,
+    device_messages_abort,
+    device_messages_goodbye,
+    device_messages_mcp,
+    device_messages_other,
     /// PUBACK/PUBREC/... from a device that the gateway never asked for (ignored).
     mqtt_dropped_unexpected_ack,
     /// Messages the bus publisher dropped because its queue was full.
@@ -217,15 +224,20 @@ pub struct Histograms {
     pub upstream_connect: Histogram,
     /// `xiaozhi_history_write_seconds`: one chat-history batch written to the database.
     pub history_write: Histogram,
+    /// `xiaozhi_first_audio_seconds`: end of the user's speech (the device's `listen
+    /// stop` or the server's `stt`, whichever comes first) to the first reply audio the
+    /// gateway sends the device.
+    pub first_audio: Histogram,
 }
 
 impl Histograms {
     /// Every histogram, for the exposition.
-    pub fn all(&self) -> [&Histogram; 3] {
+    pub fn all(&self) -> [&Histogram; 4] {
         [
             &self.session_duration,
             &self.upstream_connect,
             &self.history_write,
+            &self.first_audio,
         ]
     }
 }
@@ -253,6 +265,12 @@ impl Default for Histograms {
                 &[
                     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                 ],
+            ),
+            first_audio: histogram(
+                "xiaozhi_first_audio_seconds",
+                "End of the user's speech (device listen stop or server stt, whichever \
+                 first) to the first reply audio sent to the device.",
+                &[0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0],
             ),
         }
     }

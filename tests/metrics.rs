@@ -492,6 +492,18 @@ async fn upstream_connect_and_history_writes_are_timed() {
     assert!(delta("xiaozhi_history_records_total{outcome=\"stored\"}") >= 1.0);
     assert_eq!(delta("xiaozhi_history_write_failures_total"), 0.0);
     assert_eq!(delta("xiaozhi_session_duration_seconds_count"), 1.0);
+    // One turn: the server's stt, then the reply's first audio frame.
+    assert_eq!(delta("xiaozhi_first_audio_seconds_count"), 1.0);
+    assert!(delta("xiaozhi_first_audio_seconds_sum") > 0.0);
+    // hello, listen start twice (before and after the turn), goodbye, and the device's
+    // answers to the gateway's MCP setup.
+    assert_eq!(delta("xiaozhi_device_messages_total{type=\"hello\"}"), 1.0);
+    assert_eq!(delta("xiaozhi_device_messages_total{type=\"listen\"}"), 2.0);
+    assert_eq!(
+        delta("xiaozhi_device_messages_total{type=\"goodbye\"}"),
+        1.0
+    );
+    assert!(delta("xiaozhi_device_messages_total{type=\"mcp\"}") >= 1.0);
     for reason in ["refused", "timeout", "auth", "handshake", "hello", "midway"] {
         assert_eq!(
             delta(&format!(

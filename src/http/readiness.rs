@@ -10,8 +10,8 @@
 //!   pipeline is configured). Only TCP: a WebSocket handshake would open a conversation
 //!   upstream.
 //!
-//! Listeners are bound before the gateway reports itself started, so a node that answers
-//! here has them; their addresses are listed.
+//! Listeners are bound before the gateway reports itself started (a busy port is a
+//! startup error), so a node that answers here has them.
 
 use std::time::Duration;
 

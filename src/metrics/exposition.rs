@@ -125,6 +125,16 @@ static FAMILIES: &[Family] = &[
         "not_connected" => mqtt_dropped_not_connected,
         "unexpected_ack" => mqtt_dropped_unexpected_ack,
     }),
+    family!(counter "xiaozhi_device_messages_total",
+    "Device JSON control messages, by type (mcp replies and notifications included).",
+    "type" {
+        "hello" => device_messages_hello,
+        "listen" => device_messages_listen,
+        "abort" => device_messages_abort,
+        "goodbye" => device_messages_goodbye,
+        "mcp" => device_messages_mcp,
+        "other" => device_messages_other,
+    }),
     family!(counter "xiaozhi_control_drops_total",
     "Device control messages dropped, by reason: not a JSON control message, no conversation to take it, conversation's control queue full.",
     "reason" {

@@ -300,6 +300,14 @@ impl Dispatcher {
                 return;
             }
         };
+        Metrics::inc(match &message {
+            DeviceMessage::Hello(_) => &m.device_messages_hello,
+            DeviceMessage::Listen { .. } => &m.device_messages_listen,
+            DeviceMessage::Abort { .. } => &m.device_messages_abort,
+            DeviceMessage::Goodbye { .. } => &m.device_messages_goodbye,
+            DeviceMessage::Other { kind, .. } if kind == "mcp" => &m.device_messages_mcp,
+            DeviceMessage::Other { .. } => &m.device_messages_other,
+        });
         match message {
             DeviceMessage::Hello(hello) => {
                 if hello.version != HELLO_VERSION || hello.transport != "udp" {

@@ -87,6 +87,8 @@ impl Conversation for XiaozhiConversation {
         let mut clock = UplinkClock::default();
         let mut turn = TurnTracker::default();
         let mut frame_buf = Vec::new();
+        // End of the user's speech, while the reply's first audio is awaited.
+        let mut awaiting_reply: Option<std::time::Instant> = None;
         let end = loop {
             tokio::select! {
                 biased;
@@ -105,6 +107,9 @@ impl Conversation for XiaozhiConversation {
                                 recorder.downlink(opus);
                             }
                             io.downlink.send(audio.timestamp, opus).await;
+                            if let Some(since) = awaiting_reply.take() {
+                                Metrics::observe(&metrics.histograms.first_audio, since.elapsed());
+                            }
                         }
                         Err(e) => {
                             Metrics::inc(&metrics.upstream_malformed);
@@ -112,7 +117,10 @@ impl Conversation for XiaozhiConversation {
                         }
                     },
                     Some(Ok(Message::Text(text))) => {
-                        on_server_text(&text, &mut io, &mut turn, &metrics, &send_text);
+                        let kind = on_server_text(&text, &mut io, &mut turn, &metrics, &send_text);
+                        if kind == ServerText::Stt {
+                            awaiting_reply.get_or_insert_with(std::time::Instant::now);
+                        }
                     }
                     Some(Ok(Message::Close(frame))) => {
                         let code = frame.as_ref().map(|f| f.code);
@@ -139,13 +147,19 @@ impl Conversation for XiaozhiConversation {
                 control = io.control.recv() => match control {
                     Some(control) => {
                         match &control.message {
-                            DeviceMessage::Listen { state: ListenState::Stop, .. } => turn.on_listen_stop(),
+                            DeviceMessage::Listen { state: ListenState::Stop, .. } => {
+                                turn.on_listen_stop();
+                                awaiting_reply.get_or_insert_with(std::time::Instant::now);
+                            }
                             DeviceMessage::Listen { state: ListenState::Start, .. } => {
                                 if let Some(recorder) = &mut io.recorder {
                                     recorder.listen_start();
                                 }
                             }
-                            DeviceMessage::Abort { .. } => turn.on_abort(),
+                            DeviceMessage::Abort { .. } => {
+                                turn.on_abort();
+                                awaiting_reply = None;
+                            }
                             DeviceMessage::Other { kind, .. } if kind == "mcp" => {
                                 if let (Some(recorder), Some(payload)) = (&mut io.recorder, control.json.get("payload")) {
                                     recorder.device_mcp(payload);
@@ -189,6 +203,14 @@ impl Conversation for XiaozhiConversation {
     }
 }
 
+/// What kind of server text frame was handled, as far as latency tracking cares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ServerText {
+    /// The server's transcript of the user's speech: the speech has ended.
+    Stt,
+    Other,
+}
+
 /// A text frame from the server: MCP through the device's MCP client, everything else
 /// to the device as it came.
 fn on_server_text(
@@ -197,13 +219,18 @@ fn on_server_text(
     turn: &mut TurnTracker,
     metrics: &Metrics,
     send_text: &impl Fn(String),
-) {
+) -> ServerText {
     let Ok(value) = serde_json::from_str::<Value>(text) else {
         Metrics::inc(&metrics.upstream_malformed);
         debug!("upstream text frame is not JSON; dropped");
-        return;
+        return ServerText::Other;
     };
     let kind = value.get("type").and_then(Value::as_str).unwrap_or("");
+    let handled = if kind == "stt" {
+        ServerText::Stt
+    } else {
+        ServerText::Other
+    };
     turn.on_server_message(kind, value.get("state").and_then(Value::as_str));
     if let Some(recorder) = &mut io.recorder {
         recorder.server_message(&value);
@@ -218,9 +245,10 @@ fn on_server_text(
                 json!({"type": "mcp", "session_id": io.session_id, "payload": answer}).to_string(),
             );
         }
-        return;
+        return handled;
     }
     io.device.send_json(text.as_str().to_owned());
+    handled
 }
 
 /// Owns the WebSocket's sending half: device JSON first, then audio; stops after a
