@@ -335,3 +335,49 @@ fn compose_prometheus_and_grafana_agree_and_mount_what_exists() {
     assert!(repo(mounted).join("xiaozhi-gateway.json").exists());
     assert!(mounts.contains_key("/etc/grafana/provisioning"));
 }
+
+/// Runs Prometheus's own `promtool` (installed by `.ci/run`).
+fn promtool(args: &[&str]) {
+    let out = std::process::Command::new("promtool")
+        .args(args)
+        .current_dir(repo(""))
+        .output()
+        .expect("promtool (Debian package prometheus; .ci/run installs it)");
+    assert!(
+        out.status.success(),
+        "promtool {args:?}:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn promtool_accepts_the_config_the_rules_and_every_dashboard_query() {
+    promtool(&[
+        "check",
+        "config",
+        "--syntax-only",
+        "prometheus/prometheus.yml",
+    ]);
+    promtool(&["check", "rules", "prometheus/alerts.yml"]);
+    // The alerts fire (and stay silent) on synthetic series as intended.
+    promtool(&["test", "rules", "prometheus/tests/alerts_test.yml"]);
+    // Every dashboard query as a recording rule, so promtool parses its PromQL.
+    let dashboard: Json =
+        serde_json::from_str(&read("grafana/dashboards/xiaozhi-gateway.json")).unwrap();
+    let mut rules = Vec::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for t in panel["targets"].as_array().into_iter().flatten() {
+            rules.push(serde_json::json!({
+                "record": format!("dashboard:query_{}", rules.len()),
+                "expr": t["expr"],
+            }));
+        }
+    }
+    let file = serde_json::json!({"groups": [{"name": "dashboard", "rules": rules}]});
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("dashboard_rules.yml");
+    // JSON is YAML.
+    std::fs::write(&path, file.to_string()).unwrap();
+    promtool(&["check", "rules", path.to_str().unwrap()]);
+}
