@@ -86,6 +86,9 @@ struct Shared {
     touch: Mutex<TouchState>,
     wake: Notify,
     healthy: AtomicBool,
+    /// Whether `ai_device.last_connected_at` is written at all (a database and a
+    /// throttle): without one, connects are not even queued.
+    touch_enabled: bool,
 }
 
 #[derive(Default)]
@@ -128,6 +131,7 @@ impl PresenceTracker {
         history: Option<Store>,
         metrics: Arc<Metrics>,
     ) -> (PresenceTracker, TrackerTask) {
+        let settings_touch = settings.touch_throttle;
         let shared = Arc::new(Shared {
             settings,
             store,
@@ -139,6 +143,7 @@ impl PresenceTracker {
             touch: Mutex::new(TouchState::default()),
             wake: Notify::new(),
             healthy: AtomicBool::new(true),
+            touch_enabled: history.is_some() && !settings_touch.is_zero(),
         });
         let stop = CancellationToken::new();
         let task = tokio::spawn(run(shared.clone(), history, stop.clone()));
@@ -215,7 +220,7 @@ impl PresenceTracker {
             }
             if record.state == PresenceState::Online
                 && !was_connected
-                && !s.settings.touch_throttle.is_zero()
+                && s.touch_enabled
             {
                 lock(&s.touch).due.push(mac_address.clone());
             }
