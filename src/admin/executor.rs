@@ -296,13 +296,7 @@ impl AdminDeps {
         };
         if let Some(entry) = self.directory.get(&mac) {
             let cache = entry.mcp.cache();
-            value["tools"] = json!(
-                cache
-                    .tools
-                    .iter()
-                    .filter_map(|t| t.get("name").cloned())
-                    .collect::<Vec<_>>()
-            );
+            value["tools"] = json!(cache.tool_names());
         }
         Ok(value)
     }
