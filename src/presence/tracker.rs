@@ -218,10 +218,7 @@ impl PresenceTracker {
             } else {
                 connected.remove(&mac_address);
             }
-            if record.state == PresenceState::Online
-                && !was_connected
-                && s.touch_enabled
-            {
+            if record.state == PresenceState::Online && !was_connected && s.touch_enabled {
                 lock(&s.touch).due.push(mac_address.clone());
             }
         }
