@@ -213,6 +213,7 @@ impl Gateway {
         )
         .await?;
         let directory = Arc::new(DeviceDirectory::new(Some(presence.clone())));
+        let events = crate::admin::events::EventPublisher::new(broker.bus.clone(), &config.node.id);
         let sessions = SessionManager::start(SessionDeps {
             pipeline,
             audio,
@@ -228,10 +229,7 @@ impl Gateway {
             directory: directory.clone(),
             history,
             history_max_packets: (config.history.max_utterance_secs * 1000 / 20) as usize,
-            events: Some(crate::admin::events::EventPublisher::new(
-                broker.bus.clone(),
-                &config.node.id,
-            )),
+            events: Some(events.clone()),
             mcp: McpSettings {
                 setup: config.mcp.setup,
                 max_tools: config.mcp.max_tools,
@@ -331,14 +329,11 @@ impl Gateway {
                 stop_accepting.clone(),
             )));
         }
-        background.push(tokio::spawn(
-            crate::admin::events::EventPublisher::new(broker.bus.clone(), &config.node.id)
-                .forward_chat(
-                    history_events.subscribe(),
-                    metrics.clone(),
-                    stop_rest.clone(),
-                ),
-        ));
+        background.push(tokio::spawn(events.forward_chat(
+            history_events.subscribe(),
+            metrics.clone(),
+            stop_rest.clone(),
+        )));
         let http_stop = stop_rest.clone();
         let app = crate::http::router(crate::http::HttpState {
             metrics: metrics.clone(),

@@ -7,8 +7,6 @@ use std::net::SocketAddr;
 use std::process::{Output, Stdio};
 use std::time::Duration;
 
-use serde_json::Value;
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use xiaozhi_gateway::simulator::audio::{ServerHello, SimAudio};
 use xiaozhi_gateway::simulator::device::SimDevice;
@@ -138,27 +136,7 @@ async fn serve() -> (Child, SocketAddr) {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let mut lines = BufReader::new(stdout).lines();
-    let mqtt = tokio::time::timeout(Duration::from_secs(20), async {
-        while let Some(line) = lines.next_line().await.unwrap() {
-            let Ok(v) = serde_json::from_str::<Value>(&line) else {
-                continue;
-            };
-            if v["fields"]["message"] == "xiaozhi-gateway serving" {
-                return v["fields"]["mqtt"]
-                    .as_str()
-                    .unwrap()
-                    .parse::<SocketAddr>()
-                    .unwrap();
-            }
-        }
-        panic!("gateway exited before serving");
-    })
-    .await
-    .expect("gateway starts");
-    // Keep draining the logs so the child never blocks on a full pipe.
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let mqtt = common::wait_serving(&mut child).await;
     (child, mqtt)
 }
 

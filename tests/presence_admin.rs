@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 use redis::AsyncCommands;
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use xiaozhi_gateway::admin::client::AdminClient;
 use xiaozhi_gateway::config::{BrokerRole, BrokerUser, Config};
@@ -334,21 +333,7 @@ async fn spawn_node(prefix: &str, node: &str) -> (Child, SocketAddr) {
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let mqtt = tokio::time::timeout(Duration::from_secs(30), async {
-        while let Some(line) = lines.next_line().await.unwrap() {
-            let Ok(v) = serde_json::from_str::<Value>(&line) else {
-                continue;
-            };
-            if v["fields"]["message"] == "xiaozhi-gateway serving" {
-                return v["fields"]["mqtt"].as_str().unwrap().parse().unwrap();
-            }
-        }
-        panic!("gateway process exited before serving");
-    })
-    .await
-    .expect("gateway process starts");
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let mqtt = common::wait_serving(&mut child).await;
     (child, mqtt)
 }
 

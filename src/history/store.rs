@@ -207,45 +207,42 @@ impl Store {
     /// Whether manager-api's device and agent tables are present (then
     /// `chat_history_conf` decides what is recorded).
     pub async fn managed(&self) -> Result<bool, StoreError> {
-        let n: i64 = match self {
-            Store::MySql(pool) => {
-                sqlx::query_scalar(
-                    "SELECT COUNT(*) FROM information_schema.tables \
-                     WHERE table_schema = DATABASE() AND table_name IN ('ai_device', 'ai_agent')",
-                )
-                .fetch_one(pool)
-                .await?
-            }
-            Store::Sqlite(pool) => {
-                sqlx::query_scalar(
-                    "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' \
-                     AND name IN ('ai_device', 'ai_agent')",
-                )
-                .fetch_one(pool)
-                .await?
-            }
-        };
-        Ok(n == 2)
+        Ok(self.tables_present(&["ai_device", "ai_agent"]).await? == 2)
     }
 
     /// Whether manager-api's `ai_device` table is present.
     pub async fn has_device_table(&self) -> Result<bool, StoreError> {
-        let n: i64 = match self {
-            Store::MySql(pool) => {
-                sqlx::query_scalar(
-                    "SELECT COUNT(*) FROM information_schema.tables \
-                     WHERE table_schema = DATABASE() AND table_name = 'ai_device'",
-                )
-                .fetch_one(pool)
-                .await?
-            }
-            Store::Sqlite(pool) => sqlx::query_scalar(
-                "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = 'ai_device'",
-            )
-            .fetch_one(pool)
-            .await?,
+        Ok(self.tables_present(&["ai_device"]).await? == 1)
+    }
+
+    /// How many of these tables exist in the database.
+    async fn tables_present(&self, names: &[&str]) -> Result<i64, StoreError> {
+        let marks = vec!["?"; names.len()].join(", ");
+        let sql = match self {
+            Store::MySql(_) => format!(
+                "SELECT COUNT(*) FROM information_schema.tables \
+                 WHERE table_schema = DATABASE() AND table_name IN ({marks})"
+            ),
+            Store::Sqlite(_) => format!(
+                "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name IN ({marks})"
+            ),
         };
-        Ok(n == 1)
+        Ok(match self {
+            Store::MySql(pool) => {
+                let mut q = sqlx::query_scalar(sqlx::AssertSqlSafe(sql));
+                for name in names {
+                    q = q.bind(*name);
+                }
+                q.fetch_one(pool).await?
+            }
+            Store::Sqlite(pool) => {
+                let mut q = sqlx::query_scalar(sqlx::AssertSqlSafe(sql));
+                for name in names {
+                    q = q.bind(*name);
+                }
+                q.fetch_one(pool).await?
+            }
+        })
     }
 
     /// Sets manager-api's `ai_device.last_connected_at` to `at` (formatted like every

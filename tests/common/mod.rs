@@ -175,3 +175,27 @@ pub async fn start_redis(port: u16) -> tokio::process::Child {
     }
     child
 }
+
+/// Reads a `serve` child's JSON log (`log.format = "json"`) until its "serving" line and
+/// returns the device MQTT address it names; keeps draining the log afterwards so the
+/// child never blocks on a full pipe.
+pub async fn wait_serving(child: &mut tokio::process::Child) -> std::net::SocketAddr {
+    use tokio::io::AsyncBufReadExt;
+    let stdout = child.stdout.take().expect("stdout piped");
+    let mut lines = tokio::io::BufReader::new(stdout).lines();
+    let mqtt = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            let Ok(v) = serde_json::from_str::<Value>(&line) else {
+                continue;
+            };
+            if v["fields"]["message"] == "xiaozhi-gateway serving" {
+                return v["fields"]["mqtt"].as_str().unwrap().parse().unwrap();
+            }
+        }
+        panic!("gateway exited before serving");
+    })
+    .await
+    .expect("gateway starts");
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    mqtt
+}
