@@ -22,6 +22,7 @@
 
 pub mod admin;
 pub mod audio;
+pub mod bench;
 pub mod broker;
 pub mod config;
 pub mod history;

@@ -1,5 +1,5 @@
 //! The `xiaozhi-gateway` command: `serve` (the default), `config check`, `simulate`,
-//! `credentials`.
+//! `credentials`, `bench`, and the admin and history tools.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -10,6 +10,7 @@ use figment::Figment;
 use figment::providers::Serialized;
 use tracing_subscriber::EnvFilter;
 use xiaozhi_gateway::admin::client::AdminClient;
+use xiaozhi_gateway::bench::command::BenchCommand;
 use xiaozhi_gateway::config::{Config, LogFormat};
 use xiaozhi_gateway::http::ota;
 use xiaozhi_gateway::protocol::mac::Mac;
@@ -72,6 +73,11 @@ enum Command {
     /// or mcp with a JSON-RPC request, e.g.
     /// `cmd aa:bb:cc:dd:ee:ff mcp '{"method":"tools/list"}'`.
     Cmd(CmdArgs),
+    /// Benchmark tools: `load` (simulated devices, latency, loss, a process's CPU and
+    /// RSS), `floor` (the minimal echo server to compare with) and `upstream` (a lean
+    /// echoing xiaozhi-server stand-in). See docs/benchmarks.md.
+    #[command(subcommand)]
+    Bench(BenchCommand),
 }
 
 #[derive(Args)]
@@ -354,6 +360,13 @@ fn main() -> ExitCode {
             Ok(config) => runtime.block_on(cmd(&config, args)),
             Err(code) => code,
         },
+        Command::Bench(command) => {
+            tracing_subscriber::fmt()
+                .with_env_filter(EnvFilter::new("warn"))
+                .init();
+            drop(runtime);
+            xiaozhi_gateway::bench::command::run(command)
+        }
         Command::Simulate(args) => {
             tracing_subscriber::fmt()
                 .with_env_filter(EnvFilter::new("warn"))

@@ -1,0 +1,217 @@
+//! The `xiaozhi-gateway bench` command line: `load`, `floor` and `upstream`.
+//!
+//! Each part runs as its own process so a benchmark can pin them to cores with
+//! `taskset` (the server alone on one core; the load and the upstream on the other), as
+//! `docs/benchmarks.md` describes.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+
+use super::echo_upstream::EchoUpstream;
+use super::floor::{Floor, FloorConfig};
+use super::load::{self, LoadConfig};
+
+#[derive(Subcommand)]
+pub enum BenchCommand {
+    /// Run N simulated firmware devices against a server (the gateway in echo mode or
+    /// through an upstream, the floor, or the Node.js gateway) and report hello and
+    /// round-trip latency, loss, the server's CPU and RSS, and the tool's own lateness.
+    Load(LoadArgs),
+    /// Run the floor: a minimal single-thread echo server with the same socket calls
+    /// and cipher work per datagram as the gateway's audio path and nothing else.
+    Floor(FloorArgs),
+    /// Run a lean xiaozhi-server stand-in that echoes every audio frame at once.
+    Upstream(UpstreamArgs),
+}
+
+#[derive(Args)]
+pub struct LoadArgs {
+    /// The server's device MQTT address.
+    #[arg(long, default_value = "127.0.0.1:1883")]
+    mqtt: SocketAddr,
+    /// Number of devices.
+    #[arg(long, default_value_t = 100)]
+    devices: u32,
+    /// Devices connecting per second.
+    #[arg(long, default_value_t = 500)]
+    connect_rate: u32,
+    /// Connect and stay idle (no hello, no audio): measures memory per connection.
+    #[arg(long)]
+    idle: bool,
+    /// Seconds of steady load before the measured window.
+    #[arg(long, default_value_t = 2.0)]
+    warmup: f64,
+    /// Seconds in the measured window.
+    #[arg(long, default_value_t = 10.0)]
+    seconds: f64,
+    /// Bytes of Opus per 60 ms frame.
+    #[arg(long, default_value_t = 120)]
+    frame_bytes: usize,
+    /// Process to measure (CPU user/kernel, RSS), e.g. `$(pgrep -f 'xiaozhi-gateway serve')`.
+    #[arg(long)]
+    pid: Option<u32>,
+    /// Signature key for device passwords (omit for a server that does not check).
+    #[arg(long, env = "XZ_AUTH__SIGNATURE_KEY", hide_env_values = true)]
+    key: Option<String>,
+    /// Number of 127.0.0.x source addresses devices bind to (loopback servers only).
+    #[arg(long, default_value_t = 8)]
+    source_addresses: u8,
+    /// Pacer tasks.
+    #[arg(long, default_value_t = 4)]
+    pacers: usize,
+    /// Runtime threads for the tool (1: a single-thread runtime, the cheapest).
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    /// First device number (for disjoint MACs across runs).
+    #[arg(long, default_value_t = 0)]
+    first_device: u32,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+    /// Exit with status 1 on any functional failure (devices not connected or not
+    /// completed, lost frames, errors), never on timings: for CI smoke runs.
+    #[arg(long)]
+    check: bool,
+}
+
+#[derive(Args)]
+pub struct FloorArgs {
+    #[arg(long, default_value = "127.0.0.1:18930")]
+    mqtt: SocketAddr,
+    #[arg(long, default_value = "127.0.0.1:18940")]
+    udp: SocketAddr,
+    /// Check device passwords against this key (as the gateway does).
+    #[arg(long, env = "XZ_AUTH__SIGNATURE_KEY", hide_env_values = true)]
+    key: Option<String>,
+}
+
+#[derive(Args)]
+pub struct UpstreamArgs {
+    #[arg(long, default_value = "127.0.0.1:18900")]
+    listen: SocketAddr,
+}
+
+/// Runs a bench subcommand to completion.
+pub fn run(command: BenchCommand) -> ExitCode {
+    match command {
+        BenchCommand::Load(args) => run_load(args),
+        BenchCommand::Floor(args) => run_floor(args),
+        BenchCommand::Upstream(args) => run_upstream(args),
+    }
+}
+
+fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    if threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build()
+    }
+}
+
+fn run_load(args: LoadArgs) -> ExitCode {
+    let rt = match runtime(args.threads) {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let config = LoadConfig {
+        mqtt: args.mqtt,
+        signature_key: args.key,
+        devices: args.devices,
+        connect_rate: args.connect_rate,
+        talk: !args.idle,
+        warmup: Duration::from_secs_f64(args.warmup.max(0.0)),
+        measure: Duration::from_secs_f64(args.seconds.max(0.1)),
+        frame_bytes: args.frame_bytes,
+        source_addresses: args.source_addresses,
+        target_pid: args.pid,
+        first_device: args.first_device,
+        pacers: args.pacers,
+        ..LoadConfig::default()
+    };
+    let report = rt.block_on(load::run(config));
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).unwrap_or_default()
+        );
+    } else {
+        println!("{report}");
+    }
+    let failures = report.functional_failures();
+    if args.check && !failures.is_empty() {
+        for f in &failures {
+            eprintln!("check failed: {f}");
+        }
+        return ExitCode::FAILURE;
+    }
+    if report.connected == 0 {
+        return ExitCode::FAILURE;
+    }
+    ExitCode::SUCCESS
+}
+
+fn run_floor(args: FloorArgs) -> ExitCode {
+    let floor = match Floor::start(FloorConfig {
+        mqtt: args.mqtt,
+        udp: args.udp,
+        signature_key: args.key,
+        ..FloorConfig::default()
+    }) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!(
+                "error: cannot start the floor on MQTT {} / UDP {}: {e}",
+                args.mqtt, args.udp
+            );
+            return ExitCode::FAILURE;
+        }
+    };
+    println!(
+        "floor echo server: MQTT {} UDP {} (pid {})",
+        floor.mqtt_addr(),
+        floor.udp_addr(),
+        std::process::id()
+    );
+    floor.wait();
+    ExitCode::SUCCESS
+}
+
+fn run_upstream(args: UpstreamArgs) -> ExitCode {
+    let rt = match runtime(1) {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(async {
+        let upstream = match EchoUpstream::start(args.listen).await {
+            Ok(u) => u,
+            Err(e) => {
+                eprintln!("error: cannot listen on {}: {e}", args.listen);
+                return ExitCode::FAILURE;
+            }
+        };
+        println!(
+            "echo upstream: {} (pid {})",
+            upstream.url(),
+            std::process::id()
+        );
+        let _ = tokio::signal::ctrl_c().await;
+        let stats = upstream.stats();
+        upstream.stop().await;
+        println!("{}", serde_json::to_string(&stats).unwrap_or_default());
+        ExitCode::SUCCESS
+    })
+}

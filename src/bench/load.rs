@@ -1,0 +1,867 @@
+//! The load generator: N simulated firmware devices against a running server.
+//!
+//! Each device does what the firmware does: an MQTT connection with manager-api style
+//! credentials (no SUBSCRIBE; MCP requests answered), a hello, then a *connected* UDP
+//! socket that sends AES-CTR datagrams built from the hello's nonce with the sequence
+//! from 1, and accepts downlink datagrams only if they pass the firmware's checks (type,
+//! exact length, strictly increasing sequence). The server under test echoes the audio
+//! (its echo pipeline, or an upstream that echoes), so every frame's round trip is
+//! measured: each uplink frame carries its index and send time.
+//!
+//! The tool is built not to be the bottleneck, and to say so when it is:
+//! * sending is paced in batches: a few pacer tasks each wake every [`TICK`] and send the
+//!   frames of the devices whose slot in the 60 ms frame period has come, with one reused
+//!   buffer and a non-blocking send, so there is no timer and no allocation per datagram;
+//! * each device's receive side is one task that decrypts into a reused buffer and
+//!   records into its pacer's histogram (constant memory);
+//! * devices bind to several loopback source addresses (127.0.0.1..n), so more than one
+//!   address's worth of ports is available;
+//! * the report carries the pacers' lateness and the tool's own CPU, next to the target
+//!   process's CPU (user and kernel) and RSS over a measured window that starts only once
+//!   every device is streaming.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use serde_json::json;
+use tokio::net::{TcpSocket, UdpSocket};
+use tokio::sync::{Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::histogram::{LatencyHistogram, LatencySummary};
+use super::procstat::{self, CpuShare, ProcSample};
+use crate::protocol::cipher::PacketCipher;
+use crate::protocol::datagram::{HEADER_LEN, Header, MAX_DATAGRAM_LEN, PACKET_TYPE_AUDIO};
+use crate::simulator::audio::ServerHello;
+use crate::simulator::device::{DeviceCredentials, SimDevice, SimError};
+
+/// How often a pacer wakes. Tokio's timer has millisecond resolution; 2 ms spreads a
+/// 60 ms frame period over 30 slots.
+pub const TICK: Duration = Duration::from_millis(2);
+
+/// Pacer lateness p99 beyond which the tool calls itself saturated.
+const SATURATED_LATENESS_MS: f64 = 5.0;
+
+/// How long the server has to answer a hello (the firmware waits 10 s).
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Smallest frame that holds the TOC byte, the index and the send time.
+const MIN_FRAME_BYTES: usize = 13;
+
+/// Errors kept verbatim in the report (the rest are counted).
+const KEPT_ERRORS: usize = 8;
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct LoadConfig {
+    /// The server's device MQTT address.
+    pub mqtt: SocketAddr,
+    /// Key to sign device passwords with; `None` for a server that does not check.
+    pub signature_key: Option<String>,
+    pub devices: u32,
+    /// Devices connecting per second.
+    pub connect_rate: u32,
+    /// At most this many devices between CONNECT and hello reply at once.
+    pub handshake_concurrency: usize,
+    /// `false`: devices only connect and stay idle (no hello, no audio).
+    pub talk: bool,
+    /// Streaming (or idling) once every device is up, before the measured window.
+    pub warmup: Duration,
+    /// The measured window.
+    pub measure: Duration,
+    pub frame_ms: u32,
+    /// Bytes of Opus per frame (the datagram adds 16).
+    pub frame_bytes: usize,
+    /// Devices bind to 127.0.0.1 ..= 127.0.0.<n> when the server is on loopback.
+    pub source_addresses: u8,
+    /// The process to measure (CPU and RSS); usually the server's pid.
+    pub target_pid: Option<u32>,
+    /// First device number, so runs can use disjoint MACs.
+    pub first_device: u32,
+    pub group: String,
+    /// Number of pacer tasks.
+    pub pacers: usize,
+}
+
+impl Default for LoadConfig {
+    fn default() -> Self {
+        LoadConfig {
+            mqtt: ([127, 0, 0, 1], 1883).into(),
+            signature_key: None,
+            devices: 100,
+            connect_rate: 500,
+            handshake_concurrency: 256,
+            talk: true,
+            warmup: Duration::from_secs(2),
+            measure: Duration::from_secs(10),
+            frame_ms: 60,
+            frame_bytes: 120,
+            source_addresses: 8,
+            target_pid: None,
+            first_device: 0,
+            group: "GID_bench".into(),
+            pacers: 4,
+        }
+    }
+}
+
+/// The target process over the measured window.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct TargetFigures {
+    pub pid: u32,
+    pub cpu: CpuShare,
+    /// `cpu.total_percent` divided by the devices in conversation (or connected, idle).
+    pub cpu_percent_per_device: f64,
+    pub rss_before_bytes: u64,
+    pub rss_end_bytes: u64,
+    /// `(rss_end - rss_before) / devices`.
+    pub rss_per_device_bytes: f64,
+    pub threads: u64,
+}
+
+/// The tool's own health: if it was late, the figures above are the tool's, not the
+/// server's.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ToolFigures {
+    pub cpu: CpuShare,
+    pub rss_end_bytes: u64,
+    /// How late pacer ticks ran.
+    pub pacer_lateness: LatencySummary,
+    /// Sends the kernel refused for a full socket buffer.
+    pub send_would_block: u64,
+    pub saturated: bool,
+}
+
+/// What a run measured.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct LoadReport {
+    pub mode: &'static str,
+    pub devices: u32,
+    pub connected: u32,
+    /// Devices whose hello was answered and whose audio channel opened.
+    pub in_conversation: u32,
+    /// Devices that received audio back and met no error until the end.
+    pub completed: u32,
+    pub errors: u64,
+    pub first_errors: Vec<String>,
+    pub hello: LatencySummary,
+    pub round_trip: LatencySummary,
+    pub frames_sent: u64,
+    pub frames_received: u64,
+    pub frames_lost: u64,
+    pub loss_percent: f64,
+    /// Downlink datagrams the firmware's checks would have dropped.
+    pub downlink_rejected: u64,
+    pub window_secs: f64,
+    pub wall_secs: f64,
+    pub target: Option<TargetFigures>,
+    pub tool: ToolFigures,
+}
+
+impl LoadReport {
+    /// Functional failures (never timings): what a smoke run fails on.
+    pub fn functional_failures(&self) -> Vec<String> {
+        let mut failures = Vec::new();
+        if self.connected != self.devices {
+            failures.push(format!(
+                "{} of {} devices connected",
+                self.connected, self.devices
+            ));
+        }
+        if self.errors > 0 {
+            failures.push(format!(
+                "{} errors, first: {:?}",
+                self.errors,
+                self.first_errors.first()
+            ));
+        }
+        if self.mode == "talk" {
+            if self.completed != self.devices {
+                failures.push(format!(
+                    "{} of {} devices completed",
+                    self.completed, self.devices
+                ));
+            }
+            if self.frames_lost > 0 {
+                failures.push(format!(
+                    "{} of {} frames lost",
+                    self.frames_lost, self.frames_sent
+                ));
+            }
+            if self.downlink_rejected > 0 {
+                failures.push(format!(
+                    "{} downlink datagrams failed the firmware's checks",
+                    self.downlink_rejected
+                ));
+            }
+        }
+        failures
+    }
+}
+
+impl std::fmt::Display for LoadReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "devices:      {} ({} mode): {} connected, {} in conversation, {} completed",
+            self.devices, self.mode, self.connected, self.in_conversation, self.completed
+        )?;
+        if self.mode == "talk" {
+            writeln!(f, "hello:        {}", self.hello)?;
+            writeln!(f, "round trip:   {}", self.round_trip)?;
+            writeln!(
+                f,
+                "frames:       {} sent, {} received, {} lost ({:.3}%), {} rejected by firmware checks",
+                self.frames_sent,
+                self.frames_received,
+                self.frames_lost,
+                self.loss_percent,
+                self.downlink_rejected
+            )?;
+        }
+        if let Some(t) = &self.target {
+            writeln!(
+                f,
+                "target pid {}: CPU {:.1}% of a core (user {:.1} + kernel {:.1}) = {:.4}% per device; RSS {:.1} MB -> {:.1} MB ({:.0} B per device), {} threads",
+                t.pid,
+                t.cpu.total_percent,
+                t.cpu.user_percent,
+                t.cpu.system_percent,
+                t.cpu_percent_per_device,
+                t.rss_before_bytes as f64 / 1e6,
+                t.rss_end_bytes as f64 / 1e6,
+                t.rss_per_device_bytes,
+                t.threads
+            )?;
+        }
+        writeln!(
+            f,
+            "tool:         CPU {:.1}% (user {:.1} + kernel {:.1}), pacer lateness p99 {:.2} / max {:.2} ms, {} sends refused{}",
+            self.tool.cpu.total_percent,
+            self.tool.cpu.user_percent,
+            self.tool.cpu.system_percent,
+            self.tool.pacer_lateness.p99_ms,
+            self.tool.pacer_lateness.max_ms,
+            self.tool.send_would_block,
+            if self.tool.saturated {
+                "  ** SATURATED: figures describe the tool, not the server **"
+            } else {
+                ""
+            }
+        )?;
+        if self.errors > 0 {
+            writeln!(
+                f,
+                "errors:       {} (first: {:?})",
+                self.errors,
+                self.first_errors.first()
+            )?;
+        }
+        write!(
+            f,
+            "window:       {:.1} s measured, {:.1} s wall",
+            self.window_secs, self.wall_secs
+        )
+    }
+}
+
+/// Errors shared by every task of a run.
+#[derive(Default)]
+struct ErrorLog {
+    count: AtomicU64,
+    kept: Mutex<Vec<String>>,
+}
+
+impl ErrorLog {
+    fn push(&self, e: String) {
+        self.count.fetch_add(1, Ordering::Relaxed);
+        let mut kept = self.kept.lock().unwrap_or_else(PoisonError::into_inner);
+        if kept.len() < KEPT_ERRORS {
+            kept.push(e);
+        }
+    }
+}
+
+/// A device's sending half, owned by a pacer.
+struct Talker {
+    socket: Arc<UdpSocket>,
+    cipher: PacketCipher,
+    nonce: [u8; HEADER_LEN],
+    next_sequence: u32,
+    next_index: u32,
+}
+
+/// What a pacer's devices share: the round-trip histogram and counters.
+#[derive(Default)]
+struct PacerShared {
+    round_trip: Mutex<LatencyHistogram>,
+    sent: AtomicU64,
+    received: AtomicU64,
+    rejected: AtomicU64,
+    would_block: AtomicU64,
+}
+
+/// Runs a load and reports. `talk == false` runs idle devices.
+pub async fn run(config: LoadConfig) -> LoadReport {
+    let started = Instant::now();
+    let config = Arc::new(config);
+    let epoch = Instant::now();
+    let errors = Arc::new(ErrorLog::default());
+    let stop_sending = CancellationToken::new();
+    let stop_receiving = CancellationToken::new();
+    let tasks = TaskTracker::new();
+    let target_before = config
+        .target_pid
+        .and_then(|p| procstat::sample(Some(p)).ok());
+
+    // Pacers.
+    let mut pacer_inputs = Vec::new();
+    let mut pacer_handles = Vec::new();
+    let mut pacer_shared = Vec::new();
+    for _ in 0..config.pacers.max(1) {
+        let (tx, rx) = mpsc::unbounded_channel::<Talker>();
+        let shared = Arc::new(PacerShared::default());
+        pacer_inputs.push(tx);
+        pacer_shared.push(shared.clone());
+        pacer_handles.push(tokio::spawn(pace(
+            rx,
+            shared,
+            config.frame_ms,
+            config.frame_bytes.max(MIN_FRAME_BYTES),
+            epoch,
+            stop_sending.clone(),
+        )));
+    }
+
+    // Connect ramp, paced in batches like the audio.
+    let handshakes = Arc::new(Semaphore::new(config.handshake_concurrency.max(1)));
+    let keepers: Arc<Mutex<Vec<SimDevice>>> = Arc::default();
+    let hellos: Arc<Mutex<LatencyHistogram>> = Arc::default();
+    let connected = Arc::new(AtomicU64::new(0));
+    let in_conversation = Arc::new(AtomicU64::new(0));
+    let completed = Arc::new(AtomicU64::new(0));
+    let mut launched = 0u32;
+    let rate = f64::from(config.connect_rate.max(1));
+    let ramp_start = tokio::time::Instant::now();
+    let mut device_tasks = Vec::with_capacity(config.devices as usize);
+    while launched < config.devices {
+        let due =
+            ((ramp_start.elapsed().as_secs_f64() * rate).floor() as u32 + 1).min(config.devices);
+        while launched < due {
+            let n = launched;
+            launched += 1;
+            let ctx = DeviceContext {
+                config: config.clone(),
+                n,
+                handshakes: handshakes.clone(),
+                keepers: keepers.clone(),
+                hellos: hellos.clone(),
+                connected: connected.clone(),
+                in_conversation: in_conversation.clone(),
+                completed: completed.clone(),
+                errors: errors.clone(),
+                pacer: pacer_inputs[n as usize % pacer_inputs.len()].clone(),
+                pacer_shared: pacer_shared[n as usize % pacer_shared.len()].clone(),
+                stop: stop_receiving.clone(),
+                epoch,
+                tasks: tasks.clone(),
+            };
+            device_tasks.push(tasks.spawn(device(ctx)));
+        }
+        tokio::time::sleep(TICK).await;
+    }
+    // Every device has either joined its pacer (and is streaming) or failed.
+    for t in device_tasks.iter_mut() {
+        let _ = (&mut *t).await;
+    }
+    drop(pacer_inputs);
+    tokio::time::sleep(config.warmup).await;
+
+    // The measured window.
+    let tool_a = procstat::sample(None).ok();
+    let target_a = config
+        .target_pid
+        .and_then(|p| procstat::sample(Some(p)).ok());
+    let window_start = Instant::now();
+    tokio::time::sleep(config.measure).await;
+    let tool_b = procstat::sample(None).ok();
+    let target_b = config
+        .target_pid
+        .and_then(|p| procstat::sample(Some(p)).ok());
+    let window_secs = window_start.elapsed().as_secs_f64();
+
+    // Stop sending, let the last frames come back, then stop receiving.
+    stop_sending.cancel();
+    let mut lateness = LatencyHistogram::new();
+    for h in pacer_handles {
+        if let Ok(l) = h.await {
+            lateness.merge(&l);
+        }
+    }
+    let drain = Duration::from_millis(u64::from(config.frame_ms) * 4 + 500);
+    tokio::time::sleep(drain).await;
+    stop_receiving.cancel();
+    tasks.close();
+    tasks.wait().await;
+
+    // Leave as the firmware does.
+    let devices = std::mem::take(&mut *keepers.lock().unwrap_or_else(PoisonError::into_inner));
+    let leave = TaskTracker::new();
+    let leaving = Arc::new(Semaphore::new(512));
+    for mut d in devices {
+        let leaving = leaving.clone();
+        leave.spawn(async move {
+            let _permit = leaving.acquire().await;
+            let sid = d.session_id();
+            if !sid.is_empty() {
+                let _ = d
+                    .publish_json(&json!({"session_id": sid, "type": "goodbye"}))
+                    .await;
+            }
+            d.disconnect().await;
+        });
+    }
+    leave.close();
+    leave.wait().await;
+
+    let mut round_trip = LatencyHistogram::new();
+    let (mut sent, mut received, mut rejected, mut would_block) = (0, 0, 0, 0);
+    for s in &pacer_shared {
+        round_trip.merge(&s.round_trip.lock().unwrap_or_else(PoisonError::into_inner));
+        sent += s.sent.load(Ordering::Relaxed);
+        received += s.received.load(Ordering::Relaxed);
+        rejected += s.rejected.load(Ordering::Relaxed);
+        would_block += s.would_block.load(Ordering::Relaxed);
+    }
+    let in_conversation = in_conversation.load(Ordering::Relaxed) as u32;
+    let connected = connected.load(Ordering::Relaxed) as u32;
+    let per_device = if config.talk {
+        in_conversation
+    } else {
+        connected
+    }
+    .max(1);
+    let target = match (config.target_pid, &target_a, &target_b) {
+        (Some(pid), Some(a), Some(b)) => Some(target_figures(
+            pid,
+            target_before.as_ref(),
+            a,
+            b,
+            per_device,
+        )),
+        _ => None,
+    };
+    let pacer_lateness = lateness.summary();
+    let tool_cpu = match (&tool_a, &tool_b) {
+        (Some(a), Some(b)) => procstat::cpu_between(a, b),
+        _ => CpuShare::default(),
+    };
+    let lost = sent.saturating_sub(received);
+    LoadReport {
+        mode: if config.talk { "talk" } else { "idle" },
+        devices: config.devices,
+        connected,
+        in_conversation,
+        completed: completed.load(Ordering::Relaxed) as u32,
+        errors: errors.count.load(Ordering::Relaxed),
+        first_errors: errors
+            .kept
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone(),
+        hello: hellos
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .summary(),
+        round_trip: round_trip.summary(),
+        frames_sent: sent,
+        frames_received: received,
+        frames_lost: lost,
+        loss_percent: if sent == 0 {
+            0.0
+        } else {
+            lost as f64 * 100.0 / sent as f64
+        },
+        downlink_rejected: rejected,
+        window_secs,
+        wall_secs: started.elapsed().as_secs_f64(),
+        target,
+        tool: ToolFigures {
+            cpu: tool_cpu,
+            rss_end_bytes: tool_b.map_or(0, |s| s.rss_bytes),
+            saturated: pacer_lateness.p99_ms > SATURATED_LATENESS_MS || would_block > 0,
+            pacer_lateness,
+            send_would_block: would_block,
+        },
+    }
+}
+
+fn target_figures(
+    pid: u32,
+    before: Option<&ProcSample>,
+    a: &ProcSample,
+    b: &ProcSample,
+    devices: u32,
+) -> TargetFigures {
+    let cpu = procstat::cpu_between(a, b);
+    let rss_before = before.map_or(a.rss_bytes, |s| s.rss_bytes);
+    TargetFigures {
+        pid,
+        cpu,
+        cpu_percent_per_device: cpu.total_percent / f64::from(devices),
+        rss_before_bytes: rss_before,
+        rss_end_bytes: b.rss_bytes,
+        rss_per_device_bytes: b.rss_bytes.saturating_sub(rss_before) as f64 / f64::from(devices),
+        threads: b.threads,
+    }
+}
+
+/// One pacer: every [`TICK`], sends the frames of the devices in the current slot.
+/// Returns how late its ticks ran.
+async fn pace(
+    mut joining: mpsc::UnboundedReceiver<Talker>,
+    shared: Arc<PacerShared>,
+    frame_ms: u32,
+    frame_bytes: usize,
+    epoch: Instant,
+    stop: CancellationToken,
+) -> LatencyHistogram {
+    let tick_ms = TICK.as_millis().max(1) as u32;
+    let slot_count = (frame_ms / tick_ms).max(1) as usize;
+    let mut slots: Vec<Vec<Talker>> = (0..slot_count).map(|_| Vec::new()).collect();
+    let mut next_slot = 0usize;
+    let mut lateness = LatencyHistogram::new();
+    let mut datagram = vec![0u8; HEADER_LEN + frame_bytes];
+    let start = tokio::time::Instant::now();
+    let mut k: u64 = 0;
+    let (mut sent, mut would_block) = (0u64, 0u64);
+    loop {
+        k += 1;
+        let due = start + TICK * k as u32;
+        tokio::select! {
+            biased;
+            _ = stop.cancelled() => break,
+            _ = tokio::time::sleep_until(due) => {}
+        }
+        lateness.record(tokio::time::Instant::now().saturating_duration_since(due));
+        while let Ok(t) = joining.try_recv() {
+            slots[next_slot].push(t);
+            next_slot = (next_slot + 1) % slot_count;
+        }
+        let slot = (k % slot_count as u64) as usize;
+        let now_us = u64::try_from(epoch.elapsed().as_micros()).unwrap_or(u64::MAX);
+        for t in &mut slots[slot] {
+            build_uplink(t, &mut datagram, now_us, frame_ms);
+            match t.socket.try_send(&datagram) {
+                Ok(_) => sent += 1,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => would_block += 1,
+                // A refused send (ICMP from a closed port) is a lost frame: it counts as sent.
+                Err(_) => sent += 1,
+            }
+        }
+        if k.is_multiple_of(64) {
+            shared
+                .sent
+                .fetch_add(std::mem::take(&mut sent), Ordering::Relaxed);
+            shared
+                .would_block
+                .fetch_add(std::mem::take(&mut would_block), Ordering::Relaxed);
+        }
+    }
+    shared.sent.fetch_add(sent, Ordering::Relaxed);
+    shared.would_block.fetch_add(would_block, Ordering::Relaxed);
+    lateness
+}
+
+/// Writes device `t`'s next uplink datagram into `datagram` (whose length is fixed).
+fn build_uplink(t: &mut Talker, datagram: &mut [u8], now_us: u64, frame_ms: u32) {
+    let opus_len = datagram.len() - HEADER_LEN;
+    let mut header = t.nonce;
+    header[2..4].copy_from_slice(&(opus_len as u16).to_be_bytes());
+    header[8..12].copy_from_slice(&t.next_index.wrapping_mul(frame_ms).to_be_bytes());
+    header[12..16].copy_from_slice(&t.next_sequence.to_be_bytes());
+    datagram[..HEADER_LEN].copy_from_slice(&header);
+    let opus = &mut datagram[HEADER_LEN..];
+    // A SILK wideband TOC byte, then the frame's index and send time; the rest stays as
+    // the previous frame left it (the server does not decode).
+    opus[0] = 11 << 3;
+    opus[1..5].copy_from_slice(&t.next_index.to_be_bytes());
+    opus[5..13].copy_from_slice(&now_us.to_be_bytes());
+    t.cipher.apply(&header, opus);
+    t.next_sequence += 1;
+    t.next_index += 1;
+}
+
+/// Everything one device task needs.
+struct DeviceContext {
+    config: Arc<LoadConfig>,
+    n: u32,
+    handshakes: Arc<Semaphore>,
+    keepers: Arc<Mutex<Vec<SimDevice>>>,
+    hellos: Arc<Mutex<LatencyHistogram>>,
+    connected: Arc<AtomicU64>,
+    in_conversation: Arc<AtomicU64>,
+    completed: Arc<AtomicU64>,
+    errors: Arc<ErrorLog>,
+    pacer: mpsc::UnboundedSender<Talker>,
+    pacer_shared: Arc<PacerShared>,
+    stop: CancellationToken,
+    epoch: Instant,
+    tasks: TaskTracker,
+}
+
+/// One device: connects, says hello, hands its sender to a pacer and runs its receiver
+/// until the end of the run. Returns once the sender has joined (or the device failed);
+/// the receiver keeps running as its own task.
+async fn device(ctx: DeviceContext) {
+    match open(&ctx).await {
+        Ok(Some((talker, socket, cipher))) => {
+            if ctx.pacer.send(talker).is_err() {
+                ctx.errors.push(format!("device {}: pacer gone", ctx.n));
+                return;
+            }
+            // The receiver outlives this task; the run's tracker owns it, and it stops on
+            // `stop` and reports through `pacer_shared`.
+            ctx.tasks.spawn(receive(
+                socket,
+                cipher,
+                ctx.pacer_shared.clone(),
+                ctx.completed.clone(),
+                ctx.stop.clone(),
+                ctx.epoch,
+                ctx.errors.clone(),
+            ));
+        }
+        Ok(None) => {}
+        Err(e) => ctx.errors.push(format!("device {}: {e}", ctx.n)),
+    }
+}
+
+/// The handshake. `Ok(None)` for an idle device (connected and kept).
+async fn open(
+    ctx: &DeviceContext,
+) -> Result<Option<(Talker, Arc<UdpSocket>, PacketCipher)>, String> {
+    let config = &ctx.config;
+    let n = config.first_device + ctx.n;
+    let source = source_ip(config.mqtt.ip(), ctx.n, config.source_addresses);
+    let creds = DeviceCredentials::for_mac(
+        DeviceCredentials::nth_mac(n),
+        &config.group,
+        config.signature_key.as_deref().map(str::as_bytes),
+    );
+    let permit = ctx.handshakes.acquire().await.map_err(|e| e.to_string())?;
+    let tcp = connect_tcp(source, config.mqtt)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let mut device = SimDevice::connect_over(
+        Box::new(tcp),
+        creds,
+        crate::simulator::device::FIRMWARE_KEEP_ALIVE_SECS,
+    )
+    .await
+    .map_err(|e| format!("MQTT connect: {e}"))?;
+    ctx.connected.fetch_add(1, Ordering::Relaxed);
+    if !config.talk {
+        drop(permit);
+        ctx.keepers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(device);
+        return Ok(None);
+    }
+    let t0 = Instant::now();
+    device
+        .publish_json(&SimDevice::firmware_hello())
+        .await
+        .map_err(|e| e.to_string())?;
+    let hello = wait_hello(&mut device).await?;
+    ctx.hellos
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .record(t0.elapsed());
+    drop(permit);
+    let hello = ServerHello::parse(&hello).map_err(|e| e.to_string())?;
+    device.set_session_id(&hello.session_id);
+    let socket = UdpSocket::bind(SocketAddr::new(source, 0))
+        .await
+        .map_err(|e| format!("UDP bind {source}: {e}"))?;
+    socket
+        .connect(hello.udp)
+        .await
+        .map_err(|e| format!("UDP connect: {e}"))?;
+    device
+        .publish_json(&json!({"session_id": hello.session_id, "type": "listen", "state": "start", "mode": "realtime"}))
+        .await
+        .map_err(|e| e.to_string())?;
+    ctx.in_conversation.fetch_add(1, Ordering::Relaxed);
+    ctx.keepers
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .push(device);
+    let socket = Arc::new(socket);
+    let cipher = PacketCipher::new(&hello.key);
+    let talker = Talker {
+        socket: socket.clone(),
+        cipher: cipher.clone(),
+        nonce: hello.nonce,
+        next_sequence: 1,
+        next_index: 0,
+    };
+    Ok(Some((talker, socket, cipher)))
+}
+
+async fn wait_hello(device: &mut SimDevice) -> Result<serde_json::Value, String> {
+    let deadline = tokio::time::Instant::now() + HELLO_TIMEOUT;
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let (_, payload) = device.recv(left).await.map_err(|e| match e {
+            SimError::Timeout(_) => "no hello reply within 10 s".to_owned(),
+            e => format!("waiting for the hello reply: {e}"),
+        })?;
+        let Ok(message) = serde_json::from_slice::<serde_json::Value>(&payload) else {
+            continue;
+        };
+        match message["type"].as_str() {
+            Some("hello") => return Ok(message),
+            Some("alert") => return Err(format!("alert instead of hello: {}", message["message"])),
+            _ => {}
+        }
+    }
+}
+
+/// Source address for device `n`: one of 127.0.0.1..=127.0.0.<count> when the server
+/// is on IPv4 loopback, else the unspecified address.
+fn source_ip(server: IpAddr, n: u32, count: u8) -> IpAddr {
+    match server {
+        IpAddr::V4(v4) if v4.is_loopback() => {
+            let k = (n % u32::from(count.max(1))) as u8 + 1;
+            IpAddr::V4(Ipv4Addr::new(127, 0, 0, k))
+        }
+        IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        IpAddr::V6(_) => IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
+    }
+}
+
+async fn connect_tcp(source: IpAddr, server: SocketAddr) -> std::io::Result<tokio::net::TcpStream> {
+    let socket = match server {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    if !source.is_unspecified() {
+        socket.bind(SocketAddr::new(source, 0))?;
+    }
+    let stream = socket.connect(server).await?;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+/// A device's receive side: the firmware's checks, decryption, and the round trip of
+/// every frame.
+async fn receive(
+    socket: Arc<UdpSocket>,
+    cipher: PacketCipher,
+    shared: Arc<PacerShared>,
+    completed: Arc<AtomicU64>,
+    stop: CancellationToken,
+    epoch: Instant,
+    errors: Arc<ErrorLog>,
+) {
+    let mut buf = vec![0u8; MAX_DATAGRAM_LEN + 1];
+    let mut last_sequence = 0u32;
+    let (mut received, mut rejected) = (0u64, 0u64);
+    let mut failed = false;
+    loop {
+        let n = tokio::select! {
+            biased;
+            _ = stop.cancelled() => break,
+            r = socket.recv(&mut buf) => match r {
+                Ok(n) => n,
+                Err(e) => {
+                    errors.push(format!("UDP receive: {e}"));
+                    failed = true;
+                    break;
+                }
+            },
+        };
+        let d = &mut buf[..n];
+        let Some(head) = d.first_chunk::<HEADER_LEN>().copied() else {
+            rejected += 1;
+            continue;
+        };
+        let h = Header::from_bytes(&head);
+        if head[0] != PACKET_TYPE_AUDIO
+            || usize::from(h.payload_len) + HEADER_LEN != n
+            || h.sequence <= last_sequence
+            || n < HEADER_LEN + MIN_FRAME_BYTES
+        {
+            rejected += 1;
+            continue;
+        }
+        last_sequence = h.sequence;
+        let opus = &mut d[HEADER_LEN..];
+        cipher.apply(&head, opus);
+        let stamp = u64::from_be_bytes(opus[5..13].try_into().unwrap_or_default());
+        let now = u64::try_from(epoch.elapsed().as_micros()).unwrap_or(u64::MAX);
+        received += 1;
+        shared
+            .round_trip
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .record_micros(now.saturating_sub(stamp));
+    }
+    shared.received.fetch_add(received, Ordering::Relaxed);
+    shared.rejected.fetch_add(rejected, Ordering::Relaxed);
+    if received > 0 && !failed {
+        completed.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sources_spread_over_loopback_addresses_only_for_loopback_servers() {
+        let lo: IpAddr = Ipv4Addr::LOCALHOST.into();
+        assert_eq!(source_ip(lo, 0, 4), IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1)));
+        assert_eq!(source_ip(lo, 5, 4), IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2)));
+        assert!(source_ip("10.0.0.1".parse().unwrap(), 5, 4).is_unspecified());
+    }
+
+    #[test]
+    fn uplink_datagrams_follow_the_firmware_layout() {
+        let key = [7u8; 16];
+        let nonce = crate::protocol::datagram::nonce_template(0xdead_beef);
+        let std_socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        std_socket.set_nonblocking(true).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let _guard = rt.enter();
+        let mut t = Talker {
+            socket: Arc::new(UdpSocket::from_std(std_socket).unwrap()),
+            cipher: PacketCipher::new(&key),
+            nonce,
+            next_sequence: 1,
+            next_index: 0,
+        };
+        let mut d = vec![0u8; HEADER_LEN + 20];
+        build_uplink(&mut t, &mut d, 123_456, 60);
+        build_uplink(&mut t, &mut d, 654_321, 60);
+        let h = Header::parse(&d).unwrap();
+        assert_eq!(
+            (h.connection_id, h.sequence, h.timestamp, h.payload_len),
+            (0xdead_beef, 2, 60, 20)
+        );
+        let head: [u8; HEADER_LEN] = d[..HEADER_LEN].try_into().unwrap();
+        PacketCipher::new(&key).apply(&head, &mut d[HEADER_LEN..]);
+        assert_eq!(d[HEADER_LEN], 11 << 3);
+        assert_eq!(u32::from_be_bytes(d[17..21].try_into().unwrap()), 1);
+        assert_eq!(u64::from_be_bytes(d[21..29].try_into().unwrap()), 654_321);
+    }
+}

@@ -1,0 +1,21 @@
+//! The load tool and its reference points, for `xiaozhi-gateway bench`.
+//!
+//! Benchmarks of a voice gateway are easy to get wrong: on loopback the kernel's
+//! per-datagram work dominates, absolute CPU figures move 2x between machines of the same
+//! kind, and a saturated load generator looks exactly like a slow server. So this module
+//! measures side by side and reports its own health:
+//! * [`load`]: N simulated firmware devices (MQTT hello, connected UDP sockets, AES-CTR,
+//!   the firmware's downlink checks) paced in batches, with no timer and no allocation
+//!   per datagram; it reports its own lateness next to the target's figures.
+//! * [`floor`]: the least any server can do for this protocol (one thread, one socket,
+//!   the same socket calls and cipher work per datagram as the gateway and nothing else).
+//! * [`echo_upstream`]: a lean xiaozhi-server stand-in that echoes audio, so the gateway
+//!   (or the Node.js gateway) can be measured through an upstream.
+//! * [`procstat`]: CPU (user and kernel) and RSS of any process, from `/proc`.
+
+pub mod command;
+pub mod echo_upstream;
+pub mod floor;
+pub mod histogram;
+pub mod load;
+pub mod procstat;
