@@ -133,6 +133,8 @@ counters! {
     udp_rebinds,
     /// UDP socket send errors.
     udp_send_errors,
+    /// Downlink frames dropped because the socket's send queue was full.
+    udp_drop_send_queue_full,
     /// Downlink frames larger than one datagram (dropped).
     udp_drop_downlink_oversized,
     /// Upstream (xiaozhi-server) WebSocket connections opened / failed, by reason.

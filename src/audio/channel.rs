@@ -10,10 +10,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use bytes::Bytes;
-use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 use tracing::debug;
 
+use super::batch::SendQueue;
 use crate::metrics::Metrics;
 use crate::protocol::audio_channel::DownlinkSealer;
 use crate::protocol::cipher::KEY_LEN;
@@ -128,10 +128,11 @@ impl Drop for AudioChannel {
     }
 }
 
-/// Encrypts and sends downlink frames to the device's current address.
+/// Encrypts downlink frames for the device's current address and queues them for the
+/// socket task, which sends them in batches.
 pub struct Downlink {
     sealer: Arc<Mutex<DownlinkSealer>>,
-    socket: Arc<UdpSocket>,
+    queue: Arc<SendQueue>,
     shared: Arc<ChannelShared>,
     metrics: Arc<Metrics>,
     buf: Vec<u8>,
@@ -141,7 +142,7 @@ impl Clone for Downlink {
     fn clone(&self) -> Self {
         Downlink {
             sealer: self.sealer.clone(),
-            socket: self.socket.clone(),
+            queue: self.queue.clone(),
             shared: self.shared.clone(),
             metrics: self.metrics.clone(),
             buf: Vec::with_capacity(256),
@@ -152,13 +153,13 @@ impl Clone for Downlink {
 impl Downlink {
     pub(crate) fn new(
         sealer: DownlinkSealer,
-        socket: Arc<UdpSocket>,
+        queue: Arc<SendQueue>,
         shared: Arc<ChannelShared>,
         metrics: Arc<Metrics>,
     ) -> Self {
         Downlink {
             sealer: Arc::new(Mutex::new(sealer)),
-            socket,
+            queue,
             shared,
             metrics,
             buf: Vec::with_capacity(256),
@@ -170,8 +171,9 @@ impl Downlink {
         *self.shared.peer.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Encrypts and sends one Opus frame. A frame for a device whose address is not known
-    /// yet (it has sent no audio) is dropped and counted; so is one that fails to send.
+    /// Encrypts one Opus frame and queues it for sending. A frame for a device whose
+    /// address is not known yet (it has sent no audio) is dropped and counted; so is one
+    /// that finds the send queue full. Send errors are counted by the socket task.
     pub async fn send(&mut self, timestamp: u32, opus: &[u8]) -> bool {
         let Some(peer) = self.peer() else {
             Metrics::inc(&self.metrics.udp_drop_no_peer);
@@ -192,16 +194,16 @@ impl Downlink {
             return false;
         }
         self.shared.touch();
-        match self.socket.send_to(&self.buf, peer).await {
-            Ok(n) => {
-                Metrics::inc(&self.metrics.udp_tx_datagrams);
-                Metrics::add(&self.metrics.udp_tx_bytes, n as u64);
-                ChannelCounters::add(&self.shared.stats.downlink_packets, 1);
-                ChannelCounters::add(&self.shared.stats.downlink_bytes, n as u64);
+        match self.queue.push(peer, &self.buf) {
+            Ok(()) => {
+                let stats = &self.shared.stats;
+                ChannelCounters::add(&stats.downlink_packets, 1);
+                ChannelCounters::add(&stats.downlink_bytes, self.buf.len() as u64);
                 true
             }
             Err(_) => {
-                Metrics::inc(&self.metrics.udp_send_errors);
+                Metrics::inc(&self.metrics.udp_drop_send_queue_full);
+                ChannelCounters::add(&self.shared.stats.dropped, 1);
                 false
             }
         }

@@ -5,12 +5,15 @@
 //!   to its [`crate::protocol::audio_channel::UplinkChannel`], which applies the sequence
 //!   and address rules and decrypts; accepted frames go to the conversation's bounded
 //!   uplink queue.
+//! * [`batch`] moves datagrams many per system call (`recvmmsg`, `sendmmsg`), and
+//!   queues sealed downlink datagrams for the socket task.
 //! * [`channel`] is what a session holds: the lease on a connection id, the uplink
 //!   receiver and the downlink sender (sealer + the device's current address).
 //!
 //! Architecture invariant: the audio path never parses JSON, and every drop on it is
 //! counted by reason.
 
+pub mod batch;
 pub mod channel;
 pub mod socket;
 

@@ -6,6 +6,11 @@
 //! channel is routable before its hello reaches the device. Entries whose conversation
 //! has ended are removed lazily (when their uplink receiver is found closed) and by a
 //! periodic sweep.
+//!
+//! The same task sends every downlink datagram: conversations seal their frames into a
+//! bounded [`SendQueue`] and the task sends what has gathered with one `sendmmsg`, just
+//! as it receives with one `recvmmsg` ([`super::batch`]). Per datagram that leaves the
+//! kernel's unavoidable work and the cipher, not a system call and a wake-up each.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -20,15 +25,23 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+use super::batch::{BATCH, RecvBatch, SendBatch, SendQueue};
 use super::channel::{AudioChannel, ChannelCounters, ChannelShared, Downlink, UplinkFrame};
 use crate::metrics::Metrics;
 use crate::protocol::audio_channel::{DownlinkSealer, DropReason, UplinkChannel, Verdict};
 use crate::protocol::cipher::{KEY_LEN, PacketCipher};
-use crate::protocol::datagram::{HEADER_LEN, Header, MAX_DATAGRAM_LEN};
+use crate::protocol::datagram::{HEADER_LEN, Header};
 use crate::server::BindError;
 
 /// How often closed channels are swept from the table even if no datagram names them.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Receive batches handled before the task looks at its other duties again.
+const BATCHES_PER_TURN: usize = 8;
+
+/// Downlink datagrams that may wait for the socket task (about a second of audio for
+/// 500 talking devices); beyond it frames are dropped and counted.
+const SEND_QUEUE_CAPACITY: usize = 8192;
 
 struct Route {
     channel: UplinkChannel,
@@ -46,7 +59,7 @@ enum Command {
 /// Handle for opening channels; cheap to clone.
 #[derive(Clone)]
 pub struct AudioSocketHandle {
-    socket: Arc<UdpSocket>,
+    send_queue: Arc<SendQueue>,
     commands: mpsc::Sender<Command>,
     live_ids: Arc<Mutex<HashSet<u32>>>,
     uplink_queue: usize,
@@ -58,6 +71,7 @@ pub struct AudioSocketHandle {
 /// The receive side, to be run as one task.
 pub struct AudioSocket {
     socket: Arc<UdpSocket>,
+    send_queue: Arc<SendQueue>,
     commands: mpsc::Receiver<Command>,
     metrics: Arc<Metrics>,
 }
@@ -93,8 +107,9 @@ impl AudioSocket {
         let socket = Arc::new(UdpSocket::from_std(std_sock).map_err(bind_err)?);
         let local_addr = socket.local_addr().map_err(bind_err)?;
         let (tx, rx) = mpsc::channel(1024);
+        let send_queue = Arc::new(SendQueue::new(SEND_QUEUE_CAPACITY));
         let handle = AudioSocketHandle {
-            socket: socket.clone(),
+            send_queue: send_queue.clone(),
             commands: tx,
             live_ids: Arc::new(Mutex::new(HashSet::new())),
             uplink_queue,
@@ -105,6 +120,7 @@ impl AudioSocket {
         Ok((
             AudioSocket {
                 socket,
+                send_queue,
                 commands: rx,
                 metrics,
             },
@@ -115,8 +131,11 @@ impl AudioSocket {
     /// Receives and routes datagrams until `shutdown` fires.
     pub async fn run(mut self, shutdown: CancellationToken) {
         let mut routes: HashMap<u32, Route> = HashMap::new();
-        let mut buf = vec![0u8; MAX_DATAGRAM_LEN + 1];
+        let mut received = RecvBatch::new();
+        let mut sender = SendBatch::new();
         let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
+        let socket = self.socket.clone();
+        let queue = self.send_queue.clone();
         loop {
             tokio::select! {
                 biased;
@@ -124,14 +143,50 @@ impl AudioSocket {
                 Some(cmd) = self.commands.recv() => match cmd {
                     Command::Register { connection_id, route } => { routes.insert(connection_id, *route); }
                 },
+                () = queue.ready() => self.flush(&mut sender).await,
                 _ = sweep.tick() => routes.retain(|_, r| !r.uplink_tx.is_closed()),
-                received = self.socket.recv_from(&mut buf) => match received {
-                    Ok((n, from)) => self.on_datagram(&mut routes, &mut buf[..n], from),
-                    // ICMP errors surface here on some platforms; they are not fatal.
-                    Err(e) => debug!(error = %e, "UDP receive error"),
-                },
+                ready = socket.readable() => {
+                    if let Err(e) = ready {
+                        debug!(error = %e, "UDP socket not readable");
+                        continue;
+                    }
+                    self.receive(&mut received, &mut routes);
+                }
             }
         }
+        // Whatever conversations sealed before the stop still goes out.
+        self.flush(&mut sender).await;
+    }
+
+    /// Takes up to [`BATCHES_PER_TURN`] batches of waiting datagrams.
+    fn receive(&self, batch: &mut RecvBatch, routes: &mut HashMap<u32, Route>) {
+        for _ in 0..BATCHES_PER_TURN {
+            let n = match batch.recv(&self.socket) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                // ICMP errors surface here on some platforms; they are not fatal.
+                Err(e) => {
+                    debug!(error = %e, "UDP receive error");
+                    return;
+                }
+            };
+            for i in 0..n {
+                if let (datagram, Some(from)) = batch.datagram(i) {
+                    self.on_datagram(routes, datagram, from);
+                }
+            }
+            if n < BATCH {
+                return;
+            }
+        }
+    }
+
+    async fn flush(&self, sender: &mut SendBatch) {
+        let done = sender.flush(&self.send_queue, &self.socket).await;
+        let m = &self.metrics;
+        Metrics::add(&m.udp_tx_datagrams, done.datagrams);
+        Metrics::add(&m.udp_tx_bytes, done.bytes);
+        Metrics::add(&m.udp_send_errors, done.errors);
     }
 
     fn on_datagram(&self, routes: &mut HashMap<u32, Route>, datagram: &mut [u8], from: SocketAddr) {
@@ -243,7 +298,7 @@ impl AudioSocketHandle {
             uplink: uplink_rx,
             downlink: Downlink::new(
                 DownlinkSealer::new(cipher.clone(), connection_id),
-                self.socket.clone(),
+                self.send_queue.clone(),
                 shared.clone(),
                 self.metrics.clone(),
             ),

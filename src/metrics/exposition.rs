@@ -206,7 +206,7 @@ static FAMILIES: &[Family] = &[
         "tx" => udp_tx_bytes,
     }),
     family!(counter "xiaozhi_udp_drops_total",
-    "UDP audio datagrams dropped, by reason. Uplink: malformed, unknown connection id, replayed sequence, address hijack, decryption failure, conversation queue full. Downlink: device address not known yet, frame larger than a datagram, socket send error.",
+    "UDP audio datagrams dropped, by reason. Uplink: malformed, unknown connection id, replayed sequence, address hijack, decryption failure, conversation queue full. Downlink: device address not known yet, frame larger than a datagram, socket send error, send queue full.",
     "reason" {
         "malformed" => udp_drop_malformed,
         "unknown_id" => udp_drop_unknown_id,
@@ -217,6 +217,7 @@ static FAMILIES: &[Family] = &[
         "no_peer" => udp_drop_no_peer,
         "downlink_oversized" => udp_drop_downlink_oversized,
         "send_error" => udp_send_errors,
+        "send_queue_full" => udp_drop_send_queue_full,
     }),
     family!(counter "xiaozhi_udp_uplink_gaps_total",
         "Uplink sequence numbers skipped (datagrams lost before reaching the gateway).",

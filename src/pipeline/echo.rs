@@ -30,6 +30,9 @@ use crate::config::EchoConfig;
 use crate::metrics::Metrics;
 use crate::protocol::control::{self, DeviceMessage, ListenState};
 
+/// Where an unarmed timer points (never reached: it is only polled once armed).
+const FAR_FUTURE: Duration = Duration::from_secs(86_400 * 365);
+
 /// Hard cap on frames held for one turn, whatever the config says (bounded memory).
 const MAX_TURN_FRAMES: usize = 2_000;
 
@@ -131,9 +134,39 @@ impl Conversation for EchoConversation {
 
 impl Echo {
     async fn run(&mut self) -> ConversationEnd {
+        // Two long-lived timers, re-armed only when needed: a frame that may go out now
+        // goes out without any timer, and the realtime turn-end timer is re-armed once
+        // per firing rather than once per uplink frame (timer registrations were the
+        // largest user-space cost of the echo path).
+        let send_timer = tokio::time::sleep(FAR_FUTURE);
+        let end_timer = tokio::time::sleep(FAR_FUTURE);
+        tokio::pin!(send_timer, end_timer);
+        let (mut send_armed, mut end_armed) = (false, false);
         loop {
-            let next_send = self.next_send_at();
-            let turn_end = self.realtime_turn_end_at();
+            while self
+                .next_send_at(Instant::now())
+                .is_some_and(|at| at <= Instant::now())
+            {
+                self.play_one().await;
+            }
+            match self.next_send_at(Instant::now()) {
+                Some(at) => {
+                    if !send_armed || send_timer.deadline() != at {
+                        send_timer.as_mut().reset(at);
+                    }
+                    send_armed = true;
+                }
+                None => send_armed = false,
+            }
+            match self.realtime_turn_end_at() {
+                // An armed timer that fires early is re-armed below after the check.
+                Some(at) if !end_armed => {
+                    end_timer.as_mut().reset(at);
+                    end_armed = true;
+                }
+                Some(_) => {}
+                None => end_armed = false,
+            }
             tokio::select! {
                 _ = self.io.stop.cancelled() => return ConversationEnd::Finished,
                 frame = self.io.uplink.recv() => match frame {
@@ -144,8 +177,13 @@ impl Echo {
                     Some(msg) => self.on_control(msg.message),
                     None => return ConversationEnd::Finished,
                 },
-                _ = sleep_until_opt(next_send) => self.play_one().await,
-                _ = sleep_until_opt(turn_end) => self.stop_speaking(),
+                () = &mut send_timer, if send_armed => send_armed = false,
+                () = &mut end_timer, if end_armed => {
+                    end_armed = false;
+                    if self.realtime_turn_end_at().is_some_and(|at| at <= Instant::now()) {
+                        self.stop_speaking();
+                    }
+                }
             }
         }
     }
@@ -240,14 +278,15 @@ impl Echo {
         }
     }
 
-    /// When the head of the queue may be sent: at most one frame ahead of the clock.
-    fn next_send_at(&self) -> Option<Instant> {
+    /// When the head of the queue may be sent: at most one frame ahead of the clock
+    /// (`now` when the clock is not running).
+    fn next_send_at(&self, now: Instant) -> Option<Instant> {
         if self.queue.is_empty() {
             return None;
         }
         Some(match self.clock {
             Some(due) => due.checked_sub(self.frame).unwrap_or(due),
-            None => Instant::now(),
+            None => now,
         })
     }
 
@@ -272,12 +311,5 @@ impl Echo {
         };
         self.clock = Some(due + self.frame);
         self.io.downlink.send(frame.timestamp, &frame.opus).await;
-    }
-}
-
-async fn sleep_until_opt(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
     }
 }
