@@ -208,10 +208,26 @@ fn run_upstream(args: UpstreamArgs) -> ExitCode {
             upstream.url(),
             std::process::id()
         );
-        let _ = tokio::signal::ctrl_c().await;
+        wait_for_stop().await;
         let stats = upstream.stats();
         upstream.stop().await;
         println!("{}", serde_json::to_string(&stats).unwrap_or_default());
         ExitCode::SUCCESS
     })
+}
+
+/// Ctrl-C or SIGTERM (what `kill` and CI cleanups send).
+async fn wait_for_stop() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
 }

@@ -146,6 +146,8 @@ pub struct LoadReport {
     pub in_conversation: u32,
     /// Devices that received audio back and met no error until the end.
     pub completed: u32,
+    /// Devices whose MQTT connection the server closed during the run.
+    pub mqtt_dropped: u64,
     pub errors: u64,
     pub first_errors: Vec<String>,
     pub hello: LatencySummary,
@@ -170,6 +172,12 @@ impl LoadReport {
             failures.push(format!(
                 "{} of {} devices connected",
                 self.connected, self.devices
+            ));
+        }
+        if self.mqtt_dropped > 0 {
+            failures.push(format!(
+                "{} devices lost their MQTT connection during the run",
+                self.mqtt_dropped
             ));
         }
         if self.errors > 0 {
@@ -295,6 +303,74 @@ struct Talker {
     next_index: u32,
 }
 
+/// Holds every device's MQTT connection for the run, as firmware would: reads what the
+/// server sends (so no inbox fills and stalls the connection), pings within the
+/// keep-alive, and notices a connection the server closed.
+struct Keeper {
+    devices: Vec<SimDevice>,
+    dropped: u64,
+}
+
+/// How often the keeper reads the devices' inboxes.
+const KEEPER_TICK: Duration = Duration::from_secs(1);
+
+/// How often each device pings (the firmware's keep-alive is 240 s; the server closes a
+/// silent connection after 1.5 times that).
+const PING_EVERY: Duration = Duration::from_secs(60);
+
+async fn keep(
+    mut joining: mpsc::UnboundedReceiver<SimDevice>,
+    stop: CancellationToken,
+    errors: Arc<ErrorLog>,
+) -> Keeper {
+    let mut keeper = Keeper {
+        devices: Vec::new(),
+        dropped: 0,
+    };
+    let mut alive: Vec<bool> = Vec::new();
+    let mut tick = tokio::time::interval(KEEPER_TICK);
+    let mut last_ping = tokio::time::Instant::now();
+    loop {
+        tokio::select! {
+            biased;
+            _ = stop.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        while let Ok(d) = joining.try_recv() {
+            keeper.devices.push(d);
+            alive.push(true);
+        }
+        let ping = last_ping.elapsed() >= PING_EVERY;
+        if ping {
+            last_ping = tokio::time::Instant::now();
+        }
+        for (d, alive) in keeper.devices.iter_mut().zip(alive.iter_mut()) {
+            if !*alive {
+                continue;
+            }
+            let closed = loop {
+                match d.recv(Duration::ZERO).await {
+                    Ok(_) => continue,
+                    Err(SimError::Closed) => break true,
+                    Err(_) => break false,
+                }
+            };
+            if closed || (ping && d.ping().await.is_err()) {
+                *alive = false;
+                keeper.dropped += 1;
+                errors.push(format!(
+                    "device {}: the server closed its MQTT connection",
+                    d.credentials.mac
+                ));
+            }
+        }
+    }
+    while let Ok(d) = joining.try_recv() {
+        keeper.devices.push(d);
+    }
+    keeper
+}
+
 /// What a pacer's devices share: the round-trip histogram and counters.
 #[derive(Default)]
 struct PacerShared {
@@ -339,7 +415,9 @@ pub async fn run(config: LoadConfig) -> LoadReport {
 
     // Connect ramp, paced in batches like the audio.
     let handshakes = Arc::new(Semaphore::new(config.handshake_concurrency.max(1)));
-    let keepers: Arc<Mutex<Vec<SimDevice>>> = Arc::default();
+    let stop_keeping = CancellationToken::new();
+    let (keep_tx, keep_rx) = mpsc::unbounded_channel();
+    let keeper = tokio::spawn(keep(keep_rx, stop_keeping.clone(), errors.clone()));
     let hellos: Arc<Mutex<LatencyHistogram>> = Arc::default();
     let connected = Arc::new(AtomicU64::new(0));
     let in_conversation = Arc::new(AtomicU64::new(0));
@@ -358,7 +436,7 @@ pub async fn run(config: LoadConfig) -> LoadReport {
                 config: config.clone(),
                 n,
                 handshakes: handshakes.clone(),
-                keepers: keepers.clone(),
+                keeper: keep_tx.clone(),
                 hellos: hellos.clone(),
                 connected: connected.clone(),
                 in_conversation: in_conversation.clone(),
@@ -409,7 +487,13 @@ pub async fn run(config: LoadConfig) -> LoadReport {
     tasks.wait().await;
 
     // Leave as the firmware does.
-    let devices = std::mem::take(&mut *keepers.lock().unwrap_or_else(PoisonError::into_inner));
+    drop(keep_tx);
+    stop_keeping.cancel();
+    let keeper = keeper.await.unwrap_or(Keeper {
+        devices: Vec::new(),
+        dropped: 0,
+    });
+    let devices = keeper.devices;
     let leave = TaskTracker::new();
     let leaving = Arc::new(Semaphore::new(512));
     for mut d in devices {
@@ -467,6 +551,7 @@ pub async fn run(config: LoadConfig) -> LoadReport {
         connected,
         in_conversation,
         completed: completed.load(Ordering::Relaxed) as u32,
+        mqtt_dropped: keeper.dropped,
         errors: errors.count.load(Ordering::Relaxed),
         first_errors: errors
             .kept
@@ -601,7 +686,7 @@ struct DeviceContext {
     config: Arc<LoadConfig>,
     n: u32,
     handshakes: Arc<Semaphore>,
-    keepers: Arc<Mutex<Vec<SimDevice>>>,
+    keeper: mpsc::UnboundedSender<SimDevice>,
     hellos: Arc<Mutex<LatencyHistogram>>,
     connected: Arc<AtomicU64>,
     in_conversation: Arc<AtomicU64>,
@@ -667,10 +752,7 @@ async fn open(
     ctx.connected.fetch_add(1, Ordering::Relaxed);
     if !config.talk {
         drop(permit);
-        ctx.keepers
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push(device);
+        let _ = ctx.keeper.send(device);
         return Ok(None);
     }
     let t0 = Instant::now();
@@ -698,10 +780,7 @@ async fn open(
         .await
         .map_err(|e| e.to_string())?;
     ctx.in_conversation.fetch_add(1, Ordering::Relaxed);
-    ctx.keepers
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .push(device);
+    let _ = ctx.keeper.send(device);
     let socket = Arc::new(socket);
     let cipher = PacketCipher::new(&hello.key);
     let talker = Talker {
