@@ -38,6 +38,19 @@ use crate::protocol::device_mqtt::{Action, CloseReason, DeviceMqttConnection, De
 use crate::session::SessionManager;
 
 /// Everything a connection task needs, shared by all of them.
+/// Read buffer of a connection between packets (control messages fit; an MCP tool list
+/// grows it for as long as it takes to arrive).
+const READ_BUFFER_IDLE: usize = 512;
+/// A read buffer larger than this is replaced by a fresh idle one once empty.
+const READ_BUFFER_KEEP: usize = READ_BUFFER_IDLE;
+/// Spare room below which a read first reserves [`READ_GROW`] more bytes.
+const READ_MIN_SPARE: usize = 128;
+const READ_GROW: usize = 2048;
+/// Write buffer of a connection between writes, and the size beyond which it is
+/// replaced once written.
+const WRITE_BUFFER_IDLE: usize = 256;
+const WRITE_BUFFER_KEEP: usize = 4096;
+
 pub struct FrontEnd {
     pub settings: DeviceMqttSettings,
     pub verifier: Verifier,
@@ -96,7 +109,10 @@ impl FrontEnd {
                     let _permit = permit;
                     match tls {
                         None => this.serve(stream, remote, close).await,
-                        Some(acceptor) => this.serve_tls(acceptor, stream, remote, close).await,
+                        // Boxed so a plain connection's task is not sized for TLS state.
+                        Some(acceptor) => {
+                            Box::pin(this.serve_tls(acceptor, stream, remote, close)).await
+                        }
                     }
                 }
                 .instrument(span),
@@ -140,8 +156,8 @@ impl FrontEnd {
     ) {
         let (mut reader, mut writer) = tokio::io::split(stream);
         let mut conn = DeviceMqttConnection::new(&self.settings, Instant::now());
-        let mut rbuf = BytesMut::with_capacity(4096);
-        let mut wbuf = BytesMut::with_capacity(1024);
+        let mut rbuf = BytesMut::with_capacity(READ_BUFFER_IDLE);
+        let mut wbuf = BytesMut::with_capacity(WRITE_BUFFER_IDLE);
         let mut actions = Vec::with_capacity(4);
         let mut refused_once = false;
         let mut device: Option<(DeviceHandle, mpsc::Receiver<Outbound>)> = None;
@@ -164,15 +180,16 @@ impl FrontEnd {
                         conn.handle_malformed(&mut actions);
                     }
                 }
-                end = self
-                    .perform(
-                        &mut actions,
-                        &mut wbuf,
-                        &mut device,
-                        remote,
-                        &mut refused_once,
-                    )
-                    .await;
+                // Boxed: its state lives only while packets are handled, instead of
+                // enlarging every idle connection's task.
+                end = Box::pin(self.perform(
+                    &mut actions,
+                    &mut wbuf,
+                    &mut device,
+                    remote,
+                    &mut refused_once,
+                ))
+                .await;
                 if end.is_some() {
                     break;
                 }
@@ -185,6 +202,18 @@ impl FrontEnd {
                 break;
             }
 
+            // Idle connections dominate a fleet, so buffers stay small between packets: a
+            // buffer a large packet grew is let go once it is empty, and reads reserve
+            // room in chunks only while a packet is arriving.
+            if rbuf.is_empty() && rbuf.capacity() > READ_BUFFER_KEEP {
+                rbuf = BytesMut::with_capacity(READ_BUFFER_IDLE);
+            }
+            if rbuf.capacity() - rbuf.len() < READ_MIN_SPARE {
+                rbuf.reserve(READ_GROW);
+            }
+            if wbuf.capacity() > WRITE_BUFFER_KEEP {
+                wbuf = BytesMut::with_capacity(WRITE_BUFFER_IDLE);
+            }
             let deadline = conn.deadline().map(tokio::time::Instant::from_std);
             tokio::select! {
                 read = reader.read_buf(&mut rbuf) => match read {
@@ -212,7 +241,7 @@ impl FrontEnd {
                 },
                 _ = sleep_until_opt(deadline) => {
                     conn.handle_timeout(Instant::now(), &mut actions);
-                    end = self.perform(&mut actions, &mut wbuf, &mut device, remote, &mut refused_once).await;
+                    end = Box::pin(self.perform(&mut actions, &mut wbuf, &mut device, remote, &mut refused_once)).await;
                 },
                 _ = close.cancelled() => {
                     // Shutdown: deliver what sessions queued (their goodbyes), then close.

@@ -15,6 +15,7 @@
 //! Pure state: time comes in as `now` so that abandoned requests can expire.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -75,9 +76,11 @@ pub enum McpError {
 /// only when a speech server asks for it, once per conversation.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ToolCache {
-    pub initialize: Option<Value>,
-    /// Each tool's JSON object, compact.
-    pub tools: Vec<Box<str>>,
+    /// The device's `initialize` result, compact JSON (kept as text for the same reason).
+    pub initialize: Option<Arc<str>>,
+    /// Each tool's JSON object, compact, shared by every device that announced the same
+    /// tool ([`super::interner`]).
+    pub tools: Vec<Arc<str>>,
     /// `tools/list` paging finished (or stopped at the cap).
     pub complete: bool,
 }
@@ -94,7 +97,7 @@ impl ToolCache {
             return None;
         }
         self.tools
-            .extend(page.iter().map(|t| t.to_string().into_boxed_str()));
+            .extend(page.iter().map(|t| super::interner::intern(&t.to_string())));
         let next = result
             .get("nextCursor")
             .and_then(Value::as_str)
@@ -232,7 +235,12 @@ impl McpRouter {
         match (method, id) {
             ("initialize", Some(id)) if self.cache.initialize.is_some() => {
                 self.answered_initialize = true;
-                let result = self.cache.initialize.clone().unwrap_or(Value::Null);
+                let result = self
+                    .cache
+                    .initialize
+                    .as_deref()
+                    .and_then(|text| serde_json::from_str::<Value>(text).ok())
+                    .unwrap_or(Value::Null);
                 UpstreamRequest {
                     answer: Some(json!({"jsonrpc": "2.0", "id": id, "result": result})),
                     // The server's initialize carries settings for the device (e.g. the
@@ -405,8 +413,12 @@ mod tests {
         );
         assert!(early.answer.is_none() && early.to_device.is_some());
 
-        r.cache.initialize =
-            Some(json!({"protocolVersion": PROTOCOL_VERSION, "serverInfo": {"name": "dev"}}));
+        r.cache.initialize = Some(
+            json!({"protocolVersion": PROTOCOL_VERSION, "serverInfo": {"name": "dev"}})
+                .to_string()
+                .as_str()
+                .into(),
+        );
         assert_eq!(
             r.cache
                 .add_page(&json!({"tools": [{"name": "t1"}], "nextCursor": "c1"}), 32),

@@ -15,6 +15,7 @@ pub mod control;
 pub mod credentials;
 pub mod datagram;
 pub mod device_mqtt;
+pub mod interner;
 pub mod mac;
 pub mod mcp;
 pub mod opus;

@@ -181,7 +181,8 @@ impl DeviceMcp {
                 settings.setup_timeout,
             )
             .await?;
-        self.lock().router.cache.initialize = Some(init);
+        self.lock().router.cache.initialize =
+            Some(crate::protocol::interner::intern(&init.to_string()));
         self.out.send_json(mcp::device_message(
             &McpRouter::notification("notifications/initialized"),
             None,

@@ -10,6 +10,7 @@
 //!   a message the device can show.
 //! * [`relay`]: the running conversation, both directions.
 
+pub mod audio_queue;
 pub mod relay;
 pub mod upstreams;
 
@@ -26,6 +27,12 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+/// Bytes tungstenite reads from an upstream at a time.
+const UPSTREAM_READ_BUFFER: usize = 4096;
+
+/// Bytes tungstenite gathers before writing to an upstream without a flush.
+const UPSTREAM_WRITE_BUFFER: usize = 4096;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tracing::{debug, warn};
 
@@ -104,8 +111,15 @@ impl XiaozhiPipeline {
         }
     }
 
+    /// Buffers sized for this protocol (JSON of a few KB, Opus frames of ~150 bytes):
+    /// tungstenite's 128 KiB read buffer is allocated up front per connection, which
+    /// made every conversation cost ~130 KB more than it needs (measured: 500 talking
+    /// devices through an upstream, 217 KB -> see docs/benchmarks.md). Larger messages
+    /// still arrive whole: the buffer grows up to `max_message_bytes`.
     fn ws_config(&self) -> WebSocketConfig {
         WebSocketConfig::default()
+            .read_buffer_size(UPSTREAM_READ_BUFFER)
+            .write_buffer_size(UPSTREAM_WRITE_BUFFER)
             .max_message_size(Some(self.config.max_message_bytes))
             .max_frame_size(Some(self.config.max_message_bytes))
     }

@@ -18,7 +18,7 @@ use bytes::Bytes;
 use futures_util::stream::SplitSink;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -26,6 +26,7 @@ use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 use tracing::debug;
 
 use super::UpstreamSocket;
+use super::audio_queue::{DropOldest, Next};
 use crate::metrics::Metrics;
 use crate::pipeline::{Conversation, ConversationEnd, ConversationIo};
 use crate::protocol::control::{DeviceMessage, ListenState};
@@ -70,11 +71,11 @@ impl Conversation for XiaozhiConversation {
         } = *self;
         let (sink, mut stream) = ws.split();
         let (text_tx, text_rx) = mpsc::channel(TEXT_QUEUE);
-        let (audio_tx, audio_rx) = broadcast::channel(audio_buffer_frames.max(1));
+        let audio_tx = Arc::new(DropOldest::new(audio_buffer_frames));
         let mut writer = AbortOnDrop(tokio::spawn(write_loop(
             sink,
             text_rx,
-            audio_rx,
+            audio_tx.clone(),
             metrics.clone(),
         )));
         let send_text = |text: String| {
@@ -181,9 +182,8 @@ impl Conversation for XiaozhiConversation {
                         }
                         let timestamp = clock.timestamp(frame.sequence, frame_ms);
                         upstream::encode_audio(timestamp, &frame.opus, &mut frame_buf);
-                        // No receiver only once the writer has stopped; the loop learns
-                        // that from the stream.
-                        let _ = audio_tx.send(Bytes::copy_from_slice(&frame_buf));
+                        // If the writer has stopped, the loop learns it from `writer`.
+                        audio_tx.push(Bytes::copy_from_slice(&frame_buf));
                     }
                     None => break ConversationEnd::Finished,
                 },
@@ -197,7 +197,7 @@ impl Conversation for XiaozhiConversation {
         };
         // Let the writer flush what is queued (the close frame included), briefly.
         drop(text_tx);
-        drop(audio_tx);
+        audio_tx.close();
         let _ = tokio::time::timeout(std::time::Duration::from_millis(500), &mut writer.0).await;
         end
     }
@@ -256,7 +256,7 @@ fn on_server_text(
 async fn write_loop(
     mut sink: SplitSink<UpstreamSocket, Message>,
     mut text: mpsc::Receiver<Message>,
-    mut audio: broadcast::Receiver<Bytes>,
+    audio: Arc<DropOldest<Bytes>>,
     metrics: Arc<Metrics>,
 ) {
     let mut audio_open = true;
@@ -267,13 +267,13 @@ async fn write_loop(
                 Some(m) => m,
                 None => break,
             },
-            a = audio.recv(), if audio_open => match a {
-                Ok(frame) => Message::Binary(frame),
-                Err(broadcast::error::RecvError::Lagged(n)) => {
+            a = audio.next(), if audio_open => match a {
+                Next::Item(frame) => Message::Binary(frame),
+                Next::Dropped(n) => {
                     Metrics::add(&metrics.upstream_audio_dropped, n);
                     continue;
                 }
-                Err(broadcast::error::RecvError::Closed) => {
+                Next::Closed => {
                     audio_open = false;
                     continue;
                 }
