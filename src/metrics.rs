@@ -171,6 +171,8 @@ counters! {
     /// Uplink frames the echo pipeline did not play: over its per-turn cap, or arriving
     /// while it plays a turn back to a half-duplex device.
     echo_frames_dropped,
+    /// Uplink frames the socket task played straight back (realtime echo, reflect mode).
+    echo_frames_reflected,
     /// Presence transitions reported by the session layer.
     presence_transitions,
     /// Presence records written to the store.

@@ -78,6 +78,12 @@ async fn ten_second_conversation_echoes_every_frame_in_order() {
     let m = gw.metrics.snapshot();
     assert_eq!(m.udp_rx_datagrams, u64::from(frames));
     assert_eq!(m.udp_tx_datagrams, u64::from(frames));
+    // Once playback had caught up, the socket task played frames back itself.
+    assert!(
+        m.echo_frames_reflected > u64::from(frames) / 2,
+        "reflected {} of {frames}",
+        m.echo_frames_reflected
+    );
     assert_eq!(
         m.udp_uplink_gaps + m.udp_drop_replay + m.udp_drop_hijack + m.udp_drop_queue_full,
         0

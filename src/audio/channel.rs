@@ -5,7 +5,7 @@
 //! once the uplink receiver is gone, so dropping never blocks.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -38,6 +38,16 @@ pub(crate) struct ChannelShared {
     pub epoch: Instant,
     /// This channel's traffic, for the session-end event and log line.
     pub stats: ChannelCounters,
+    /// Set by a pipeline that plays the uplink straight back (realtime echo): the socket
+    /// task then seals each accepted frame back to the device itself instead of handing
+    /// it to the conversation (see [`Downlink::set_reflect`]).
+    pub reflect: AtomicBool,
+    /// Milliseconds since `epoch` of the last accepted uplink datagram.
+    pub last_uplink_ms: AtomicU64,
+    /// The conversation has let go of the channel (its `AudioChannel` was dropped). The
+    /// receive task reads this flag, which sits with the state it touches per datagram
+    /// anyway, instead of asking the uplink queue (a cache miss per datagram).
+    pub closed: AtomicBool,
 }
 
 /// Per-channel traffic counters (relaxed atomics: one writer each way, read at the end).
@@ -79,9 +89,28 @@ impl ChannelCounters {
 }
 
 impl ChannelShared {
+    pub(crate) fn new(epoch: Instant) -> ChannelShared {
+        ChannelShared {
+            peer: Mutex::new(None),
+            last_activity_ms: AtomicU64::new(0),
+            epoch,
+            stats: ChannelCounters::default(),
+            reflect: AtomicBool::new(false),
+            last_uplink_ms: AtomicU64::new(0),
+            closed: AtomicBool::new(false),
+        }
+    }
+
     pub(crate) fn touch(&self) {
         let ms = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
         self.last_activity_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// Records an accepted uplink datagram (for activity and for turn ends).
+    pub(crate) fn uplink_seen(&self) {
+        let ms = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_activity_ms.store(ms, Ordering::Relaxed);
+        self.last_uplink_ms.store(ms, Ordering::Relaxed);
     }
 }
 
@@ -121,6 +150,8 @@ impl AudioChannel {
 
 impl Drop for AudioChannel {
     fn drop(&mut self) {
+        self.shared.reflect.store(false, Ordering::Relaxed);
+        self.shared.closed.store(true, Ordering::Relaxed);
         self.live_ids
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -152,18 +183,34 @@ impl Clone for Downlink {
 
 impl Downlink {
     pub(crate) fn new(
-        sealer: DownlinkSealer,
+        sealer: Arc<Mutex<DownlinkSealer>>,
         queue: Arc<SendQueue>,
         shared: Arc<ChannelShared>,
         metrics: Arc<Metrics>,
     ) -> Self {
         Downlink {
-            sealer: Arc::new(Mutex::new(sealer)),
+            sealer,
             queue,
             shared,
             metrics,
             buf: Vec::with_capacity(256),
         }
+    }
+
+    /// Reflect mode, for a pipeline that plays the uplink straight back: while on, the
+    /// socket task seals every accepted uplink frame back to the device in the same
+    /// batch it received it, and the conversation no longer receives uplink frames. This
+    /// takes the two task hand-offs per frame out of realtime echo. Turn it on only with
+    /// nothing of the uplink still queued (or frames would overtake each other), and off
+    /// before telling the device the turn has ended.
+    pub fn set_reflect(&self, on: bool) {
+        self.shared.reflect.store(on, Ordering::Relaxed);
+    }
+
+    /// When the last accepted uplink datagram arrived (long ago if none has).
+    pub fn last_uplink(&self) -> Instant {
+        let ms = self.shared.last_uplink_ms.load(Ordering::Relaxed);
+        self.shared.epoch + std::time::Duration::from_millis(ms)
     }
 
     /// The device's UDP address, once its first valid datagram arrived.

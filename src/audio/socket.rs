@@ -14,7 +14,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -47,6 +47,8 @@ struct Route {
     channel: UplinkChannel,
     uplink_tx: mpsc::Sender<UplinkFrame>,
     shared: Arc<ChannelShared>,
+    /// The conversation's downlink sealer, for reflect mode.
+    sealer: Arc<Mutex<DownlinkSealer>>,
 }
 
 enum Command {
@@ -132,6 +134,7 @@ impl AudioSocket {
     pub async fn run(mut self, shutdown: CancellationToken) {
         let mut routes: HashMap<u32, Route> = HashMap::new();
         let mut received = RecvBatch::new();
+        let mut scratch = Vec::with_capacity(256);
         let mut sender = SendBatch::new();
         let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
         let socket = self.socket.clone();
@@ -144,13 +147,13 @@ impl AudioSocket {
                     Command::Register { connection_id, route } => { routes.insert(connection_id, *route); }
                 },
                 () = queue.ready() => self.flush(&mut sender).await,
-                _ = sweep.tick() => routes.retain(|_, r| !r.uplink_tx.is_closed()),
+                _ = sweep.tick() => routes.retain(|_, r| !r.is_closed()),
                 ready = socket.readable() => {
                     if let Err(e) = ready {
                         debug!(error = %e, "UDP socket not readable");
                         continue;
                     }
-                    self.receive(&mut received, &mut routes);
+                    self.receive(&mut received, &mut routes, &mut scratch);
                 }
             }
         }
@@ -159,7 +162,12 @@ impl AudioSocket {
     }
 
     /// Takes up to [`BATCHES_PER_TURN`] batches of waiting datagrams.
-    fn receive(&self, batch: &mut RecvBatch, routes: &mut HashMap<u32, Route>) {
+    fn receive(
+        &self,
+        batch: &mut RecvBatch,
+        routes: &mut HashMap<u32, Route>,
+        scratch: &mut Vec<u8>,
+    ) {
         for _ in 0..BATCHES_PER_TURN {
             let n = match batch.recv(&self.socket) {
                 Ok(n) => n,
@@ -172,7 +180,7 @@ impl AudioSocket {
             };
             for i in 0..n {
                 if let (datagram, Some(from)) = batch.datagram(i) {
-                    self.on_datagram(routes, datagram, from);
+                    self.on_datagram(routes, datagram, from, scratch);
                 }
             }
             if n < BATCH {
@@ -189,7 +197,13 @@ impl AudioSocket {
         Metrics::add(&m.udp_send_errors, done.errors);
     }
 
-    fn on_datagram(&self, routes: &mut HashMap<u32, Route>, datagram: &mut [u8], from: SocketAddr) {
+    fn on_datagram(
+        &self,
+        routes: &mut HashMap<u32, Route>,
+        datagram: &mut [u8],
+        from: SocketAddr,
+        scratch: &mut Vec<u8>,
+    ) {
         let m = &self.metrics;
         Metrics::inc(&m.udp_rx_datagrams);
         Metrics::add(&m.udp_rx_bytes, datagram.len() as u64);
@@ -201,7 +215,7 @@ impl AudioSocket {
             Metrics::inc(&m.udp_drop_unknown_id);
             return;
         };
-        if route.uplink_tx.is_closed() {
+        if route.shared.closed.load(Ordering::Relaxed) {
             routes.remove(&id);
             Metrics::inc(&m.udp_drop_unknown_id);
             return;
@@ -225,18 +239,35 @@ impl AudioSocket {
                         *peer = Some(from);
                     }
                 }
-                route.shared.touch();
+                route.shared.uplink_seen();
                 let stats = &route.shared.stats;
                 ChannelCounters::add(&stats.uplink_packets, 1);
                 ChannelCounters::add(&stats.uplink_bytes, datagram.len() as u64);
+                if route.shared.reflect.load(Ordering::Relaxed) {
+                    self.reflect(
+                        route,
+                        header.timestamp,
+                        &datagram[HEADER_LEN..],
+                        from,
+                        scratch,
+                    );
+                    return;
+                }
                 let frame = UplinkFrame {
                     timestamp: header.timestamp,
                     sequence: header.sequence,
                     opus: Bytes::copy_from_slice(&datagram[HEADER_LEN..]),
                 };
-                if route.uplink_tx.try_send(frame).is_err() {
-                    Metrics::inc(&m.udp_drop_queue_full);
-                    ChannelCounters::add(&stats.dropped, 1);
+                match route.uplink_tx.try_send(frame) {
+                    Ok(()) => {}
+                    Err(mpsc::error::TrySendError::Full(_)) => {
+                        Metrics::inc(&m.udp_drop_queue_full);
+                        ChannelCounters::add(&stats.dropped, 1);
+                    }
+                    // The conversation has gone; its lease is about to be dropped.
+                    Err(mpsc::error::TrySendError::Closed(_)) => {
+                        Metrics::inc(&m.udp_drop_unknown_id);
+                    }
                 }
             }
             Verdict::Drop(reason) => {
@@ -251,6 +282,51 @@ impl AudioSocket {
                 if matches!(reason, DropReason::Hijack) {
                     warn!(connection_id = id, %from, "datagram with a live connection id from an unproven address dropped");
                 }
+            }
+        }
+    }
+}
+
+impl Route {
+    /// The conversation has let go of the channel, or its uplink receiver has gone.
+    fn is_closed(&self) -> bool {
+        self.shared.closed.load(Ordering::Relaxed) || self.uplink_tx.is_closed()
+    }
+}
+
+impl AudioSocket {
+    /// Reflect mode: seals the frame back to the device and queues it for this task's
+    /// next flush, exactly as the conversation's `Downlink::send` would have.
+    fn reflect(
+        &self,
+        route: &Route,
+        timestamp: u32,
+        opus: &[u8],
+        to: SocketAddr,
+        scratch: &mut Vec<u8>,
+    ) {
+        let m = &self.metrics;
+        let stats = &route.shared.stats;
+        let sealed = route
+            .sealer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .seal(timestamp, opus, scratch);
+        if sealed.is_err() {
+            // An uplink datagram always fits one downlink datagram; counted all the same.
+            Metrics::inc(&m.udp_drop_downlink_oversized);
+            ChannelCounters::add(&stats.dropped, 1);
+            return;
+        }
+        match self.send_queue.push(to, scratch) {
+            Ok(()) => {
+                Metrics::inc(&m.echo_frames_reflected);
+                ChannelCounters::add(&stats.downlink_packets, 1);
+                ChannelCounters::add(&stats.downlink_bytes, scratch.len() as u64);
+            }
+            Err(_) => {
+                Metrics::inc(&m.udp_drop_send_queue_full);
+                ChannelCounters::add(&stats.dropped, 1);
             }
         }
     }
@@ -284,20 +360,19 @@ impl AudioSocketHandle {
             }
         };
         let cipher = PacketCipher::new(&key);
-        let shared = Arc::new(ChannelShared {
-            peer: Mutex::new(None),
-            last_activity_ms: AtomicU64::new(0),
-            epoch: self.epoch,
-            stats: ChannelCounters::default(),
-        });
+        let shared = Arc::new(ChannelShared::new(self.epoch));
         shared.touch();
         let (uplink_tx, uplink_rx) = mpsc::channel(self.uplink_queue);
+        let sealer = Arc::new(Mutex::new(DownlinkSealer::new(
+            cipher.clone(),
+            connection_id,
+        )));
         let channel = AudioChannel {
             connection_id,
             key,
             uplink: uplink_rx,
             downlink: Downlink::new(
-                DownlinkSealer::new(cipher.clone(), connection_id),
+                sealer.clone(),
                 self.send_queue.clone(),
                 shared.clone(),
                 self.metrics.clone(),
@@ -309,6 +384,7 @@ impl AudioSocketHandle {
             channel: UplinkChannel::new(cipher),
             uplink_tx,
             shared,
+            sealer,
         });
         self.commands
             .send(Command::Register {

@@ -252,6 +252,9 @@ static FAMILIES: &[Family] = &[
     family!(counter "xiaozhi_echo_drops_total",
         "Uplink frames the echo pipeline did not play back (over its per-turn cap, or while playing to a half-duplex device).",
         echo_frames_dropped),
+    family!(counter "xiaozhi_echo_reflected_total",
+        "Uplink frames the UDP socket task played straight back for a realtime echo conversation, without a hand-off to the conversation.",
+        echo_frames_reflected),
     // Chat history.
     family!(counter "xiaozhi_history_records_total",
     "Chat-history records, by outcome: stored in the database, skipped by the device's policy, journaled while the database was away, replayed from the journal, lost.",

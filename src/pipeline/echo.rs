@@ -10,6 +10,11 @@
 //!   half-duplex device stops capturing while it speaks, so echoing frame by frame would
 //!   cut it off after one frame).
 //!
+//! In `realtime` mode, once `tts start` is out and nothing is queued, the socket task is
+//! asked to play frames back itself as they arrive (`Downlink::set_reflect`). The device
+//! paces them, so the same frames go out in the same order without two task hand-offs
+//! each; this conversation then only watches for the end of the turn.
+//!
 //! Playback is paced at the frame duration: a frame goes out no earlier than one frame
 //! ahead of the real-time playback clock, so the device's decode queue never floods and
 //! is never starved by jitter. `abort` or a new `listen start` stops playback.
@@ -106,6 +111,8 @@ struct Echo {
     clock: Option<Instant>,
     /// When the last uplink frame arrived (realtime mode turn end).
     last_uplink: Instant,
+    /// The socket task is reflecting the uplink for us (realtime mode, caught up).
+    reflecting: bool,
 }
 
 #[async_trait]
@@ -127,6 +134,7 @@ impl Conversation for EchoConversation {
             speaking: false,
             clock: None,
             last_uplink: Instant::now(),
+            reflecting: false,
         };
         echo.run().await
     }
@@ -149,6 +157,7 @@ impl Echo {
             {
                 self.play_one().await;
             }
+            self.reflect_when_caught_up();
             match self.next_send_at(Instant::now()) {
                 Some(at) => {
                     if !send_armed || send_timer.deadline() != at {
@@ -268,7 +277,32 @@ impl Echo {
         }
     }
 
+    /// In realtime mode, once `tts start` is out and nothing of the uplink is waiting,
+    /// the socket task can play frames back itself as they arrive (`Downlink::set_reflect`):
+    /// the same frames in the same order, without two task hand-offs each.
+    fn reflect_when_caught_up(&mut self) {
+        if !self.reflecting
+            && self.mode == Mode::Realtime
+            && self.speaking
+            && self.queue.is_empty()
+            && self.io.uplink.is_empty()
+        {
+            self.io.downlink.set_reflect(true);
+            self.reflecting = true;
+        }
+    }
+
+    fn stop_reflecting(&mut self) {
+        if self.reflecting {
+            self.io.downlink.set_reflect(false);
+            self.reflecting = false;
+        }
+    }
+
     fn stop_speaking(&mut self) {
+        // Before `tts stop`, so no frame is played back after the device was told the
+        // turn is over.
+        self.stop_reflecting();
         if self.speaking {
             self.speaking = false;
             self.clock = None;
@@ -293,7 +327,9 @@ impl Echo {
     /// In realtime mode, when the turn ends for lack of uplink audio.
     fn realtime_turn_end_at(&self) -> Option<Instant> {
         (self.speaking && self.queue.is_empty()).then(|| match self.mode {
-            Mode::Realtime => self.last_uplink + self.realtime_idle,
+            Mode::Realtime => {
+                self.last_uplink.max(self.io.downlink.last_uplink().into()) + self.realtime_idle
+            }
             // In turn mode the turn ends as soon as the queue has drained.
             Mode::Turn => self.clock.unwrap_or_else(Instant::now),
         })
