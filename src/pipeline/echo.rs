@@ -109,8 +109,6 @@ struct Echo {
     speaking: bool,
     /// When the next frame is due on the playback clock.
     clock: Option<Instant>,
-    /// When the last uplink frame arrived (realtime mode turn end).
-    last_uplink: Instant,
     /// The socket task is reflecting the uplink for us (realtime mode, caught up).
     reflecting: bool,
 }
@@ -133,7 +131,6 @@ impl Conversation for EchoConversation {
             queue: VecDeque::new(),
             speaking: false,
             clock: None,
-            last_uplink: Instant::now(),
             reflecting: false,
         };
         echo.run().await
@@ -198,7 +195,6 @@ impl Echo {
     }
 
     fn on_uplink(&mut self, frame: UplinkFrame) {
-        self.last_uplink = Instant::now();
         match self.mode {
             Mode::Realtime => {
                 self.start_speaking();
@@ -327,9 +323,8 @@ impl Echo {
     /// In realtime mode, when the turn ends for lack of uplink audio.
     fn realtime_turn_end_at(&self) -> Option<Instant> {
         (self.speaking && self.queue.is_empty()).then(|| match self.mode {
-            Mode::Realtime => {
-                self.last_uplink.max(self.io.downlink.last_uplink().into()) + self.realtime_idle
-            }
+            // The socket task stamps every accepted datagram, reflected or not.
+            Mode::Realtime => Instant::from(self.io.downlink.last_uplink()) + self.realtime_idle,
             // In turn mode the turn ends as soon as the queue has drained.
             Mode::Turn => self.clock.unwrap_or_else(Instant::now),
         })
