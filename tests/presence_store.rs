@@ -12,6 +12,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use redis::AsyncCommands;
 use redis::aio::MultiplexedConnection;
 use tokio::net::{TcpListener, TcpStream};
+use xiaozhi_gateway::presence::fleet::{FleetCounts, FleetPage, FleetQuery};
 use xiaozhi_gateway::presence::memory::MemoryPresence;
 use xiaozhi_gateway::presence::redis::RedisPresence;
 use xiaozhi_gateway::presence::{
@@ -143,6 +144,10 @@ both_backends!(
     reconcile_marks_only_this_nodes_entries,
     list_filters_and_pages,
     ping_answers,
+    fleet_lists_connected_and_offline_devices,
+    fleet_pages_across_pages,
+    fleet_drops_expired_connected_entries,
+    fleet_ignores_a_refused_offline_write,
 );
 
 fn now_ms() -> i64 {
@@ -589,6 +594,525 @@ async fn list_filters_and_pages(ctx: Ctx) {
     );
 }
 
+async fn fleet(store: &dyn PresenceStore, query: FleetQuery) -> FleetPage {
+    store.fleet(&query, now_ms()).await.unwrap()
+}
+
+fn macs_of(page: &FleetPage) -> Vec<String> {
+    page.devices.iter().map(|r| r.mac_address.clone()).collect()
+}
+
+fn counts(connected: usize, in_session: usize, offline: usize) -> FleetCounts {
+    FleetCounts {
+        connected,
+        in_session,
+        offline,
+    }
+}
+
+/// `P known` as (member, score), lowest score first.
+async fn known_set(raw: &mut Raw) -> Vec<(String, i64)> {
+    let members: Vec<(String, f64)> = raw
+        .con
+        .zrange_withscores(format!("{}known", raw.prefix), 0, -1)
+        .await
+        .unwrap();
+    members.into_iter().map(|(m, s)| (m, s as i64)).collect()
+}
+
+const HOUR_MS: i64 = 3_600_000;
+
+async fn fleet_lists_connected_and_offline_devices(ctx: Ctx) {
+    let store = &*ctx.store;
+    let now = now_ms();
+    // 0..4 online on A, 4..6 in session on B, 6..9 offline a minute ago, 9..11 offline
+    // two days ago (rewritten late, as after an outage).
+    let records: Vec<PresenceRecord> = (0..11)
+        .map(|i| {
+            let (state, node) = match i {
+                0..4 => (PresenceState::Online, "node-a"),
+                4..6 => (PresenceState::InSession, "node-b"),
+                _ => (PresenceState::Offline, "node-a"),
+            };
+            let mut r = record(&mac(i), state, node);
+            match i {
+                1 => r.board = Some("esp32-s3-box".into()),
+                4 | 5 => {
+                    r.session_id = Some(format!("session-{i}"));
+                    r.session_since_ms = Some(r.last_seen_ms - 100);
+                }
+                6..9 => r.last_seen_ms = now - 60_000,
+                9.. => r.last_seen_ms = now - 48 * HOUR_MS,
+                _ => {}
+            }
+            if i == 7 {
+                r.firmware = Some("2.0.1-beta".into());
+            }
+            r
+        })
+        .collect();
+    // In reverse: the listing sorts.
+    let reversed: Vec<_> = records.iter().rev().cloned().collect();
+    store.write(&reversed, TTLS).await.unwrap();
+
+    let page = fleet(store, FleetQuery::default()).await;
+    assert_eq!(page.counts, counts(6, 2, 5));
+    assert_eq!((page.total, page.next.as_deref()), (11, None));
+    assert_eq!(
+        page.devices, records,
+        "every field round trips, sorted by MAC"
+    );
+
+    for (state, expected) in [
+        (PresenceState::Online, 0..4),
+        (PresenceState::InSession, 4..6),
+        (PresenceState::Offline, 6..11),
+    ] {
+        let page = fleet(
+            store,
+            FleetQuery {
+                state: Some(state),
+                ..FleetQuery::default()
+            },
+        )
+        .await;
+        assert_eq!(
+            macs_of(&page),
+            expected.clone().map(mac).collect::<Vec<_>>()
+        );
+        assert_eq!(page.total, expected.len());
+        assert_eq!(
+            page.counts,
+            counts(6, 2, 5),
+            "counts ignore the state filter"
+        );
+    }
+
+    let search = |q: &'static str| async move {
+        let page = fleet(
+            store,
+            FleetQuery {
+                q: Some(q.into()),
+                ..FleetQuery::default()
+            },
+        )
+        .await;
+        assert_eq!(page.counts, counts(6, 2, 5), "counts ignore q");
+        macs_of(&page)
+    };
+    assert_eq!(search("ESP32-S3").await, vec![mac(1)]);
+    assert_eq!(search("2.0.1-BETA").await, vec![mac(7)]);
+    assert_eq!(search("Node-B").await, vec![mac(4), mac(5)]);
+    assert_eq!(search("A0:B1:C2:00:00:0A").await, vec![mac(10)]);
+    assert_eq!(search("a0_b1_c2_00_00_03").await, vec![mac(3)]);
+    assert_eq!(search("192.0.2.7").await.len(), 11);
+    assert!(search("nowhere").await.is_empty());
+
+    // "Offline, seen within the hour": the two-day-old ones leave listing and count.
+    let since = FleetQuery {
+        since_ms: Some(now - HOUR_MS),
+        ..FleetQuery::default()
+    };
+    let page = fleet(store, since.clone()).await;
+    assert_eq!(page.counts, counts(6, 2, 3));
+    assert_eq!(page.total, 9);
+    assert_eq!(macs_of(&page), (0..9).map(mac).collect::<Vec<_>>());
+    let page = fleet(
+        store,
+        FleetQuery {
+            state: Some(PresenceState::Offline),
+            ..since
+        },
+    )
+    .await;
+    assert_eq!(macs_of(&page), (6..9).map(mac).collect::<Vec<_>>());
+
+    // `get` and `list` are unchanged by the fleet view.
+    assert_eq!(store.list(&all()).await.unwrap().total, 6);
+    assert_eq!(store.get(&mac(9)).await.unwrap(), Some(records[9].clone()));
+
+    if let Some(mut raw) = ctx.raw {
+        let known = known_set(&mut raw).await;
+        assert_eq!(known.len(), 11);
+        let after = now_ms();
+        for (member, score) in known {
+            let i = (0..11).find(|&i| mac(i) == member).expect("a written MAC");
+            let ttl = if i < 6 { 60_000 } else { 600_000 };
+            // Scored when the hash expires: write time + its TTL (never last seen +
+            // TTL for the late offline rewrites, which would already have passed).
+            assert!(
+                score >= now + ttl - 1_000 && score <= after + ttl,
+                "{member}: score {score}, expected about now + {ttl}"
+            );
+        }
+    }
+}
+
+async fn fleet_pages_across_pages(ctx: Ctx) {
+    let store = &*ctx.store;
+    // 25 devices: every 3rd offline, every 4th (not offline) in a session.
+    let state = |i: usize| match i {
+        _ if i.is_multiple_of(3) => PresenceState::Offline,
+        _ if i.is_multiple_of(4) => PresenceState::InSession,
+        _ => PresenceState::Online,
+    };
+    let records: Vec<_> = (0..25)
+        .rev()
+        .map(|i| record(&mac(i), state(i), "node-a"))
+        .collect();
+    store.write(&records, TTLS).await.unwrap();
+    let offline = (0..25)
+        .filter(|&i| state(i) == PresenceState::Offline)
+        .count();
+    let in_session = (0..25)
+        .filter(|&i| state(i) == PresenceState::InSession)
+        .count();
+
+    let walk = |mut query: FleetQuery| async move {
+        let mut pages = Vec::new();
+        let mut total = None;
+        loop {
+            let page = fleet(store, query.clone()).await;
+            assert_eq!(page.counts, counts(25 - offline, in_session, offline));
+            assert!(total.is_none_or(|t| t == page.total), "total is stable");
+            total = Some(page.total);
+            pages.push(macs_of(&page));
+            match page.next {
+                Some(next) => {
+                    assert_eq!(Some(&next), pages.last().unwrap().last());
+                    query.after = Some(next);
+                }
+                None => break,
+            }
+        }
+        let total = total.unwrap();
+        assert_eq!(pages.iter().map(Vec::len).sum::<usize>(), total);
+        pages
+    };
+    let pages = walk(FleetQuery {
+        limit: 10,
+        ..FleetQuery::default()
+    })
+    .await;
+    assert_eq!(
+        pages.iter().map(Vec::len).collect::<Vec<_>>(),
+        vec![10, 10, 5]
+    );
+    assert_eq!(pages.concat(), (0..25).map(mac).collect::<Vec<_>>());
+    // Offline devices, 3 at a time.
+    let pages = walk(FleetQuery {
+        state: Some(PresenceState::Offline),
+        limit: 3,
+        ..FleetQuery::default()
+    })
+    .await;
+    assert_eq!(
+        pages.concat(),
+        (0..25).filter(|i| i % 3 == 0).map(mac).collect::<Vec<_>>()
+    );
+    assert_eq!(pages.len(), 3);
+    // A search, 4 at a time, matching only client ids (which spell MACs with `_`):
+    // MACs ...:00:10 to ...:00:18.
+    let pages = walk(FleetQuery {
+        q: Some("C2_00_00_1".into()),
+        limit: 4,
+        ..FleetQuery::default()
+    })
+    .await;
+    assert_eq!(pages.concat(), (16..25).map(mac).collect::<Vec<_>>());
+}
+
+async fn fleet_drops_expired_connected_entries(ctx: Ctx) {
+    let store = &*ctx.store;
+    let short = Ttls {
+        connected: Duration::from_millis(400),
+        offline: Duration::from_secs(600),
+    };
+    store
+        .write(
+            &[
+                record(&mac(1), PresenceState::Online, "node-a"),
+                record(&mac(2), PresenceState::InSession, "node-a"),
+                record(&mac(3), PresenceState::Offline, "node-a"),
+            ],
+            short,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        fleet(store, FleetQuery::default()).await.counts,
+        counts(2, 1, 1)
+    );
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_millis(900) {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        store
+            .heartbeat("node-a", &[mac(2)], now_ms(), short)
+            .await
+            .unwrap();
+    }
+    let page = fleet(store, FleetQuery::default()).await;
+    assert_eq!(macs_of(&page), vec![mac(2), mac(3)], "mac 1 expired");
+    assert_eq!(page.counts, counts(1, 1, 1));
+    assert_eq!(page.total, 2);
+
+    if let Some(mut raw) = ctx.raw {
+        // fleet pruned the expired member; the heartbeat kept mac 2's score current.
+        let known = known_set(&mut raw).await;
+        let members: Vec<&str> = known.iter().map(|(m, _)| m.as_str()).collect();
+        assert_eq!(members, vec![mac(2).as_str(), mac(3).as_str()]);
+        assert!(known[0].1 > now_ms(), "heartbeat refreshed the known score");
+    }
+}
+
+async fn fleet_ignores_a_refused_offline_write(ctx: Ctx) {
+    let store = &*ctx.store;
+    let on_a = record(&mac(1), PresenceState::Online, "node-a");
+    store
+        .write(std::slice::from_ref(&on_a), TTLS)
+        .await
+        .unwrap();
+    let before = match &ctx.raw {
+        Some(raw) => known_set(&mut raw.clone()).await,
+        None => Vec::new(),
+    };
+    // Node B reports the device gone: refused, A holds it.
+    let mut off_b = record(&mac(1), PresenceState::Offline, "node-b");
+    off_b.last_seen_ms += 10_000;
+    store.write(&[off_b], TTLS).await.unwrap();
+
+    let page = fleet(store, FleetQuery::default()).await;
+    assert_eq!(page.devices, vec![on_a.clone()]);
+    assert_eq!(page.counts, counts(1, 0, 0));
+    let offline = fleet(
+        store,
+        FleetQuery {
+            state: Some(PresenceState::Offline),
+            ..FleetQuery::default()
+        },
+    )
+    .await;
+    assert_eq!((offline.total, offline.devices.len()), (0, 0));
+
+    // After A's own offline write the device is listed as offline, once.
+    let off_a = record(&mac(1), PresenceState::Offline, "node-a");
+    store
+        .write(std::slice::from_ref(&off_a), TTLS)
+        .await
+        .unwrap();
+    let page = fleet(store, FleetQuery::default()).await;
+    assert_eq!(page.devices, vec![off_a]);
+    assert_eq!(page.counts, counts(0, 0, 1));
+
+    if let Some(mut raw) = ctx.raw {
+        // The refused write did not rescore the entry with B's offline TTL.
+        assert_eq!(before.len(), 1);
+        assert!(before[0].1 <= now_ms() + 60_000, "connected score");
+        let after = known_set(&mut raw).await;
+        assert_eq!(after.len(), 1);
+        assert!(after[0].1 > now_ms() + 590_000, "A's offline score");
+    }
+}
+
+#[tokio::test]
+async fn redis_fleet_records_the_refused_write_nowhere() {
+    // Checked between the refused write and anything else touching the entry.
+    with_redis(|ctx| async move {
+        let mut raw = ctx.raw.unwrap();
+        let store = &*ctx.store;
+        let on_a = record(&mac(1), PresenceState::Online, "node-a");
+        store
+            .write(std::slice::from_ref(&on_a), TTLS)
+            .await
+            .unwrap();
+        let before = known_set(&mut raw).await;
+        store
+            .write(&[record(&mac(1), PresenceState::Offline, "node-b")], TTLS)
+            .await
+            .unwrap();
+        assert_eq!(known_set(&mut raw).await, before);
+        let ttl: i64 = raw
+            .con
+            .pttl(format!("{}dev:{}", raw.prefix, mac(1)))
+            .await
+            .unwrap();
+        assert!(ttl <= 60_000, "still the connected TTL, got {ttl} ms");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn redis_fleet_without_the_known_set_shows_connected_devices() {
+    // A deployment older than `P known`: connected devices show (from `P online`),
+    // offline ones as soon as they are written again.
+    with_redis(|ctx| async move {
+        let mut raw = ctx.raw.unwrap();
+        let store = &*ctx.store;
+        let off = record(&mac(3), PresenceState::Offline, "node-a");
+        store
+            .write(
+                &[
+                    record(&mac(1), PresenceState::Online, "node-a"),
+                    record(&mac(2), PresenceState::InSession, "node-b"),
+                    off.clone(),
+                ],
+                TTLS,
+            )
+            .await
+            .unwrap();
+        let _: () = raw.con.del(format!("{}known", raw.prefix)).await.unwrap();
+        let page = fleet(store, FleetQuery::default()).await;
+        assert_eq!(macs_of(&page), vec![mac(1), mac(2)]);
+        assert_eq!(page.counts, counts(2, 1, 0));
+
+        // Heartbeats and writes fill the set in again.
+        store
+            .heartbeat("node-a", &[mac(1)], now_ms(), TTLS)
+            .await
+            .unwrap();
+        store.write(&[off], TTLS).await.unwrap();
+        let page = fleet(store, FleetQuery::default()).await;
+        assert_eq!(macs_of(&page), vec![mac(1), mac(2), mac(3)]);
+        assert_eq!(page.counts, counts(2, 1, 1));
+        let known: Vec<String> = known_set(&mut raw)
+            .await
+            .into_iter()
+            .map(|(m, _)| m)
+            .collect();
+        assert_eq!(known.len(), 2);
+        assert!(known.contains(&mac(1)) && known.contains(&mac(3)));
+
+        // A restart reconcile puts what it marks offline in the set too.
+        let _: () = raw.con.del(format!("{}known", raw.prefix)).await.unwrap();
+        assert_eq!(store.reconcile("node-b", now_ms(), TTLS).await.unwrap(), 1);
+        let known = known_set(&mut raw).await;
+        assert_eq!(known.len(), 1);
+        assert_eq!(known[0].0, mac(2));
+        assert!(known[0].1 > now_ms() + 590_000, "offline TTL");
+        let page = fleet(store, FleetQuery::default()).await;
+        assert_eq!(page.counts, counts(1, 0, 1));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn redis_fleet_skips_a_malformed_entry() {
+    with_redis(|ctx| async move {
+        let mut raw = ctx.raw.unwrap();
+        let store = &*ctx.store;
+        store
+            .write(
+                &[
+                    record(&mac(1), PresenceState::Online, "node-a"),
+                    record(&mac(2), PresenceState::Offline, "node-a"),
+                ],
+                TTLS,
+            )
+            .await
+            .unwrap();
+        let dev = format!("{}dev:{}", raw.prefix, mac(2));
+        let _: () = raw.con.hset(&dev, "state", "asleep").await.unwrap();
+        let page = fleet(store, FleetQuery::default()).await;
+        assert_eq!(macs_of(&page), vec![mac(1)]);
+        assert_eq!(page.counts, counts(1, 0, 0));
+    })
+    .await;
+}
+
+// Multi-threaded, as the gateway runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_of_10000_devices() {
+    const N: usize = 10_000;
+    // 9,000 connected (every 4th of them in a session) and 1,000 offline.
+    let records: Vec<PresenceRecord> = (0..N)
+        .map(|i| {
+            let state = match i {
+                _ if i % 10 == 9 => PresenceState::Offline,
+                _ if i.is_multiple_of(4) => PresenceState::InSession,
+                _ => PresenceState::Online,
+            };
+            let mut r = record(&mac(i), state, "node-a");
+            r.board = Some("bread-compact-wifi".into());
+            r.firmware = Some(if i == 4242 { "1.8.0-rc1" } else { "1.7.6" }.into());
+            if state == PresenceState::InSession {
+                r.session_id = Some(format!("session-{i}"));
+                r.session_since_ms = Some(r.last_seen_ms);
+            }
+            r
+        })
+        .collect();
+    let expected = counts(
+        9_000,
+        (0..N).filter(|i| i % 10 != 9 && i % 4 == 0).count(),
+        1_000,
+    );
+
+    async fn measure(backend: &str, store: &dyn PresenceStore, expected: FleetCounts) {
+        let mut timings = Vec::new();
+        for _ in 0..3 {
+            let start = Instant::now();
+            let page = fleet(
+                store,
+                FleetQuery {
+                    limit: 100,
+                    ..FleetQuery::default()
+                },
+            )
+            .await;
+            timings.push(start.elapsed());
+            assert_eq!(page.counts, expected);
+            assert_eq!((page.total, page.devices.len()), (N, 100));
+            assert_eq!(page.next, Some(mac(99)));
+        }
+        let start = Instant::now();
+        let page = fleet(
+            store,
+            FleetQuery {
+                q: Some("1.8.0-RC".into()),
+                ..FleetQuery::default()
+            },
+        )
+        .await;
+        let search = start.elapsed();
+        assert_eq!(macs_of(&page), vec![mac(4242)]);
+        let start = Instant::now();
+        let page = fleet(
+            store,
+            FleetQuery {
+                state: Some(PresenceState::Offline),
+                after: Some(mac(N - 200)),
+                limit: 100,
+                ..FleetQuery::default()
+            },
+        )
+        .await;
+        let last = start.elapsed();
+        assert_eq!(page.devices.len(), 20);
+        assert_eq!(page.next, None);
+        println!(
+            "presence: {backend} fleet over {N} devices, limit 100: {timings:?}; \
+             search {search:?}; last offline page {last:?}"
+        );
+        // Generous: a loaded debug build on a shared machine must not flake.
+        for took in timings.iter().chain([&search, &last]) {
+            assert!(*took < Duration::from_secs(3), "fleet took {took:?}");
+        }
+    }
+
+    let memory = MemoryPresence::new();
+    memory.write(&records, TTLS).await.unwrap();
+    measure("memory", &memory, expected).await;
+
+    with_redis(move |ctx| async move {
+        let store = &*ctx.store;
+        for batch in records.chunks(500) {
+            store.write(batch, TTLS).await.unwrap();
+        }
+        measure("redis", store, expected).await;
+    })
+    .await;
+}
+
 async fn ping_answers(ctx: Ctx) {
     ctx.store.ping().await.unwrap();
     let expected = if ctx.raw.is_some() { "redis" } else { "memory" };
@@ -677,10 +1201,11 @@ async fn closed_port() -> u16 {
 async fn assert_all_calls_fail_within(store: &RedisPresence, bound: Duration) -> Duration {
     let mut slowest = Duration::ZERO;
     let r = record(&mac(1), PresenceState::Online, "node-a");
-    for call in 0..6 {
+    for call in 0..7 {
         let start = Instant::now();
         let failed = match call {
             0 => store.ping().await.is_err(),
+            6 => store.fleet(&FleetQuery::default(), now_ms()).await.is_err(),
             1 => store.write(std::slice::from_ref(&r), TTLS).await.is_err(),
             2 => store.get(&mac(1)).await.is_err(),
             3 => store.list(&all()).await.is_err(),

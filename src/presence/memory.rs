@@ -7,13 +7,16 @@
 //! visibility differs (this node's process, nobody else).
 //!
 //! Entries live in one map keyed by the colon-form MAC, each with the instant it
-//! expires. An expired entry reads as absent at once and is dropped on the next write
-//! or list, so memory stays bounded by the devices seen within the offline retention.
+//! expires. An expired entry reads as absent at once and is dropped on the next write,
+//! list or fleet read, so memory stays bounded by the devices seen within the offline
+//! retention. Offline entries stay in the map (with the offline TTL) for "last seen"
+//! and the fleet view.
 
 use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use super::fleet::{FleetPage, FleetQuery, fleet_page};
 use super::{PresenceError, PresencePage, PresenceQuery, PresenceRecord, PresenceStore, Ttls};
 
 /// Presence kept in this process (see the module docs).
@@ -154,6 +157,19 @@ impl PresenceStore for MemoryPresence {
         };
         matching.sort_unstable_by(|a, b| a.mac_address.cmp(&b.mac_address));
         Ok(page(matching, query))
+    }
+
+    /// Expiry here is by this process's monotonic clock (as for `get`), so `now_ms` is
+    /// not needed.
+    async fn fleet(&self, query: &FleetQuery, _now_ms: i64) -> Result<FleetPage, PresenceError> {
+        let now = Instant::now();
+        let mut entries = self.entries();
+        purge_expired(&mut entries, now);
+        // One linear pass under the lock; only the page's records are cloned.
+        Ok(fleet_page(
+            entries.values().map(|entry| &entry.record),
+            query,
+        ))
     }
 
     async fn ping(&self) -> Result<(), PresenceError> {
@@ -365,6 +381,45 @@ mod tests {
         }
         assert_eq!(pages, 3);
         assert_eq!(seen, (0..25).map(mac).collect::<Vec<_>>());
+    }
+
+    #[tokio::test]
+    async fn fleet_shows_offline_entries_and_drops_expired_ones() {
+        let store = MemoryPresence::new();
+        let short = Ttls {
+            connected: Duration::from_millis(20),
+            offline: Duration::from_secs(600),
+        };
+        store
+            .write(
+                &[
+                    record(&mac(1), PresenceState::Online, "a"),
+                    record(&mac(2), PresenceState::Offline, "a"),
+                ],
+                short,
+            )
+            .await
+            .unwrap();
+        store
+            .write(&[record(&mac(3), PresenceState::InSession, "a")], TTLS)
+            .await
+            .unwrap();
+        let all = FleetQuery::default();
+        let page = store.fleet(&all, 0).await.unwrap();
+        assert_eq!(page.total, 3);
+        assert_eq!(
+            (
+                page.counts.connected,
+                page.counts.in_session,
+                page.counts.offline
+            ),
+            (2, 1, 1)
+        );
+        tokio::time::sleep(Duration::from_millis(40)).await;
+        let page = store.fleet(&all, 0).await.unwrap();
+        let macs: Vec<_> = page.devices.iter().map(|r| r.mac_address.clone()).collect();
+        assert_eq!(macs, vec![mac(2), mac(3)]);
+        assert_eq!(store.entries().len(), 2, "the expired entry is purged");
     }
 
     #[test]

@@ -15,7 +15,13 @@
 //! transition is ever queued behind a slow store), writes them in batches, refreshes the
 //! TTLs of this node's devices on a heartbeat, and rewrites everything after the store
 //! comes back from an outage.
+//!
+//! Readers get one device ([`PresenceStore::get`]), a page of connected devices
+//! ([`PresenceStore::list`], for admin commands) or the fleet view with offline devices
+//! still remembered and counts ([`PresenceStore::fleet`], for the web console; the
+//! filtering and paging are the pure [`fleet::fleet_page`]).
 
+pub mod fleet;
 pub mod hints;
 pub mod memory;
 pub mod redis;
@@ -26,6 +32,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::protocol::mac::Mac;
+use fleet::{FleetPage, FleetQuery};
 
 /// What a device is doing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -210,6 +217,12 @@ pub trait PresenceStore: Send + Sync + 'static {
 
     /// Connected devices matching the query, sorted by MAC, one page.
     async fn list(&self, query: &PresenceQuery) -> Result<PresencePage, PresenceError>;
+
+    /// Every device the store remembers, connected or offline, as one page of the fleet
+    /// view with counts ([`fleet::fleet_page`] over the live entries). A connected entry
+    /// whose TTL ran out reads as absent, as for [`get`](PresenceStore::get); `now_ms`
+    /// (unix ms) is the clock for backends that expire entries by wall-clock scores.
+    async fn fleet(&self, query: &FleetQuery, now_ms: i64) -> Result<FleetPage, PresenceError>;
 
     /// Whether the store answers (for readiness).
     async fn ping(&self) -> Result<(), PresenceError>;

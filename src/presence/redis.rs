@@ -13,6 +13,7 @@
 //! |---|---|---|
 //! | `P dev:<mac>` | hash | `state` (`offline`/`online`/`in_session`), `node`, `client_id`, `group`, `remote`, `connected_at_ms`, `last_seen_ms`, and when known `board`, `firmware`, `session_id`, `session_since_ms` (absent fields are not stored). Expires (`PEXPIRE`) after the connected TTL (online, in_session; refreshed by heartbeats) or the offline TTL (offline, kept for "last seen"). |
 //! | `P online` | sorted set | member: MAC of a connected device; score: unix ms its entry expires (last write or heartbeat + connected TTL). Members whose score has passed are stale and are pruned by `list`. |
+//! | `P known` | sorted set | member: MAC of every device with an entry, connected or offline; score: unix ms its `dev:` hash expires (the writer's clock: the later of now and `last_seen_ms`, plus the TTL the hash took). Kept by the write, heartbeat and reconcile scripts; read (and members whose score has passed pruned) by `fleet`. A refused offline write leaves it alone. Deployments older than this set have none: `fleet` then shows the connected devices (it also reads `P online`) and each offline device once it is written again. |
 //! | `P node:<node>` | set | MACs the node holds as connected (what a restarted node must mark offline). Expires after the connected TTL, refreshed by the node's writes and heartbeats. |
 //! | `P nodes` | sorted set | member: node id; score: unix ms of its latest heartbeat (or restart). For operators and scale-out. |
 //!
@@ -35,9 +36,11 @@
 //! bounded by the configured timeout, connection attempts included: a Redis that is
 //! down, refusing or stuck turns into an error within about that time, never a hang.
 //!
-//! `list` decides which entries have expired with this host's clock (the scores are
-//! computed from the writers' clocks too), so nodes' clocks should be roughly in sync
-//! (NTP); a skew only shifts when a crashed node's devices disappear from listings.
+//! `list` and `fleet` decide which entries have expired with this host's clock (the
+//! scores are computed from the writers' clocks too), so nodes' clocks should be roughly
+//! in sync (NTP); a skew only shifts when a crashed node's devices disappear from
+//! listings. The hash itself expires by Redis's clock, and `fleet` shows only what the
+//! hash holds, so a skew never shows an expired connected entry.
 
 use std::collections::HashMap;
 use std::io;
@@ -48,12 +51,14 @@ use ::redis::{
     Client, ErrorKind, FromRedisValue, Pipeline, RedisError, Script, ServerErrorKind, Value,
 };
 
+use super::fleet::{FleetPage, FleetQuery, fleet_page};
 use super::{
     PresenceError, PresencePage, PresenceQuery, PresenceRecord, PresenceState, PresenceStore, Ttls,
 };
 
-/// Writes one record. KEYS: dev hash, online zset, the record node's set.
-/// ARGV: mac, state, node, ttl ms, online deadline ms, then field/value pairs.
+/// Writes one record. KEYS: dev hash, online zset, the record node's set, known zset.
+/// ARGV: mac, state, node, ttl ms, online deadline ms, known deadline ms (when the hash
+/// expires), then field/value pairs.
 /// Returns 1 if written, 0 if an offline write was refused (entry of another node).
 const WRITE_LUA: &str = r"
 local connected = ARGV[2] ~= 'offline'
@@ -66,8 +71,9 @@ if not connected then
   end
 end
 redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], unpack(ARGV, 6))
+redis.call('HSET', KEYS[1], unpack(ARGV, 7))
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
+redis.call('ZADD', KEYS[4], ARGV[6], ARGV[1])
 if connected then
   redis.call('ZADD', KEYS[2], ARGV[5], ARGV[1])
   redis.call('SADD', KEYS[3], ARGV[1])
@@ -78,8 +84,9 @@ end
 return 1
 ";
 
-/// Refreshes one device. KEYS: dev hash, online zset. ARGV: node, now ms, ttl ms,
-/// online deadline ms, mac. Returns 1 if refreshed, 0 if not this node's connected entry.
+/// Refreshes one device. KEYS: dev hash, online zset, known zset. ARGV: node, now ms,
+/// ttl ms, deadline ms (online and known), mac. Returns 1 if refreshed, 0 if not this
+/// node's connected entry.
 const HEARTBEAT_LUA: &str = r"
 local stored = redis.call('HMGET', KEYS[1], 'node', 'state')
 if stored[1] ~= ARGV[1] or not stored[2] or stored[2] == 'offline' then
@@ -88,11 +95,13 @@ end
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 redis.call('HSET', KEYS[1], 'last_seen_ms', ARGV[2])
 redis.call('ZADD', KEYS[2], ARGV[4], ARGV[5])
+redis.call('ZADD', KEYS[3], ARGV[4], ARGV[5])
 return 1
 ";
 
 /// Marks offline what a restarted node held. KEYS: the node's set, online zset, nodes
-/// zset. ARGV: node, now ms, offline ttl ms, dev key prefix (`P dev:`).
+/// zset, known zset. ARGV: node, now ms, offline ttl ms, dev key prefix (`P dev:`),
+/// known deadline ms (now + offline ttl).
 /// Returns how many entries were marked.
 const RECONCILE_LUA: &str = r"
 local count = 0
@@ -104,6 +113,7 @@ for _, mac in ipairs(redis.call('SMEMBERS', KEYS[1])) do
     redis.call('HSET', key, 'state', 'offline', 'last_seen_ms', ARGV[2])
     redis.call('PEXPIRE', key, ARGV[3])
     redis.call('ZREM', KEYS[2], mac)
+    redis.call('ZADD', KEYS[4], ARGV[5], mac)
     count = count + 1
   end
 end
@@ -112,7 +122,7 @@ redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
 return count
 ";
 
-/// Entries fetched per round trip by `list`.
+/// Entries fetched per round trip by `list` and `fleet`.
 const LIST_CHUNK: usize = 1000;
 
 /// Reconnection attempts per connection (after the first), and the first backoff.
@@ -184,6 +194,45 @@ impl RedisPresence {
 
     fn nodes_key(&self) -> String {
         format!("{}nodes", self.prefix)
+    }
+
+    fn known_key(&self) -> String {
+        format!("{}known", self.prefix)
+    }
+
+    /// The entries of `macs` that `keep` accepts, in the order of `macs`, fetched with
+    /// `HGETALL` in slices of [`LIST_CHUNK`] (one round trip each, so each stays small
+    /// and within the timeout however many devices there are). Missing entries are left
+    /// out; a malformed one is skipped with a warning naming `reader` (one bad entry
+    /// must not hide every other device). Redis failing is an error.
+    async fn records(
+        &self,
+        macs: &[String],
+        reader: &'static str,
+        keep: impl Fn(&PresenceRecord) -> bool + Send + Sync,
+    ) -> Result<Vec<PresenceRecord>, PresenceError> {
+        let mut records = Vec::with_capacity(macs.len());
+        for chunk in macs.chunks(LIST_CHUNK) {
+            let keys: Vec<String> = chunk.iter().map(|mac| self.dev_key(mac)).collect();
+            let mut pipe = Pipeline::with_capacity(keys.len());
+            for key in &keys {
+                pipe.cmd("HGETALL").arg(key);
+            }
+            // Per-key errors come back as values: one bad key must not fail the read.
+            pipe.ignore_errors();
+            let replies: Vec<Value> = self.query(&pipe).await?;
+            for ((key, mac), reply) in keys.iter().zip(chunk).zip(replies) {
+                match parse_record(key, mac, reply) {
+                    Ok(Some(record)) if keep(&record) => records.push(record),
+                    Ok(_) => {}
+                    Err(error @ PresenceError::Malformed { .. }) => {
+                        tracing::warn!(%error, "presence {reader} skips an entry");
+                    }
+                    Err(error) => return Err(error),
+                }
+            }
+        }
+        Ok(records)
     }
 
     /// Runs `pipe` within the timeout (connecting included). A pipeline calling a script
@@ -341,6 +390,8 @@ impl PresenceStore for RedisPresence {
         let online = self.online_key();
         let connected_ms = millis(ttls.connected);
         let offline_ms = millis(ttls.offline);
+        let known = self.known_key();
+        let now = unix_ms_now();
         let mut pipe = Pipeline::with_capacity(records.len());
         for record in records {
             let mac = &record.mac_address;
@@ -350,17 +401,22 @@ impl PresenceStore for RedisPresence {
                 offline_ms
             };
             let deadline = record.last_seen_ms.saturating_add(connected_ms);
+            // The hash expires `ttl_ms` after this write, whenever the record was made
+            // (a record rewritten after an outage may be old): never score it earlier.
+            let expires = now.max(record.last_seen_ms).saturating_add(ttl_ms);
             let keys = [
                 self.dev_key(mac),
                 online.clone(),
                 self.node_key(&record.node),
+                known.clone(),
             ];
             evalsha(&mut pipe, &self.write, &keys.each_ref().map(String::as_str));
             pipe.arg(mac)
                 .arg(record.state.as_str())
                 .arg(&record.node)
                 .arg(ttl_ms)
-                .arg(deadline);
+                .arg(deadline)
+                .arg(expires);
             for (name, value) in fields(record) {
                 pipe.arg(name).arg(value);
             }
@@ -376,13 +432,13 @@ impl PresenceStore for RedisPresence {
         now_ms: i64,
         ttls: Ttls,
     ) -> Result<(), PresenceError> {
-        let online = self.online_key();
+        let (online, known) = (self.online_key(), self.known_key());
         let ttl_ms = millis(ttls.connected);
         let deadline = now_ms.saturating_add(ttl_ms);
         let mut pipe = Pipeline::with_capacity(macs.len() + 2);
         for mac in macs {
             let dev = self.dev_key(mac);
-            evalsha(&mut pipe, &self.heartbeat, &[&dev, &online]);
+            evalsha(&mut pipe, &self.heartbeat, &[&dev, &online, &known]);
             pipe.arg(node)
                 .arg(now_ms)
                 .arg(ttl_ms)
@@ -403,13 +459,20 @@ impl PresenceStore for RedisPresence {
     }
 
     async fn reconcile(&self, node: &str, now_ms: i64, ttls: Ttls) -> Result<usize, PresenceError> {
-        let (set, online, nodes) = (self.node_key(node), self.online_key(), self.nodes_key());
+        let (set, online, nodes, known) = (
+            self.node_key(node),
+            self.online_key(),
+            self.nodes_key(),
+            self.known_key(),
+        );
+        let offline_ms = millis(ttls.offline);
         let mut pipe = Pipeline::new();
-        evalsha(&mut pipe, &self.reconcile, &[&set, &online, &nodes]);
+        evalsha(&mut pipe, &self.reconcile, &[&set, &online, &nodes, &known]);
         pipe.arg(node)
             .arg(now_ms)
-            .arg(millis(ttls.offline))
-            .arg(self.dev_key(""));
+            .arg(offline_ms)
+            .arg(self.dev_key(""))
+            .arg(now_ms.saturating_add(offline_ms));
         let (count,): (i64,) = self.query(&pipe).await?;
         Ok(usize::try_from(count).unwrap_or(0))
     }
@@ -442,36 +505,37 @@ impl PresenceStore for RedisPresence {
             let prefix = prefix.to_ascii_lowercase();
             macs.retain(|mac| mac.starts_with(&prefix));
         }
-        if macs.is_empty() {
-            return Ok(super::memory::page(Vec::new(), query));
-        }
-
-        let mut matching = Vec::with_capacity(macs.len());
-        // In slices, so that each round trip stays small and within the timeout however
-        // many devices are connected.
-        for chunk in macs.chunks(LIST_CHUNK) {
-            let keys: Vec<String> = chunk.iter().map(|mac| self.dev_key(mac)).collect();
-            let mut pipe = Pipeline::with_capacity(keys.len());
-            for key in &keys {
-                pipe.cmd("HGETALL").arg(key);
-            }
-            // Per-key errors come back as values: one bad key must not fail the listing.
-            pipe.ignore_errors();
-            let replies: Vec<Value> = self.query(&pipe).await?;
-            for ((key, mac), reply) in keys.iter().zip(chunk).zip(replies) {
-                // One bad entry must not hide every other device: skip it, loudly.
-                match parse_record(key, mac, reply) {
-                    Ok(Some(record)) if query.matches(&record) => matching.push(record),
-                    Ok(_) => {}
-                    Err(error @ PresenceError::Malformed { .. }) => {
-                        tracing::warn!(%error, "presence list skips an entry");
-                    }
-                    Err(error) => return Err(error),
-                }
-            }
-        }
+        let mut matching = self
+            .records(&macs, "list", |record| query.matches(record))
+            .await?;
         matching.sort_unstable_by(|a, b| a.mac_address.cmp(&b.mac_address));
         Ok(super::memory::page(matching, query))
+    }
+
+    async fn fleet(&self, query: &FleetQuery, now_ms: i64) -> Result<FleetPage, PresenceError> {
+        let (known, online) = (self.known_key(), self.online_key());
+        let live = format!("({now_ms}");
+        let mut pipe = Pipeline::new();
+        pipe.cmd("ZRANGEBYSCORE").arg(&known).arg(&live).arg("+inf");
+        // Connected devices of nodes that predate the known set (a rolling upgrade):
+        // normally all of them are known already, and the union below drops the repeats.
+        pipe.cmd("ZRANGEBYSCORE")
+            .arg(&online)
+            .arg(&live)
+            .arg("+inf");
+        pipe.cmd("ZREMRANGEBYSCORE")
+            .arg(&known)
+            .arg("-inf")
+            .arg(now_ms)
+            .ignore();
+        let (mut macs, connected): (Vec<String>, Vec<String>) = self.query(&pipe).await?;
+        macs.extend(connected);
+        macs.sort_unstable();
+        macs.dedup();
+        // Every entry counts, so all are read; the hash is the truth (an entry expired
+        // since its score was set is simply missing).
+        let records = self.records(&macs, "fleet", |_| true).await?;
+        Ok(fleet_page(&records, query))
     }
 
     async fn ping(&self) -> Result<(), PresenceError> {
