@@ -78,6 +78,23 @@ enum Command {
     /// echoing xiaozhi-server stand-in). See docs/benchmarks.md.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Try the web console: a gateway with a mock speech server and a few simulated
+    /// devices that keep talking (chat history in SQLite under ./xiaozhi-demo/ unless
+    /// history.database_url is set). Prints the console's address and token.
+    Demo(DemoArgs),
+}
+
+#[derive(Args)]
+struct DemoArgs {
+    /// Simulated devices.
+    #[arg(long, default_value_t = 3)]
+    devices: u32,
+    /// Turns per conversation.
+    #[arg(long, default_value_t = 2)]
+    turns: u32,
+    /// Seconds each device pauses between conversations.
+    #[arg(long, default_value_t = 20)]
+    pause: u64,
 }
 
 #[derive(Args)]
@@ -134,6 +151,28 @@ struct BenchHistoryArgs {
     database_url: String,
     #[arg(long, default_value_t = 50_000)]
     records: u64,
+    /// Fill instead of measuring the writer: write `--records` rows for `--devices`
+    /// devices, user and assistant taking turns in sessions spread over the last `--days`
+    /// days, with multi-row INSERTs, and leave them in the database.
+    #[arg(long)]
+    fill: bool,
+    /// With `--fill`: how many devices the rows belong to.
+    #[arg(long, default_value_t = 1000, requires = "fill")]
+    devices: u32,
+    /// With `--fill`: sessions start within this many days before now.
+    #[arg(long, default_value_t = 30, requires = "fill")]
+    days: u32,
+    /// With `--fill`: the zone the times are written in, as `history.utc_offset_minutes`.
+    #[arg(
+        long,
+        default_value_t = 480,
+        allow_hyphen_values = true,
+        requires = "fill"
+    )]
+    utc_offset_minutes: i32,
+    /// With `--fill`: seeds the generated devices, sessions and texts.
+    #[arg(long, default_value_t = 1, requires = "fill")]
+    seed: u64,
     /// Records per transaction at most.
     #[arg(long, default_value_t = 256)]
     batch: usize,
@@ -318,6 +357,33 @@ fn main() -> ExitCode {
             tracing_subscriber::fmt()
                 .with_env_filter(EnvFilter::new("warn"))
                 .init();
+            if args.fill {
+                let config = xiaozhi_gateway::history::bench::FillConfig {
+                    database_url: args.database_url,
+                    rows: args.records,
+                    devices: args.devices,
+                    days: args.days,
+                    utc_offset_minutes: args.utc_offset_minutes,
+                    seed: args.seed,
+                };
+                return match runtime.block_on(xiaozhi_gateway::history::bench::fill(config)) {
+                    Ok(report) if args.json => {
+                        println!(
+                            "{}",
+                            serde_json::to_string_pretty(&report).unwrap_or_default()
+                        );
+                        ExitCode::SUCCESS
+                    }
+                    Ok(report) => {
+                        println!("{report}");
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        ExitCode::FAILURE
+                    }
+                };
+            }
             let config = xiaozhi_gateway::history::bench::BenchConfig {
                 database_url: args.database_url,
                 records: args.records,
@@ -344,6 +410,13 @@ fn main() -> ExitCode {
         }
         Command::Migrate => match load_config(&cli.config) {
             Ok(config) => runtime.block_on(migrate(config)),
+            Err(code) => code,
+        },
+        Command::Demo(args) => match load_admin_config(&cli.config) {
+            Ok(config) => {
+                init_logging(&config);
+                runtime.block_on(demo(config, args))
+            }
             Err(code) => code,
         },
         Command::MockUpstream(args) => {
@@ -701,6 +774,97 @@ async fn wait_for_signal() {
     }
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
+}
+
+async fn demo(mut config: Config, args: DemoArgs) -> ExitCode {
+    use xiaozhi_gateway::simulator::demo::{DemoDevice, demo_dialogue};
+    use xiaozhi_gateway::simulator::device::DeviceCredentials;
+
+    const FRAMES_PER_TURN: u32 = 10;
+    let mock = match MockUpstream::start_on(
+        ([127, 0, 0, 1], 0).into(),
+        MockUpstreamConfig {
+            frames_per_turn: FRAMES_PER_TURN,
+            reply_frames: 10,
+            paced: true,
+            dialogue: demo_dialogue(),
+            ..MockUpstreamConfig::default()
+        },
+    )
+    .await
+    {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("error: cannot start the mock speech server: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let defaults = Config::default();
+    if config.history.database_url == defaults.history.database_url {
+        config.history.database_url = "sqlite://xiaozhi-demo/history.db".into();
+    }
+    if config.history.journal_dir == defaults.history.journal_dir {
+        config.history.journal_dir = "xiaozhi-demo/journal".into();
+    }
+    config.history.enabled = true;
+    let token = config
+        .history
+        .api_token
+        .get_or_insert_with(|| hex::encode(rand::random::<[u8; 16]>()))
+        .clone();
+    // The demo's devices sign with the configured key, or one made up for this run.
+    let key = config
+        .auth
+        .signature_key
+        .get_or_insert_with(|| format!("Demo-{}", hex::encode(rand::random::<[u8; 16]>())))
+        .clone();
+    config.auth.allow_unsigned = false;
+    config.pipeline.kind = xiaozhi_gateway::config::PipelineKind::Xiaozhi;
+    config.pipeline.xiaozhi.urls = vec![mock.url.clone()];
+    let gateway = match Gateway::start(config).await {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut http = gateway.addrs.http;
+    if http.ip().is_unspecified() {
+        http.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    let mut mqtt = gateway.addrs.mqtt;
+    if mqtt.ip().is_unspecified() {
+        mqtt.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    let stop = tokio_util::sync::CancellationToken::new();
+    let mut devices = tokio::task::JoinSet::new();
+    for n in 0..args.devices {
+        let mac = DeviceCredentials::nth_mac(n);
+        let device = DemoDevice {
+            mqtt,
+            credentials: DeviceCredentials::for_mac(mac, "GID_demo", Some(key.as_bytes())),
+            turns: args.turns.max(1),
+            frames_per_turn: FRAMES_PER_TURN,
+            pause: Duration::from_secs(args.pause) + Duration::from_millis(u64::from(n) * 1500),
+            reconnect_after: Duration::from_secs(15),
+        };
+        devices.spawn(device.run(stop.clone()));
+    }
+    println!();
+    println!("  console:  http://{http}/console/");
+    println!("  token:    {token}");
+    println!(
+        "  devices:  {} talking (MQTT {mqtt}), mock speech server {}",
+        args.devices, mock.url
+    );
+    println!();
+    println!("  Stop with Ctrl-C.");
+    wait_for_signal().await;
+    stop.cancel();
+    while devices.join_next().await.is_some() {}
+    gateway.shutdown().await;
+    mock.stop().await;
+    ExitCode::SUCCESS
 }
 
 async fn mock_upstream(args: MockUpstreamArgs) -> ExitCode {

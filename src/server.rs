@@ -309,27 +309,29 @@ impl Gateway {
                 stop_rest.clone(),
             )));
         }
+        // Admin commands run the same way from the bus and from the HTTP API.
+        let admin = Arc::new(crate::admin::executor::AdminDeps {
+            bus: broker.bus.clone(),
+            directory: directory.clone(),
+            registry: registry.clone(),
+            sessions: sessions.clone(),
+            presence: presence.clone(),
+            metrics: metrics.clone(),
+            node: config.node.id.clone(),
+            command_timeout: Duration::from_millis(config.admin.command_timeout_ms),
+            max_in_flight: config.admin.max_in_flight,
+            permits: Arc::new(tokio::sync::Semaphore::new(config.admin.max_in_flight)),
+        });
         if config.admin.enabled
             && let Some(commands) = broker.take_commands()
         {
-            let deps = crate::admin::executor::AdminDeps {
-                bus: broker.bus.clone(),
-                directory: directory.clone(),
-                registry: registry.clone(),
-                sessions: sessions.clone(),
-                presence: presence.clone(),
-                metrics: metrics.clone(),
-                node: config.node.id.clone(),
-                command_timeout: Duration::from_millis(config.admin.command_timeout_ms),
-                max_in_flight: config.admin.max_in_flight,
-            };
             background.push(tokio::spawn(crate::admin::executor::run(
-                deps,
+                admin.clone(),
                 commands,
                 stop_accepting.clone(),
             )));
         }
-        background.push(tokio::spawn(events.forward_chat(
+        background.push(tokio::spawn(events.clone().forward_chat(
             history_events.subscribe(),
             metrics.clone(),
             stop_rest.clone(),
@@ -344,6 +346,9 @@ impl Gateway {
             history_events: history_events.clone(),
             hints,
             presence: presence.clone(),
+            admin: admin.clone(),
+            events: events.clone(),
+            tickets: Default::default(),
         });
         background.push(tokio::spawn(async move {
             let serve = axum::serve(

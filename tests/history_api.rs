@@ -1,7 +1,8 @@
 //! The chat-history API and the `/ws/admin` feed over real sockets, against SQLite and
 //! real MariaDB (127.0.0.1:3306, root, no password): token checks, a recorded
 //! conversation read back, the live feed, hostile input, keyset paging while rows are
-//! inserted, streaming export of 100,000 rows, and per-day statistics.
+//! inserted, streaming export of 100,000 rows, and per-day statistics of a device and of
+//! the fleet.
 
 mod common;
 
@@ -376,6 +377,7 @@ async fn the_token_is_required_and_without_one_the_routes_are_not_served() {
     for segments in [
         path(&["devices", "aa:bb:cc:dd:ee:ff", "sessions"]),
         path(&["devices", "aa:bb:cc:dd:ee:ff", "stats"]),
+        path(&["stats"]),
         path(&["sessions", "x", "messages"]),
         path(&["audio", "00"]),
         path(&["search"]),
@@ -1645,6 +1647,319 @@ async fn stats_count_days_and_audio_seconds_sqlite() {
 #[tokio::test]
 async fn stats_count_days_and_audio_seconds_mariadb() {
     stats_count_days_and_audio_seconds(Kind::MariaDb).await;
+}
+
+fn day_rows(stats: &Value) -> Vec<DayRow> {
+    stats["days"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            (
+                d["day"].as_str().unwrap().to_owned(),
+                d["sessions"].as_i64().unwrap(),
+                d["messages"].as_i64().unwrap(),
+                d["user"].as_i64().unwrap(),
+                d["assistant"].as_i64().unwrap(),
+                d["tool"].as_i64().unwrap(),
+                d["audio_messages"].as_i64().unwrap(),
+                d["audio_seconds"].as_f64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// mac, sessions, messages, audio seconds.
+type TopRow = (String, i64, i64, f64);
+
+fn top_rows(stats: &Value) -> Vec<TopRow> {
+    stats["top_devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            assert_eq!(d.as_object().unwrap().len(), 4, "{d}");
+            (
+                d["mac_address"].as_str().unwrap().to_owned(),
+                d["sessions"].as_i64().unwrap(),
+                d["messages"].as_i64().unwrap(),
+                d["audio_seconds"].as_f64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+async fn fleet_stats_count_days_and_rank_devices(kind: Kind) {
+    let env = Env::start(kind, None).await;
+    let (a, b, c) = (
+        "02:00:00:00:04:0a",
+        "02:00:00:00:04:0b",
+        "02:00:00:00:04:0c",
+    );
+    let mut audio = HashMap::new();
+    for (name, seconds) in [("two", 2.0), ("half", 0.5), ("three", 3.0)] {
+        let id = new_id();
+        let wav = encode_wav(&vec![0i16; (16_000.0 * seconds) as usize], 16_000);
+        env.db.insert_audio(&id, &wav).await;
+        audio.insert(name, id);
+    }
+    let with_audio = |mut r: Row, name: &str| {
+        r.audio_id = Some(audio[name].clone());
+        r
+    };
+    env.db
+        .insert(&[
+            // Before and after the range: never counted.
+            row(a, "early", 1, "q", "2025-05-31 23:59:59.999"),
+            row(c, "late", 1, "q", "2025-06-05 00:00:00.000"),
+            row(c, "late", 2, "r", "2025-06-05 00:00:01.000"),
+            // Day 1: a (2 sessions), b (1). b uses a session id a uses too: two sessions.
+            with_audio(row(a, "s1", 1, "q", "2025-06-01 00:00:00.000"), "two"),
+            row(a, "s1", 2, "r", "2025-06-01 00:00:01.000"),
+            row(a, "s1", 3, "[{\"tool\":1}]", "2025-06-01 00:00:02.000"),
+            row(a, "s2", 1, "q", "2025-06-01 10:00:00.000"),
+            with_audio(row(b, "s1", 1, "q", "2025-06-01 11:00:00.000"), "three"),
+            row(b, "s1", 2, "r", "2025-06-01 11:00:01.000"),
+            // Day 2: nothing. Day 3: a's s2 goes on; c once.
+            with_audio(row(a, "s2", 2, "r", "2025-06-03 09:00:00.000"), "half"),
+            row(c, "t1", 1, "q", "2025-06-03 23:59:59.999"),
+            // Day 4: b catches up with a (5 messages each; a comes first, by MAC).
+            row(b, "s9", 1, "q", "2025-06-04 00:00:00.000"),
+            row(b, "s9", 2, "r", "2025-06-04 00:00:01.000"),
+            row(b, "s9", 1, "q", "2025-06-04 12:00:00.000"),
+        ])
+        .await;
+    let range = [("from", "2025-06-01"), ("to", "2025-06-04")];
+    let stats = env.api.ok(&path(&["stats"]), &range).await;
+    assert_eq!(
+        (&stats["from"], &stats["to"]),
+        (&json!("2025-06-01"), &json!("2025-06-04"))
+    );
+    assert_eq!(
+        day_rows(&stats),
+        [
+            ("2025-06-01".to_owned(), 3, 6, 3, 2, 1, 2, 5.0),
+            ("2025-06-02".to_owned(), 0, 0, 0, 0, 0, 0, 0.0),
+            ("2025-06-03".to_owned(), 2, 2, 1, 1, 0, 1, 0.5),
+            ("2025-06-04".to_owned(), 1, 3, 2, 1, 0, 0, 0.0),
+        ]
+    );
+    let totals = &stats["totals"];
+    assert_eq!(
+        (
+            &totals["sessions"],
+            &totals["messages"],
+            &totals["user"],
+            &totals["assistant"],
+            &totals["tool"],
+            &totals["audio_messages"],
+            &totals["audio_seconds"],
+        ),
+        (
+            &json!(6),
+            &json!(11),
+            &json!(6),
+            &json!(4),
+            &json!(1),
+            &json!(3),
+            &json!(5.5)
+        )
+    );
+    assert_eq!(
+        top_rows(&stats),
+        [
+            (a.to_owned(), 2, 5, 2.5),
+            (b.to_owned(), 2, 5, 3.0),
+            (c.to_owned(), 1, 1, 0.0),
+        ]
+    );
+    // The fleet's days are the sum of its devices' days.
+    let mut sum: Vec<DayRow> = day_rows(&stats)
+        .into_iter()
+        .map(|d| (d.0, 0, 0, 0, 0, 0, 0, 0.0))
+        .collect();
+    for mac in [a, b, c] {
+        let device = env.api.ok(&path(&["devices", mac, "stats"]), &range).await;
+        for (total, d) in sum.iter_mut().zip(day_rows(&device)) {
+            total.1 += d.1;
+            total.2 += d.2;
+            total.3 += d.3;
+            total.4 += d.4;
+            total.5 += d.5;
+            total.6 += d.6;
+            total.7 += d.7;
+        }
+    }
+    assert_eq!(sum, day_rows(&stats));
+
+    // `top` limits the list; one day narrows it.
+    let top1 = env
+        .api
+        .ok(&path(&["stats"]), &[range[0], range[1], ("top", "1")])
+        .await;
+    assert_eq!(top_rows(&top1), [(a.to_owned(), 2, 5, 2.5)]);
+    assert_eq!(top1["days"], stats["days"]);
+    let day4 = env
+        .api
+        .ok(
+            &path(&["stats"]),
+            &[("from", "2025-06-04"), ("to", "2025-06-04")],
+        )
+        .await;
+    assert_eq!(top_rows(&day4), [(b.to_owned(), 1, 3, 0.0)]);
+
+    // A range with nothing in it: every day at zero, no devices.
+    let empty = env
+        .api
+        .ok(
+            &path(&["stats"]),
+            &[("from", "2024-02-28"), ("to", "2024-03-01")],
+        )
+        .await;
+    let days: Vec<String> = day_rows(&empty).into_iter().map(|d| d.0).collect();
+    assert_eq!(days, ["2024-02-28", "2024-02-29", "2024-03-01"]);
+    assert!(day_rows(&empty).iter().all(|d| d.2 == 0 && d.1 == 0));
+    assert_eq!(empty["totals"]["messages"], 0);
+    assert_eq!(empty["top_devices"], json!([]));
+    env.finish().await;
+}
+
+#[tokio::test]
+async fn fleet_stats_count_days_and_rank_devices_sqlite() {
+    fleet_stats_count_days_and_rank_devices(Kind::Sqlite).await;
+}
+
+#[tokio::test]
+async fn fleet_stats_count_days_and_rank_devices_mariadb() {
+    fleet_stats_count_days_and_rank_devices(Kind::MariaDb).await;
+}
+
+async fn fleet_stats_top_devices_are_limited_and_ordered(kind: Kind) {
+    let env = Env::start(kind, None).await;
+    // 30 devices: device i has (i % 7) + 1 messages in session "s", so there are ties,
+    // each broken by MAC; listed in reverse so insertion order cannot help.
+    let mut rows = Vec::new();
+    let mut expected: Vec<(String, i64)> = Vec::new();
+    for i in (0..30u32).rev() {
+        let mac = format!("02:00:00:00:05:{i:02x}");
+        let n = i64::from(i % 7) + 1;
+        for m in 0..n {
+            rows.push(row(
+                &mac,
+                "s",
+                1 + m % 2,
+                "x",
+                &format!("2025-07-{:02} 12:00:{m:02}.000", 1 + i % 3),
+            ));
+        }
+        expected.push((mac, n));
+    }
+    env.db.insert(&rows).await;
+    expected.sort_by(|x, y| y.1.cmp(&x.1).then_with(|| x.0.cmp(&y.0)));
+    let range = [("from", "2025-07-01"), ("to", "2025-07-03")];
+    let listed = |stats: &Value| -> Vec<(String, i64)> {
+        top_rows(stats)
+            .into_iter()
+            .map(|(mac, sessions, messages, _)| {
+                assert_eq!(sessions, 1);
+                (mac, messages)
+            })
+            .collect()
+    };
+    // Default: 10.
+    let stats = env.api.ok(&path(&["stats"]), &range).await;
+    assert_eq!(listed(&stats), expected[..10]);
+    assert_eq!(stats["totals"]["messages"], rows.len());
+    for top in [1usize, 4, 29, 30, 100] {
+        let n = top.to_string();
+        let stats = env
+            .api
+            .ok(&path(&["stats"]), &[range[0], range[1], ("top", &n)])
+            .await;
+        assert_eq!(listed(&stats), expected[..top.min(30)], "top={top}");
+    }
+    env.finish().await;
+}
+
+#[tokio::test]
+async fn fleet_stats_top_devices_are_limited_and_ordered_sqlite() {
+    fleet_stats_top_devices_are_limited_and_ordered(Kind::Sqlite).await;
+}
+
+#[tokio::test]
+async fn fleet_stats_top_devices_are_limited_and_ordered_mariadb() {
+    fleet_stats_top_devices_are_limited_and_ordered(Kind::MariaDb).await;
+}
+
+#[tokio::test]
+async fn fleet_stats_need_the_token_refuse_bad_parameters_and_default_to_30_days() {
+    let env = Env::start(Kind::Sqlite, None).await;
+    let stats = env.api.url(&path(&["stats"]), &[]);
+    let response = env.api.send(stats.clone(), None).await;
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(response.headers()["www-authenticate"], "Bearer");
+    let response = env.api.send(stats, Some("wrong")).await;
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    let body: Value = response.json().await.unwrap();
+    assert!(body["error"].is_string());
+
+    for (query, says) in [
+        (vec![("top", "0")], "top"),
+        (vec![("top", "101")], "top"),
+        (vec![("top", "-1")], "top"),
+        (vec![("top", "ten")], "top"),
+        (vec![("top", "1e1")], "top"),
+        (vec![("from", "2025-13-01")], "from"),
+        (vec![("to", "2025-02-30")], "to"),
+        (vec![("from", "yesterday")], "from"),
+        (vec![("from", "' OR 1=1 --")], "from"),
+        (vec![("from", "2025-06-02"), ("to", "2025-06-01")], "after"),
+        (vec![("from", "2020-01-01"), ("to", "2025-01-01")], "days"),
+    ] {
+        let (status, body) = env.api.get(&path(&["stats"]), &query).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{query:?}: {body}");
+        let error = body["error"].as_str().unwrap();
+        assert!(error.contains(says), "{query:?}: {error}");
+    }
+    // 1000 days is the most.
+    let (status, _) = env
+        .api
+        .get(
+            &path(&["stats"]),
+            &[("from", "2022-01-01"), ("to", "2024-09-26")],
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _) = env
+        .api
+        .get(
+            &path(&["stats"]),
+            &[("from", "2022-01-01"), ("to", "2024-09-27")],
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+
+    // Without a range: the last 30 days up to today, in the zone history is written in,
+    // so a message written now is on the last day.
+    let offset = common::test_config().history.utc_offset_minutes;
+    let now = xiaozhi_gateway::history::writer::format_time(
+        xiaozhi_gateway::history::record::now_ms(),
+        offset,
+    );
+    env.db
+        .insert(&[row("02:00:00:00:06:01", "now", 1, "hello", &now)])
+        .await;
+    let stats = env.api.ok(&path(&["stats"]), &[]).await;
+    let days = day_rows(&stats);
+    assert_eq!(days.len(), 30);
+    assert_eq!(stats["to"], now[..10]);
+    assert_eq!(days.last().unwrap().0, now[..10]);
+    assert_eq!(days.last().unwrap().2, 1);
+    assert_eq!(
+        top_rows(&stats),
+        [("02:00:00:00:06:01".to_owned(), 1, 1, 0.0)]
+    );
+    env.finish().await;
 }
 
 #[tokio::test]

@@ -30,7 +30,22 @@ use crate::protocol::mac::Mac;
 pub struct EventPublisher {
     bus: Bus,
     node: Arc<str>,
+    /// Upstream failures for live consumers on this node (`/ws/admin`).
+    upstream_failures: broadcast::Sender<UpstreamFailure>,
 }
+
+/// A conversation could not reach (or lost) xiaozhi-server.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct UpstreamFailure {
+    /// Colon form.
+    pub mac_address: String,
+    pub error: String,
+    /// Unix milliseconds.
+    pub at_ms: i64,
+}
+
+/// Upstream failures buffered for a slow live consumer before it misses some.
+const UPSTREAM_FAILURE_BUFFER: usize = 64;
 
 /// How a conversation ended, for its event.
 pub struct SessionEnd<'a> {
@@ -45,7 +60,13 @@ impl EventPublisher {
         EventPublisher {
             bus,
             node: node.into(),
+            upstream_failures: broadcast::channel(UPSTREAM_FAILURE_BUFFER).0,
         }
+    }
+
+    /// Upstream failures from now on (for `/ws/admin`).
+    pub fn subscribe_upstream_failures(&self) -> broadcast::Receiver<UpstreamFailure> {
+        self.upstream_failures.subscribe()
     }
 
     fn publish(&self, topic: String, event: Value) {
@@ -87,6 +108,12 @@ impl EventPublisher {
     }
 
     pub fn upstream_failed(&self, mac: &Mac, error: &str) {
+        // No live consumer is normal: the send only fails then.
+        let _ = self.upstream_failures.send(UpstreamFailure {
+            mac_address: mac.colon(),
+            error: error.to_owned(),
+            at_ms: now_ms(),
+        });
         self.publish(
             topics::events_upstream(),
             json!({

@@ -50,17 +50,17 @@ pub struct AdminDeps {
     /// Default wait for the device.
     pub command_timeout: Duration,
     pub max_in_flight: usize,
+    /// Commands in flight, from MQTT and HTTP together (at most `max_in_flight`).
+    pub permits: Arc<Semaphore>,
 }
 
 /// Takes commands until stopped, then waits (briefly) for those in flight.
 pub async fn run(
-    deps: AdminDeps,
+    deps: Arc<AdminDeps>,
     mut commands: mpsc::Receiver<BusCommand>,
     stop: CancellationToken,
 ) {
-    let permits = Arc::new(Semaphore::new(deps.max_in_flight));
     let tasks = TaskTracker::new();
-    let deps = Arc::new(deps);
     loop {
         let msg = tokio::select! {
             _ = stop.cancelled() => break,
@@ -85,14 +85,8 @@ pub async fn run(
                 continue;
             }
         };
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
-            let e = CommandError::new(
-                ErrorCode::Busy,
-                format!(
-                    "more than {} commands in flight; try again",
-                    deps.max_in_flight
-                ),
-            );
+        let Some(permit) = deps.permit() else {
+            let e = deps.busy();
             deps.reply_error(&to, Some(&request.request_id), &e, started);
             continue;
         };
@@ -158,6 +152,49 @@ fn response_topic_allowed(topic: &str) -> bool {
 }
 
 impl AdminDeps {
+    /// A slot for one command, if fewer than `max_in_flight` are running.
+    fn permit(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.permits.clone().try_acquire_owned().ok()
+    }
+
+    fn busy(&self) -> CommandError {
+        CommandError::new(
+            ErrorCode::Busy,
+            format!(
+                "more than {} commands in flight; try again",
+                self.max_in_flight
+            ),
+        )
+    }
+
+    /// Runs one command for a caller that waits for the result (the HTTP API), under
+    /// the same in-flight limit, counters and logs as commands from the bus.
+    pub async fn run_now(
+        &self,
+        request: &AdminRequest,
+        via: &'static str,
+    ) -> Result<Value, CommandError> {
+        let started = Instant::now();
+        let name = request.command.name();
+        let device = request.device.map(|m| m.colon()).unwrap_or_default();
+        let result = match self.permit() {
+            Some(_permit) => self.execute(request).await,
+            None => Err(self.busy()),
+        };
+        let ms = started.elapsed().as_millis() as u64;
+        match &result {
+            Ok(_) => {
+                info!(command = name, device, via, request_id = %request.request_id, ms, "admin command done");
+                Metrics::inc(&self.metrics.admin_commands_ok);
+            }
+            Err(e) => {
+                info!(command = name, device, via, request_id = %request.request_id, ms, code = e.code.as_str(), error = %e.message, "admin command failed");
+                Metrics::inc(&self.metrics.admin_commands_failed);
+            }
+        }
+        result
+    }
+
     fn reply(&self, to: &ReplyTo, request_id: Option<&str>, payload: Vec<u8>) {
         let topic = match (&to.response_topic, request_id) {
             (Some(t), _) => t.clone(),

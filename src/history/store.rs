@@ -71,6 +71,10 @@ const MYSQL_MIGRATIONS: &[(&str, &str)] = &[
         "0002_gateway_objects",
         include_str!("../../migrations/mysql/0002_gateway_objects.sql"),
     ),
+    (
+        "0003_fleet_stats_index",
+        include_str!("../../migrations/mysql/0003_fleet_stats_index.sql"),
+    ),
 ];
 
 const SQLITE_MIGRATIONS: &[(&str, &str)] = &[
@@ -81,6 +85,10 @@ const SQLITE_MIGRATIONS: &[(&str, &str)] = &[
     (
         "0002_gateway_objects",
         include_str!("../../migrations/sqlite/0002_gateway_objects.sql"),
+    ),
+    (
+        "0003_fleet_stats_index",
+        include_str!("../../migrations/sqlite/0003_fleet_stats_index.sql"),
     ),
 ];
 
@@ -335,8 +343,12 @@ impl Store {
         let mut new = 0;
         for chunk in batch.chunks(MAX_ROWS_PER_STATEMENT) {
             new += match self {
-                Store::MySql(pool) => write_chunk!(pool, chunk),
-                Store::Sqlite(pool) => write_chunk!(pool, chunk),
+                Store::MySql(pool) => write_chunk!(pool.begin(), chunk),
+                // IMMEDIATE takes the write lock up front: a deferred transaction that
+                // reads first fails with SQLITE_BUSY_SNAPSHOT (517) when another
+                // connection (the presence tracker, retention) wrote in between, and
+                // busy_timeout cannot retry that.
+                Store::Sqlite(pool) => write_chunk!(pool.begin_with("BEGIN IMMEDIATE"), chunk),
             };
         }
         Ok(new)
@@ -348,9 +360,9 @@ const MAX_ROWS_PER_STATEMENT: usize = 512;
 
 /// The body of [`Store::write_batch`] for one pool type.
 macro_rules! write_chunk {
-    ($pool:expr, $chunk:expr) => {{
+    ($begin:expr, $chunk:expr) => {{
         let chunk: &[StoredRecord] = $chunk;
-        let mut tx = $pool.begin().await?;
+        let mut tx = $begin.await?;
         let mut known = sqlx::QueryBuilder::new("SELECT record_id FROM xz_chat_applied WHERE record_id IN (");
         let mut list = known.separated(", ");
         for r in chunk {

@@ -6,6 +6,8 @@
 //! * `GET /api/history/sessions/{session_id}/messages?limit=&after_id=`: messages in order.
 //! * `GET /api/history/audio/{audio_id}`: the utterance's WAV.
 //! * `GET /api/history/devices/{mac}/stats?from=&to=`: activity per day.
+//! * `GET /api/history/stats?from=&to=&top=`: the fleet's activity per day and its most
+//!   active devices.
 //! * `GET /api/history/search?q=&mac=&limit=&after_id=`: messages containing `q`.
 //! * `GET /api/history/export?format=csv|jsonl&mac=&from=&to=`: everything, streamed.
 //! * `GET /api/v2/chat-history/{device_id}`: a device's live state, totals and latest
@@ -32,7 +34,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use bytes::Bytes;
 use serde::Serialize;
-use serde_json::json;
+use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use time::{Date, Month};
@@ -54,6 +56,10 @@ pub const MAX_SEARCH_TERM: usize = 200;
 pub const MAX_AUDIO_ID: usize = 32;
 /// Most days one stats request may cover.
 pub const MAX_STATS_DAYS: i64 = 1000;
+/// Devices in the fleet statistics' `top_devices` unless `top` says otherwise, and the
+/// most it may say.
+pub const DEFAULT_TOP: i64 = 10;
+pub const MAX_TOP: i64 = 100;
 /// Rows fetched per page of an export.
 pub const EXPORT_PAGE: i64 = 1000;
 /// Sessions shown in the combined device view.
@@ -80,6 +86,7 @@ pub fn routes(state: &HttpState) -> Router<HttpState> {
         .route("/api/history/devices", get(devices))
         .route("/api/history/devices/{mac}/sessions", get(sessions))
         .route("/api/history/devices/{mac}/stats", get(stats))
+        .route("/api/history/stats", get(fleet_stats))
         .route("/api/history/sessions/{session_id}/messages", get(messages))
         .route("/api/history/audio/{audio_id}", get(audio))
         .route("/api/history/search", get(search))
@@ -146,7 +153,7 @@ type ApiResult<T> = Result<T, ApiError>;
 
 /// Whether `presented` is the configured token, compared in constant time (both sides
 /// hashed first, so not even the length leaks).
-fn token_matches(state: &HttpState, presented: &str) -> bool {
+pub(super) fn token_matches(state: &HttpState, presented: &str) -> bool {
     let Some(expected) = state.config.history.api_token.as_deref() else {
         return false;
     };
@@ -199,7 +206,11 @@ fn check_token(state: &HttpState, headers: &HeaderMap, allow_protocol: bool) -> 
     }
 }
 
-async fn require_token(State(state): State<HttpState>, request: Request, next: Next) -> Response {
+pub(super) async fn require_token(
+    State(state): State<HttpState>,
+    request: Request,
+    next: Next,
+) -> Response {
     match check_token(&state, request.headers(), false) {
         Ok(()) => next.run(request).await,
         Err(e) => {
@@ -223,7 +234,7 @@ async fn require_token_or_protocol(
 // --- input -------------------------------------------------------------------------
 
 /// The query string as a map; a malformed one is a 400.
-struct Params(HashMap<String, String>);
+pub(super) struct Params(pub(super) HashMap<String, String>);
 
 impl<S: Send + Sync> FromRequestParts<S> for Params {
     type Rejection = ApiError;
@@ -437,15 +448,9 @@ async fn audio(State(state): State<HttpState>, PathParam(id): PathParam) -> ApiR
         .into_response())
 }
 
-/// `GET /api/history/devices/{mac}/stats?from=YYYY-MM-DD&to=YYYY-MM-DD`: every day of
-/// the range (zeros included), oldest first, and the totals. Default: the last 30 days
-/// in the zone history is written in.
-async fn stats(
-    State(state): State<HttpState>,
-    PathParam(mac): PathParam,
-    params: Params,
-) -> ApiResult<Response> {
-    let mac = parse_mac(&mac)?;
+/// The days a stats request covers: `from` and `to` (both included), by default the
+/// last 30 days in the zone history is written in; at most `MAX_STATS_DAYS`.
+fn stats_range(state: &HttpState, params: &Params) -> ApiResult<(Date, Date)> {
     let (from, to) = (params.date("from")?, params.date("to")?);
     let today = {
         let offset =
@@ -464,10 +469,15 @@ async fn stats(
             "at most {MAX_STATS_DAYS} days per request"
         )));
     }
-    let rows = query::daily_stats(store(&state)?, &mac, &day_start(from), &day_end(to)).await?;
+    Ok((from, to))
+}
+
+/// `from`, `to`, every day from `from` to `to` (the days without a row in `rows` as
+/// zeros), oldest first, and their `totals`.
+fn stats_body(from: Date, to: Date, rows: Vec<DayStats>) -> Value {
     let mut by_day: HashMap<String, DayStats> =
         rows.into_iter().map(|d| (d.day.clone(), d)).collect();
-    let mut days = Vec::with_capacity(span as usize);
+    let mut days = Vec::with_capacity(((to - from).whole_days() + 1).max(0) as usize);
     let mut totals = DayStats::empty(String::new());
     let mut day = Some(from);
     while let Some(d) = day.filter(|d| *d <= to) {
@@ -483,8 +493,7 @@ async fn stats(
         days.push(stats);
         day = d.next_day();
     }
-    Ok(Json(json!({
-        "mac_address": mac,
+    json!({
         "from": format_date(from),
         "to": format_date(to),
         "days": days,
@@ -497,8 +506,42 @@ async fn stats(
             "audio_messages": totals.audio_messages,
             "audio_seconds": totals.audio_seconds,
         },
-    }))
-    .into_response())
+    })
+}
+
+/// `GET /api/history/devices/{mac}/stats?from=YYYY-MM-DD&to=YYYY-MM-DD`: every day of
+/// the range (zeros included), oldest first, and the totals. Default: the last 30 days
+/// in the zone history is written in.
+async fn stats(
+    State(state): State<HttpState>,
+    PathParam(mac): PathParam,
+    params: Params,
+) -> ApiResult<Response> {
+    let mac = parse_mac(&mac)?;
+    let (from, to) = stats_range(&state, &params)?;
+    let rows =
+        query::daily_stats(store(&state)?, Some(&mac), &day_start(from), &day_end(to)).await?;
+    let mut body = stats_body(from, to, rows);
+    body["mac_address"] = Value::from(mac);
+    Ok(Json(body).into_response())
+}
+
+/// `GET /api/history/stats?from=YYYY-MM-DD&to=YYYY-MM-DD&top=10`: the per-device stats
+/// over every device, and `top_devices`: the `top` devices with the most messages in
+/// the range (most first, then by MAC).
+async fn fleet_stats(State(state): State<HttpState>, params: Params) -> ApiResult<Response> {
+    let (from, to) = stats_range(&state, &params)?;
+    let top = params.int("top", DEFAULT_TOP, 1, MAX_TOP)?;
+    let store = store(&state)?;
+    let (start, end) = (day_start(from), day_end(to));
+    // Two statements, each on its own connection, at the same time.
+    let (rows, top_devices) = tokio::try_join!(
+        query::daily_stats(store, None, &start, &end),
+        query::top_devices(store, &start, &end, top),
+    )?;
+    let mut body = stats_body(from, to, rows);
+    body["top_devices"] = json!(top_devices);
+    Ok(Json(body).into_response())
 }
 
 /// `GET /api/history/search?q=&mac=&limit=&after_id=`.
@@ -597,7 +640,7 @@ struct ExportState {
 
 /// `GET /api/history/export?format=csv|jsonl&mac=&from=&to=`: every message that existed
 /// when the request came, in id order, fetched and sent `EXPORT_PAGE` rows at a time.
-async fn export(State(state): State<HttpState>, params: Params) -> ApiResult<Response> {
+pub(super) async fn export(State(state): State<HttpState>, params: Params) -> ApiResult<Response> {
     let format = match params.get("format").unwrap_or("csv") {
         "csv" | "" => ExportFormat::Csv,
         "jsonl" | "ndjson" => ExportFormat::Jsonl,
@@ -780,7 +823,8 @@ async fn admin_feed(State(state): State<HttpState>, mut ws: WebSocketUpgrade) ->
         ws.set_selected_protocol(p.clone());
     }
     let presence = state.directory.subscribe_presence();
-    ws.on_upgrade(move |socket| feed(socket, events, presence))
+    let failures = state.events.subscribe_upstream_failures();
+    ws.on_upgrade(move |socket| feed(socket, events, presence, failures))
 }
 
 /// Close codes of the feed.
@@ -806,6 +850,7 @@ async fn feed(
     mut socket: WebSocket,
     mut events: broadcast::Receiver<StoredEvent>,
     mut presence: broadcast::Receiver<crate::session::directory::PresenceEvent>,
+    mut failures: broadcast::Receiver<crate::admin::events::UpstreamFailure>,
 ) {
     debug!("admin feed: consumer connected");
     let mut ping = tokio::time::interval_at(
@@ -860,6 +905,26 @@ async fn feed(
                     return;
                 }
             },
+            failure = failures.recv() => match failure {
+                Ok(failure) => {
+                    let mut value = serde_json::to_value(&failure).unwrap_or_default();
+                    value["type"] = serde_json::Value::from("upstream_failure");
+                    match tokio::time::timeout(FEED_SEND_TIMEOUT, socket.send(WsMessage::Text(value.to_string().into()))).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(_)) => return,
+                        Err(_) => {
+                            close(&mut socket, CLOSE_TRY_AGAIN_LATER, "too slow: a send took over 1 s".into()).await;
+                            return;
+                        }
+                    }
+                }
+                // Alerts are a sample, not a ledger: a consumer that missed some goes on.
+                Err(broadcast::error::RecvError::Lagged(_)) => {}
+                Err(broadcast::error::RecvError::Closed) => {
+                    close(&mut socket, CLOSE_GOING_AWAY, "shutting down".into()).await;
+                    return;
+                }
+            },
             incoming = socket.recv() => match incoming {
                 None | Some(Err(_)) | Some(Ok(WsMessage::Close(_))) => return,
                 // Pings are answered by the socket itself; anything else is ignored.
@@ -899,6 +964,54 @@ mod tests {
             "2025-01-01 00:00:00.000"
         );
         assert_eq!(day_end(parse_date("9999-12-31").unwrap()), query::TIME_MAX);
+    }
+
+    #[test]
+    fn stats_fill_every_day_of_the_range_and_add_up() {
+        let day = |d: &str, messages: i64, audio_seconds: f64| DayStats {
+            messages,
+            sessions: 1,
+            user: messages,
+            audio_seconds,
+            ..DayStats::empty(d.to_owned())
+        };
+        let (from, to) = (
+            parse_date("2024-02-27").unwrap(),
+            parse_date("2024-03-01").unwrap(),
+        );
+        // Rows come from the database oldest first, only for days with activity.
+        let body = stats_body(
+            from,
+            to,
+            vec![day("2024-02-28", 3, 1.5), day("2024-03-01", 2, 0.25)],
+        );
+        assert_eq!(
+            (&body["from"], &body["to"]),
+            (&json!("2024-02-27"), &json!("2024-03-01"))
+        );
+        let days: Vec<(&str, i64)> = body["days"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| (d["day"].as_str().unwrap(), d["messages"].as_i64().unwrap()))
+            .collect();
+        assert_eq!(
+            days,
+            [
+                ("2024-02-27", 0),
+                ("2024-02-28", 3),
+                ("2024-02-29", 0),
+                ("2024-03-01", 2)
+            ]
+        );
+        assert_eq!(body["totals"]["messages"], 5);
+        assert_eq!(body["totals"]["user"], 5);
+        assert_eq!(body["totals"]["sessions"], 2);
+        assert_eq!(body["totals"]["audio_seconds"], 1.75);
+        // One day.
+        let one = stats_body(from, from, Vec::new());
+        assert_eq!(one["days"].as_array().unwrap().len(), 1);
+        assert_eq!(one["totals"]["messages"], 0);
     }
 
     #[test]

@@ -1,8 +1,11 @@
 //! The HTTP server (axum): `GET /healthz` (alive), `GET /readyz` (dependencies,
 //! [`readiness`]), `GET /metrics` (Prometheus), the Node gateway's management API that
-//! manager-api calls ([`management`]), the optional OTA endpoint ([`ota`]) and the chat
-//! history API ([`history`]).
+//! manager-api calls ([`management`]), the optional OTA endpoint ([`ota`]), the chat
+//! history API ([`history`]), and the web console ([`console`], [`console_api`]).
 
+pub mod console;
+pub mod console_api;
+mod console_fleet;
 pub mod history;
 pub mod management;
 pub mod ota;
@@ -35,6 +38,12 @@ pub struct HttpState {
     pub hints: Arc<crate::presence::hints::DeviceHints>,
     /// Device presence (this node's writer and the shared store).
     pub presence: crate::presence::tracker::PresenceTracker,
+    /// Runs admin commands for the console API (the same executor as the bus's).
+    pub admin: Arc<crate::admin::executor::AdminDeps>,
+    /// Upstream failures, for `/ws/admin`.
+    pub events: crate::admin::events::EventPublisher,
+    /// Export downloads waiting for their browser.
+    pub tickets: Arc<console_api::ExportTickets>,
 }
 
 /// Builds the router.
@@ -45,6 +54,8 @@ pub fn router(state: HttpState) -> Router {
         .route("/readyz", get(readiness::readyz))
         .merge(management::routes(&state))
         .merge(history::routes(&state))
+        .merge(console_api::routes(&state))
+        .merge(console::routes())
         .merge(ota::routes(&state))
         .with_state(state)
 }

@@ -10,6 +10,7 @@
 //!   trip and loss.
 
 pub mod audio;
+pub mod demo;
 pub mod device;
 pub mod mcp;
 pub mod turns;

@@ -114,6 +114,9 @@ pub struct MockUpstreamConfig {
     /// [`stamped_reply`]), so a client can measure the relay's latency. Needs
     /// `reply_frame_bytes` >= 14.
     pub stamp_frames: bool,
+    /// What the user "said" and the assistant answers, turn by turn (cycled); empty:
+    /// `turn N` / `reply N`, which tests match on.
+    pub dialogue: Vec<(String, String)>,
 }
 
 impl Default for MockUpstreamConfig {
@@ -128,6 +131,7 @@ impl Default for MockUpstreamConfig {
             frames_per_turn: 5,
             paced: false,
             stamp_frames: false,
+            dialogue: Vec::new(),
         }
     }
 }
@@ -944,7 +948,14 @@ impl<'a> Session<'a> {
         self.frames_in_turn = 0;
         self.shared.observe(|o| o.turns = o.turns.saturating_add(1));
         let (n, sid) = (self.turn, self.sid.clone());
-        self.queue_json(json!({"type": "stt", "text": format!("turn {n}"), "session_id": sid}));
+        let (said, reply) = match self.config.dialogue.as_slice() {
+            [] => (format!("turn {n}"), format!("reply {n}")),
+            lines => {
+                let (said, reply) = &lines[(n as usize - 1) % lines.len()];
+                (said.clone(), reply.clone())
+            }
+        };
+        self.queue_json(json!({"type": "stt", "text": said, "session_id": sid}));
         self.queue_json(json!({"type": "tts", "state": "start", "session_id": sid}));
         self.queue_json(
             json!({"type": "llm", "text": "😊", "emotion": "happy", "session_id": sid}),
@@ -952,7 +963,7 @@ impl<'a> Session<'a> {
         self.queue_json(json!({
             "type": "tts",
             "state": "sentence_start",
-            "text": format!("reply {n}"),
+            "text": reply,
             "session_id": sid,
         }));
         let len = self
