@@ -55,6 +55,44 @@ fn prerequisites() -> Result<(PathBuf, PathBuf), String> {
     Ok((node, chromium))
 }
 
+fn unix_ms() -> i64 {
+    xiaozhi_gateway::history::record::now_ms()
+}
+
+/// One user turn like `speak_turn`, noting the wall-clock times (unix ms) the device got
+/// the server's `stt` and `tts stop`.
+async fn timed_turn(
+    dev: &mut xiaozhi_gateway::simulator::device::SimDevice,
+    audio: &mut xiaozhi_gateway::simulator::audio::SimAudio,
+    session: &str,
+    first_frame: u32,
+) -> (i64, i64) {
+    use xiaozhi_gateway::simulator::audio::synthetic_frame;
+    dev.publish_json(&common::listen_start(session, "auto"))
+        .await
+        .unwrap();
+    for i in 0..FRAMES_PER_TURN {
+        tokio::time::sleep(Duration::from_millis(u64::from(FRAME_MS))).await;
+        let index = first_frame + i;
+        audio
+            .send(index * FRAME_MS, &synthetic_frame(index, 40))
+            .await
+            .unwrap();
+    }
+    let mut stt_at = None;
+    loop {
+        let (_, payload) = dev.recv(Duration::from_secs(10)).await.expect("the reply");
+        let message: serde_json::Value = serde_json::from_slice(&payload).unwrap_or_default();
+        match (message["type"].as_str(), message["state"].as_str()) {
+            (Some("stt"), _) => stt_at = Some(unix_ms()),
+            (Some("tts"), Some("stop")) => {
+                return (stt_at.expect("stt came before tts stop"), unix_ms());
+            }
+            _ => {}
+        }
+    }
+}
+
 async fn send_go(stdin: &mut tokio::process::ChildStdin) {
     stdin
         .write_all(b"GO\n")
@@ -117,11 +155,22 @@ async fn console_end_to_end_in_chromium() {
     let started = Instant::now();
     let mut ok = false;
     let mut steps = Vec::new();
+    let (mut heard, mut user_seen, mut assistant_seen): (
+        Option<(i64, i64)>,
+        Option<i64>,
+        Option<i64>,
+    ) = (None, None, None);
     let run = async {
         while let Some(line) = lines.next_line().await.expect("read the browser script") {
             println!("e2e: {line}");
             if line == "E2E OK" {
                 ok = true;
+            }
+            if let Some(at) = line.strip_prefix("METRIC user_seen_unix_ms ") {
+                user_seen = at.parse().ok();
+            }
+            if let Some(at) = line.strip_prefix("METRIC assistant_seen_unix_ms ") {
+                assistant_seen = at.parse().ok();
             }
             let Some(step) = line.strip_prefix("STEP ") else {
                 continue;
@@ -129,11 +178,10 @@ async fn console_end_to_end_in_chromium() {
             steps.push(step.to_owned());
             match step {
                 "talk" => {
-                    speak_turn(&mut dev, &mut audio, &session, spoken, FRAMES_PER_TURN)
-                        .await
-                        .expect("the device's turn");
-                    spoken += FRAMES_PER_TURN;
+                    // The browser watches while the device speaks.
                     send_go(&mut stdin).await;
+                    heard = Some(timed_turn(&mut dev, &mut audio, &session, spoken).await);
+                    spoken += FRAMES_PER_TURN;
                 }
                 "wait_session_end" => {
                     dev.publish_json(&json!({"session_id": session, "type": "goodbye"}))
@@ -165,6 +213,24 @@ async fn console_end_to_end_in_chromium() {
     for step in ["talk", "wait_session_end"] {
         assert!(steps.iter().any(|s| s == step), "the script reached {step}");
     }
+    // Live: each record was on the operator's screen within a second of the message
+    // that made it (the device's `stt` for the user's words, `tts stop` for the
+    // assistant's sentence, which is complete only then).
+    let (stt_at, stop_at) = heard.expect("the device's turn was timed");
+    let user_lag = user_seen.expect("the browser reported the user message") - stt_at;
+    let assistant_lag =
+        assistant_seen.expect("the browser reported the assistant message") - stop_at;
+    println!(
+        "live transcript: user {user_lag} ms after stt, assistant {assistant_lag} ms after tts stop"
+    );
+    assert!(
+        user_lag < 1000,
+        "user message on screen {user_lag} ms after stt"
+    );
+    assert!(
+        assistant_lag < 1000,
+        "assistant message on screen {assistant_lag} ms after tts stop"
+    );
 
     // What the browser did reached the device and the gateway.
     assert_eq!(

@@ -13,7 +13,7 @@
 //   stdin   `GO`               the driver has done its part (`ABORT` fails the test)
 //   stdout  `METRIC <name> <value>`
 //   stdout  `E2E OK` (exit 0) or `E2E FAIL <reason>` (exit 1)
-// Steps that wait: `talk` (start a conversation turn on DEVICE_MAC) and
+// Steps that wait: `talk` (answer GO, then speak a conversation turn on DEVICE_MAC) and
 // `wait_session_end` (end that conversation). Progress goes to stderr, lines starting '#'.
 
 import { readFileSync, mkdirSync } from 'node:fs';
@@ -261,26 +261,32 @@ async function main() {
   });
   const maxIdBefore = await page.evaluate(() =>
     Math.max(0, ...[...document.querySelectorAll('[data-testid="live-transcript"] [data-testid="transcript-message"]')].map((e) => Number(e.dataset.id))));
+  // The driver answers GO at once, then the device speaks a turn: the new messages must
+  // appear without a reload. Their wall-clock arrival is reported so the driver can
+  // compare it with when the device got `stt` (user) and `tts stop` (assistant).
   const go = await step('talk');
-  const fresh = await page
-    .waitForFunction(
-      (before) => {
-        const items = [...document.querySelectorAll('[data-testid="live-transcript"] [data-testid="transcript-message"]')]
-          .filter((e) => Number(e.dataset.id) > before);
-        const user = items.find((e) => e.dataset.role === 'user');
-        const assistant = items.find((e) => e.dataset.role === 'assistant');
-        return user && assistant ? { session: user.dataset.sessionId, user: user.textContent, assistant: assistant.textContent } : null;
-      },
-      maxIdBefore,
-      { timeout: 5000, polling: 50 },
-    )
-    .catch(() => null);
-  const liveMs = Date.now() - go;
-  check(fresh, 'the live transcript did not show a new user and assistant message within 5 s of GO');
-  const { session: sessionId, user: userText, assistant: assistantText } = await fresh.jsonValue();
+  const seen = async (role) =>
+    page
+      .waitForFunction(
+        ({ before, role }) => {
+          const item = [...document.querySelectorAll('[data-testid="live-transcript"] [data-testid="transcript-message"]')]
+            .find((e) => Number(e.dataset.id) > before && e.dataset.role === role);
+          return item ? { session: item.dataset.sessionId, text: item.textContent } : null;
+        },
+        { before: maxIdBefore, role },
+        { timeout: 5000, polling: 20 },
+      )
+      .then(async (h) => ({ at: Date.now(), ...(await h.jsonValue()) }))
+      .catch(() => null);
+  const user = await seen('user');
+  check(user, 'the live transcript did not show the new user message within 5 s of GO');
+  const assistant = await seen('assistant');
+  check(assistant, 'the live transcript did not show the new assistant message within 5 s of GO');
+  const sessionId = user.session;
   check(await page.evaluate(() => window.__e2eNoReload === true), 'the page reloaded');
-  console.log(`METRIC live_ms ${liveMs}`);
-  log(`live transcript after ${liveMs} ms in session ${sessionId}: ${userText.trim().slice(0, 60)} / ${assistantText.trim().slice(0, 60)}`);
+  console.log(`METRIC user_seen_unix_ms ${user.at}`);
+  console.log(`METRIC assistant_seen_unix_ms ${assistant.at}`);
+  log(`live transcript ${user.at - go} / ${assistant.at - go} ms after GO in session ${sessionId}: ${user.text.trim().slice(0, 60)} / ${assistant.text.trim().slice(0, 60)}`);
   check(sessionId, 'the transcript messages carry no session id');
 
   // 5. The finished conversation: messages, audio with the expected duration.
