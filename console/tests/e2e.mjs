@@ -149,6 +149,17 @@ async function shot(name) {
   log(`screenshot ${path}`);
 }
 
+/** The current view at phone width (375 px): no horizontal page scroll; a screenshot. */
+async function phoneWidth(name) {
+  await page.setViewportSize({ width: 375, height: 800 });
+  await page.waitForTimeout(300);
+  await shot(`${name}-phone.png`);
+  const scrollWidth = await page.evaluate(() => document.documentElement.scrollWidth);
+  check(scrollWidth <= 376, `${name}: horizontal page scroll at 375 px (scrollWidth ${scrollWidth})`);
+  await page.setViewportSize({ width: 1280, height: 800 });
+  await page.waitForTimeout(200);
+}
+
 const tid = (id) => `[data-testid="${id}"]`;
 
 /** Awaits `promise` (a Playwright wait); a timeout fails the test saying `what` was expected. */
@@ -242,6 +253,7 @@ async function main() {
   await must(volumeForm.waitFor(), 'the device view lists no self.audio_speaker.set_volume tool');
   await must(page.waitForSelector(`${tid('device-state')}:not([data-state="unknown"])`), 'the device view shows no presence state');
   await shot('device.png');
+  await phoneWidth('device');
   await volumeForm.locator(`${tid('tool-arg')}[data-arg="volume"]`).fill('42');
   await volumeForm.locator(tid('tool-call')).click();
   const result = volumeForm.locator(tid('tool-result'));
@@ -311,6 +323,7 @@ async function main() {
   check(Math.abs(duration - EXPECTED_AUDIO) <= 0.03, `audio duration ${duration} s, expected ${EXPECTED_AUDIO} ± 0.03 s`);
   await page.evaluate(() => window.scrollTo(0, 0));
   await shot('session.png');
+  await phoneWidth('session');
 
   // 6. Statistics: the chart and at least one session.
   await page.click(tid('nav-stats'));
@@ -323,6 +336,7 @@ async function main() {
   const canvasBox = await page.locator(`canvas${tid('stats-chart')}`).boundingBox();
   check(canvasBox && canvasBox.width > 100 && canvasBox.height > 100, 'the chart canvas has no size');
   await shot('stats.png');
+  await phoneWidth('stats');
 
   // 7. Export: CSV and JSON Lines for the device, downloaded by the browser.
   await page.click(tid('nav-export'));
@@ -355,6 +369,7 @@ async function main() {
   }
   log(`JSON Lines ${download.suggestedFilename()}: ${jsonl.length} lines`);
   await shot('export.png');
+  await phoneWidth('export');
 
   // 8. Chinese.
   await page.click(tid('nav-fleet'));
