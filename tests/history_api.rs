@@ -80,6 +80,7 @@ enum Db {
 #[derive(Clone, Debug)]
 struct Row {
     mac: String,
+    agent: Option<String>,
     session: String,
     chat_type: i64,
     content: String,
@@ -90,6 +91,7 @@ struct Row {
 fn row(mac: &str, session: &str, chat_type: i64, content: &str, created_at: &str) -> Row {
     Row {
         mac: mac.into(),
+        agent: None,
         session: session.into(),
         chat_type,
         content: content.into(),
@@ -112,7 +114,7 @@ impl Db {
                 if i > 0 {
                     sql.push(',');
                 }
-                sql.push_str("(?, NULL, ?, ?, ?, ?, ?, ?)");
+                sql.push_str("(?, ?, ?, ?, ?, ?, ?, ?)");
             }
             macro_rules! run {
                 ($pool:expr) => {{
@@ -120,6 +122,7 @@ impl Db {
                     for r in chunk {
                         q = q
                             .bind(&r.mac)
+                            .bind(&r.agent)
                             .bind(&r.session)
                             .bind(r.chat_type)
                             .bind(&r.content)
@@ -1312,6 +1315,7 @@ fn export_rows(n: usize) -> Vec<Row> {
             };
             Row {
                 mac: format!("02:00:00:00:02:{:02x}", i % 10),
+                agent: None,
                 session: format!("sess-{}", i / 100),
                 chat_type: 1 + (i % 3) as i64,
                 content,
@@ -1889,6 +1893,412 @@ async fn fleet_stats_top_devices_are_limited_and_ordered_sqlite() {
 #[tokio::test]
 async fn fleet_stats_top_devices_are_limited_and_ordered_mariadb() {
     fleet_stats_top_devices_are_limited_and_ordered(Kind::MariaDb).await;
+}
+
+// --- the device list and the fleet statistics, against the statements they replaced -----
+
+// The statements these endpoints ran before they were made fast (one GROUP BY over the
+// table or the range each). The answers must not change.
+const GROUPED_DEVICES_MY: &str = "SELECT mac_address, MAX(agent_id) AS agent_id, \
+     COUNT(DISTINCT session_id) AS sessions, COUNT(*) AS messages, \
+     LEFT(DATE_FORMAT(MAX(created_at), '%Y-%m-%d %H:%i:%s.%f'), 23) AS last_at \
+     FROM ai_agent_chat_history WHERE mac_address IS NOT NULL \
+     GROUP BY mac_address ORDER BY MAX(created_at) DESC, mac_address LIMIT ? OFFSET ?";
+const GROUPED_DEVICES_LITE: &str = "SELECT mac_address, MAX(agent_id) AS agent_id, \
+     COUNT(DISTINCT session_id) AS sessions, COUNT(*) AS messages, \
+     MAX(created_at) AS last_at \
+     FROM ai_agent_chat_history WHERE mac_address IS NOT NULL \
+     GROUP BY mac_address ORDER BY MAX(created_at) DESC, mac_address LIMIT ? OFFSET ?";
+const GROUPED_FLEET_DAYS_MY: &str = "SELECT DATE_FORMAT(h.created_at, '%Y-%m-%d') AS day, \
+     COUNT(DISTINCT h.mac_address, h.session_id) AS sessions, COUNT(*) AS messages, \
+     COUNT(CASE WHEN h.chat_type = 1 THEN 1 END) AS user_messages, \
+     COUNT(CASE WHEN h.chat_type = 2 THEN 1 END) AS assistant_messages, \
+     COUNT(CASE WHEN h.chat_type = 3 THEN 1 END) AS tool_messages, \
+     COUNT(a.id) AS audio_messages, \
+     CAST(COALESCE(SUM(CASE WHEN LENGTH(a.audio) > 44 THEN LENGTH(a.audio) - 44 ELSE 0 END), 0) \
+     AS SIGNED) AS audio_bytes \
+     FROM ai_agent_chat_history h LEFT JOIN ai_agent_chat_audio a ON a.id = h.audio_id \
+     WHERE h.created_at >= ? AND h.created_at < ? \
+     GROUP BY DATE_FORMAT(h.created_at, '%Y-%m-%d') ORDER BY day";
+const GROUPED_FLEET_DAYS_LITE: &str = "SELECT substr(h.created_at, 1, 10) AS day, \
+     COUNT(DISTINCT h.mac_address || ' ' || h.session_id) AS sessions, COUNT(*) AS messages, \
+     COUNT(CASE WHEN h.chat_type = 1 THEN 1 END) AS user_messages, \
+     COUNT(CASE WHEN h.chat_type = 2 THEN 1 END) AS assistant_messages, \
+     COUNT(CASE WHEN h.chat_type = 3 THEN 1 END) AS tool_messages, \
+     COUNT(a.id) AS audio_messages, \
+     COALESCE(SUM(CASE WHEN LENGTH(a.audio) > 44 THEN LENGTH(a.audio) - 44 ELSE 0 END), 0) \
+     AS audio_bytes \
+     FROM ai_agent_chat_history h LEFT JOIN ai_agent_chat_audio a ON a.id = h.audio_id \
+     WHERE h.created_at >= ? AND h.created_at < ? \
+     GROUP BY substr(h.created_at, 1, 10) ORDER BY day";
+const GROUPED_TOP_MY: &str = "SELECT h.mac_address, COUNT(DISTINCT h.session_id) AS sessions, \
+     COUNT(*) AS messages, \
+     CAST(COALESCE(SUM(CASE WHEN LENGTH(a.audio) > 44 THEN LENGTH(a.audio) - 44 ELSE 0 END), 0) \
+     AS SIGNED) AS audio_bytes \
+     FROM ai_agent_chat_history h LEFT JOIN ai_agent_chat_audio a ON a.id = h.audio_id \
+     WHERE h.created_at >= ? AND h.created_at < ? \
+     GROUP BY h.mac_address HAVING h.mac_address IS NOT NULL \
+     ORDER BY messages DESC, CAST(h.mac_address AS BINARY) LIMIT ?";
+const GROUPED_TOP_LITE: &str = "SELECT h.mac_address, COUNT(DISTINCT h.session_id) AS sessions, \
+     COUNT(*) AS messages, \
+     COALESCE(SUM(CASE WHEN LENGTH(a.audio) > 44 THEN LENGTH(a.audio) - 44 ELSE 0 END), 0) \
+     AS audio_bytes \
+     FROM ai_agent_chat_history h LEFT JOIN ai_agent_chat_audio a ON a.id = h.audio_id \
+     WHERE h.created_at >= ? AND h.created_at < ? AND h.mac_address IS NOT NULL \
+     GROUP BY h.mac_address ORDER BY messages DESC, h.mac_address LIMIT ?";
+
+/// A bound value of a reference statement.
+#[derive(Clone, Copy)]
+enum Bind<'a> {
+    Int(i64),
+    Text(&'a str),
+}
+
+/// One cell as JSON: an integer, a string, or null.
+macro_rules! cell {
+    ($row:expr, $i:expr) => {{
+        let (row, i) = ($row, $i);
+        if let Ok(v) = row.try_get::<Option<i64>, _>(i) {
+            v.map_or(Value::Null, Value::from)
+        } else if let Ok(v) = row.try_get::<Option<String>, _>(i) {
+            v.map_or(Value::Null, Value::from)
+        } else {
+            let v: Option<Vec<u8>> = row.try_get(i).unwrap();
+            v.map_or(Value::Null, |b| Value::from(String::from_utf8(b).unwrap()))
+        }
+    }};
+}
+
+impl Db {
+    /// Rows of a statement (the MySQL or the SQLite one), each a list of JSON cells.
+    async fn rows(&self, mysql: &str, sqlite: &str, binds: &[Bind<'_>]) -> Vec<Vec<Value>> {
+        use sqlx::Row as _;
+        macro_rules! run {
+            ($pool:expr, $sql:expr) => {{
+                let mut q = sqlx::query(AssertSqlSafe($sql.to_owned()));
+                for b in binds {
+                    q = match *b {
+                        Bind::Int(v) => q.bind(v),
+                        Bind::Text(v) => q.bind(v),
+                    };
+                }
+                q.fetch_all($pool)
+                    .await
+                    .unwrap()
+                    .iter()
+                    .map(|r| (0..r.len()).map(|i| cell!(r, i)).collect())
+                    .collect()
+            }};
+        }
+        match self {
+            Db::MySql(pool) => run!(pool, mysql),
+            Db::Sqlite(pool) => run!(pool, sqlite),
+        }
+    }
+
+    /// A message without a device (manager-api's column allows it).
+    async fn insert_without_mac(&self, session: &str, created_at: &str) {
+        const SQL: &str = "INSERT INTO ai_agent_chat_history \
+             (mac_address, agent_id, session_id, chat_type, content, audio_id, created_at, updated_at) \
+             VALUES (NULL, NULL, ?, 1, 'no device', NULL, ?, ?)";
+        match self {
+            Db::MySql(pool) => {
+                sqlx::query(SQL)
+                    .bind(session)
+                    .bind(created_at)
+                    .bind(created_at)
+                    .execute(pool)
+                    .await
+                    .unwrap();
+            }
+            Db::Sqlite(pool) => {
+                sqlx::query(SQL)
+                    .bind(session)
+                    .bind(created_at)
+                    .bind(created_at)
+                    .execute(pool)
+                    .await
+                    .unwrap();
+            }
+        }
+    }
+}
+
+/// 40 devices over six days (2025-08-01 .. 2025-08-06), deterministic: agents that change
+/// (and are sometimes missing), session ids shared between devices, sessions that go on
+/// past midnight, tool messages, audio of several lengths; and four devices whose newest
+/// message is at the same instant, the first of 2025-08-07.
+fn fleet_rows(audio_ids: &[String]) -> Vec<Row> {
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let mut next = move |n: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    };
+    let mut rows = Vec::new();
+    for d in 0..40u64 {
+        let mac = format!("02:00:00:00:06:{d:02x}");
+        let sessions = 1 + next(6);
+        for k in 0..sessions {
+            // Shared ids: "s0".."s3" are used by many devices.
+            let session = format!("s{}", (d + k) % 4 + 4 * (k / 4));
+            let day = 1 + next(6);
+            // Some sessions start just before midnight and go on.
+            let mut secs = if next(5) == 0 {
+                86_400 - 30
+            } else {
+                next(86_000)
+            };
+            for m in 0..(1 + next(9)) {
+                secs += 1 + next(20);
+                let (day, s) = (day + secs / 86_400, secs % 86_400);
+                if day > 6 {
+                    break;
+                }
+                let agent = match (d % 4, m % 3) {
+                    (0, _) => None,
+                    (1, _) => Some(format!("agent-{d:02}")),
+                    (2, 0) => None,
+                    (2, _) => Some(format!("agent-{:02}", 40 + m)),
+                    _ => Some(format!("agent-{:02}", 80 - m)),
+                };
+                let mut r = row(
+                    &mac,
+                    &session,
+                    [1, 2, 1, 2, 3][(m % 5) as usize],
+                    "x",
+                    &format!(
+                        "2025-08-{day:02} {:02}:{:02}:{:02}.{:03}",
+                        s / 3600,
+                        s / 60 % 60,
+                        s % 60,
+                        next(1000)
+                    ),
+                );
+                r.agent = agent;
+                if m % 2 == 0 && next(3) > 0 {
+                    r.audio_id = Some(audio_ids[next(audio_ids.len() as u64) as usize].clone());
+                }
+                rows.push(r);
+            }
+        }
+    }
+    // Four devices whose newest message is at the same instant: by MAC, in reverse.
+    for d in [0x23u64, 0x21, 0x22, 0x20] {
+        let mut r = row(
+            &format!("02:00:00:00:06:{d:02x}"),
+            "tie",
+            1,
+            "x",
+            "2025-08-07 00:00:00.000",
+        );
+        r.agent = Some("agent-tie".into());
+        rows.push(r);
+    }
+    rows
+}
+
+async fn the_device_list_and_fleet_stats_answer_as_before(kind: Kind) {
+    let env = Env::start(kind, None).await;
+    let mut audio_ids = Vec::new();
+    for seconds in [0.5, 1.0, 2.25, 3.0] {
+        let id = new_id();
+        let wav = encode_wav(&vec![0i16; (16_000.0 * seconds) as usize], 16_000);
+        env.db.insert_audio(&id, &wav).await;
+        audio_ids.push(id);
+    }
+    let rows = fleet_rows(&audio_ids);
+    env.db.insert(&rows).await;
+    // Messages without a device: in the days' counts, never a device.
+    env.db
+        .insert_without_mac("orphan", "2025-08-03 10:00:00.000")
+        .await;
+    env.db
+        .insert_without_mac("orphan", "2025-08-07 10:00:00.000")
+        .await;
+    let db = &env.db;
+
+    // The device list, by hand: newest message first, then by MAC; the highest agent id.
+    let mut by_mac: HashMap<&str, Vec<&Row>> = HashMap::new();
+    for r in &rows {
+        by_mac.entry(r.mac.as_str()).or_default().push(r);
+    }
+    let mut expected: Vec<Value> = by_mac
+        .iter()
+        .map(|(mac, rs)| {
+            let mut sessions: Vec<&str> = rs.iter().map(|r| r.session.as_str()).collect();
+            sessions.sort();
+            sessions.dedup();
+            json!({
+                "mac_address": mac,
+                "agent_id": rs.iter().filter_map(|r| r.agent.clone()).max(),
+                "sessions": sessions.len(),
+                "messages": rs.len(),
+                "last_at": rs.iter().map(|r| r.created_at.clone()).max(),
+            })
+        })
+        .collect();
+    let key = |d: &Value| {
+        (
+            std::cmp::Reverse(d["last_at"].as_str().unwrap().to_owned()),
+            d["mac_address"].as_str().unwrap().to_owned(),
+        )
+    };
+    expected.sort_by_key(key);
+    assert_eq!(expected.len(), 40);
+    let tied: Vec<&str> = expected[..4]
+        .iter()
+        .map(|d| d["mac_address"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        tied,
+        [
+            "02:00:00:00:06:20",
+            "02:00:00:00:06:21",
+            "02:00:00:00:06:22",
+            "02:00:00:00:06:23"
+        ]
+    );
+    let all = env.api.ok(&path(&["devices"]), &[("limit", "500")]).await;
+    assert_eq!(all["devices"], json!(expected));
+    assert!(
+        expected
+            .iter()
+            .any(|d| d["agent_id"].is_null() && d["messages"].as_i64() > Some(0))
+    );
+
+    // Every page, as the grouped statement gives it.
+    let as_rows = |body: &Value| -> Vec<Vec<Value>> {
+        body["devices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| {
+                ["mac_address", "agent_id", "sessions", "messages", "last_at"]
+                    .iter()
+                    .map(|k| d[*k].clone())
+                    .collect()
+            })
+            .collect()
+    };
+    for limit in [1i64, 3, 7, 50] {
+        let mut paged = Vec::new();
+        for offset in (0..=42i64).step_by(if limit == 50 { 42 } else { 1 }) {
+            let (l, o) = (limit.to_string(), offset.to_string());
+            let body = env
+                .api
+                .ok(&path(&["devices"]), &[("limit", &l), ("offset", &o)])
+                .await;
+            let reference = db
+                .rows(
+                    GROUPED_DEVICES_MY,
+                    GROUPED_DEVICES_LITE,
+                    &[Bind::Int(limit), Bind::Int(offset)],
+                )
+                .await;
+            assert_eq!(as_rows(&body), reference, "limit {limit} offset {offset}");
+            if offset % limit == 0 {
+                paged.extend(as_rows(&body));
+            }
+        }
+        assert_eq!(paged, as_rows(&all), "pages of {limit}");
+    }
+
+    // Fleet statistics over several ranges, and the top devices at several sizes.
+    let day_start = |d: &str| format!("{d} 00:00:00.000");
+    let next_day = |d: &str| {
+        let n: u32 = d[8..].parse().unwrap();
+        format!("{}{:02} 00:00:00.000", &d[..8], n + 1)
+    };
+    for (from, to) in [
+        ("2025-08-01", "2025-08-06"),
+        ("2025-07-30", "2025-08-09"),
+        ("2025-08-02", "2025-08-04"),
+        ("2025-08-06", "2025-08-06"),
+        ("2025-08-07", "2025-08-07"),
+        ("2025-07-01", "2025-07-03"),
+    ] {
+        let (start, end) = (day_start(from), next_day(to));
+        let range = [Bind::Text(&start), Bind::Text(&end)];
+        let reference_days = db
+            .rows(GROUPED_FLEET_DAYS_MY, GROUPED_FLEET_DAYS_LITE, &range)
+            .await;
+        for top in [1i64, 5, 100] {
+            let n = top.to_string();
+            let stats = env
+                .api
+                .ok(
+                    &path(&["stats"]),
+                    &[("from", from), ("to", to), ("top", &n)],
+                )
+                .await;
+            let days: Vec<Vec<Value>> = day_rows(&stats)
+                .into_iter()
+                .filter(|d| d.2 > 0)
+                .map(|d| {
+                    vec![
+                        json!(d.0),
+                        json!(d.1),
+                        json!(d.2),
+                        json!(d.3),
+                        json!(d.4),
+                        json!(d.5),
+                        json!(d.6),
+                        json!(d.7),
+                    ]
+                })
+                .collect();
+            let seconds = |mut r: Vec<Value>| {
+                let bytes = r.pop().unwrap().as_i64().unwrap();
+                r.push(json!(bytes as f64 / 32_000.0));
+                r
+            };
+            let expected_days: Vec<Vec<Value>> =
+                reference_days.iter().cloned().map(seconds).collect();
+            assert_eq!(days, expected_days, "{from}..{to}");
+            let reference_top: Vec<Vec<Value>> = db
+                .rows(
+                    GROUPED_TOP_MY,
+                    GROUPED_TOP_LITE,
+                    &[range[0], range[1], Bind::Int(top)],
+                )
+                .await
+                .into_iter()
+                .map(seconds)
+                .collect();
+            let listed: Vec<Vec<Value>> = top_rows(&stats)
+                .into_iter()
+                .map(|t| vec![json!(t.0), json!(t.1), json!(t.2), json!(t.3)])
+                .collect();
+            assert_eq!(listed, reference_top, "{from}..{to} top {top}");
+        }
+    }
+
+    // MySQL/MariaDB name the time index for the fleet: without it (before migration 0003
+    // has run) the same answers come from the statements without the hint.
+    if let Db::MySql(pool) = db {
+        let range = [("from", "2025-08-01"), ("to", "2025-08-06"), ("top", "5")];
+        let with_index = env.api.ok(&path(&["stats"]), &range).await;
+        sqlx::query("DROP INDEX idx_xz_created_mac_session ON ai_agent_chat_history")
+            .execute(pool)
+            .await
+            .unwrap();
+        let without = env.api.ok(&path(&["stats"]), &range).await;
+        assert_eq!(without, with_index);
+        assert!(with_index["totals"]["messages"].as_i64() > Some(100));
+    }
+    env.finish().await;
+}
+
+#[tokio::test]
+async fn the_device_list_and_fleet_stats_answer_as_before_sqlite() {
+    the_device_list_and_fleet_stats_answer_as_before(Kind::Sqlite).await;
+}
+
+#[tokio::test]
+async fn the_device_list_and_fleet_stats_answer_as_before_mariadb() {
+    the_device_list_and_fleet_stats_answer_as_before(Kind::MariaDb).await;
 }
 
 #[tokio::test]

@@ -75,6 +75,10 @@ const MYSQL_MIGRATIONS: &[(&str, &str)] = &[
         "0003_fleet_stats_index",
         include_str!("../../migrations/mysql/0003_fleet_stats_index.sql"),
     ),
+    (
+        "0004_device_activity_index",
+        include_str!("../../migrations/mysql/0004_device_activity_index.sql"),
+    ),
 ];
 
 const SQLITE_MIGRATIONS: &[(&str, &str)] = &[
@@ -89,6 +93,10 @@ const SQLITE_MIGRATIONS: &[(&str, &str)] = &[
     (
         "0003_fleet_stats_index",
         include_str!("../../migrations/sqlite/0003_fleet_stats_index.sql"),
+    ),
+    (
+        "0004_device_activity_index",
+        include_str!("../../migrations/sqlite/0004_device_activity_index.sql"),
     ),
 ];
 
