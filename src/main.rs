@@ -339,14 +339,7 @@ fn main() -> ExitCode {
                 ..TurnConfig::default()
             };
             let report = runtime.block_on(run_turns(config));
-            if args.json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&report).unwrap_or_default()
-                );
-            } else {
-                println!("{report}");
-            }
+            print_report(&report, args.json);
             if report.conversations == 0 {
                 ExitCode::FAILURE
             } else {
@@ -366,23 +359,10 @@ fn main() -> ExitCode {
                     utc_offset_minutes: args.utc_offset_minutes,
                     seed: args.seed,
                 };
-                return match runtime.block_on(xiaozhi_gateway::history::bench::fill(config)) {
-                    Ok(report) if args.json => {
-                        println!(
-                            "{}",
-                            serde_json::to_string_pretty(&report).unwrap_or_default()
-                        );
-                        ExitCode::SUCCESS
-                    }
-                    Ok(report) => {
-                        println!("{report}");
-                        ExitCode::SUCCESS
-                    }
-                    Err(e) => {
-                        eprintln!("error: {e}");
-                        ExitCode::FAILURE
-                    }
-                };
+                return report_result(
+                    runtime.block_on(xiaozhi_gateway::history::bench::fill(config)),
+                    args.json,
+                );
             }
             let config = xiaozhi_gateway::history::bench::BenchConfig {
                 database_url: args.database_url,
@@ -390,23 +370,10 @@ fn main() -> ExitCode {
                 batch: args.batch,
                 audio_frames: args.audio_frames,
             };
-            match runtime.block_on(xiaozhi_gateway::history::bench::run(config)) {
-                Ok(report) if args.json => {
-                    println!(
-                        "{}",
-                        serde_json::to_string_pretty(&report).unwrap_or_default()
-                    );
-                    ExitCode::SUCCESS
-                }
-                Ok(report) => {
-                    println!("{report}");
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    ExitCode::FAILURE
-                }
-            }
+            report_result(
+                runtime.block_on(xiaozhi_gateway::history::bench::run(config)),
+                args.json,
+            )
         }
         Command::Migrate => match load_config(&cli.config) {
             Ok(config) => runtime.block_on(migrate(config)),
@@ -455,19 +422,42 @@ fn main() -> ExitCode {
                 ..SimConfig::default()
             };
             let report = runtime.block_on(simulator::run(config));
-            if args.json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&report).unwrap_or_default()
-                );
-            } else {
-                println!("{report}");
-            }
+            print_report(&report, args.json);
             if report.connected == 0 {
                 ExitCode::FAILURE
             } else {
                 ExitCode::SUCCESS
             }
+        }
+    }
+}
+
+/// Prints a tool's report as text, or as pretty JSON with `--json`.
+fn print_report<R: serde::Serialize + std::fmt::Display>(report: &R, json: bool) {
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(report).unwrap_or_default()
+        );
+    } else {
+        println!("{report}");
+    }
+}
+
+/// Prints a tool's report (success) or its error (failure).
+fn report_result<R, E>(result: Result<R, E>, json: bool) -> ExitCode
+where
+    R: serde::Serialize + std::fmt::Display,
+    E: std::fmt::Display,
+{
+    match result {
+        Ok(report) => {
+            print_report(&report, json);
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
         }
     }
 }

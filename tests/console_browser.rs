@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use xiaozhi_gateway::simulator::demo::{FRAME_MS, open_conversation, speak_turn};
+use xiaozhi_gateway::simulator::demo::{FRAME_MS, TurnHeard, open_conversation, speak_turn};
 use xiaozhi_gateway::simulator::upstream::{MockUpstream, MockUpstreamConfig};
 
 const TOKEN: &str = "console-e2e-token";
@@ -53,44 +53,6 @@ fn prerequisites() -> Result<(PathBuf, PathBuf), String> {
         ));
     }
     Ok((node, chromium))
-}
-
-fn unix_ms() -> i64 {
-    xiaozhi_gateway::history::record::now_ms()
-}
-
-/// One user turn like `speak_turn`, noting the wall-clock times (unix ms) the device got
-/// the server's `stt` and `tts stop`.
-async fn timed_turn(
-    dev: &mut xiaozhi_gateway::simulator::device::SimDevice,
-    audio: &mut xiaozhi_gateway::simulator::audio::SimAudio,
-    session: &str,
-    first_frame: u32,
-) -> (i64, i64) {
-    use xiaozhi_gateway::simulator::audio::synthetic_frame;
-    dev.publish_json(&common::listen_start(session, "auto"))
-        .await
-        .unwrap();
-    for i in 0..FRAMES_PER_TURN {
-        tokio::time::sleep(Duration::from_millis(u64::from(FRAME_MS))).await;
-        let index = first_frame + i;
-        audio
-            .send(index * FRAME_MS, &synthetic_frame(index, 40))
-            .await
-            .unwrap();
-    }
-    let mut stt_at = None;
-    loop {
-        let (_, payload) = dev.recv(Duration::from_secs(10)).await.expect("the reply");
-        let message: serde_json::Value = serde_json::from_slice(&payload).unwrap_or_default();
-        match (message["type"].as_str(), message["state"].as_str()) {
-            (Some("stt"), _) => stt_at = Some(unix_ms()),
-            (Some("tts"), Some("stop")) => {
-                return (stt_at.expect("stt came before tts stop"), unix_ms());
-            }
-            _ => {}
-        }
-    }
 }
 
 async fn send_go(stdin: &mut tokio::process::ChildStdin) {
@@ -156,7 +118,7 @@ async fn console_end_to_end_in_chromium() {
     let mut ok = false;
     let mut steps = Vec::new();
     let (mut heard, mut user_seen, mut assistant_seen): (
-        Option<(i64, i64)>,
+        Option<TurnHeard>,
         Option<i64>,
         Option<i64>,
     ) = (None, None, None);
@@ -180,7 +142,11 @@ async fn console_end_to_end_in_chromium() {
                 "talk" => {
                     // The browser watches while the device speaks.
                     send_go(&mut stdin).await;
-                    heard = Some(timed_turn(&mut dev, &mut audio, &session, spoken).await);
+                    heard = Some(
+                        speak_turn(&mut dev, &mut audio, &session, spoken, FRAMES_PER_TURN)
+                            .await
+                            .expect("the device's turn"),
+                    );
                     spoken += FRAMES_PER_TURN;
                 }
                 "wait_session_end" => {
@@ -216,7 +182,8 @@ async fn console_end_to_end_in_chromium() {
     // Live: each record was on the operator's screen within a second of the message
     // that made it (the device's `stt` for the user's words, `tts stop` for the
     // assistant's sentence, which is complete only then).
-    let (stt_at, stop_at) = heard.expect("the device's turn was timed");
+    let heard = heard.expect("the device's turn was timed");
+    let (stt_at, stop_at) = (heard.stt_at_ms, heard.stop_at_ms);
     let user_lag = user_seen.expect("the browser reported the user message") - stt_at;
     let assistant_lag =
         assistant_seen.expect("the browser reported the assistant message") - stop_at;

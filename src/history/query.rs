@@ -404,14 +404,22 @@ macro_rules! audio_bytes_lite {
 
 // What a day's statistics count. A session is a (device, session id) pair, so the fleet
 // never merges two devices' sessions.
+// Everything but the session count and the audio sum, which differ by dialect.
+macro_rules! day_counts {
+    () => {
+        "COUNT(*) AS messages, \
+         COUNT(CASE WHEN h.chat_type = 1 THEN 1 END) AS user_messages, \
+         COUNT(CASE WHEN h.chat_type = 2 THEN 1 END) AS assistant_messages, \
+         COUNT(CASE WHEN h.chat_type = 3 THEN 1 END) AS tool_messages, \
+         COUNT(a.id) AS audio_messages, "
+    };
+}
+
 macro_rules! day_columns_my {
     () => {
         concat!(
-            "COUNT(DISTINCT h.mac_address, h.session_id) AS sessions, COUNT(*) AS messages, \
-             COUNT(CASE WHEN h.chat_type = 1 THEN 1 END) AS user_messages, \
-             COUNT(CASE WHEN h.chat_type = 2 THEN 1 END) AS assistant_messages, \
-             COUNT(CASE WHEN h.chat_type = 3 THEN 1 END) AS tool_messages, \
-             COUNT(a.id) AS audio_messages, ",
+            "COUNT(DISTINCT h.mac_address, h.session_id) AS sessions, ",
+            day_counts!(),
             audio_bytes_my!()
         )
     };
@@ -420,12 +428,8 @@ macro_rules! day_columns_my {
 macro_rules! day_columns_lite {
     () => {
         concat!(
-            "COUNT(DISTINCT h.mac_address || ' ' || h.session_id) AS sessions, \
-             COUNT(*) AS messages, \
-             COUNT(CASE WHEN h.chat_type = 1 THEN 1 END) AS user_messages, \
-             COUNT(CASE WHEN h.chat_type = 2 THEN 1 END) AS assistant_messages, \
-             COUNT(CASE WHEN h.chat_type = 3 THEN 1 END) AS tool_messages, \
-             COUNT(a.id) AS audio_messages, ",
+            "COUNT(DISTINCT h.mac_address || ' ' || h.session_id) AS sessions, ",
+            day_counts!(),
             audio_bytes_lite!()
         )
     };

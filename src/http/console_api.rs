@@ -49,13 +49,7 @@ pub const MAX_COMMAND_BYTES: usize = 64 * 1024;
 
 /// The console routes, or none when the history API is off.
 pub fn routes(state: &HttpState) -> Router<HttpState> {
-    let token_set = state
-        .config
-        .history
-        .api_token
-        .as_deref()
-        .is_some_and(|t| !t.is_empty());
-    if !token_set || state.history.is_none() {
+    if !history::api_enabled(state) {
         return Router::new();
     }
     let api = Router::new()
@@ -71,7 +65,7 @@ pub fn routes(state: &HttpState) -> Router<HttpState> {
     api.route("/api/console/download/{ticket}", get(download))
 }
 
-fn error(status: StatusCode, message: impl Into<String>) -> Response {
+pub(super) fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(json!({ "error": message.into() }))).into_response()
 }
 

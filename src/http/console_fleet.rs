@@ -8,7 +8,6 @@ use axum::Json;
 use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use serde_json::json;
 
 use super::HttpState;
 use crate::history::record::now_ms;
@@ -16,11 +15,7 @@ use crate::presence::PresenceState;
 use crate::presence::fleet::FleetQuery;
 use crate::protocol::mac::Mac;
 
-use super::console_api::PRESENCE_TIMEOUT;
-
-fn error(status: StatusCode, message: impl Into<String>) -> Response {
-    (status, Json(json!({ "error": message.into() }))).into_response()
-}
+use super::console_api::{PRESENCE_TIMEOUT, error};
 
 /// Builds the fleet query from the query string, or says what is wrong.
 pub fn fleet_query(params: &HashMap<String, String>) -> Result<FleetQuery, String> {

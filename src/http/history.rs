@@ -71,15 +71,21 @@ pub const FEED_PROTOCOL: &str = "xiaozhi-admin";
 /// Prefix of the subprotocol that carries the token (`bearer.<token>`).
 pub const BEARER_PROTOCOL_PREFIX: &str = "bearer.";
 
-/// The history routes, or none when there is no token or no database.
-pub fn routes(state: &HttpState) -> Router<HttpState> {
+/// Whether the history API (and the console's, which shares its token) is served: a
+/// token is configured and the history database is on.
+pub(super) fn api_enabled(state: &HttpState) -> bool {
     let token_set = state
         .config
         .history
         .api_token
         .as_deref()
         .is_some_and(|t| !t.is_empty());
-    if !token_set || state.history.is_none() {
+    token_set && state.history.is_some()
+}
+
+/// The history routes, or none when there is no token or no database.
+pub fn routes(state: &HttpState) -> Router<HttpState> {
+    if !api_enabled(state) {
         return Router::new();
     }
     let api = Router::new()
@@ -843,6 +849,32 @@ async fn close(socket: &mut WebSocket, code: u16, reason: String) {
     .await;
 }
 
+/// `value` as a JSON object with `"type": kind` added.
+fn tagged(value: &impl Serialize, kind: &str) -> String {
+    let mut value = serde_json::to_value(value).unwrap_or_default();
+    value["type"] = serde_json::Value::from(kind);
+    value.to_string()
+}
+
+/// Sends one feed message; false when the feed must end (the consumer left, or stalled
+/// for `FEED_SEND_TIMEOUT` and was told so).
+async fn send_text(socket: &mut WebSocket, text: String) -> bool {
+    match tokio::time::timeout(FEED_SEND_TIMEOUT, socket.send(WsMessage::Text(text.into()))).await {
+        Ok(Ok(())) => true,
+        Ok(Err(_)) => false,
+        Err(_) => {
+            info!("admin feed: consumer too slow (send took over 1 s); disconnected");
+            close(
+                socket,
+                CLOSE_TRY_AGAIN_LATER,
+                "too slow: a send took over 1 s".into(),
+            )
+            .await;
+            false
+        }
+    }
+}
+
 /// Sends every stored record until the consumer leaves, falls behind (the broadcast
 /// queue overtook it) or stalls (one send took longer than `FEED_SEND_TIMEOUT`). The
 /// recorder never waits for a consumer: the broadcast queue drops for the slow one.
@@ -863,14 +895,8 @@ async fn feed(
                 Ok(event) => {
                     let update = ChatUpdate { kind: "chat_update", event: &event };
                     let Ok(text) = serde_json::to_string(&update) else { continue };
-                    match tokio::time::timeout(FEED_SEND_TIMEOUT, socket.send(WsMessage::Text(text.into()))).await {
-                        Ok(Ok(())) => {}
-                        Ok(Err(_)) => return,
-                        Err(_) => {
-                            info!("admin feed: consumer too slow (send took over 1 s); disconnected");
-                            close(&mut socket, CLOSE_TRY_AGAIN_LATER, "too slow: a send took over 1 s".into()).await;
-                            return;
-                        }
+                    if !send_text(&mut socket, text).await {
+                        return;
                     }
                 }
                 Err(broadcast::error::RecvError::Lagged(missed)) => {
@@ -885,15 +911,8 @@ async fn feed(
             },
             event = presence.recv() => match event {
                 Ok(event) => {
-                    let mut value = serde_json::to_value(&event).unwrap_or_default();
-                    value["type"] = serde_json::Value::from("presence");
-                    match tokio::time::timeout(FEED_SEND_TIMEOUT, socket.send(WsMessage::Text(value.to_string().into()))).await {
-                        Ok(Ok(())) => {}
-                        Ok(Err(_)) => return,
-                        Err(_) => {
-                            close(&mut socket, CLOSE_TRY_AGAIN_LATER, "too slow: a send took over 1 s".into()).await;
-                            return;
-                        }
+                    if !send_text(&mut socket, tagged(&event, "presence")).await {
+                        return;
                     }
                 }
                 Err(broadcast::error::RecvError::Lagged(missed)) => {
@@ -907,15 +926,8 @@ async fn feed(
             },
             failure = failures.recv() => match failure {
                 Ok(failure) => {
-                    let mut value = serde_json::to_value(&failure).unwrap_or_default();
-                    value["type"] = serde_json::Value::from("upstream_failure");
-                    match tokio::time::timeout(FEED_SEND_TIMEOUT, socket.send(WsMessage::Text(value.to_string().into()))).await {
-                        Ok(Ok(())) => {}
-                        Ok(Err(_)) => return,
-                        Err(_) => {
-                            close(&mut socket, CLOSE_TRY_AGAIN_LATER, "too slow: a send took over 1 s".into()).await;
-                            return;
-                        }
+                    if !send_text(&mut socket, tagged(&failure, "upstream_failure")).await {
+                        return;
                     }
                 }
                 // Alerts are a sample, not a ledger: a consumer that missed some goes on.

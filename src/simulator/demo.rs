@@ -17,6 +17,7 @@ use tracing::{debug, info};
 
 use super::audio::{ServerHello, SimAudio, synthetic_frame};
 use super::device::{DeviceCredentials, SimDevice, SimError};
+use crate::history::record::now_ms;
 
 /// What the demo's speech server says, turn by turn: Chinese and English, short and
 /// long, so the console shows how it wraps and mixes scripts.
@@ -120,6 +121,14 @@ pub async fn open_conversation(dev: &mut SimDevice) -> Result<(String, SimAudio)
     Ok((hello.session_id, audio))
 }
 
+/// When the device heard the reply to a turn: unix ms of the server's `stt` (what the
+/// user said) and of its `tts stop` (the answer complete).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TurnHeard {
+    pub stt_at_ms: i64,
+    pub stop_at_ms: i64,
+}
+
 /// One user turn in `auto` mode: `listen start`, `frames` frames at the frame pace,
 /// then the whole reply (until `tts stop`). Frame numbers start at `first_frame`.
 pub async fn speak_turn(
@@ -128,7 +137,7 @@ pub async fn speak_turn(
     session: &str,
     first_frame: u32,
     frames: u32,
-) -> Result<(), SimError> {
+) -> Result<TurnHeard, SimError> {
     dev.publish_json(
         &json!({"session_id": session, "type": "listen", "state": "start", "mode": "auto"}),
     )
@@ -142,10 +151,20 @@ pub async fn speak_turn(
             .send(index * FRAME_MS, &synthetic_frame(index, 40))
             .await?;
     }
+    let mut stt_at_ms = None;
     loop {
-        let tts = dev.recv_type("tts", Duration::from_secs(10)).await?;
-        if tts["state"] == "stop" {
-            return Ok(());
+        let (_, payload) = dev.recv(Duration::from_secs(10)).await?;
+        let message: serde_json::Value = serde_json::from_slice(&payload).unwrap_or_default();
+        match (message["type"].as_str(), message["state"].as_str()) {
+            (Some("stt"), _) => stt_at_ms = Some(now_ms()),
+            (Some("tts"), Some("stop")) => {
+                let stop_at_ms = now_ms();
+                return Ok(TurnHeard {
+                    stt_at_ms: stt_at_ms.unwrap_or(stop_at_ms),
+                    stop_at_ms,
+                });
+            }
+            _ => {}
         }
     }
 }
