@@ -330,7 +330,31 @@ fn registry(metrics: &Metrics, families: &[Family]) -> (Registry, Vec<String>) {
     if let Err(e) = registry.register(Box::new(process::Process)) {
         errors.push(format!("process metrics: {e}"));
     }
+    if let Err(e) = runtime_gauges().and_then(|c| registry.register(c).map_err(|e| e.to_string())) {
+        errors.push(format!("runtime metrics: {e}"));
+    }
     (registry, errors)
+}
+
+/// The tokio runtime's live task count and worker count, read at scrape time (a soak
+/// watches the task count for leaks). Absent outside a runtime.
+fn runtime_gauges() -> Result<Box<dyn Collector>, String> {
+    let vec = IntGaugeVec::new(
+        Opts::new(
+            "xiaozhi_runtime_tasks",
+            "Tokio runtime: tasks alive (spawned and not yet finished) and worker threads.",
+        ),
+        &["kind"],
+    )
+    .map_err(|e| e.to_string())?;
+    if let Ok(handle) = tokio::runtime::Handle::try_current() {
+        let m = handle.metrics();
+        let alive = i64::try_from(m.num_alive_tasks()).unwrap_or(i64::MAX);
+        let workers = i64::try_from(m.num_workers()).unwrap_or(i64::MAX);
+        vec.with_label_values(&["alive"]).set(alive);
+        vec.with_label_values(&["workers"]).set(workers);
+    }
+    Ok(Box::new(vec))
 }
 
 /// One family's prometheus metric, filled from the snapshot.
