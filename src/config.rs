@@ -89,6 +89,17 @@ pub struct MqttConfig {
     pub max_packet_bytes: usize,
     /// Most device connections at once; further ones are refused.
     pub max_connections: usize,
+    /// Most device connections open at once from one source address (IPv4 address or
+    /// IPv6 /64); 0 = no limit.
+    pub max_connections_per_source: u32,
+    /// New connections per second from one source address, after a burst of
+    /// `connect_burst_per_source`; 0 = no limit.
+    pub connect_rate_per_source: u32,
+    pub connect_burst_per_source: u32,
+    /// Messages per second one device may publish, after a burst of `message_burst`;
+    /// further ones are dropped and counted; 0 = no limit.
+    pub message_rate: u32,
+    pub message_burst: u32,
     /// Messages queued for one device before further ones are dropped (and counted).
     pub outbound_queue: usize,
     /// The topic devices publish to.
@@ -101,6 +112,14 @@ pub struct MqttConfig {
 pub struct BrokerConfig {
     /// MQTT listener for admin and integration clients (loopback by default).
     pub listen: SocketAddr,
+    /// The same listener over TLS; served only when `tls_cert` and `tls_key` are set.
+    pub tls_listen: SocketAddr,
+    /// PEM certificate chain and private key for `tls_listen` (reloaded on SIGHUP or
+    /// when the files change).
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// Seconds a TLS client may take to finish its handshake.
+    pub tls_handshake_timeout_secs: u64,
     /// Router tunables (TOML); the built-in `broker-config/router.toml` when unset.
     pub router_config: Option<PathBuf>,
     /// Users allowed on the broker listener. Device credentials never work there.
@@ -161,6 +180,11 @@ pub struct UdpConfig {
     pub idle_timeout_secs: u64,
     /// Uplink frames queued per conversation before further ones are dropped.
     pub uplink_queue: usize,
+    /// Datagrams per second one audio channel may send (a device sends about 17 at
+    /// 60 ms frames), after a burst of `channel_burst`; further ones are dropped before
+    /// decryption and counted; 0 = no limit.
+    pub channel_rate: u32,
+    pub channel_burst: u32,
 }
 
 /// The HTTP server.
@@ -168,6 +192,18 @@ pub struct UdpConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct HttpConfig {
     pub listen: SocketAddr,
+    /// Largest request body accepted, in bytes (413 beyond it).
+    pub max_body_bytes: usize,
+    /// Seconds a client may take to send a request's headers (slow clients are closed).
+    pub header_timeout_secs: u64,
+    /// Seconds a handler may take to produce its response (408 beyond it). Streaming
+    /// bodies (exports) and WebSocket upgrades only need their headers in this time.
+    pub request_timeout_secs: u64,
+    /// Largest WebSocket message accepted from a `/ws/admin` client, in bytes.
+    pub ws_max_message_bytes: usize,
+    /// Most HTTP connections open at once; further ones are closed on accept and
+    /// counted.
+    pub max_connections: usize,
 }
 
 /// Which speech pipeline conversations use.
@@ -521,9 +557,21 @@ impl Default for MqttConfig {
             default_keep_alive_secs: 240,
             max_packet_bytes: 128 * 1024,
             max_connections: 20_000,
+            max_connections_per_source: 1_000,
+            connect_rate_per_source: 50,
+            connect_burst_per_source: 500,
+            message_rate: 20,
+            message_burst: 200,
             outbound_queue: 256,
             uplink_topic: "device-server".into(),
         }
+    }
+}
+
+impl BrokerConfig {
+    /// The broker listener's TLS certificate and key, when both are set.
+    pub fn tls(&self) -> Option<(&Path, &Path)> {
+        Some((self.tls_cert.as_deref()?, self.tls_key.as_deref()?))
     }
 }
 
@@ -531,6 +579,10 @@ impl Default for BrokerConfig {
     fn default() -> Self {
         BrokerConfig {
             listen: ([127, 0, 0, 1], 1884).into(),
+            tls_listen: ([127, 0, 0, 1], 8885).into(),
+            tls_cert: None,
+            tls_key: None,
+            tls_handshake_timeout_secs: 10,
             router_config: None,
             users: Vec::new(),
             publish_queue: 16_384,
@@ -548,6 +600,8 @@ impl Default for UdpConfig {
             send_buffer_bytes: 4 * 1024 * 1024,
             idle_timeout_secs: 180,
             uplink_queue: 64,
+            channel_rate: 100,
+            channel_burst: 250,
         }
     }
 }
@@ -556,6 +610,11 @@ impl Default for HttpConfig {
     fn default() -> Self {
         HttpConfig {
             listen: ([0, 0, 0, 0], 8007).into(),
+            max_body_bytes: 1024 * 1024,
+            header_timeout_secs: 10,
+            request_timeout_secs: 30,
+            ws_max_message_bytes: 64 * 1024,
+            max_connections: 4_096,
         }
     }
 }
@@ -759,6 +818,12 @@ impl Config {
             ),
             ("presence.timeout_ms", self.presence.timeout_ms),
             ("admin.command_timeout_ms", self.admin.command_timeout_ms),
+            ("http.header_timeout_secs", self.http.header_timeout_secs),
+            (
+                "broker.tls_handshake_timeout_secs",
+                self.broker.tls_handshake_timeout_secs,
+            ),
+            ("http.request_timeout_secs", self.http.request_timeout_secs),
         ] {
             if value == 0 {
                 return Err(invalid(key, &value, "must be greater than 0"));
@@ -783,6 +848,9 @@ impl Config {
             ("history.batch", self.history.batch),
             ("mcp.max_pending", self.mcp.max_pending),
             ("admin.max_in_flight", self.admin.max_in_flight),
+            ("http.max_body_bytes", self.http.max_body_bytes),
+            ("http.ws_max_message_bytes", self.http.ws_max_message_bytes),
+            ("http.max_connections", self.http.max_connections),
         ] {
             if value == 0 {
                 return Err(invalid(key, &value, "must be greater than 0"));
@@ -820,22 +888,27 @@ impl Config {
                 ));
             }
         }
-        match (&self.mqtt.tls_cert, &self.mqtt.tls_key) {
-            (Some(_), None) => {
-                return Err(invalid(
-                    "mqtt.tls_key",
-                    &"<unset>",
-                    "required when mqtt.tls_cert is set",
-                ));
+        for (section, cert, key) in [
+            ("mqtt", &self.mqtt.tls_cert, &self.mqtt.tls_key),
+            ("broker", &self.broker.tls_cert, &self.broker.tls_key),
+        ] {
+            match (cert, key) {
+                (Some(_), None) => {
+                    return Err(invalid(
+                        &format!("{section}.tls_key"),
+                        &"<unset>",
+                        &format!("required when {section}.tls_cert is set"),
+                    ));
+                }
+                (None, Some(_)) => {
+                    return Err(invalid(
+                        &format!("{section}.tls_cert"),
+                        &"<unset>",
+                        &format!("required when {section}.tls_key is set"),
+                    ));
+                }
+                _ => {}
             }
-            (None, Some(_)) => {
-                return Err(invalid(
-                    "mqtt.tls_cert",
-                    &"<unset>",
-                    "required when mqtt.tls_key is set",
-                ));
-            }
-            _ => {}
         }
         for user in &self.broker.users {
             if user.username.is_empty() || user.password.is_empty() {

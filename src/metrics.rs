@@ -53,6 +53,11 @@ counters! {
     auth_failed_signature,
     /// Connections refused because `mqtt.max_connections` was reached.
     connections_refused_limit,
+    /// Connections refused because their source address had
+    /// `mqtt.max_connections_per_source` open, or connected faster than
+    /// `mqtt.connect_rate_per_source`.
+    connections_refused_per_source,
+    connections_refused_rate,
     /// Older connections closed because the same device connected again.
     connections_replaced,
     /// Connections closed for a missing CONNECT, keep-alive or TLS handshake timeout.
@@ -67,6 +72,8 @@ counters! {
     mqtt_dropped_foreign_topic,
     /// Messages for a device dropped because its outbound queue was full.
     mqtt_dropped_queue_full,
+    /// Device publishes dropped for exceeding `mqtt.message_rate`.
+    mqtt_dropped_rate_limited,
     /// Messages for a device that is not connected (dropped).
     mqtt_dropped_not_connected,
     /// Device payloads that are not JSON control messages (dropped, connection kept).
@@ -125,6 +132,8 @@ counters! {
     udp_drop_hijack,
     udp_drop_decrypt,
     udp_drop_queue_full,
+    /// Uplink datagrams dropped (before decryption) for exceeding `udp.channel_rate`.
+    udp_drop_rate_limited,
     /// Downlink frames dropped because the device's UDP address is not known yet.
     udp_drop_no_peer,
     /// Uplink sequence numbers skipped (lost before reaching us).
@@ -190,6 +199,19 @@ counters! {
     admin_commands_failed,
     /// Events (session, chat, upstream) not published because the event feed lagged.
     events_dropped,
+    /// HTTP requests and connections refused, by reason: body over
+    /// `http.max_body_bytes`, handler over `http.request_timeout_secs`, headers not sent
+    /// within `http.header_timeout_secs`, over `http.max_connections`, a `/ws/admin`
+    /// message over `http.ws_max_message_bytes`.
+    http_rejected_body_too_large,
+    http_rejected_request_timeout,
+    http_rejected_header_timeout,
+    http_rejected_connection_limit,
+    http_rejected_ws_message_too_large,
+    /// TLS certificates reloaded from disk, and reloads that failed (the previous
+    /// certificate stays in use).
+    tls_reloads,
+    tls_reload_failures,
 }
 
 impl Metrics {

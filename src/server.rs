@@ -11,7 +11,6 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
-use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
@@ -59,13 +58,31 @@ pub async fn bind_tcp(
     what: &'static str,
     setting: &'static str,
 ) -> Result<TcpListener, BindError> {
-    TcpListener::bind(addr).await.map_err(|source| BindError {
+    let err = |source| BindError {
         what,
         addr,
         setting,
         source,
-    })
+    };
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()
+    } else {
+        tokio::net::TcpSocket::new_v6()
+    }
+    .map_err(err)?;
+    // As `TcpListener::bind` does: a restarted gateway can bind while old connections
+    // linger in TIME_WAIT.
+    #[cfg(unix)]
+    socket.set_reuseaddr(true).map_err(err)?;
+    socket.bind(addr).map_err(err)?;
+    socket.listen(LISTEN_BACKLOG).map_err(err)
 }
+
+/// Accept queue of every TCP listener (the kernel caps it at `net.core.somaxconn`). A
+/// fleet reconnecting after a restart, or a connect storm, must not overflow it while the
+/// accept loop catches up: an overflowing queue drops handshakes from every address
+/// alike, the well-behaved ones included.
+pub const LISTEN_BACKLOG: u32 = 4096;
 
 /// Checks that a TCP address can be bound (for listeners that bind it themselves) and
 /// resolves port 0 to a concrete free port.
@@ -109,6 +126,8 @@ pub struct BoundAddrs {
     pub mqtt: SocketAddr,
     pub mqtt_tls: Option<SocketAddr>,
     pub broker: SocketAddr,
+    /// The broker listener over TLS, when configured.
+    pub broker_tls: Option<SocketAddr>,
     pub udp: SocketAddr,
     pub http: SocketAddr,
 }
@@ -137,6 +156,10 @@ pub struct Gateway {
     grace: Duration,
 }
 
+/// Source addresses the device listener's admission table remembers at most (about
+/// 100 bytes each).
+const ADMISSION_MAX_SOURCES: usize = 100_000;
+
 impl Gateway {
     /// Binds everything and starts serving.
     pub async fn start(config: Config) -> Result<Gateway, StartError> {
@@ -152,14 +175,18 @@ impl Gateway {
         let mqtt_listener = bind_tcp(config.mqtt.listen, "device MQTT", "mqtt.listen").await?;
         let tls = match config.device_tls() {
             Some((cert, key)) => {
-                let acceptor = crate::server::tls_acceptor(cert, key).map_err(StartError::Tls)?;
+                let reloading = crate::tls::ReloadingCert::load(cert, key)
+                    .map_err(|e| StartError::Tls(e.to_string()))?;
+                let acceptor = reloading
+                    .acceptor()
+                    .map_err(|e| StartError::Tls(e.to_string()))?;
                 let l = bind_tcp(
                     config.mqtt.tls_listen,
                     "device MQTT over TLS",
                     "mqtt.tls_listen",
                 )
                 .await?;
-                Some((l, acceptor))
+                Some((l, acceptor, reloading))
             }
             None => None,
         };
@@ -167,7 +194,11 @@ impl Gateway {
             config.udp.listen,
             config.udp.recv_buffer_bytes,
             config.udp.send_buffer_bytes,
-            config.udp.uplink_queue,
+            crate::audio::socket::ChannelLimits {
+                uplink_queue: config.udp.uplink_queue,
+                rate: config.udp.channel_rate,
+                burst: config.udp.channel_burst,
+            },
             metrics.clone(),
         )?;
         let http_listener = bind_tcp(config.http.listen, "HTTP", "http.listen").await?;
@@ -253,6 +284,16 @@ impl Gateway {
             sessions: sessions.clone(),
             metrics: metrics.clone(),
             permits: Arc::new(Semaphore::new(config.mqtt.max_connections)),
+            admission: crate::limits::admission::SharedAdmission::new(
+                crate::limits::AdmissionLimits {
+                    max_per_source: config.mqtt.max_connections_per_source,
+                    connect_rate: config.mqtt.connect_rate_per_source,
+                    connect_burst: config.mqtt.connect_burst_per_source,
+                    max_sources: ADMISSION_MAX_SOURCES,
+                },
+            ),
+            message_rate: config.mqtt.message_rate,
+            message_burst: config.mqtt.message_burst,
         });
 
         let stop_accepting = CancellationToken::new();
@@ -268,8 +309,9 @@ impl Gateway {
                 setting: "mqtt.listen",
                 source,
             })?,
-            mqtt_tls: tls.as_ref().and_then(|(l, _)| l.local_addr().ok()),
+            mqtt_tls: tls.as_ref().and_then(|(l, _, _)| l.local_addr().ok()),
             broker: broker.listen_addr,
+            broker_tls: broker.tls_addr,
             udp: udp_addr,
             http: http_listener.local_addr().map_err(|source| BindError {
                 what: "HTTP",
@@ -286,7 +328,12 @@ impl Gateway {
             close_connections.clone(),
             connections.clone(),
         )));
-        if let Some((listener, acceptor)) = tls {
+        let mut reloadable = Vec::new();
+        if let Some(cert) = broker.tls_cert.clone() {
+            reloadable.push(("broker listener over TLS", cert));
+        }
+        if let Some((listener, acceptor, reloading)) = tls {
+            reloadable.push(("device MQTT over TLS", reloading));
             background.push(tokio::spawn(front_end.clone().run_listener(
                 listener,
                 Some(acceptor),
@@ -295,6 +342,12 @@ impl Gateway {
                 connections.clone(),
             )));
         }
+        background.push(tokio::spawn(crate::tls::watch(
+            reloadable,
+            crate::tls::WATCH_INTERVAL,
+            metrics.clone(),
+            stop_rest.clone(),
+        )));
         background.push(tokio::spawn(audio_socket.run(stop_rest.clone())));
         if let Some(store) = &history_store {
             let retention = crate::history::retention::Retention {
@@ -337,6 +390,11 @@ impl Gateway {
             stop_rest.clone(),
         )));
         let http_stop = stop_rest.clone();
+        let http_metrics = metrics.clone();
+        let http_limits = crate::http::serve::ServeLimits {
+            max_connections: config.http.max_connections,
+            header_timeout: Duration::from_secs(config.http.header_timeout_secs),
+        };
         let app = crate::http::router(crate::http::HttpState {
             metrics: metrics.clone(),
             directory: directory.clone(),
@@ -351,20 +409,15 @@ impl Gateway {
             tickets: Default::default(),
         });
         background.push(tokio::spawn(async move {
-            let serve = axum::serve(
-                http_listener,
-                app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
-            )
-            .with_graceful_shutdown(async move { http_stop.cancelled().await });
-            if let Err(e) = serve.await {
-                warn!(error = %e, "HTTP server stopped");
-            }
+            crate::http::serve::serve(http_listener, app, http_limits, http_metrics, http_stop)
+                .await;
         }));
 
         info!(
             mqtt = %addrs.mqtt,
             mqtt_tls = ?addrs.mqtt_tls,
             broker = %addrs.broker,
+            broker_tls = ?addrs.broker_tls,
             udp = %addrs.udp,
             udp_announced = %format!("{}:{}", config.udp.public_host, if config.udp.public_port == 0 { udp_addr.port() } else { config.udp.public_port }),
             http = %addrs.http,
@@ -438,33 +491,6 @@ impl Gateway {
         }
         info!("stopped");
     }
-}
-
-/// Builds a TLS acceptor from PEM files.
-pub fn tls_acceptor(cert: &std::path::Path, key: &std::path::Path) -> Result<TlsAcceptor, String> {
-    use tokio_rustls::rustls;
-    let certs = rustls_pemfile::certs(&mut std::io::BufReader::new(
-        std::fs::File::open(cert).map_err(|e| format!("{}: {e}", cert.display()))?,
-    ))
-    .collect::<Result<Vec<_>, _>>()
-    .map_err(|e| format!("{}: {e}", cert.display()))?;
-    if certs.is_empty() {
-        return Err(format!("{}: no certificate found", cert.display()));
-    }
-    let key = rustls_pemfile::private_key(&mut std::io::BufReader::new(
-        std::fs::File::open(key).map_err(|e| format!("{}: {e}", key.display()))?,
-    ))
-    .map_err(|e| format!("{}: {e}", key.display()))?
-    .ok_or_else(|| format!("{}: no private key found", key.display()))?;
-    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| e.to_string())?
-    .with_no_client_auth()
-    .with_single_cert(certs, key)
-    .map_err(|e| e.to_string())?;
-    Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
 /// Opens the presence store (Redis when `presence.redis_url` is set, else memory) and

@@ -27,6 +27,7 @@ use tracing::{debug, warn};
 
 use super::batch::{BATCH, RecvBatch, SendBatch, SendQueue};
 use super::channel::{AudioChannel, ChannelCounters, ChannelShared, Downlink, UplinkFrame};
+use crate::limits::TokenBucket;
 use crate::metrics::Metrics;
 use crate::protocol::audio_channel::{DownlinkSealer, DropReason, UplinkChannel, Verdict};
 use crate::protocol::cipher::{KEY_LEN, PacketCipher};
@@ -45,6 +46,10 @@ const SEND_QUEUE_CAPACITY: usize = 8192;
 
 struct Route {
     channel: UplinkChannel,
+    /// The channel's datagram rate (`udp.channel_rate`), checked before decryption.
+    rate: TokenBucket,
+    /// Already warned that this channel exceeds its rate.
+    warned_rate: bool,
     uplink_tx: mpsc::Sender<UplinkFrame>,
     shared: Arc<ChannelShared>,
     /// The conversation's downlink sealer, for reflect mode.
@@ -64,13 +69,24 @@ pub struct AudioSocketHandle {
     send_queue: Arc<SendQueue>,
     commands: mpsc::Sender<Command>,
     live_ids: Arc<Mutex<HashSet<u32>>>,
-    uplink_queue: usize,
+    limits: ChannelLimits,
     metrics: Arc<Metrics>,
     epoch: Instant,
     local_addr: SocketAddr,
 }
 
 /// The receive side, to be run as one task.
+/// What each channel may use: its uplink queue and its datagram rate.
+#[derive(Debug, Clone, Copy)]
+pub struct ChannelLimits {
+    /// Uplink frames queued for the conversation (`udp.uplink_queue`).
+    pub uplink_queue: usize,
+    /// Datagrams per second and burst (`udp.channel_rate`, `udp.channel_burst`; rate 0:
+    /// no limit).
+    pub rate: u32,
+    pub burst: u32,
+}
+
 pub struct AudioSocket {
     socket: Arc<UdpSocket>,
     send_queue: Arc<SendQueue>,
@@ -84,7 +100,7 @@ impl AudioSocket {
         listen: SocketAddr,
         recv_buffer: usize,
         send_buffer: usize,
-        uplink_queue: usize,
+        limits: ChannelLimits,
         metrics: Arc<Metrics>,
     ) -> Result<(AudioSocket, AudioSocketHandle), BindError> {
         let bind_err = |source| BindError {
@@ -114,7 +130,7 @@ impl AudioSocket {
             send_queue: send_queue.clone(),
             commands: tx,
             live_ids: Arc::new(Mutex::new(HashSet::new())),
-            uplink_queue,
+            limits,
             metrics: metrics.clone(),
             epoch: Instant::now(),
             local_addr,
@@ -218,6 +234,15 @@ impl AudioSocket {
         if route.shared.closed.load(Ordering::Relaxed) {
             routes.remove(&id);
             Metrics::inc(&m.udp_drop_unknown_id);
+            return;
+        }
+        // Before decryption: a flood naming a live channel costs a counter, not AES.
+        if !route.rate.is_unlimited() && !route.rate.try_take(Instant::now()) {
+            Metrics::inc(&m.udp_drop_rate_limited);
+            ChannelCounters::add(&route.shared.stats.dropped, 1);
+            if !std::mem::replace(&mut route.warned_rate, true) {
+                warn!(connection_id = id, %from, "audio channel exceeds udp.channel_rate; the excess is dropped (counted in xiaozhi_udp_drops_total, logged once per channel)");
+            }
             return;
         }
         match route.channel.on_datagram(datagram, from) {
@@ -362,7 +387,7 @@ impl AudioSocketHandle {
         let cipher = PacketCipher::new(&key);
         let shared = Arc::new(ChannelShared::new(self.epoch));
         shared.touch();
-        let (uplink_tx, uplink_rx) = mpsc::channel(self.uplink_queue);
+        let (uplink_tx, uplink_rx) = mpsc::channel(self.limits.uplink_queue);
         let sealer = Arc::new(Mutex::new(DownlinkSealer::new(
             cipher.clone(),
             connection_id,
@@ -382,6 +407,8 @@ impl AudioSocketHandle {
         };
         let route = Box::new(Route {
             channel: UplinkChannel::new(cipher),
+            rate: TokenBucket::new(self.limits.rate, self.limits.burst, Instant::now()),
+            warned_rate: false,
             uplink_tx,
             shared,
             sealer,

@@ -84,6 +84,8 @@ pub enum BrokerError {
     Bind(#[from] BindError),
     #[error("cannot open the gateway's link into the broker router: {0}")]
     Link(String),
+    #[error("broker listener TLS (broker.tls_cert / broker.tls_key): {0}")]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 /// An admin command published by an admin bus client on `xiaozhi/admin/commands` or
@@ -175,8 +177,12 @@ pub struct EmbeddedBroker {
     pub bus: Bus,
     /// Where the broker listener accepts admin/integration clients.
     pub listen_addr: SocketAddr,
+    /// Where it accepts them over TLS, when configured, and the certificate it uses.
+    pub tls_addr: Option<SocketAddr>,
+    pub tls_cert: Option<Arc<crate::tls::ReloadingCert>>,
     commands: Option<tokio::sync::mpsc::Receiver<BusCommand>>,
     listener: JoinHandle<()>,
+    tls_listener: Option<JoinHandle<()>>,
     subscriber: JoinHandle<()>,
 }
 
@@ -195,6 +201,26 @@ impl EmbeddedBroker {
             setting: "broker.listen",
             source,
         })?;
+        let tls = match config.tls() {
+            Some((cert, key)) => {
+                let reloading = crate::tls::ReloadingCert::load(cert, key)?;
+                let acceptor = reloading.acceptor()?;
+                let l = bind_tcp(
+                    config.tls_listen,
+                    "broker listener over TLS",
+                    "broker.tls_listen",
+                )
+                .await?;
+                let addr = l.local_addr().map_err(|source| BindError {
+                    what: "broker listener over TLS",
+                    addr: config.tls_listen,
+                    setting: "broker.tls_listen",
+                    source,
+                })?;
+                Some((l, acceptor, reloading, addr))
+            }
+            None => None,
+        };
         let router_tx = rumqttd::Router::new(0, tunables.router).spawn();
 
         let open_tx = router_tx.clone();
@@ -219,6 +245,7 @@ impl EmbeddedBroker {
                 tunables.listener.next_connection_delay_ms,
             ),
             max_clients: MAX_CLIENTS,
+            tls_handshake_timeout: Duration::from_secs(config.tls_handshake_timeout_secs),
         };
 
         let (link_tx, link_rx) = tokio::task::spawn_blocking(move || {
@@ -250,13 +277,24 @@ impl EmbeddedBroker {
 
         // Clients last, so the gateway's subscriptions exist before their first publish.
         let clients = BrokerListener::new(settings, &config.users, port, metrics.clone());
-        let listener = tokio::spawn(clients.run(listener));
+        let listener = tokio::spawn(clients.clone().run(listener, None));
         info!(%listen_addr, "broker listener for admin/integration clients");
+        let (tls_addr, tls_cert, tls_listener) = match tls {
+            Some((l, acceptor, reloading, addr)) => {
+                info!(%addr, "broker listener over TLS");
+                let task = tokio::spawn(clients.run(l, Some(acceptor)));
+                (Some(addr), Some(reloading), Some(task))
+            }
+            None => (None, None, None),
+        };
         Ok(EmbeddedBroker {
             bus: Bus { tx, metrics },
             listen_addr,
+            tls_addr,
+            tls_cert,
             commands: Some(commands),
             listener,
+            tls_listener,
             subscriber,
         })
     }
@@ -272,6 +310,9 @@ impl EmbeddedBroker {
     /// messages.
     pub fn stop(&self) {
         self.listener.abort();
+        if let Some(tls) = &self.tls_listener {
+            tls.abort();
+        }
         self.subscriber.abort();
     }
 }

@@ -63,11 +63,13 @@ use rumqttd::protocol::{
 };
 use sha2::{Digest, Sha256};
 use subtle::{ConditionallySelectable, ConstantTimeEq};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
+use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
 use super::acl::{self, Refusal};
@@ -77,6 +79,11 @@ use crate::metrics::Metrics;
 /// Broker-listener sockets open at once (before and after CONNECT); more are closed at
 /// once and counted.
 pub const MAX_CLIENTS: usize = 10_000;
+
+/// A client's byte stream: plain TCP or TLS.
+pub trait ClientStream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> ClientStream for T {}
+type ClientIo = Box<dyn ClientStream>;
 
 /// How long a write to a client may take before the client is considered gone.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -100,6 +107,8 @@ pub struct ListenerSettings {
     pub next_connection_delay: Duration,
     /// Sockets open at once.
     pub max_clients: usize,
+    /// Time a TLS client has to finish its handshake (before the CONNECT timeout starts).
+    pub tls_handshake_timeout: Duration,
 }
 
 /// Opens a local link into the router for `(router_client_id, clean_session)`, or says
@@ -146,7 +155,7 @@ impl BrokerListener {
 
     /// Accepts clients until the future is dropped (the broker aborts its task), which
     /// also ends every client task: they live in a `JoinSet` owned by this future.
-    pub async fn run(self: Arc<Self>, listener: TcpListener) {
+    pub async fn run(self: Arc<Self>, listener: TcpListener, tls: Option<TlsAcceptor>) {
         let mut clients = JoinSet::new();
         loop {
             tokio::select! {
@@ -158,7 +167,7 @@ impl BrokerListener {
                             continue;
                         };
                         let _ = stream.set_nodelay(true);
-                        clients.spawn(self.clone().serve(stream, peer, slot));
+                        clients.spawn(self.clone().serve(stream, tls.clone(), peer, slot));
                         if !self.settings.next_connection_delay.is_zero() {
                             tokio::time::sleep(self.settings.next_connection_delay).await;
                         }
@@ -176,10 +185,37 @@ impl BrokerListener {
 
     async fn serve(
         self: Arc<Self>,
-        mut stream: TcpStream,
+        stream: TcpStream,
+        tls: Option<TlsAcceptor>,
         peer: SocketAddr,
         _slot: OwnedSemaphorePermit,
     ) {
+        // The handshake runs here, in the client's own task and under a timeout, so a
+        // client that never sends a ClientHello delays nobody (rumqttd's own TLS accept
+        // loop has neither).
+        let mut stream: ClientIo = match tls {
+            None => Box::new(stream),
+            Some(acceptor) => {
+                match tokio::time::timeout(
+                    self.settings.tls_handshake_timeout,
+                    acceptor.accept(stream),
+                )
+                .await
+                {
+                    Ok(Ok(s)) => Box::new(s),
+                    Ok(Err(e)) => {
+                        Metrics::inc(&self.metrics.broker_protocol_errors);
+                        debug!(%peer, error = %e, "broker client TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        Metrics::inc(&self.metrics.broker_connections_timed_out);
+                        debug!(%peer, "broker client TLS handshake timed out");
+                        return;
+                    }
+                }
+            }
+        };
         let mut rbuf = BytesMut::with_capacity(READ_CHUNK);
         let handshake = tokio::time::timeout(
             self.settings.connection_timeout,
@@ -243,7 +279,7 @@ impl BrokerListener {
     #[allow(clippy::too_many_arguments)]
     async fn admit(
         self: &Arc<Self>,
-        stream: &mut TcpStream,
+        stream: &mut ClientIo,
         codec: &Codec,
         peer: SocketAddr,
         connect: Connect,
@@ -383,7 +419,7 @@ impl BrokerListener {
     /// Moves packets both ways until the client or the router ends the connection.
     async fn pump(
         &self,
-        stream: &mut TcpStream,
+        stream: &mut ClientIo,
         rbuf: &mut BytesMut,
         codec: &Codec,
         peer: SocketAddr,
@@ -1144,7 +1180,7 @@ enum HandshakeError {
 /// Reads the CONNECT (the caller bounds the time), choosing the codec from its protocol
 /// level. Bytes after the CONNECT stay in `buf`.
 async fn read_connect(
-    stream: &mut TcpStream,
+    stream: &mut ClientIo,
     buf: &mut BytesMut,
     max: usize,
 ) -> Result<(Codec, Packet), HandshakeError> {
@@ -1176,7 +1212,7 @@ async fn read_connect(
 
 /// Encodes and writes packets in one write, within [`WRITE_TIMEOUT`].
 async fn write_packets(
-    stream: &mut TcpStream,
+    stream: &mut ClientIo,
     codec: &Codec,
     packets: impl IntoIterator<Item = Packet>,
 ) -> std::io::Result<()> {

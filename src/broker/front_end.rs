@@ -10,8 +10,13 @@
 //! device is mirrored on `xiaozhi/devices/<mac_>/down`.
 //!
 //! A malformed packet ends that connection only. Connections are capped by a semaphore
-//! (`mqtt.max_connections`); TLS handshakes run in the connection task, with a timeout,
-//! so a silent client never delays the accept loop.
+//! (`mqtt.max_connections`) and per source address ([`crate::limits::admission`]: open
+//! connections and CONNECT rate), both checked in the accept loop so a storm costs a
+//! `close()` per socket and nothing more. A device's publishes pass a token bucket
+//! (`mqtt.message_rate`); the excess is dropped and counted, and each offender is
+//! logged once. TLS handshakes run in the connection task, with a timeout, so a silent
+//! client never delays the accept loop; the certificate comes from a
+//! [`crate::tls::ReloadingCert`], so new handshakes pick up a renewed one.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -31,6 +36,8 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use super::bus::Bus;
 use super::registry::{DeviceHandle, DeviceRegistry, Outbound};
 use super::topics;
+use crate::limits::TokenBucket;
+use crate::limits::admission::{Refusal, SharedAdmission};
 use crate::metrics::Metrics;
 use crate::protocol::control;
 use crate::protocol::credentials::{AuthError, Verifier};
@@ -62,6 +69,21 @@ pub struct FrontEnd {
     pub metrics: Arc<Metrics>,
     /// Caps concurrent connections (authenticated or not).
     pub permits: Arc<Semaphore>,
+    /// Per-source-address connection count and CONNECT rate.
+    pub admission: SharedAdmission,
+    /// Publishes per second a device may send, and its burst (`mqtt.message_rate`).
+    pub message_rate: u32,
+    pub message_burst: u32,
+}
+
+/// Per-connection state the driver keeps beside the protocol state machine: the rules
+/// that are about this peer's behaviour rather than MQTT.
+struct PeerLimits {
+    /// The device's publish rate.
+    messages: TokenBucket,
+    /// Already warned about a foreign topic / about the message rate.
+    warned_foreign_topic: bool,
+    warned_rate: bool,
 }
 
 impl FrontEnd {
@@ -94,6 +116,19 @@ impl FrontEnd {
                     continue;
                 }
             };
+            let slot = match self.admission.admit(remote.ip()) {
+                Ok(slot) => slot,
+                Err((why, first)) => {
+                    Metrics::inc(match why {
+                        Refusal::TooManyFromSource => &self.metrics.connections_refused_per_source,
+                        Refusal::ConnectRate => &self.metrics.connections_refused_rate,
+                    });
+                    if first {
+                        warn!(%remote, why = why.label(), "device connections from this address refused; further refusals are counted (xiaozhi_device_connections_closed_total), not logged");
+                    }
+                    continue;
+                }
+            };
             let Ok(permit) = self.permits.clone().try_acquire_owned() else {
                 Metrics::inc(&self.metrics.connections_refused_limit);
                 debug!(%remote, "connection refused: mqtt.max_connections reached");
@@ -107,6 +142,7 @@ impl FrontEnd {
             tracker.spawn(
                 async move {
                     let _permit = permit;
+                    let _slot = slot;
                     match tls {
                         None => this.serve(stream, remote, close).await,
                         // Boxed so a plain connection's task is not sized for TLS state.
@@ -159,7 +195,11 @@ impl FrontEnd {
         let mut rbuf = BytesMut::with_capacity(READ_BUFFER_IDLE);
         let mut wbuf = BytesMut::with_capacity(WRITE_BUFFER_IDLE);
         let mut actions = Vec::with_capacity(4);
-        let mut refused_once = false;
+        let mut limits = PeerLimits {
+            messages: TokenBucket::new(self.message_rate, self.message_burst, Instant::now()),
+            warned_foreign_topic: false,
+            warned_rate: false,
+        };
         let mut device: Option<(DeviceHandle, mpsc::Receiver<Outbound>)> = None;
         let mut end: Option<String> = None;
 
@@ -187,7 +227,7 @@ impl FrontEnd {
                     &mut wbuf,
                     &mut device,
                     remote,
-                    &mut refused_once,
+                    &mut limits,
                 ))
                 .await;
                 if end.is_some() {
@@ -241,7 +281,7 @@ impl FrontEnd {
                 },
                 _ = sleep_until_opt(deadline) => {
                     conn.handle_timeout(Instant::now(), &mut actions);
-                    end = Box::pin(self.perform(&mut actions, &mut wbuf, &mut device, remote, &mut refused_once)).await;
+                    end = Box::pin(self.perform(&mut actions, &mut wbuf, &mut device, remote, &mut limits)).await;
                 },
                 _ = close.cancelled() => {
                     // Shutdown: deliver what sessions queued (their goodbyes), then close.
@@ -295,7 +335,7 @@ impl FrontEnd {
         wbuf: &mut BytesMut,
         device: &mut Option<(DeviceHandle, mpsc::Receiver<Outbound>)>,
         remote: SocketAddr,
-        refused_once: &mut bool,
+        limits: &mut PeerLimits,
     ) -> Option<String> {
         let mut end = None;
         for action in actions.drain(..) {
@@ -318,6 +358,17 @@ impl FrontEnd {
                 }
                 Action::Uplink(payload) => {
                     Metrics::inc(&self.metrics.mqtt_messages_in);
+                    if !limits.messages.try_take(Instant::now()) {
+                        Metrics::inc(&self.metrics.mqtt_dropped_rate_limited);
+                        if !std::mem::replace(&mut limits.warned_rate, true) {
+                            warn!(
+                                rate = self.message_rate,
+                                burst = self.message_burst,
+                                "device publishes faster than mqtt.message_rate; the excess is dropped (counted in xiaozhi_mqtt_drops_total, logged once per connection)"
+                            );
+                        }
+                        continue;
+                    }
                     if let Some((handle, _)) = device.as_ref() {
                         self.bus
                             .publish(topics::device_up(&handle.identity.mac), payload.clone());
@@ -331,7 +382,7 @@ impl FrontEnd {
                         "foreign_topic" => {
                             Metrics::inc(&self.metrics.mqtt_dropped_foreign_topic);
                             // Firmware never does this: say so once per connection.
-                            if !std::mem::replace(refused_once, true) {
+                            if !std::mem::replace(&mut limits.warned_foreign_topic, true) {
                                 warn!(
                                     "device published to a topic other than the uplink topic; dropped (further ones on this connection are logged at debug)"
                                 );

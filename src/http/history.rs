@@ -830,7 +830,11 @@ async fn admin_feed(State(state): State<HttpState>, mut ws: WebSocketUpgrade) ->
     }
     let presence = state.directory.subscribe_presence();
     let failures = state.events.subscribe_upstream_failures();
-    ws.on_upgrade(move |socket| feed(socket, events, presence, failures))
+    let max = state.config.http.ws_max_message_bytes;
+    let metrics = state.metrics.clone();
+    ws.max_message_size(max)
+        .max_frame_size(max)
+        .on_upgrade(move |socket| feed(socket, events, presence, failures, metrics))
 }
 
 /// Close codes of the feed.
@@ -883,6 +887,7 @@ async fn feed(
     mut events: broadcast::Receiver<StoredEvent>,
     mut presence: broadcast::Receiver<crate::session::directory::PresenceEvent>,
     mut failures: broadcast::Receiver<crate::admin::events::UpstreamFailure>,
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
 ) {
     debug!("admin feed: consumer connected");
     let mut ping = tokio::time::interval_at(
@@ -938,7 +943,16 @@ async fn feed(
                 }
             },
             incoming = socket.recv() => match incoming {
-                None | Some(Err(_)) | Some(Ok(WsMessage::Close(_))) => return,
+                Some(Err(e)) => {
+                    // axum hides tungstenite's error type; its capacity error reads
+                    // "Space limit exceeded: Message too long: N > M".
+                    if e.to_string().contains("Space limit exceeded") {
+                        crate::metrics::Metrics::inc(&metrics.http_rejected_ws_message_too_large);
+                        debug!(error = %e, "admin feed: message over http.ws_max_message_bytes; closed");
+                    }
+                    return;
+                }
+                None | Some(Ok(WsMessage::Close(_))) => return,
                 // Pings are answered by the socket itself; anything else is ignored.
                 Some(Ok(_)) => {}
             },

@@ -2,6 +2,10 @@
 //! [`readiness`]), `GET /metrics` (Prometheus), the Node gateway's management API that
 //! manager-api calls ([`management`]), the optional OTA endpoint ([`ota`]), the chat
 //! history API ([`history`]), and the web console ([`console`], [`console_api`]).
+//!
+//! [`serve`] runs the listener (connection cap, header timeout); [`request_limits`]
+//! bounds every request's body (`http.max_body_bytes`, 413) and handler time
+//! (`http.request_timeout_secs`, 408), counting both.
 
 pub mod console;
 pub mod console_api;
@@ -10,10 +14,14 @@ pub mod history;
 pub mod management;
 pub mod ota;
 pub mod readiness;
+pub mod serve;
 
 use std::sync::Arc;
 
-use axum::extract::State;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::StatusCode;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::{Value, json};
@@ -48,7 +56,12 @@ pub struct HttpState {
 
 /// Builds the router.
 pub fn router(state: HttpState) -> Router {
-    Router::new()
+    let limits = RequestLimits {
+        timeout: std::time::Duration::from_secs(state.config.http.request_timeout_secs),
+        max_body_bytes: state.config.http.max_body_bytes,
+        metrics: state.metrics.clone(),
+    };
+    let app = Router::new()
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .route("/readyz", get(readiness::readyz))
@@ -57,7 +70,50 @@ pub fn router(state: HttpState) -> Router {
         .merge(console_api::routes(&state))
         .merge(console::routes())
         .merge(ota::routes(&state))
-        .with_state(state)
+        .with_state(state);
+    with_request_limits(app, limits)
+}
+
+/// The per-request rules of every route.
+#[derive(Clone)]
+pub struct RequestLimits {
+    /// Time a handler has to produce its response (`http.request_timeout_secs`).
+    pub timeout: std::time::Duration,
+    /// Largest body an extractor reads (`http.max_body_bytes`); routes may set less.
+    pub max_body_bytes: usize,
+    pub metrics: Arc<Metrics>,
+}
+
+/// Applies [`RequestLimits`] to a router.
+pub fn with_request_limits(app: Router, limits: RequestLimits) -> Router {
+    let max_body = limits.max_body_bytes;
+    app.layer(axum::middleware::from_fn_with_state(limits, request_limits))
+        .layer(DefaultBodyLimit::max(max_body))
+}
+
+/// Every request: the handler must answer within the timeout (408 otherwise); bodies
+/// over the limit (413, from [`DefaultBodyLimit`]) are counted.
+async fn request_limits(
+    State(limits): State<RequestLimits>,
+    request: Request,
+    next: Next,
+) -> Response {
+    match tokio::time::timeout(limits.timeout, next.run(request)).await {
+        Ok(response) => {
+            if response.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                Metrics::inc(&limits.metrics.http_rejected_body_too_large);
+            }
+            response
+        }
+        Err(_) => {
+            Metrics::inc(&limits.metrics.http_rejected_request_timeout);
+            (
+                StatusCode::REQUEST_TIMEOUT,
+                Json(json!({"error": "request_timeout", "message": "the request took longer than http.request_timeout_secs"})),
+            )
+                .into_response()
+        }
+    }
 }
 
 /// `GET /metrics`: Prometheus text format.
@@ -94,4 +150,72 @@ async fn healthz(State(state): State<HttpState>) -> Json<Value> {
             "writes": m.presence_writes,
         },
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use axum::body::{Body, Bytes};
+    use axum::routing::post;
+    use tower::ServiceExt;
+
+    use super::*;
+
+    fn app(metrics: Arc<Metrics>) -> Router {
+        let app = Router::new()
+            .route(
+                "/slow",
+                get(|| async {
+                    tokio::time::sleep(Duration::from_secs(60)).await;
+                    "late"
+                }),
+            )
+            .route(
+                "/echo",
+                post(|body: Bytes| async move { body.len().to_string() }),
+            );
+        with_request_limits(
+            app,
+            RequestLimits {
+                timeout: Duration::from_millis(50),
+                max_body_bytes: 1024,
+                metrics,
+            },
+        )
+    }
+
+    #[tokio::test]
+    async fn slow_handlers_get_408_and_large_bodies_413_both_counted() {
+        let metrics = Arc::new(Metrics::default());
+        let slow = app(metrics.clone())
+            .oneshot(Request::get("/slow").body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(slow.status(), StatusCode::REQUEST_TIMEOUT);
+
+        let big = app(metrics.clone())
+            .oneshot(
+                Request::post("/echo")
+                    .body(Body::from(vec![b'x'; 4096]))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(big.status(), StatusCode::PAYLOAD_TOO_LARGE);
+
+        let fine = app(metrics.clone())
+            .oneshot(
+                Request::post("/echo")
+                    .body(Body::from(vec![b'x'; 1000]))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(fine.status(), StatusCode::OK);
+
+        let m = metrics.snapshot();
+        assert_eq!(m.http_rejected_request_timeout, 1);
+        assert_eq!(m.http_rejected_body_too_large, 1);
+    }
 }
