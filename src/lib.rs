@@ -35,4 +35,5 @@ pub mod protocol;
 pub mod server;
 pub mod session;
 pub mod simulator;
+pub mod soak;
 pub mod tls;

@@ -82,6 +82,11 @@ enum Command {
     /// devices that keep talking (chat history in SQLite under ./xiaozhi-demo/ unless
     /// history.database_url is set). Prints the console's address and token.
     Demo(DemoArgs),
+    /// Soak with faults: a churning fleet at half the measured per-core capacity for a
+    /// chosen time while the database, Redis and the upstream are cut and the upstream is
+    /// restarted; reports RSS and tasks over time and checks every conversation's chat
+    /// history is in the database exactly once. See docs/soak.md.
+    Soak(xiaozhi_gateway::soak::command::SoakArgs),
 }
 
 #[derive(Args)]
@@ -406,6 +411,15 @@ fn main() -> ExitCode {
                 .init();
             drop(runtime);
             xiaozhi_gateway::bench::command::run(command)
+        }
+        Command::Soak(args) => {
+            tracing_subscriber::fmt()
+                .with_env_filter(
+                    EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn")),
+                )
+                .init();
+            drop(runtime);
+            xiaozhi_gateway::soak::command::main(args)
         }
         Command::Simulate(args) => {
             tracing_subscriber::fmt()

@@ -379,3 +379,54 @@ async fn an_oversized_admin_feed_message_closes_that_feed() {
     );
     gw.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anonymous_oversized_packets_and_trickling_clients_stay_within_a_memory_bound() {
+    raise_fd_limit();
+    let mut config = common::test_config();
+    config.mqtt.connect_timeout_secs = 2;
+    let gw = common::start_with(config).await;
+    let rss_before = rss_kib();
+
+    // 500 strangers each announce a 100 KB packet before CONNECT: refused at the fixed
+    // header (the pre-CONNECT limit is 4 KiB), nothing buffered.
+    let mut oversized = Vec::new();
+    for _ in 0..500 {
+        let mut s = TcpStream::connect(gw.addrs.mqtt).await.unwrap();
+        // PUBLISH, remaining length 100,000 (varint a0 8d 06), then some of it.
+        s.write_all(&[0x30, 0xa0, 0x8d, 0x06]).await.unwrap();
+        let _ = s.write_all(&[b'x'; 2048]).await;
+        oversized.push(s);
+    }
+    for s in oversized.iter_mut() {
+        assert!(closed_by_server(s, Duration::from_secs(3)).await);
+    }
+    // 300 more trickle a CONNECT-sized packet one byte at a time and never finish: each
+    // is closed at the CONNECT timeout.
+    let mut trickling = Vec::new();
+    for _ in 0..300 {
+        let mut s = TcpStream::connect(gw.addrs.mqtt).await.unwrap();
+        s.write_all(&[0x10, 0xff, 0x1f]).await.unwrap();
+        trickling.push(s);
+    }
+    for _ in 0..5 {
+        for s in trickling.iter_mut() {
+            let _ = s.write_all(b"y").await;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // A device is served throughout.
+    let mut dev = common::device(&gw, 905).await;
+    let (hello, _audio) = common::conversation(&mut dev).await;
+    assert!(!hello.session_id.is_empty());
+    for s in trickling.iter_mut() {
+        assert!(closed_by_server(s, Duration::from_secs(4)).await);
+    }
+    let m = gw.metrics.snapshot();
+    assert!(m.connections_protocol_errors >= 500, "{m:?}");
+    assert!(m.connections_timed_out >= 300, "{m:?}");
+    let grown_mib = rss_kib().saturating_sub(rss_before) / 1024;
+    println!("800 hostile connections: RSS grew {grown_mib} MiB");
+    assert!(grown_mib < 32, "RSS grew {grown_mib} MiB");
+    gw.shutdown().await;
+}

@@ -44,7 +44,6 @@ use crate::protocol::credentials::{AuthError, Verifier};
 use crate::protocol::device_mqtt::{Action, CloseReason, DeviceMqttConnection, DeviceMqttSettings};
 use crate::session::SessionManager;
 
-/// Everything a connection task needs, shared by all of them.
 /// Read buffer of a connection between packets (control messages fit; an MCP tool list
 /// grows it for as long as it takes to arrive).
 const READ_BUFFER_IDLE: usize = 512;
@@ -58,6 +57,11 @@ const READ_GROW: usize = 2048;
 const WRITE_BUFFER_IDLE: usize = 256;
 const WRITE_BUFFER_KEEP: usize = 4096;
 
+/// Largest packet accepted before CONNECT: a firmware CONNECT (client id, username,
+/// password) is about 200 bytes, so a stranger cannot make a connection buffer more.
+pub const MAX_CONNECT_BYTES: usize = 4096;
+
+/// Everything a connection task needs, shared by all of them.
 pub struct FrontEnd {
     pub settings: DeviceMqttSettings,
     pub verifier: Verifier,
@@ -205,8 +209,15 @@ impl FrontEnd {
 
         while end.is_none() {
             // Frame and handle every complete packet already buffered.
+            // Before CONNECT a peer is anonymous: it may make us buffer a CONNECT's worth
+            // of bytes, not a full packet's.
+            let max_packet = if device.is_some() {
+                self.max_packet_bytes
+            } else {
+                self.max_packet_bytes.min(MAX_CONNECT_BYTES)
+            };
             loop {
-                match Packet::read(&mut rbuf, self.max_packet_bytes) {
+                match Packet::read(&mut rbuf, max_packet) {
                     Ok(packet) => conn.handle_packet(
                         packet,
                         Instant::now(),

@@ -72,7 +72,7 @@ pub(crate) async fn run(deps: Arc<SessionDeps>, start: ConversationStart) -> End
             Ok(v) => v,
             Err((upstream, message)) => {
                 Metrics::inc(&deps.metrics.hellos_refused);
-                warn!(%message, "conversation could not be opened");
+                warn!(reason = %message, "conversation could not be opened");
                 if upstream && let Some(events) = &deps.events {
                     events.upstream_failed(&device.mac, &message);
                 }

@@ -412,7 +412,7 @@ impl Dispatcher {
         let span = info_span!("session", %mac, session_id = tracing::field::Empty);
         self.tracker.spawn(
             async move {
-                conversation::run(
+                let run = conversation::run(
                     deps,
                     ConversationStart {
                         serial,
@@ -421,8 +421,17 @@ impl Dispatcher {
                         control: control_rx,
                         end: end_rx,
                     },
-                )
-                .await;
+                );
+                // A conversation that panics must still end: otherwise its entry (and
+                // `sessions_live`) would stay for good. The panic is a bug; say so loudly.
+                if futures_util::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(run))
+                    .await
+                    .is_err()
+                {
+                    tracing::error!(
+                        "conversation task panicked (a bug); the conversation is ended"
+                    );
+                }
                 if let Some(events) = events.upgrade() {
                     let _ = events.send(Event::Ended { mac, serial }).await;
                 }

@@ -90,6 +90,8 @@ impl Conversation for XiaozhiConversation {
         let mut frame_buf = Vec::new();
         // End of the user's speech, while the reply's first audio is awaited.
         let mut awaiting_reply: Option<std::time::Instant> = None;
+        // A finished JoinHandle must not be polled again (tokio panics): remember it.
+        let mut writer_done = false;
         let end = loop {
             tokio::select! {
                 biased;
@@ -187,7 +189,8 @@ impl Conversation for XiaozhiConversation {
                     }
                     None => break ConversationEnd::Finished,
                 },
-                result = &mut writer.0 => {
+                result = &mut writer.0, if !writer_done => {
+                    writer_done = true;
                     // The writer only stops on a send error or after a close frame.
                     let why = result.map(|_| "the speech server stopped taking data").unwrap_or("writer failed");
                     Metrics::inc(&metrics.upstream_failed_midway);
@@ -198,7 +201,10 @@ impl Conversation for XiaozhiConversation {
         // Let the writer flush what is queued (the close frame included), briefly.
         drop(text_tx);
         audio_tx.close();
-        let _ = tokio::time::timeout(std::time::Duration::from_millis(500), &mut writer.0).await;
+        if !writer_done {
+            let _ =
+                tokio::time::timeout(std::time::Duration::from_millis(500), &mut writer.0).await;
+        }
         end
     }
 }
