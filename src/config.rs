@@ -37,6 +37,9 @@ pub struct Config {
     pub shutdown: ShutdownConfig,
 }
 
+/// The longest duration any setting may name, in seconds (one year).
+const MAX_DURATION_SECS: u64 = 365 * 24 * 3600;
+
 /// This gateway node.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -827,6 +830,16 @@ impl Config {
         ] {
             if value == 0 {
                 return Err(invalid(key, &value, "must be greater than 0"));
+            }
+            // Durations are added to clocks: a huge one would overflow them (found by the
+            // `config` fuzz target). A year is far beyond any sane setting.
+            let max = if key.ends_with("_ms") {
+                MAX_DURATION_SECS * 1000
+            } else {
+                MAX_DURATION_SECS
+            };
+            if value > max {
+                return Err(invalid(key, &value, &format!("at most {max} (one year)")));
             }
         }
         for (key, value) in [

@@ -27,7 +27,7 @@ use axum::body::Body;
 use axum::extract::ws::{CloseFrame, Message as WsMessage, WebSocket, WebSocketUpgrade};
 use axum::extract::{FromRequestParts, Path, Query, Request, State};
 use axum::http::request::Parts;
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -245,15 +245,19 @@ pub(super) struct Params(pub(super) HashMap<String, String>);
 impl<S: Send + Sync> FromRequestParts<S> for Params {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
-        Query::<HashMap<String, String>>::from_request_parts(parts, state)
-            .await
-            .map(|Query(q)| Params(q))
-            .map_err(|_| ApiError::bad("the query string is not valid"))
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Params::from_uri(&parts.uri)
     }
 }
 
 impl Params {
+    /// The query string of `uri`, as axum's `Query` extractor reads it.
+    fn from_uri(uri: &Uri) -> ApiResult<Params> {
+        Query::<HashMap<String, String>>::try_from_uri(uri)
+            .map(|Query(q)| Params(q))
+            .map_err(|_| ApiError::bad("the query string is not valid"))
+    }
+
     fn get(&self, name: &str) -> Option<&str> {
         self.0.get(name).map(String::as_str)
     }
@@ -373,6 +377,28 @@ fn check_audio_id(s: &str) -> ApiResult<()> {
     Ok(())
 }
 
+/// The `before` cursor of a sessions page, if any.
+fn before_cursor(params: &Params) -> ApiResult<Option<SessionCursor>> {
+    match params.get("before") {
+        None | Some("") => Ok(None),
+        Some(token) => SessionCursor::decode(token)
+            .map(Some)
+            .ok_or_else(|| ApiError::bad("before is not a cursor this API returned (use `next`)")),
+    }
+}
+
+/// The search term `q`: 1 to [`MAX_SEARCH_TERM`] characters.
+fn search_term(params: &Params) -> ApiResult<&str> {
+    let q = params.get("q").unwrap_or_default();
+    let n = q.chars().count();
+    if n == 0 || n > MAX_SEARCH_TERM {
+        return Err(ApiError::bad(format!(
+            "q must be 1 to {MAX_SEARCH_TERM} characters"
+        )));
+    }
+    Ok(q)
+}
+
 fn store(state: &HttpState) -> ApiResult<&Store> {
     // The routes exist only with a store; this is belt and braces.
     state
@@ -406,12 +432,7 @@ async fn sessions(
 ) -> ApiResult<Response> {
     let mac = parse_mac(&mac)?;
     let limit = params.limit()?;
-    let before = match params.get("before") {
-        None | Some("") => None,
-        Some(token) => Some(SessionCursor::decode(token).ok_or_else(|| {
-            ApiError::bad("before is not a cursor this API returned (use `next`)")
-        })?),
-    };
+    let before = before_cursor(&params)?;
     let rows = query::sessions(store(&state)?, &mac, before.as_ref(), limit + 1).await?;
     let (rows, more) = trim_page(rows, limit);
     let next = more
@@ -454,16 +475,17 @@ async fn audio(State(state): State<HttpState>, PathParam(id): PathParam) -> ApiR
         .into_response())
 }
 
+/// Today in the zone history is written in.
+fn today(state: &HttpState) -> Date {
+    let offset = time::UtcOffset::from_whole_seconds(state.config.history.utc_offset_minutes * 60)
+        .unwrap_or(time::UtcOffset::UTC);
+    time::OffsetDateTime::now_utc().to_offset(offset).date()
+}
+
 /// The days a stats request covers: `from` and `to` (both included), by default the
-/// last 30 days in the zone history is written in; at most `MAX_STATS_DAYS`.
-fn stats_range(state: &HttpState, params: &Params) -> ApiResult<(Date, Date)> {
+/// last 30 days up to `today`; at most `MAX_STATS_DAYS`.
+fn stats_range(params: &Params, today: Date) -> ApiResult<(Date, Date)> {
     let (from, to) = (params.date("from")?, params.date("to")?);
-    let today = {
-        let offset =
-            time::UtcOffset::from_whole_seconds(state.config.history.utc_offset_minutes * 60)
-                .unwrap_or(time::UtcOffset::UTC);
-        time::OffsetDateTime::now_utc().to_offset(offset).date()
-    };
     let to = to.unwrap_or(today);
     let from = from.unwrap_or_else(|| to.saturating_sub(time::Duration::days(29)));
     if from > to {
@@ -524,7 +546,7 @@ async fn stats(
     params: Params,
 ) -> ApiResult<Response> {
     let mac = parse_mac(&mac)?;
-    let (from, to) = stats_range(&state, &params)?;
+    let (from, to) = stats_range(&params, today(&state))?;
     let rows =
         query::daily_stats(store(&state)?, Some(&mac), &day_start(from), &day_end(to)).await?;
     let mut body = stats_body(from, to, rows);
@@ -536,7 +558,7 @@ async fn stats(
 /// over every device, and `top_devices`: the `top` devices with the most messages in
 /// the range (most first, then by MAC).
 async fn fleet_stats(State(state): State<HttpState>, params: Params) -> ApiResult<Response> {
-    let (from, to) = stats_range(&state, &params)?;
+    let (from, to) = stats_range(&params, today(&state))?;
     let top = params.int("top", DEFAULT_TOP, 1, MAX_TOP)?;
     let store = store(&state)?;
     let (start, end) = (day_start(from), day_end(to));
@@ -552,13 +574,7 @@ async fn fleet_stats(State(state): State<HttpState>, params: Params) -> ApiResul
 
 /// `GET /api/history/search?q=&mac=&limit=&after_id=`.
 async fn search(State(state): State<HttpState>, params: Params) -> ApiResult<Response> {
-    let q = params.get("q").unwrap_or_default();
-    let n = q.chars().count();
-    if n == 0 || n > MAX_SEARCH_TERM {
-        return Err(ApiError::bad(format!(
-            "q must be 1 to {MAX_SEARCH_TERM} characters"
-        )));
-    }
+    let q = search_term(&params)?;
     let mac = params.mac()?;
     let limit = params.limit()?;
     let after_id = params.after_id()?;
@@ -632,6 +648,53 @@ fn render_page(format: ExportFormat, rows: &[Message]) -> Bytes {
     Bytes::from(out)
 }
 
+/// An export's format, MAC (colon form) and days, checked.
+type ExportParams = (ExportFormat, Option<String>, Option<Date>, Option<Date>);
+
+fn export_params(params: &Params) -> ApiResult<ExportParams> {
+    let format = match params.get("format").unwrap_or("csv") {
+        "csv" | "" => ExportFormat::Csv,
+        "jsonl" | "ndjson" => ExportFormat::Jsonl,
+        _ => return Err(ApiError::bad("format must be csv or jsonl")),
+    };
+    let mac = params.mac()?;
+    let (from, to) = (params.date("from")?, params.date("to")?);
+    if let (Some(f), Some(t)) = (from, to)
+        && f > t
+    {
+        return Err(ApiError::bad("from is after to"));
+    }
+    Ok((format, mac, from, to))
+}
+
+/// An export's content type and `Content-Disposition` (the file name says what it holds).
+fn export_headers(
+    format: ExportFormat,
+    mac: Option<&str>,
+    from: Option<Date>,
+    to: Option<Date>,
+) -> (&'static str, String) {
+    let mut name = String::from("chat-history");
+    if let Some(mac) = mac {
+        name.push('-');
+        name.push_str(&mac.replace(':', ""));
+    }
+    if let Some(f) = from {
+        name.push_str(&format!("-from-{}", format_date(f)));
+    }
+    if let Some(t) = to {
+        name.push_str(&format!("-to-{}", format_date(t)));
+    }
+    let (content_type, ext) = match format {
+        ExportFormat::Csv => ("text/csv; charset=utf-8", "csv"),
+        ExportFormat::Jsonl => ("application/x-ndjson", "jsonl"),
+    };
+    (
+        content_type,
+        format!("attachment; filename=\"{name}.{ext}\""),
+    )
+}
+
 /// Where a streaming export has got to.
 struct ExportState {
     store: Store,
@@ -647,18 +710,7 @@ struct ExportState {
 /// `GET /api/history/export?format=csv|jsonl&mac=&from=&to=`: every message that existed
 /// when the request came, in id order, fetched and sent `EXPORT_PAGE` rows at a time.
 pub(super) async fn export(State(state): State<HttpState>, params: Params) -> ApiResult<Response> {
-    let format = match params.get("format").unwrap_or("csv") {
-        "csv" | "" => ExportFormat::Csv,
-        "jsonl" | "ndjson" => ExportFormat::Jsonl,
-        _ => return Err(ApiError::bad("format must be csv or jsonl")),
-    };
-    let mac = params.mac()?;
-    let (from, to) = (params.date("from")?, params.date("to")?);
-    if let (Some(f), Some(t)) = (from, to)
-        && f > t
-    {
-        return Err(ApiError::bad("from is after to"));
-    }
+    let (format, mac, from, to) = export_params(&params)?;
     let store = store(&state)?.clone();
     let max_id = query::max_id(&store).await?;
     let filter = ExportFilter {
@@ -666,22 +718,7 @@ pub(super) async fn export(State(state): State<HttpState>, params: Params) -> Ap
         from: from.map_or_else(|| query::TIME_MIN.to_owned(), day_start),
         until: to.map_or_else(|| query::TIME_MAX.to_owned(), day_end),
     };
-    let mut name = String::from("chat-history");
-    if let Some(mac) = &mac {
-        name.push('-');
-        name.push_str(&mac.replace(':', ""));
-    }
-    if let Some(f) = from {
-        name.push_str(&format!("-from-{}", format_date(f)));
-    }
-    if let Some(t) = to {
-        name.push_str(&format!("-to-{}", format_date(t)));
-    }
-    let (content_type, ext) = match format {
-        ExportFormat::Csv => ("text/csv; charset=utf-8", "csv"),
-        ExportFormat::Jsonl => ("application/x-ndjson", "jsonl"),
-    };
-    let disposition = format!("attachment; filename=\"{name}.{ext}\"");
+    let (content_type, disposition) = export_headers(format, mac.as_deref(), from, to);
     let start = ExportState {
         store,
         filter,
@@ -964,6 +1001,123 @@ async fn feed(
             }
         }
     }
+}
+
+// --- input checks without a server (fuzzing) ---------------------------------------
+
+/// The history endpoints, for [`check_input`].
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    Devices,
+    Sessions,
+    Messages,
+    Audio,
+    DeviceStats,
+    FleetStats,
+    Search,
+    Export,
+    DeviceView,
+}
+
+impl Endpoint {
+    #[doc(hidden)]
+    pub const ALL: [Endpoint; 9] = [
+        Endpoint::Devices,
+        Endpoint::Sessions,
+        Endpoint::Messages,
+        Endpoint::Audio,
+        Endpoint::DeviceStats,
+        Endpoint::FleetStats,
+        Endpoint::Search,
+        Endpoint::Export,
+        Endpoint::DeviceView,
+    ];
+}
+
+/// Runs the checks `endpoint`'s handler makes of its path parameter and of the query
+/// string of `uri` before it touches the database, with the same functions, and `today`
+/// for the clock. `Ok` holds what the handler would go on with (as JSON, for the fuzz
+/// target's bounds checks); `Err` the 400 message the client would get.
+///
+/// For the `history_query` fuzz target and its regression tests (docs/fuzzing.md); the
+/// service itself never calls it.
+#[doc(hidden)]
+pub fn check_input(
+    endpoint: Endpoint,
+    path_param: &str,
+    uri: &Uri,
+    today: Date,
+) -> Result<Value, String> {
+    let checked = (|| -> ApiResult<Value> {
+        let params = Params::from_uri(uri)?;
+        Ok(match endpoint {
+            Endpoint::Devices => json!({
+                "limit": params.limit()?,
+                "offset": params.int("offset", 0, 0, 1_000_000_000)?,
+            }),
+            Endpoint::Sessions => {
+                let mac = parse_mac(path_param)?;
+                let limit = params.limit()?;
+                let before = before_cursor(&params)?;
+                json!({
+                    "mac": mac,
+                    "limit": limit,
+                    "before": before.map(|c| json!([c.started_at, c.session_id])),
+                })
+            }
+            Endpoint::Messages => {
+                check_session_id(path_param)?;
+                json!({"limit": params.limit()?, "after_id": params.after_id()?})
+            }
+            Endpoint::Audio => {
+                check_audio_id(path_param)?;
+                json!({})
+            }
+            Endpoint::DeviceStats | Endpoint::FleetStats => {
+                if endpoint == Endpoint::DeviceStats {
+                    parse_mac(path_param)?;
+                }
+                let (from, to) = stats_range(&params, today)?;
+                let top = match endpoint {
+                    Endpoint::FleetStats => Some(params.int("top", DEFAULT_TOP, 1, MAX_TOP)?),
+                    _ => None,
+                };
+                let mut body = stats_body(from, to, Vec::new());
+                body["start"] = json!(day_start(from));
+                body["end"] = json!(day_end(to));
+                body["top"] = json!(top);
+                body
+            }
+            Endpoint::Search => {
+                let q = search_term(&params)?;
+                json!({
+                    "q": q,
+                    "mac": params.mac()?,
+                    "limit": params.limit()?,
+                    "after_id": params.after_id()?,
+                })
+            }
+            Endpoint::Export => {
+                let (format, mac, from, to) = export_params(&params)?;
+                let (content_type, disposition) = export_headers(format, mac.as_deref(), from, to);
+                json!({
+                    "content_type": content_type,
+                    "disposition": disposition,
+                    "from": from.map_or_else(|| query::TIME_MIN.to_owned(), day_start),
+                    "until": to.map_or_else(|| query::TIME_MAX.to_owned(), day_end),
+                })
+            }
+            Endpoint::DeviceView => match super::management::mac_of_client_id(path_param) {
+                Some(mac) => json!({"mac": mac.colon()}),
+                None => return Err(ApiError::bad("not a device id")),
+            },
+        })
+    })();
+    checked.map_err(|e| match e {
+        ApiError::BadRequest(m) => m,
+        other => format!("{other:?}"),
+    })
 }
 
 #[cfg(test)]

@@ -485,4 +485,54 @@ mod tests {
             Err(FrameTooLarge(1500))
         );
     }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            /// What our sealer numbers and encrypts, a channel with the same key accepts
+            /// (lost datagrams in between included) and decrypts to the same bytes.
+            #[test]
+            fn sealed_frames_are_accepted_and_decrypt_to_what_was_sealed(
+                key: [u8; 16],
+                connection_id: u32,
+                first in 1u32..=FIRST_BIND_MAX_SEQUENCE,
+                frames in proptest::collection::vec(
+                    (0u32..REBIND_WINDOW, proptest::collection::vec(any::<u8>(), 0..300)),
+                    1..16,
+                ),
+            ) {
+                let cipher = PacketCipher::new(&key);
+                let mut sealer = DownlinkSealer {
+                    cipher: cipher.clone(),
+                    connection_id,
+                    next_sequence: first,
+                };
+                let mut ch = UplinkChannel::new(cipher);
+                let mut out = Vec::new();
+                let mut last = 0;
+                for (lost, body) in frames {
+                    if last != 0 {
+                        sealer.next_sequence += lost;
+                    }
+                    // The firmware's TOC byte (SILK WB 60 ms, one frame), any frame bytes.
+                    let mut opus = vec![11 << 3];
+                    opus.extend_from_slice(&body);
+                    sealer.seal(last * 60, &opus, &mut out).unwrap();
+                    let sequence = sealer.next_sequence - 1;
+                    let verdict = ch.on_datagram(&mut out, addr(1));
+                    let Verdict::Accept { header, gap, rebound } = verdict else {
+                        return Err(TestCaseError::fail(format!("{verdict:?}")));
+                    };
+                    prop_assert_eq!((header.sequence, header.connection_id), (sequence, connection_id));
+                    prop_assert_eq!(gap, if last == 0 { sequence - 1 } else { sequence - last - 1 });
+                    prop_assert!(!rebound);
+                    prop_assert_eq!(&out[HEADER_LEN..], &opus[..]);
+                    last = sequence;
+                }
+                prop_assert_eq!(ch.peer(), Some(addr(1)));
+            }
+        }
+    }
 }

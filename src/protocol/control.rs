@@ -368,4 +368,94 @@ mod tests {
         assert_eq!(v["audio_params"]["sample_rate"], 16000);
         assert_eq!(v["audio_params"]["frame_duration"], 60);
     }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn audio_params() -> impl Strategy<Value = AudioParams> {
+            ("[a-z0-9]{0,8}", any::<u32>(), any::<u8>(), 1u32..=120).prop_map(
+                |(format, sample_rate, channels, frame_duration)| AudioParams {
+                    format,
+                    sample_rate,
+                    channels,
+                    frame_duration,
+                },
+            )
+        }
+
+        proptest! {
+            #[test]
+            fn audio_params_survive_json(params in audio_params()) {
+                let json = serde_json::to_string(&params).unwrap();
+                prop_assert_eq!(serde_json::from_str::<AudioParams>(&json).unwrap(), params);
+            }
+
+            #[test]
+            fn a_device_hello_parses_back(
+                version: u64,
+                transport in "[a-z]{0,8}",
+                params in audio_params(),
+                mcp: bool,
+            ) {
+                let features = json!({"mcp": mcp});
+                let hello = json!({
+                    "type": "hello",
+                    "version": version,
+                    "transport": transport,
+                    "features": features,
+                    "audio_params": params,
+                });
+                let (message, _) = parse_device_message(hello.to_string().as_bytes()).unwrap();
+                prop_assert_eq!(
+                    message,
+                    DeviceMessage::Hello(HelloRequest { version, transport, audio_params: params, features })
+                );
+            }
+
+            #[test]
+            fn server_messages_read_back_as_what_they_say(
+                session_id in any::<String>(),
+                state in "[a-z_]{1,16}",
+                text in proptest::option::of(any::<String>()),
+                message in any::<String>(),
+            ) {
+                let (m, _) = parse_device_message(goodbye(&session_id).as_bytes()).unwrap();
+                prop_assert_eq!(m, DeviceMessage::Goodbye { session_id: Some(session_id.clone()) });
+
+                let (m, v) =
+                    parse_device_message(tts(&session_id, &state, text.as_deref()).as_bytes()).unwrap();
+                prop_assert_eq!(
+                    m,
+                    DeviceMessage::Other { kind: "tts".into(), session_id: Some(session_id.clone()) }
+                );
+                prop_assert_eq!(v["state"].as_str(), Some(state.as_str()));
+                prop_assert_eq!(v.get("text").and_then(Value::as_str), text.as_deref());
+
+                let (m, v) = parse_device_message(alert(Some(&session_id), &message).as_bytes()).unwrap();
+                prop_assert_eq!(
+                    m,
+                    DeviceMessage::Other { kind: "alert".into(), session_id: Some(session_id) }
+                );
+                prop_assert_eq!(v["message"].as_str(), Some(message.as_str()));
+            }
+
+            #[test]
+            fn the_bus_copy_of_a_server_hello_differs_only_in_the_key(
+                session_id in any::<String>(),
+                server in "[a-z0-9.:-]{1,30}",
+                port: u16,
+                key in "[0-9a-f]{32}",
+                nonce in "[0-9a-f]{32}",
+                params in audio_params(),
+            ) {
+                let udp = UdpOffer { server, port, key_hex: key, nonce_hex: nonce };
+                let hello = server_hello(&session_id, &params, &udp);
+                let mut expected: Value = serde_json::from_str(&hello).unwrap();
+                expected["udp"]["key"] = json!(REDACTED);
+                let redacted = redact_for_bus(hello.as_bytes()).expect("a hello is redacted");
+                prop_assert_eq!(serde_json::from_slice::<Value>(&redacted).unwrap(), expected);
+            }
+        }
+    }
 }

@@ -284,4 +284,56 @@ mod tests {
             );
         }
     }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #[test]
+            fn client_ids_parse_back(
+                group in "[A-Za-z0-9_.-]{1,16}",
+                octets: [u8; 6],
+                uuid in "[A-Za-z0-9_-]{1,36}",
+            ) {
+                let mac = Mac::from_octets(octets);
+                let client_id = format!("{group}@@@{mac}@@@{uuid}");
+                prop_assert_eq!(
+                    parse_client_id(&client_id),
+                    Ok(DeviceIdentity { client_id: client_id.clone(), group, mac, uuid })
+                );
+            }
+
+            #[test]
+            fn signed_passwords_verify_under_their_key_only(
+                key in proptest::collection::vec(any::<u8>(), 1..64),
+                octets: [u8; 6],
+                ip in any::<String>(),
+            ) {
+                let mac = Mac::from_octets(octets);
+                let client_id = format!("GID_test@@@{mac}@@@{mac}");
+                let username = username_for_ip(&ip);
+                let password = sign(&key, &client_id, &username);
+                let verified = Verifier::Signed { key: key.clone() }
+                    .verify(&client_id, Some(&username), Some(&password))
+                    .unwrap();
+                prop_assert_eq!(verified.mac, mac);
+                // Another key (not just a zero appended: HMAC pads short keys with
+                // zeros, so `k` and `k || 0` are the same key).
+                let mut other = key;
+                other[0] ^= 1;
+                prop_assert_eq!(
+                    Verifier::Signed { key: other }.verify(&client_id, Some(&username), Some(&password)),
+                    Err(AuthError::BadSignature)
+                );
+            }
+
+            #[test]
+            fn usernames_carry_the_ip(ip in any::<String>()) {
+                let json = B64.decode(username_for_ip(&ip)).unwrap();
+                let value: serde_json::Value = serde_json::from_slice(&json).unwrap();
+                prop_assert_eq!(value, serde_json::json!({"ip": ip}));
+            }
+        }
+    }
 }

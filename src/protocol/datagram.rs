@@ -208,4 +208,30 @@ mod tests {
             let _ = Header::parse(&bytes);
         }
     }
+
+    proptest! {
+        #[test]
+        fn a_built_datagram_parses_back(
+            flags: u8,
+            connection_id: u32,
+            timestamp: u32,
+            sequence: u32,
+            payload in proptest::collection::vec(any::<u8>(), 1..=MAX_DATAGRAM_LEN - HEADER_LEN),
+        ) {
+            let h = Header { flags, payload_len: payload.len() as u16, connection_id, timestamp, sequence };
+            let mut datagram = h.to_bytes().to_vec();
+            datagram.extend_from_slice(&payload);
+            prop_assert_eq!(Header::parse(&datagram), Ok(h));
+        }
+
+        #[test]
+        fn the_nonce_template_is_a_header_with_only_the_connection_id(connection_id: u32) {
+            let nonce = nonce_template(connection_id);
+            prop_assert_eq!(nonce[0], PACKET_TYPE_AUDIO);
+            prop_assert_eq!(
+                Header::from_bytes(&nonce),
+                Header { flags: 0, payload_len: 0, connection_id, timestamp: 0, sequence: 0 }
+            );
+        }
+    }
 }

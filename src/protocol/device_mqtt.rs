@@ -100,7 +100,7 @@ impl DeviceMqttConnection {
     pub fn new(settings: &DeviceMqttSettings, now: Instant) -> Self {
         DeviceMqttConnection {
             state: State::AwaitingConnect {
-                deadline: now + settings.connect_timeout,
+                deadline: after(now, settings.connect_timeout),
             },
         }
     }
@@ -164,7 +164,7 @@ impl DeviceMqttConnection {
                             self.state = State::Connected {
                                 own_topic,
                                 keep_alive,
-                                deadline: now + grace(keep_alive),
+                                deadline: after(now, grace(keep_alive)),
                             };
                             out.push(Action::Authenticated {
                                 identity,
@@ -196,7 +196,7 @@ impl DeviceMqttConnection {
                 deadline,
             } => {
                 // Any control packet from the client counts as keep-alive activity.
-                *deadline = now + grace(*keep_alive);
+                *deadline = after(now, grace(*keep_alive));
                 match packet {
                     Packet::Publish(publish) => {
                         if publish.qos == QoS::ExactlyOnce {
@@ -269,7 +269,19 @@ impl DeviceMqttConnection {
 
 /// The firmware expects a server to allow 1.5x its keep-alive before dropping it.
 fn grace(keep_alive: Duration) -> Duration {
-    keep_alive + keep_alive / 2
+    keep_alive.saturating_add(keep_alive / 2)
+}
+
+/// `now + timeout`, or a deadline that never comes when the timeout is beyond what the
+/// clock can hold. The timeouts come from config, which only checks that they are not
+/// zero, and `Instant + Duration` panics on overflow: `mqtt.connect_timeout_secs =
+/// 9223372036854775807` killed every connection task at accept
+/// (`fuzz/regressions/config/`).
+fn after(now: Instant, timeout: Duration) -> Instant {
+    const NEVER: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+    now.checked_add(timeout)
+        .or_else(|| now.checked_add(NEVER))
+        .unwrap_or(now)
 }
 
 #[cfg(test)]
@@ -441,6 +453,25 @@ mod tests {
                 ]
             )))]
         );
+    }
+
+    #[test]
+    fn timeouts_beyond_the_clock_never_expire_instead_of_panicking() {
+        let huge = DeviceMqttSettings {
+            connect_timeout: Duration::from_secs(i64::MAX as u64),
+            default_keep_alive: Duration::MAX,
+            ..settings()
+        };
+        let now = Instant::now();
+        let mut c = DeviceMqttConnection::new(&huge, now);
+        let year = Duration::from_secs(365 * 24 * 3600);
+        assert!(c.deadline().unwrap() > now + year);
+        let mut out = vec![];
+        c.handle_packet(connect(0, None), now, &huge, &verifier(), &mut out);
+        assert!(matches!(out[0], Action::Authenticated { .. }));
+        assert!(c.deadline().unwrap() > now + year);
+        c.handle_timeout(now + year, &mut out);
+        assert!(!c.is_closed());
     }
 
     #[test]

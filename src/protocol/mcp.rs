@@ -501,4 +501,110 @@ mod tests {
         );
         assert_eq!(r.pending(), 1);
     }
+
+    mod props {
+        use super::*;
+        use crate::protocol::control::{DeviceMessage, parse_device_message};
+        use proptest::prelude::*;
+
+        /// JSON values without floats (whose text form is not this module's business).
+        fn json_value() -> impl Strategy<Value = Value> {
+            let leaf = prop_oneof![
+                Just(Value::Null),
+                any::<bool>().prop_map(Value::from),
+                any::<i64>().prop_map(Value::from),
+                any::<String>().prop_map(Value::from),
+            ];
+            leaf.prop_recursive(3, 24, 4, |inner| {
+                prop_oneof![
+                    proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::from),
+                    proptest::collection::btree_map("[a-z]{1,6}", inner, 0..4)
+                        .prop_map(|m| Value::Object(m.into_iter().collect())),
+                ]
+            })
+        }
+
+        fn request_id() -> impl Strategy<Value = Value> {
+            prop_oneof![
+                any::<i64>().prop_map(Value::from),
+                "[a-z0-9-]{1,8}".prop_map(Value::from),
+            ]
+        }
+
+        proptest! {
+            #[test]
+            fn the_gateway_caller_gets_its_answer(
+                method in "[a-z/]{1,20}",
+                params in proptest::option::of(json_value()),
+                result in json_value(),
+                earlier in 0usize..5,
+            ) {
+                let mut r = McpRouter::new(8);
+                for _ in 0..earlier {
+                    r.gateway_request("x", None).unwrap();
+                }
+                let (id, payload) = r.gateway_request(&method, params.clone()).unwrap();
+                prop_assert_eq!(payload["id"].as_u64(), Some(id));
+                prop_assert_eq!(payload["method"].as_str(), Some(method.as_str()));
+                prop_assert_eq!(payload.get("params"), params.as_ref());
+                let reply = json!({"jsonrpc": "2.0", "id": id, "result": result});
+                prop_assert_eq!(
+                    r.on_device_payload(reply),
+                    DeviceReply::Gateway { id, result: Ok(result) }
+                );
+                prop_assert_eq!(r.pending(), earlier);
+            }
+
+            #[test]
+            fn the_servers_ids_come_back_in_any_order(ids in proptest::collection::vec(request_id(), 1..8)) {
+                let mut r = McpRouter::new(8);
+                let now = Instant::now();
+                let mut ours = Vec::new();
+                for id in &ids {
+                    let up = r.on_upstream_payload(
+                        json!({"jsonrpc": "2.0", "id": id, "method": "tools/call"}),
+                        now,
+                    );
+                    prop_assert!(up.answer.is_none());
+                    ours.push(up.to_device.unwrap()["id"].as_u64().unwrap());
+                }
+                let distinct: std::collections::HashSet<_> = ours.iter().collect();
+                prop_assert_eq!(distinct.len(), ids.len(), "the device sees distinct ids");
+                for (id, our) in ids.iter().zip(&ours).rev() {
+                    prop_assert_eq!(
+                        r.on_device_payload(json!({"jsonrpc": "2.0", "id": our, "result": {}})),
+                        DeviceReply::Upstream(json!({"jsonrpc": "2.0", "id": id, "result": {}}))
+                    );
+                }
+                prop_assert_eq!(r.pending(), 0);
+            }
+
+            #[test]
+            fn device_messages_carry_their_payload(
+                payload in json_value(),
+                session_id in proptest::option::of("[a-z0-9-]{1,12}"),
+            ) {
+                let text = device_message(&payload, session_id.as_deref());
+                let (message, value) = parse_device_message(text.as_bytes()).unwrap();
+                prop_assert_eq!(message, DeviceMessage::Other { kind: "mcp".into(), session_id });
+                prop_assert_eq!(&value["payload"], &payload);
+            }
+
+            #[test]
+            fn tool_pages_read_back(
+                names in proptest::collection::vec("[a-z_.]{1,16}", 1..10),
+                schema in json_value(),
+            ) {
+                let tools: Vec<Value> = names
+                    .iter()
+                    .map(|n| json!({"name": n, "inputSchema": schema}))
+                    .collect();
+                let mut cache = ToolCache::default();
+                prop_assert_eq!(cache.add_page(&json!({"tools": tools}), 32), None);
+                prop_assert!(cache.complete);
+                prop_assert_eq!(cache.tools_value(), Value::from(tools));
+                prop_assert_eq!(cache.tool_names(), names);
+            }
+        }
+    }
 }

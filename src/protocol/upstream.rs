@@ -403,4 +403,81 @@ mod tests {
         t.on_abort();
         assert!(!t.mid_turn());
     }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn audio_params() -> impl Strategy<Value = AudioParams> {
+            ("[a-z0-9]{0,8}", any::<u32>(), any::<u8>(), any::<u32>()).prop_map(
+                |(format, sample_rate, channels, frame_duration)| AudioParams {
+                    format,
+                    sample_rate,
+                    channels,
+                    frame_duration,
+                },
+            )
+        }
+
+        proptest! {
+            #[test]
+            fn audio_frames_decode_to_what_was_encoded(
+                timestamp: u32,
+                opus in proptest::collection::vec(any::<u8>(), 0..1500),
+                trailing in proptest::collection::vec(any::<u8>(), 0..4),
+            ) {
+                let mut frame = Vec::new();
+                encode_audio(timestamp, &opus, &mut frame);
+                // Bytes after the declared payload are not part of it.
+                frame.extend_from_slice(&trailing);
+                let decoded = decode_audio(&frame).unwrap();
+                prop_assert_eq!(decoded.timestamp, timestamp);
+                prop_assert_eq!(&frame[decoded.payload], &opus[..]);
+            }
+
+            #[test]
+            fn server_hellos_parse_back(
+                session_id in any::<String>().prop_filter("non-empty", |s| !s.is_empty()),
+                params in proptest::option::of(audio_params()),
+            ) {
+                let device = AudioParams::default();
+                let mut hello = json!({"type": "hello", "transport": "websocket", "session_id": session_id});
+                if let Some(p) = &params {
+                    hello["audio_params"] = json!(p);
+                }
+                prop_assert_eq!(
+                    parse_server_hello(&hello.to_string(), &device),
+                    Ok(ServerHello { session_id, audio_params: params.unwrap_or(device) })
+                );
+            }
+
+            #[test]
+            fn our_hello_carries_the_device_params(params in audio_params(), mcp: bool, aec: bool) {
+                let device = HelloRequest {
+                    version: 3,
+                    transport: "udp".into(),
+                    audio_params: params,
+                    features: json!({"mcp": mcp, "aec": aec}),
+                };
+                let up: Value = serde_json::from_str(&upstream_hello(&device)).unwrap();
+                prop_assert_eq!(
+                    serde_json::from_value::<AudioParams>(up["audio_params"].clone()).unwrap(),
+                    device.audio_params
+                );
+                prop_assert_eq!(&up["features"], &device.features);
+            }
+
+            #[test]
+            fn gateway_urls_are_stable(
+                tls: bool,
+                host in "[a-z0-9][a-z0-9.-]{0,20}(:[0-9]{1,5})?",
+                path in "(/[a-z0-9_]{1,8}){0,3}/?",
+            ) {
+                let base = format!("{}://{host}{path}", if tls { "wss" } else { "ws" });
+                let url = gateway_url(&base).unwrap();
+                prop_assert_eq!(&url, &format!("{base}{GATEWAY_QUERY}"));
+                prop_assert_eq!(gateway_url(&url), Ok(url.clone()));
+            }
+        }
+    }
 }
