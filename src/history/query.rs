@@ -214,6 +214,9 @@ pub struct SessionCursor {
     pub session_id: String,
 }
 
+/// Longest cursor token [`SessionCursor::decode`] reads.
+pub const MAX_CURSOR_LEN: usize = 400;
+
 impl SessionCursor {
     /// The cursor after `s`.
     pub fn after(s: &SessionSummary) -> SessionCursor {
@@ -223,7 +226,7 @@ impl SessionCursor {
         }
     }
 
-    /// An opaque URL-safe token.
+    /// An opaque URL-safe token (at most [`MAX_CURSOR_LEN`] characters).
     pub fn encode(&self) -> String {
         use base64::Engine;
         let raw = format!("{}\n{}", self.started_at, self.session_id);
@@ -233,7 +236,9 @@ impl SessionCursor {
     /// Reads a token made by [`SessionCursor::encode`]; `None` if it is not one.
     pub fn decode(token: &str) -> Option<SessionCursor> {
         use base64::Engine;
-        if token.is_empty() || token.len() > 200 {
+        // A session id may be 64 characters of up to 4 bytes each: with the time, about
+        // 380 base64 characters (the fuzz work's property test found 200 too short).
+        if token.is_empty() || token.len() > MAX_CURSOR_LEN {
             return None;
         }
         let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
@@ -1035,6 +1040,18 @@ pub async fn device_totals(store: &Store, mac_address: &str) -> Result<DeviceTot
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cursors_of_the_longest_session_ids_read_back() {
+        // 64 four-byte characters: the longest session id the API allows.
+        let cursor = SessionCursor {
+            started_at: "2026-11-26 04:30:00.123456".into(),
+            session_id: "😀".repeat(64),
+        };
+        let token = cursor.encode();
+        assert!(token.len() <= MAX_CURSOR_LEN, "{}", token.len());
+        assert_eq!(SessionCursor::decode(&token), Some(cursor));
+    }
 
     #[test]
     fn like_patterns_take_metacharacters_literally() {
