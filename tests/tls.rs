@@ -28,12 +28,8 @@ struct TlsGateway {
 /// A gateway whose TLS listener uses a fresh self-signed certificate for `localhost`,
 /// and a client connector that trusts exactly that certificate.
 async fn start_tls(handshake_timeout_secs: u64) -> TlsGateway {
-    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let cert_path = dir.path().join("server.pem");
-    let key_path = dir.path().join("server.key");
-    std::fs::write(&cert_path, certified.cert.pem()).unwrap();
-    std::fs::write(&key_path, certified.signing_key.serialize_pem()).unwrap();
+    let (certified, cert_path, key_path) = write_self_signed(dir.path(), "server");
 
     let mut config = common::test_config();
     config.mqtt.tls_cert = Some(cert_path);
@@ -133,6 +129,24 @@ async fn a_silent_tls_client_delays_no_one_and_is_dropped_after_the_timeout() {
     let timed_out = t.gw.metrics.snapshot().connections_timed_out;
     assert!(timed_out >= 8, "timeouts counted: {timed_out}");
     t.gw.shutdown().await;
+}
+
+/// Writes a fresh self-signed `localhost` certificate and its key as `<name>.pem` and
+/// `<name>.key` in `dir`.
+fn write_self_signed(
+    dir: &std::path::Path,
+    name: &str,
+) -> (
+    rcgen::CertifiedKey<rcgen::KeyPair>,
+    std::path::PathBuf,
+    std::path::PathBuf,
+) {
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let cert_path = dir.join(format!("{name}.pem"));
+    let key_path = dir.join(format!("{name}.key"));
+    std::fs::write(&cert_path, certified.cert.pem()).unwrap();
+    std::fs::write(&key_path, certified.signing_key.serialize_pem()).unwrap();
+    (certified, cert_path, key_path)
 }
 
 /// A TCP connection that starts a TLS handshake and stalls: the first bytes of a
@@ -291,12 +305,8 @@ async fn the_certificate_reloads_on_sighup_and_on_file_change_without_dropping_d
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_broker_listener_serves_tls_and_stalled_handshakes_delay_no_one() {
     use rumqttc::mqttbytes::v4::{Connect, ConnectReturnCode, Login, Packet};
-    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let cert_path = dir.path().join("broker.pem");
-    let key_path = dir.path().join("broker.key");
-    std::fs::write(&cert_path, certified.cert.pem()).unwrap();
-    std::fs::write(&key_path, certified.signing_key.serialize_pem()).unwrap();
+    let (certified, cert_path, key_path) = write_self_signed(dir.path(), "broker");
     let mut config = common::test_config();
     config.broker.tls_listen = "127.0.0.1:0".parse().unwrap();
     config.broker.tls_cert = Some(cert_path);
