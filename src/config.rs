@@ -24,6 +24,7 @@ pub struct Config {
     pub auth: AuthConfig,
     pub mqtt: MqttConfig,
     pub broker: BrokerConfig,
+    pub bus: BusConfig,
     pub udp: UdpConfig,
     pub http: HttpConfig,
     pub pipeline: PipelineConfig,
@@ -44,8 +45,143 @@ const MAX_DURATION_SECS: u64 = 365 * 24 * 3600;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NodeConfig {
-    /// Name of this node in logs and presence records (unique per node).
+    /// Name of this node in logs, presence records and bus topics (unique per node; the
+    /// host name by default).
     pub id: String,
+}
+
+/// Where the bus is: the embedded broker (one node) or an external MQTT broker that
+/// several gateway nodes share (scale-out).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BusMode {
+    /// rumqttd inside this process, with our broker listener for admin clients.
+    #[default]
+    Embedded,
+    /// An existing broker (EMQX, Mosquitto) reached as an MQTT client.
+    External,
+}
+
+/// Which MQTT version the gateway speaks to an external broker.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BusProtocol {
+    /// MQTT 5, falling back to 3.1.1 when the broker refuses 5.
+    #[default]
+    Auto,
+    V5,
+    V311,
+}
+
+/// The bus (`[bus]`): embedded by default; `mode = "external"` for scale-out.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BusConfig {
+    pub mode: BusMode,
+    /// The external broker, `mqtt://host:port` (external mode only).
+    pub url: String,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub protocol: BusProtocol,
+    /// Shared-subscription group of the gateway nodes: each admin command reaches one
+    /// node of the group, which runs it or forwards it to the device's node.
+    pub share_group: String,
+    /// MQTT keep-alive towards the external broker, in seconds.
+    pub keep_alive_secs: u64,
+    /// Longest pause between reconnect attempts, in seconds (backoff doubles up to it).
+    pub reconnect_max_secs: u64,
+}
+
+impl std::fmt::Debug for BusConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BusConfig")
+            .field("mode", &self.mode)
+            .field("url", &self.url)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("protocol", &self.protocol)
+            .field("share_group", &self.share_group)
+            .field("keep_alive_secs", &self.keep_alive_secs)
+            .field("reconnect_max_secs", &self.reconnect_max_secs)
+            .finish()
+    }
+}
+
+impl Default for BusConfig {
+    fn default() -> Self {
+        BusConfig {
+            mode: BusMode::Embedded,
+            url: "mqtt://127.0.0.1:1883".into(),
+            username: None,
+            password: None,
+            protocol: BusProtocol::Auto,
+            share_group: "xiaozhi-gateway".into(),
+            keep_alive_secs: 30,
+            reconnect_max_secs: 10,
+        }
+    }
+}
+
+impl BusConfig {
+    /// Host and port of `url` (`mqtt://host:port`, `mqtt://[v6]:port`; port 1883 when
+    /// absent).
+    pub fn broker_address(&self) -> Result<(String, u16), String> {
+        let rest = self
+            .url
+            .strip_prefix("mqtt://")
+            .or_else(|| self.url.strip_prefix("tcp://"))
+            .ok_or("want mqtt://host:port (TLS to the bus broker is not supported yet)")?
+            .trim_end_matches('/');
+        let (host, port) = match rest.strip_prefix('[') {
+            Some(v6) => {
+                let (host, after) = v6.split_once(']').ok_or("unclosed '[' in the host")?;
+                (host, after.strip_prefix(':'))
+            }
+            None => match rest.rsplit_once(':') {
+                Some((host, port)) => (host, Some(port)),
+                None => (rest, None),
+            },
+        };
+        if host.is_empty() || host.contains(['/', '@', ':', '[', ']']) && !rest.starts_with('[') {
+            return Err("want mqtt://host:port".into());
+        }
+        let port = match port {
+            None => 1883,
+            Some(p) => match p.parse::<u16>() {
+                Ok(port) if port > 0 => port,
+                _ => return Err(format!("bad port {p:?}")),
+            },
+        };
+        Ok((host.to_owned(), port))
+    }
+}
+
+/// The host name, as a node id: what a node is called unless `node.id` says otherwise.
+fn host_node_id() -> String {
+    let name = nix::unistd::gethostname()
+        .ok()
+        .and_then(|n| n.into_string().ok())
+        .unwrap_or_default();
+    let id: String = name
+        .chars()
+        .map(|c| if valid_node_id_char(c) { c } else { '-' })
+        .take(64)
+        .collect();
+    if id.is_empty() {
+        "gateway-1".into()
+    } else {
+        id
+    }
+}
+
+fn valid_node_id_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')
+}
+
+/// Whether `id` can name a node: 1-64 of `A-Z a-z 0-9 - _ .` (it is a topic level and a
+/// Redis key part).
+pub fn valid_node_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 64 && id.chars().all(valid_node_id_char)
 }
 
 /// Device authentication.
@@ -542,9 +678,7 @@ pub struct ShutdownConfig {
 
 impl Default for NodeConfig {
     fn default() -> Self {
-        NodeConfig {
-            id: "gateway-1".into(),
-        }
+        NodeConfig { id: host_node_id() }
     }
 }
 
@@ -742,6 +876,32 @@ impl Config {
             }
             _ => {}
         }
+        if !valid_node_id(&self.node.id) {
+            return Err(invalid(
+                "node.id",
+                &self.node.id,
+                "1-64 characters of A-Z a-z 0-9 - _ . (it names the node in bus topics and Redis keys)",
+            ));
+        }
+        if self.bus.mode == BusMode::External {
+            if let Err(reason) = self.bus.broker_address() {
+                return Err(invalid("bus.url", &self.bus.url, &reason));
+            }
+            if !valid_node_id(&self.bus.share_group) {
+                return Err(invalid(
+                    "bus.share_group",
+                    &self.bus.share_group,
+                    "1-64 characters of A-Z a-z 0-9 - _ . (a shared-subscription group name)",
+                ));
+            }
+            if !(5..=65_535).contains(&self.bus.keep_alive_secs) {
+                return Err(invalid(
+                    "bus.keep_alive_secs",
+                    &self.bus.keep_alive_secs,
+                    "5 to 65535 seconds",
+                ));
+            }
+        }
         for (i, url) in self.pipeline.xiaozhi.urls.iter().enumerate() {
             if let Err(e) = crate::protocol::upstream::gateway_url(url) {
                 return Err(invalid(
@@ -827,6 +987,7 @@ impl Config {
                 self.broker.tls_handshake_timeout_secs,
             ),
             ("http.request_timeout_secs", self.http.request_timeout_secs),
+            ("bus.reconnect_max_secs", self.bus.reconnect_max_secs),
         ] {
             if value == 0 {
                 return Err(invalid(key, &value, "must be greater than 0"));
@@ -1060,6 +1221,56 @@ mod tests {
     fn base() -> Figment {
         Figment::from(Serialized::defaults(Config::default()))
             .merge(Serialized::default("auth.signature_key", "k"))
+    }
+
+    #[test]
+    fn bus_urls_name_a_host_and_port() {
+        let addr = |url: &str| {
+            BusConfig {
+                url: url.into(),
+                ..BusConfig::default()
+            }
+            .broker_address()
+        };
+        assert_eq!(addr("mqtt://emqx:1884"), Ok(("emqx".into(), 1884)));
+        assert_eq!(addr("mqtt://10.0.0.5"), Ok(("10.0.0.5".into(), 1883)));
+        assert_eq!(addr("tcp://h:1/"), Ok(("h".into(), 1)));
+        assert_eq!(addr("mqtt://[::1]:1885"), Ok(("::1".into(), 1885)));
+        assert_eq!(addr("mqtt://[::1]"), Ok(("::1".into(), 1883)));
+        for bad in [
+            "emqx:1883",
+            "mqtts://emqx:8883",
+            "mqtt://",
+            "mqtt://:1883",
+            "mqtt://h:0",
+            "mqtt://h:99999",
+            "mqtt://u@h:1883",
+            "mqtt://h:1883/x",
+            "mqtt://[::1",
+        ] {
+            assert!(addr(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn node_ids_are_topic_levels_and_external_mode_checks_its_settings() {
+        assert!(valid_node_id(&NodeConfig::default().id));
+        for bad in ["", "a/b", "a+b", "#", "a b", &"x".repeat(65)] {
+            let err = Config::from_figment(base().merge(Serialized::default("node.id", bad)))
+                .unwrap_err();
+            assert!(err.to_string().contains("node.id"), "{bad}: {err}");
+        }
+        let external = || base().merge(Serialized::default("bus.mode", "external"));
+        assert!(Config::from_figment(external()).is_ok());
+        let err = Config::from_figment(external().merge(Serialized::default("bus.url", "x")))
+            .unwrap_err();
+        assert!(err.to_string().contains("bus.url"), "{err}");
+        let err =
+            Config::from_figment(external().merge(Serialized::default("bus.share_group", "a/b")))
+                .unwrap_err();
+        assert!(err.to_string().contains("bus.share_group"), "{err}");
+        // Embedded mode does not care about the external broker's settings.
+        assert!(Config::from_figment(base().merge(Serialized::default("bus.url", "x"))).is_ok());
     }
 
     #[test]

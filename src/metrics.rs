@@ -95,6 +95,22 @@ counters! {
     mqtt_dropped_unexpected_ack,
     /// Messages the bus publisher dropped because its queue was full.
     bus_dropped,
+    /// External bus: 1 while connected to the broker, else 0 (gauge).
+    bus_connected,
+    /// External bus: connections to the broker lost or refused.
+    bus_disconnects,
+    /// External bus: messages waiting in the outgoing queue (gauge).
+    bus_queued,
+    /// External bus: messages for `devices/p2p/<mac_>` of a device another node holds.
+    bus_p2p_elsewhere,
+    /// Forwarded commands (`xiaozhi/nodes/<node>/commands`) that could not be read.
+    bus_forward_malformed,
+    /// Admin commands sent on to the node that holds the device.
+    admin_commands_forwarded,
+    /// Forwarded management-API calls the owner did not answer in time.
+    admin_forward_timeouts,
+    /// Presence lookups for forwarding that failed or timed out (the command ran here).
+    admin_forward_lookup_failed,
     /// Broker-listener (admin/integration) clients currently connected (gauge).
     broker_clients_connected,
     /// Broker-listener CONNECTs accepted.

@@ -16,7 +16,8 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::audio::AudioSocket;
-use crate::broker::bus::{BrokerError, EmbeddedBroker};
+use crate::broker::backend::BusBackend;
+use crate::broker::bus::BrokerError;
 use crate::broker::front_end::FrontEnd;
 use crate::broker::registry::DeviceRegistry;
 use crate::config::{Config, PipelineKind};
@@ -125,7 +126,8 @@ pub enum StartError {
 pub struct BoundAddrs {
     pub mqtt: SocketAddr,
     pub mqtt_tls: Option<SocketAddr>,
-    pub broker: SocketAddr,
+    /// The embedded broker's listener for admin clients (`None` on an external bus).
+    pub broker: Option<SocketAddr>,
     /// The broker listener over TLS, when configured.
     pub broker_tls: Option<SocketAddr>,
     pub udp: SocketAddr,
@@ -147,7 +149,7 @@ pub struct Gateway {
     history_stop: CancellationToken,
     history_task: Option<JoinHandle<()>>,
     sessions: SessionManager,
-    broker: EmbeddedBroker,
+    broker: BusBackend,
     stop_accepting: CancellationToken,
     close_connections: CancellationToken,
     stop_rest: CancellationToken,
@@ -202,8 +204,8 @@ impl Gateway {
             metrics.clone(),
         )?;
         let http_listener = bind_tcp(config.http.listen, "HTTP", "http.listen").await?;
-        let mut broker =
-            EmbeddedBroker::start(&config.broker, registry.clone(), metrics.clone()).await?;
+        let (broker, bus_commands, pending_calls) =
+            BusBackend::start(&config, registry.clone(), metrics.clone()).await?;
 
         let udp_addr = audio.local_addr();
         let pipeline: Arc<dyn Pipeline> = match config.pipeline_kind() {
@@ -238,13 +240,14 @@ impl Gateway {
         let (presence, presence_task) = start_presence(
             &config,
             hints.clone(),
-            broker.bus.clone(),
+            broker.bus().clone(),
             history_store.clone(),
             metrics.clone(),
         )
         .await?;
         let directory = Arc::new(DeviceDirectory::new(Some(presence.clone())));
-        let events = crate::admin::events::EventPublisher::new(broker.bus.clone(), &config.node.id);
+        let events =
+            crate::admin::events::EventPublisher::new(broker.bus().clone(), &config.node.id);
         let sessions = SessionManager::start(SessionDeps {
             pipeline,
             audio,
@@ -280,7 +283,7 @@ impl Gateway {
             max_packet_bytes: config.mqtt.max_packet_bytes,
             tls_handshake_timeout: Duration::from_secs(config.mqtt.tls_handshake_timeout_secs),
             registry: registry.clone(),
-            bus: broker.bus.clone(),
+            bus: broker.bus().clone(),
             sessions: sessions.clone(),
             metrics: metrics.clone(),
             permits: Arc::new(Semaphore::new(config.mqtt.max_connections)),
@@ -310,8 +313,8 @@ impl Gateway {
                 source,
             })?,
             mqtt_tls: tls.as_ref().and_then(|(l, _, _)| l.local_addr().ok()),
-            broker: broker.listen_addr,
-            broker_tls: broker.tls_addr,
+            broker: broker.listen_addr(),
+            broker_tls: broker.tls_addr(),
             udp: udp_addr,
             http: http_listener.local_addr().map_err(|source| BindError {
                 what: "HTTP",
@@ -329,7 +332,7 @@ impl Gateway {
             connections.clone(),
         )));
         let mut reloadable = Vec::new();
-        if let Some(cert) = broker.tls_cert.clone() {
+        if let Some(cert) = broker.tls_cert() {
             reloadable.push(("broker listener over TLS", cert));
         }
         if let Some((listener, acceptor, reloading)) = tls {
@@ -364,7 +367,7 @@ impl Gateway {
         }
         // Admin commands run the same way from the bus and from the HTTP API.
         let admin = Arc::new(crate::admin::executor::AdminDeps {
-            bus: broker.bus.clone(),
+            bus: broker.bus().clone(),
             directory: directory.clone(),
             registry: registry.clone(),
             sessions: sessions.clone(),
@@ -374,13 +377,23 @@ impl Gateway {
             command_timeout: Duration::from_millis(config.admin.command_timeout_ms),
             max_in_flight: config.admin.max_in_flight,
             permits: Arc::new(tokio::sync::Semaphore::new(config.admin.max_in_flight)),
+            forwarder: pending_calls.map(|calls| {
+                Arc::new(crate::admin::forward::Forwarder::new(
+                    config.node.id.clone(),
+                    broker.bus().clone(),
+                    presence.clone(),
+                    calls,
+                    metrics.clone(),
+                    Duration::from_millis(config.presence.timeout_ms),
+                ))
+            }),
         });
-        if config.admin.enabled
-            && let Some(commands) = broker.take_commands()
-        {
+        // Forwarded commands come in on the same queue: in a cluster every node needs the
+        // same `admin.enabled`, or commands forwarded to a node without it go unanswered.
+        if config.admin.enabled {
             background.push(tokio::spawn(crate::admin::executor::run(
                 admin.clone(),
-                commands,
+                bus_commands,
                 stop_accepting.clone(),
             )));
         }
@@ -416,7 +429,7 @@ impl Gateway {
         info!(
             mqtt = %addrs.mqtt,
             mqtt_tls = ?addrs.mqtt_tls,
-            broker = %addrs.broker,
+            broker = ?addrs.broker,
             broker_tls = ?addrs.broker_tls,
             udp = %addrs.udp,
             udp_announced = %format!("{}:{}", config.udp.public_host, if config.udp.public_port == 0 { udp_addr.port() } else { config.udp.public_port }),

@@ -12,7 +12,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use xiaozhi_gateway::broker::bus::EmbeddedBroker;
+use xiaozhi_gateway::broker::bus::{BusCommand, EmbeddedBroker};
+use xiaozhi_gateway::broker::inbound::Inbound;
 use xiaozhi_gateway::broker::registry::DeviceRegistry;
 use xiaozhi_gateway::broker::topics;
 use xiaozhi_gateway::config::{BrokerConfig, BrokerRole, BrokerUser};
@@ -49,6 +50,8 @@ async fn gateway() -> xiaozhi_gateway::server::Gateway {
 /// Just the embedded broker, with the built-in tunables edited by `tune`.
 struct Broker {
     broker: EmbeddedBroker,
+    /// The admin commands the broker delivers (taken by the test that reads them).
+    commands: Option<mpsc::Receiver<BusCommand>>,
     metrics: Arc<Metrics>,
     port: u16,
     _dir: tempfile::TempDir,
@@ -71,12 +74,14 @@ async fn broker(tune: impl FnOnce(String) -> String) -> Broker {
     };
     let metrics = Arc::new(Metrics::default());
     let registry = Arc::new(DeviceRegistry::new(16, metrics.clone()));
-    let broker = EmbeddedBroker::start(&config, registry, metrics.clone())
+    let (inbound, commands) = Inbound::new(registry, None, metrics.clone());
+    let broker = EmbeddedBroker::start(&config, inbound, metrics.clone())
         .await
         .expect("broker starts");
     let port = broker.listen_addr.port();
     Broker {
         broker,
+        commands: Some(commands),
         metrics,
         port,
         _dir: dir,
@@ -425,7 +430,7 @@ async fn retained_messages_reach_late_subscribers_on_v4_and_v5() {
 #[tokio::test]
 async fn observer_cannot_send_admin_commands() {
     let gw = gateway().await;
-    let port = gw.addrs.broker.port();
+    let port = gw.addrs.broker.unwrap().port();
     let topic = mac_topic(topics::ADMIN_COMMANDS_PREFIX, 60);
 
     let mut admin = v4::connect(port, "cmd-admin", common::ADMIN_USER, common::ADMIN_PASS).await;
@@ -504,7 +509,7 @@ async fn observer_cannot_send_admin_commands() {
 #[tokio::test]
 async fn observer_reads_device_events_only() {
     let gw = gateway().await;
-    let port = gw.addrs.broker.port();
+    let port = gw.addrs.broker.unwrap().port();
     let mut observer = v4::connect(port, "obs-sub", OBSERVER_USER, OBSERVER_PASS).await;
     for filter in [
         "#",
@@ -544,7 +549,7 @@ async fn admin_v5_publish_reaches_a_device() {
     let gw = gateway().await;
     let mut dev = common::device(&gw, 62).await;
     let admin = v5::connect(
-        gw.addrs.broker.port(),
+        gw.addrs.broker.unwrap().port(),
         "p2p5",
         common::ADMIN_USER,
         common::ADMIN_PASS,
@@ -585,8 +590,7 @@ async fn admin_v5_publish_reaches_a_device() {
 #[tokio::test]
 async fn v5_commands_carry_response_topic_and_correlation_data() {
     let mut b = broker(|t| t).await;
-    let mut commands = b.broker.take_commands().expect("first take");
-    assert!(b.broker.take_commands().is_none(), "taken once");
+    let mut commands = b.commands.take().expect("commands");
 
     let admin = v5::connect(b.port, "cmd5", common::ADMIN_USER, common::ADMIN_PASS).await;
     let topic = mac_topic(topics::ADMIN_COMMANDS_PREFIX, 63);
@@ -931,7 +935,8 @@ async fn a_busy_port_names_the_setting() {
     };
     let metrics = Arc::new(Metrics::default());
     let registry = Arc::new(DeviceRegistry::new(16, metrics.clone()));
-    let err = EmbeddedBroker::start(&config, registry, metrics)
+    let (inbound, _commands) = Inbound::new(registry, None, metrics.clone());
+    let err = EmbeddedBroker::start(&config, inbound, metrics)
         .await
         .err()
         .expect("the port is taken");

@@ -10,7 +10,7 @@ use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
 use serde_json::json;
 
 async fn admin(gw: &xiaozhi_gateway::server::Gateway, id: &str) -> (AsyncClient, EventLoop) {
-    let mut opts = MqttOptions::new(id, "127.0.0.1", gw.addrs.broker.port());
+    let mut opts = MqttOptions::new(id, "127.0.0.1", gw.addrs.broker.unwrap().port());
     opts.set_credentials(common::ADMIN_USER, common::ADMIN_PASS);
     let (client, mut eventloop) = AsyncClient::new(opts, 100);
     loop {

@@ -142,7 +142,7 @@ async fn device_and_broker_credentials_do_not_cross() {
     // Device credentials on the broker listener: refused.
     assert!(
         rumqttc_connack(
-            gw.addrs.broker,
+            gw.addrs.broker.unwrap(),
             &device.client_id,
             &device.username,
             &device.password
@@ -162,7 +162,7 @@ async fn device_and_broker_credentials_do_not_cross() {
     assert!(err.contains("BadClientId"), "{err}");
     // And each works where it belongs.
     rumqttc_connack(
-        gw.addrs.broker,
+        gw.addrs.broker.unwrap(),
         "admin-client",
         common::ADMIN_USER,
         common::ADMIN_PASS,
@@ -170,9 +170,14 @@ async fn device_and_broker_credentials_do_not_cross() {
     .await
     .expect("admin on broker listener");
     assert!(
-        rumqttc_connack(gw.addrs.broker, "admin-client", common::ADMIN_USER, "wrong")
-            .await
-            .is_err()
+        rumqttc_connack(
+            gw.addrs.broker.unwrap(),
+            "admin-client",
+            common::ADMIN_USER,
+            "wrong"
+        )
+        .await
+        .is_err()
     );
     rumqttc_connack(
         gw.addrs.mqtt,

@@ -81,7 +81,7 @@ async fn wait_presence(
 async fn admin(gw: &Gateway) -> AdminClient {
     AdminClient::connect(
         "127.0.0.1",
-        gw.addrs.broker.port(),
+        gw.addrs.broker.unwrap().port(),
         common::ADMIN_USER,
         common::ADMIN_PASS,
         WAIT,
@@ -140,7 +140,7 @@ async fn next_where(
 async fn lifecycle(config: Config, tag: u32) {
     let gw = common::start_with(config).await;
     let store = gw.presence.store().clone();
-    let port = gw.addrs.broker.port();
+    let port = gw.addrs.broker.unwrap().port();
     let (_c, mut events) = watcher(
         port,
         common::ADMIN_USER,
@@ -567,7 +567,7 @@ async fn admin_commands_round_trip_with_mqtt_3() {
 #[tokio::test]
 async fn malformed_commands_get_an_error_reply_never_silence() {
     let gw = common::start().await;
-    let port = gw.addrs.broker.port();
+    let port = gw.addrs.broker.unwrap().port();
     let (client, mut el) = watcher(
         port,
         common::ADMIN_USER,
@@ -644,7 +644,7 @@ async fn mqtt5_commands_reply_on_the_response_topic_with_correlation_data() {
     let mac = common::mac(660);
     wait_presence(&**gw.presence.store(), &mac, Some(PresenceState::Online)).await;
 
-    let mut opts = Options5::new("v5-admin", "127.0.0.1", gw.addrs.broker.port());
+    let mut opts = Options5::new("v5-admin", "127.0.0.1", gw.addrs.broker.unwrap().port());
     opts.set_credentials(common::ADMIN_USER, common::ADMIN_PASS);
     let (client, mut el) = Client5::new(opts, 16);
     client
@@ -729,7 +729,7 @@ async fn observers_and_devices_cannot_command() {
         role: BrokerRole::Observer,
     });
     let gw = common::start_with(config).await;
-    let port = gw.addrs.broker.port();
+    let port = gw.addrs.broker.unwrap().port();
     let mut victim = common::device(&gw, 670).await;
     let mut intruder = common::device(&gw, 671).await;
     let mac = common::mac(670);
@@ -864,7 +864,7 @@ async fn chat_records_and_upstream_failures_are_events() {
     config.history.journal_dir = dir.path().to_owned();
     let gw = common::start_with(config).await;
     let (_o, mut events) = watcher(
-        gw.addrs.broker.port(),
+        gw.addrs.broker.unwrap().port(),
         OBSERVER_USER,
         OBSERVER_PASS,
         "chat-observer",
@@ -897,7 +897,7 @@ async fn chat_records_and_upstream_failures_are_events() {
     config.pipeline.xiaozhi.connect_timeout_ms = 1_000;
     let gw = common::start_with(config).await;
     let (_a, mut events) = watcher(
-        gw.addrs.broker.port(),
+        gw.addrs.broker.unwrap().port(),
         common::ADMIN_USER,
         common::ADMIN_PASS,
         "upstream-watch",
@@ -990,7 +990,7 @@ async fn devices_and_cmd_cli() {
         let mut cmd = Command::new(BIN);
         cmd.env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-            .env("XZ_BROKER__LISTEN", gw.addrs.broker.to_string())
+            .env("XZ_BROKER__LISTEN", gw.addrs.broker.unwrap().to_string())
             .env("XZ_ADMIN_USERNAME", common::ADMIN_USER)
             .env("XZ_ADMIN_PASSWORD", password)
             .args(args)

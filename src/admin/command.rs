@@ -60,6 +60,8 @@ pub enum ErrorCode {
     Busy,
     /// The presence store could not be read.
     PresenceUnavailable,
+    /// The node that holds the device did not answer a forwarded command in time.
+    NodeUnreachable,
 }
 
 impl ErrorCode {
@@ -75,8 +77,28 @@ impl ErrorCode {
             ErrorCode::NoConversation => "no_conversation",
             ErrorCode::Busy => "busy",
             ErrorCode::PresenceUnavailable => "presence_unavailable",
+            ErrorCode::NodeUnreachable => "node_unreachable",
         }
     }
+
+    /// The code an error reply names.
+    pub fn parse(code: &str) -> Option<ErrorCode> {
+        ErrorCode::ALL.into_iter().find(|c| c.as_str() == code)
+    }
+
+    const ALL: [ErrorCode; 11] = [
+        ErrorCode::MalformedJson,
+        ErrorCode::InvalidCommand,
+        ErrorCode::UnknownCommand,
+        ErrorCode::WrongTopic,
+        ErrorCode::DeviceOffline,
+        ErrorCode::DeviceTimeout,
+        ErrorCode::DeviceError,
+        ErrorCode::NoConversation,
+        ErrorCode::Busy,
+        ErrorCode::PresenceUnavailable,
+        ErrorCode::NodeUnreachable,
+    ];
 }
 
 /// A failed command: the code and a message for people.
@@ -369,9 +391,57 @@ pub fn error_reply(
     .unwrap_or_default()
 }
 
+/// The outcome a reply reports (what [`ok_reply`] or [`error_reply`] wrote), as another
+/// node's answer to a forwarded call is read.
+pub fn parse_reply(payload: &[u8]) -> Result<Value, CommandError> {
+    let unreadable = || {
+        CommandError::new(
+            ErrorCode::NodeUnreachable,
+            "unreadable reply from the device's node",
+        )
+    };
+    let reply: Value = serde_json::from_slice(payload).map_err(|_| unreadable())?;
+    match reply.get("ok").and_then(Value::as_bool) {
+        Some(true) => Ok(reply.get("result").cloned().unwrap_or(Value::Null)),
+        Some(false) => {
+            let error = reply.get("error").ok_or_else(unreadable)?;
+            let code = error
+                .get("code")
+                .and_then(Value::as_str)
+                .and_then(ErrorCode::parse)
+                .ok_or_else(unreadable)?;
+            let message = error.get("message").and_then(Value::as_str).unwrap_or("");
+            Err(CommandError::new(code, message))
+        }
+        None => Err(unreadable()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn replies_read_back_as_what_they_report() {
+        let t = Duration::from_millis(3);
+        let ok = ok_reply("r", &json!({"x": 1}), "gw-b", t);
+        assert_eq!(parse_reply(&ok), Ok(json!({"x": 1})));
+        for code in ErrorCode::ALL {
+            let e = CommandError::new(code, "why");
+            assert_eq!(parse_reply(&error_reply(Some("r"), &e, "gw-b", t)), Err(e));
+        }
+        for bad in [
+            &b"x"[..],
+            b"{}",
+            br#"{"ok":false}"#,
+            br#"{"ok":false,"error":{"code":"nope"}}"#,
+        ] {
+            assert_eq!(
+                parse_reply(bad).unwrap_err().code,
+                ErrorCode::NodeUnreachable
+            );
+        }
+    }
 
     const DEV: &str = "xiaozhi/admin/commands/aa_bb_cc_dd_ee_ff";
 

@@ -11,6 +11,9 @@
 //!   `xiaozhi/admin/replies/`.
 //! * Otherwise the reply goes to `xiaozhi/admin/replies/<request_id>`, and a command
 //!   without a usable request id gets its error on `xiaozhi/admin/errors`.
+//!
+//! With an external bus (scale-out) a device command for a device another node holds
+//! is sent on to that node ([`super::forward`]), which replies in this node's place.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -23,6 +26,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use super::command::{self, AdminRequest, Command, CommandError, ErrorCode};
+use super::forward::{CallError, Forwarder};
 use crate::broker::acl;
 use crate::broker::bus::{Bus, BusCommand};
 use crate::broker::registry::DeviceRegistry;
@@ -52,7 +56,13 @@ pub struct AdminDeps {
     pub max_in_flight: usize,
     /// Commands in flight, from MQTT and HTTP together (at most `max_in_flight`).
     pub permits: Arc<Semaphore>,
+    /// Scale-out only: sends commands on to the node that holds the device.
+    pub forwarder: Option<Arc<Forwarder>>,
 }
+
+/// Extra time a forwarded call waits beyond the command's own timeout: the owner answers
+/// a device timeout itself, and that answer needs its hop back.
+const FORWARD_MARGIN: Duration = Duration::from_secs(1);
 
 /// Takes commands until stopped, then waits (briefly) for those in flight.
 pub async fn run(
@@ -93,6 +103,16 @@ pub async fn run(
         let deps = deps.clone();
         tasks.spawn(async move {
             let _permit = permit;
+            if !msg.forwarded
+                && let Some(owner) = deps.owner_elsewhere(&request).await
+                && let Some(forwarder) = &deps.forwarder
+            {
+                let reply_topic = deps.reply_topic(&to, Some(&request.request_id));
+                if forwarder.forward(&owner, &msg, &reply_topic) {
+                    info!(command = request.command.name(), request_id = %request.request_id, %owner, "admin command forwarded to the device's node");
+                    return;
+                }
+            }
             let name = request.command.name();
             let device = request.device.map(|m| m.colon()).unwrap_or_default();
             let result = deps.execute(&request).await;
@@ -122,7 +142,12 @@ struct ReplyTo {
 
 impl ReplyTo {
     fn of(msg: &BusCommand) -> ReplyTo {
-        let response_topic = msg.response_topic.clone().filter(|t| allowed_or_warn(t));
+        // A forwarded command's reply address was checked by the node that forwarded it
+        // (or is that node's own reply topic).
+        let response_topic = match msg.forwarded {
+            true => msg.response_topic.clone(),
+            false => msg.response_topic.clone().filter(|t| allowed_or_warn(t)),
+        };
         ReplyTo {
             response_topic,
             correlation_data: msg.correlation_data.clone(),
@@ -167,18 +192,34 @@ impl AdminDeps {
         )
     }
 
-    /// Runs one command for a caller that waits for the result (the HTTP API), under
-    /// the same in-flight limit, counters and logs as commands from the bus.
+    /// The other node that holds the device of a device command (scale-out only).
+    async fn owner_elsewhere(&self, request: &AdminRequest) -> Option<String> {
+        let forwarder = self.forwarder.as_ref()?;
+        let mac = request.device?;
+        if self.directory.get(&mac).is_some() {
+            return None;
+        }
+        forwarder.owner_elsewhere(mac).await
+    }
+
+    /// Runs one command for a caller that waits for the result (the HTTP APIs), under
+    /// the same in-flight limit, counters and logs as commands from the bus. `payload`
+    /// is the command as JSON (what `request` was parsed from), for forwarding it to the
+    /// device's node in a cluster.
     pub async fn run_now(
         &self,
         request: &AdminRequest,
+        payload: &[u8],
         via: &'static str,
     ) -> Result<Value, CommandError> {
         let started = Instant::now();
         let name = request.command.name();
         let device = request.device.map(|m| m.colon()).unwrap_or_default();
         let result = match self.permit() {
-            Some(_permit) => self.execute(request).await,
+            Some(_permit) => match self.owner_elsewhere(request).await {
+                Some(owner) => self.call_owner(&owner, request, payload).await,
+                None => self.execute(request).await,
+            },
             None => Err(self.busy()),
         };
         let ms = started.elapsed().as_millis() as u64;
@@ -195,14 +236,39 @@ impl AdminDeps {
         result
     }
 
-    fn reply(&self, to: &ReplyTo, request_id: Option<&str>, payload: Vec<u8>) {
-        let topic = match (&to.response_topic, request_id) {
+    /// Runs a command on the node that holds its device and reads that node's reply.
+    async fn call_owner(
+        &self,
+        owner: &str,
+        request: &AdminRequest,
+        payload: &[u8],
+    ) -> Result<Value, CommandError> {
+        let Some((forwarder, mac)) = self.forwarder.as_ref().zip(request.device) else {
+            return self.execute(request).await;
+        };
+        let timeout = request.timeout.unwrap_or(self.command_timeout) + FORWARD_MARGIN;
+        let topic = topics::admin_command(&mac);
+        match forwarder.call(owner, &topic, payload, timeout).await {
+            Ok(reply) => command::parse_reply(&reply),
+            Err(CallError::Busy) => Err(self.busy()),
+            Err(e) => Err(CommandError::new(ErrorCode::NodeUnreachable, e.to_string())),
+        }
+    }
+
+    /// Where a reply goes: the response topic, else the request's reply topic, else the
+    /// errors topic.
+    fn reply_topic(&self, to: &ReplyTo, request_id: Option<&str>) -> String {
+        match (&to.response_topic, request_id) {
             (Some(t), _) => t.clone(),
             (None, Some(id)) => {
                 topics::admin_reply(id).unwrap_or_else(|| topics::ADMIN_ERRORS.to_owned())
             }
             (None, None) => topics::ADMIN_ERRORS.to_owned(),
-        };
+        }
+    }
+
+    fn reply(&self, to: &ReplyTo, request_id: Option<&str>, payload: Vec<u8>) {
+        let topic = self.reply_topic(to, request_id);
         self.bus
             .publish_reply(topic, Bytes::from(payload), to.correlation_data.clone());
     }

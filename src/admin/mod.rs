@@ -5,6 +5,7 @@
 //! * [`executor`]: takes commands from the bus, acts on devices (MCP calls, ending a
 //!   conversation, disconnecting, presence queries) and publishes replies.
 //! * [`events`]: session, chat and upstream events on the bus.
+//! * [`forward`]: scale-out: commands sent on to the node that holds the device.
 //!
 //! Who may send commands is decided at the broker listener (roles, see
 //! [`crate::broker::acl`]), before a command reaches the bus.
@@ -13,3 +14,4 @@ pub mod client;
 pub mod command;
 pub mod events;
 pub mod executor;
+pub mod forward;

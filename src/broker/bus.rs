@@ -6,10 +6,11 @@
 //!   to one publisher thread (rumqttd's local link sends to the router with a blocking
 //!   channel), and a full queue drops and counts. The gateway's link is not subject to the
 //!   broker-listener ACL.
-//! * A subscriber task takes everything published to `devices/p2p/+` and delivers it to
-//!   the device through the [`DeviceRegistry`], whether or not the device subscribed, and
-//!   hands admin commands (`xiaozhi/admin/commands[/<mac_>]`) to a bounded queue as
-//!   [`BusCommand`]s ([`EmbeddedBroker::take_commands`]).
+//! * A subscriber task takes everything published to `devices/p2p/+` and the admin
+//!   command topics (`xiaozhi/admin/commands[/<mac_>]`) and hands it to
+//!   [`Inbound::route`], which delivers to devices and queues commands.
+//! * [`Bus`] and [`Inbound`] are the whole interface the rest of the gateway sees; the
+//!   external broker of scale-out mode ([`super::external`]) implements the same two.
 //! * The broker listener is ours ([`super::clients`]), not rumqttd's: it authenticates
 //!   clients against `broker.users` only (device credentials never work there) and checks
 //!   every publish and subscription against the user's role ([`super::acl`]).
@@ -27,20 +28,20 @@
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::FutureExt;
 use rumqttd::local::{LinkBuilder, LinkRx, LinkTx};
 use rumqttd::protocol::{Packet, Publish, PublishProperties};
-use rumqttd::{Forward, Notification, RouterConfig};
+use rumqttd::{Notification, RouterConfig};
 use serde::Deserialize;
+use tokio::sync::mpsc::{self, error::TrySendError};
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
 use super::clients::{BrokerListener, ListenerSettings, MAX_CLIENTS, RouterPort};
-use super::registry::DeviceRegistry;
+use super::inbound::Inbound;
 use super::topics;
 use crate::config::BrokerConfig;
 use crate::metrics::Metrics;
@@ -52,9 +53,6 @@ const DEFAULT_ROUTER_TOML: &str = include_str!("../../broker-config/router.toml"
 /// Name of the gateway's own link into the router. Broker-listener clients can never
 /// take it over: their router-side ids carry their role (`admin:<id>`).
 const GATEWAY_LINK_ID: &str = "xiaozhi-gateway";
-
-/// Admin commands waiting for the gateway before further ones are dropped (and counted).
-pub const COMMAND_QUEUE: usize = 1024;
 
 /// Publishes the publisher thread hands the router in one batch.
 const PUBLISH_BATCH: usize = 256;
@@ -86,10 +84,13 @@ pub enum BrokerError {
     Link(String),
     #[error("broker listener TLS (broker.tls_cert / broker.tls_key): {0}")]
     Tls(#[from] crate::tls::TlsError),
+    #[error(transparent)]
+    External(#[from] super::external::ExternalBusError),
 }
 
 /// An admin command published by an admin bus client on `xiaozhi/admin/commands` or
-/// `xiaozhi/admin/commands/<mac_>` ([`topics::parse_admin_command`] tells which).
+/// `xiaozhi/admin/commands/<mac_>` ([`topics::parse_admin_command`] tells which), or
+/// forwarded by another gateway node.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BusCommand {
     pub topic: String,
@@ -99,13 +100,17 @@ pub struct BusCommand {
     /// MQTT 5 correlation data, when the publisher set it; echo it with
     /// [`Bus::publish_reply`].
     pub correlation_data: Option<Bytes>,
+    /// Forwarded by the node that received it ([`crate::admin::forward`]): run it here,
+    /// never forward it again, and reply to `response_topic` as given.
+    pub forwarded: bool,
 }
 
-struct BusMessage {
-    topic: String,
-    payload: Bytes,
-    retain: bool,
-    correlation_data: Option<Bytes>,
+/// One outgoing message, as queued for whichever broker the bus is.
+pub(crate) struct BusMessage {
+    pub(crate) topic: String,
+    pub(crate) payload: Bytes,
+    pub(crate) retain: bool,
+    pub(crate) correlation_data: Option<Bytes>,
 }
 
 impl BusMessage {
@@ -123,11 +128,16 @@ impl BusMessage {
 /// link, which no ACL applies to).
 #[derive(Clone)]
 pub struct Bus {
-    tx: SyncSender<BusMessage>,
+    tx: mpsc::Sender<BusMessage>,
     metrics: Arc<Metrics>,
 }
 
 impl Bus {
+    /// A handle onto the queue a bus backend drains.
+    pub(crate) fn new(tx: mpsc::Sender<BusMessage>, metrics: Arc<Metrics>) -> Bus {
+        Bus { tx, metrics }
+    }
+
     /// Queues a publish; drops and counts it if the queue is full.
     pub fn publish(&self, topic: String, payload: Bytes) {
         self.enqueue(BusMessage {
@@ -164,7 +174,7 @@ impl Bus {
     fn enqueue(&self, msg: BusMessage) {
         match self.tx.try_send(msg) {
             Ok(()) => {}
-            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+            Err(TrySendError::Full(_)) | Err(TrySendError::Closed(_)) => {
                 Metrics::inc(&self.metrics.bus_dropped)
             }
         }
@@ -180,17 +190,17 @@ pub struct EmbeddedBroker {
     /// Where it accepts them over TLS, when configured, and the certificate it uses.
     pub tls_addr: Option<SocketAddr>,
     pub tls_cert: Option<Arc<crate::tls::ReloadingCert>>,
-    commands: Option<tokio::sync::mpsc::Receiver<BusCommand>>,
     listener: JoinHandle<()>,
     tls_listener: Option<JoinHandle<()>>,
     subscriber: JoinHandle<()>,
 }
 
 impl EmbeddedBroker {
-    /// Starts the router, the broker listener and the gateway's link.
+    /// Starts the router, the broker listener and the gateway's link; what the bus
+    /// delivers goes to `inbound`.
     pub async fn start(
         config: &BrokerConfig,
-        registry: Arc<DeviceRegistry>,
+        inbound: Inbound,
         metrics: Arc<Metrics>,
     ) -> Result<EmbeddedBroker, BrokerError> {
         let tunables = load_tunables(config.router_config.as_deref())?;
@@ -266,14 +276,13 @@ impl EmbeddedBroker {
         .await
         .map_err(|e| BrokerError::Link(e.to_string()))??;
 
-        let (tx, rx) = sync_channel::<BusMessage>(config.publish_queue);
+        let (tx, rx) = mpsc::channel::<BusMessage>(config.publish_queue);
         std::thread::Builder::new()
             .name("bus-publisher".into())
             .spawn(move || publish_loop(rx, link_tx))
             .map_err(|e| BrokerError::Link(e.to_string()))?;
 
-        let (commands_tx, commands) = tokio::sync::mpsc::channel(COMMAND_QUEUE);
-        let subscriber = tokio::spawn(deliver(link_rx, registry, commands_tx, metrics.clone()));
+        let subscriber = tokio::spawn(deliver(link_rx, inbound));
 
         // Clients last, so the gateway's subscriptions exist before their first publish.
         let clients = BrokerListener::new(settings, &config.users, port, metrics.clone());
@@ -288,22 +297,14 @@ impl EmbeddedBroker {
             None => (None, None, None),
         };
         Ok(EmbeddedBroker {
-            bus: Bus { tx, metrics },
+            bus: Bus::new(tx, metrics),
             listen_addr,
             tls_addr,
             tls_cert,
-            commands: Some(commands),
             listener,
             tls_listener,
             subscriber,
         })
-    }
-
-    /// The admin commands admin bus clients publish, once (later calls return `None`).
-    /// Until it is taken, and whenever its holder falls 1024 behind, commands are dropped
-    /// and counted (`admin_commands_dropped`).
-    pub fn take_commands(&mut self) -> Option<tokio::sync::mpsc::Receiver<BusCommand>> {
-        self.commands.take()
     }
 
     /// Stops accepting broker clients (closing the connected ones) and delivering bus
@@ -324,8 +325,8 @@ impl Drop for EmbeddedBroker {
 }
 
 /// The publisher thread: hands queued messages to the router, a batch per router event.
-fn publish_loop(rx: Receiver<BusMessage>, mut link_tx: LinkTx) {
-    while let Ok(first) = rx.recv() {
+fn publish_loop(mut rx: mpsc::Receiver<BusMessage>, mut link_tx: LinkTx) {
+    while let Some(first) = rx.blocking_recv() {
         let mut last = first.into_packet();
         {
             let mut buffer = link_tx.buffer();
@@ -373,18 +374,20 @@ fn load_tunables(path: Option<&Path>) -> Result<Tunables, BrokerError> {
         })
 }
 
-/// Delivers everything published on `devices/p2p/+` to the addressed device and hands
-/// admin commands to the gateway.
-async fn deliver(
-    mut link_rx: LinkRx,
-    registry: Arc<DeviceRegistry>,
-    commands: tokio::sync::mpsc::Sender<BusCommand>,
-    metrics: Arc<Metrics>,
-) {
+/// Hands everything the gateway's link receives to [`Inbound::route`].
+async fn deliver(mut link_rx: LinkRx, inbound: Inbound) {
     loop {
         match link_rx.next().await {
             Ok(Some(Notification::Forward(forward))) => {
-                on_forward(forward, &registry, &commands, &metrics)
+                let publish = forward.publish;
+                let Ok(topic) = std::str::from_utf8(&publish.topic) else {
+                    continue;
+                };
+                let (response_topic, correlation_data) = forward
+                    .properties
+                    .map(|p| (p.response_topic, p.correlation_data))
+                    .unwrap_or_default();
+                inbound.route(topic, publish.payload, response_topic, correlation_data);
             }
             // Without this the router stops scheduling the link (FIELD-NOTES section 3).
             Ok(Some(Notification::Unschedule)) => {
@@ -397,38 +400,6 @@ async fn deliver(
                 warn!(error = %e, "bus subscriber lost the router");
                 break;
             }
-        }
-    }
-}
-
-fn on_forward(
-    forward: Forward,
-    registry: &DeviceRegistry,
-    commands: &tokio::sync::mpsc::Sender<BusCommand>,
-    metrics: &Metrics,
-) {
-    let publish = forward.publish;
-    let Ok(topic) = std::str::from_utf8(&publish.topic) else {
-        return;
-    };
-    if let Some(mac) = topics::parse_p2p(topic) {
-        // Drops (device offline, queue full) are counted by the registry.
-        let _ = registry.send(&mac, publish.payload);
-        return;
-    }
-    if topics::parse_admin_command(topic).is_some() {
-        let (response_topic, correlation_data) = forward
-            .properties
-            .map(|p| (p.response_topic, p.correlation_data))
-            .unwrap_or_default();
-        let command = BusCommand {
-            topic: topic.to_owned(),
-            payload: publish.payload,
-            response_topic,
-            correlation_data,
-        };
-        if commands.try_send(command).is_err() {
-            Metrics::inc(&metrics.admin_commands_dropped);
         }
     }
 }

@@ -10,10 +10,16 @@
 //! listener ([`clients`]), which bridges each to the router through a local link and
 //! checks every publish and subscription against the user's role ([`acl`]): rumqttd's
 //! own listener has no ACLs.
+//!
+//! In scale-out mode the bus is an external broker instead ([`external`]), reached as an
+//! MQTT client; [`backend`] picks one, and [`inbound`] routes what either delivers.
 
 pub mod acl;
+pub mod backend;
 pub mod bus;
 pub mod clients;
+pub mod external;
 pub mod front_end;
+pub mod inbound;
 pub mod registry;
 pub mod topics;

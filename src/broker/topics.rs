@@ -14,6 +14,14 @@
 //! | `xiaozhi/admin/commands/<mac_>` | admin bus clients | admin commands about one device, read by the gateway |
 //! | `xiaozhi/admin/replies/<request_id>` | gateway | the answer to one admin command |
 //! | `xiaozhi/admin/errors` | gateway | admin commands that could not be read or answered |
+//! | `xiaozhi/nodes/<node>/commands` | gateway nodes (scale-out) | an admin command forwarded to the node that holds the device |
+//! | `xiaozhi/nodes/<node>/replies/<n>` | gateway nodes (scale-out) | the answer to a command a node's management API forwarded |
+//!
+//! The map is the same on the embedded broker and on an external one. On an external
+//! broker (scale-out, [`super::external`]) every node subscribes to `devices/p2p/+`
+//! (and delivers what is for its own devices), to the command topics through the shared
+//! subscription `$share/<bus.share_group>/...` (each command reaches one node), and to its
+//! own `xiaozhi/nodes/<node>/...` topics.
 //!
 //! Architecture invariant: device traffic reaches the bus only on identity-bearing topics
 //! (`xiaozhi/devices/<mac_>/...`), built from the MAC the device authenticated with.
@@ -86,6 +94,52 @@ pub fn admin_reply(request_id: &str) -> Option<String> {
         && request_id.len() <= 128
         && !request_id.contains(['/', '+', '#', '\0']);
     valid.then(|| format!("{ADMIN_REPLIES_PREFIX}{request_id}"))
+}
+
+/// Prefix of the node-to-node topics (scale-out).
+pub const NODES_PREFIX: &str = "xiaozhi/nodes/";
+
+/// `xiaozhi/nodes/<node>/commands`: admin commands forwarded to `node`.
+pub fn node_commands(node: &str) -> String {
+    format!("{NODES_PREFIX}{node}/commands")
+}
+
+/// `xiaozhi/nodes/<node>/replies/+`: the filter for answers to `node`'s forwarded calls.
+pub fn node_replies_filter(node: &str) -> String {
+    format!("{NODES_PREFIX}{node}/replies/+")
+}
+
+/// `xiaozhi/nodes/<node>/replies/<call>`: the answer to `node`'s forwarded call `call`.
+pub fn node_reply(node: &str, call: u64) -> String {
+    format!("{NODES_PREFIX}{node}/replies/{call}")
+}
+
+/// Which of `node`'s own topics `topic` is, if any.
+pub fn parse_node_topic(node: &str, topic: &str) -> Option<NodeTopic> {
+    let rest = topic.strip_prefix(NODES_PREFIX)?.strip_prefix(node)?;
+    match rest.strip_prefix('/')? {
+        "commands" => Some(NodeTopic::Commands),
+        other => other
+            .strip_prefix("replies/")?
+            .parse()
+            .ok()
+            .map(NodeTopic::Reply),
+    }
+}
+
+/// One of a node's own topics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeTopic {
+    /// `xiaozhi/nodes/<node>/commands`.
+    Commands,
+    /// `xiaozhi/nodes/<node>/replies/<call>`.
+    Reply(u64),
+}
+
+/// A shared subscription (`$share/<group>/<filter>`): the broker hands each message to
+/// one member of the group.
+pub fn shared(group: &str, filter: &str) -> String {
+    format!("$share/{group}/{filter}")
 }
 
 /// `xiaozhi/devices/<mac_>/session`: a device's conversation events.
@@ -169,5 +223,32 @@ mod tests {
         assert_eq!(device_chat(&mac), "xiaozhi/devices/aa_bb_cc_dd_ee_ff/chat");
         assert_eq!(events_upstream(), "xiaozhi/events/upstream");
         assert!(parse_canonical_mac("aa:bb:cc:dd:ee:ff").is_none());
+    }
+
+    #[test]
+    fn node_topics() {
+        assert_eq!(node_commands("gw-a"), "xiaozhi/nodes/gw-a/commands");
+        assert_eq!(node_reply("gw-a", 7), "xiaozhi/nodes/gw-a/replies/7");
+        assert_eq!(node_replies_filter("gw-a"), "xiaozhi/nodes/gw-a/replies/+");
+        assert_eq!(
+            parse_node_topic("gw-a", &node_commands("gw-a")),
+            Some(NodeTopic::Commands)
+        );
+        assert_eq!(
+            parse_node_topic("gw-a", &node_reply("gw-a", 7)),
+            Some(NodeTopic::Reply(7))
+        );
+        // Another node's topics, or a node whose id extends ours, are not ours.
+        assert_eq!(parse_node_topic("gw-a", &node_commands("gw-b")), None);
+        assert_eq!(parse_node_topic("gw", &node_commands("gw-a")), None);
+        assert_eq!(
+            parse_node_topic("gw-a", "xiaozhi/nodes/gw-a/replies/x"),
+            None
+        );
+        assert_eq!(parse_node_topic("gw-a", "xiaozhi/nodes/gw-a/other"), None);
+        assert_eq!(
+            shared("xiaozhi-gateway", ADMIN_COMMANDS),
+            "$share/xiaozhi-gateway/xiaozhi/admin/commands"
+        );
     }
 }

@@ -124,7 +124,7 @@ pub fn status_of(code: ErrorCode) -> StatusCode {
         ErrorCode::NoConversation => StatusCode::CONFLICT,
         ErrorCode::DeviceError => StatusCode::BAD_GATEWAY,
         ErrorCode::Busy | ErrorCode::PresenceUnavailable => StatusCode::SERVICE_UNAVAILABLE,
-        ErrorCode::DeviceTimeout => StatusCode::GATEWAY_TIMEOUT,
+        ErrorCode::DeviceTimeout | ErrorCode::NodeUnreachable => StatusCode::GATEWAY_TIMEOUT,
     }
 }
 
@@ -178,7 +178,7 @@ async fn device_command(
         Ok(r) => r,
         Err(rejected) => return refuse(rejected.request_id.as_deref(), rejected.error),
     };
-    match state.admin.run_now(&request, "http").await {
+    match state.admin.run_now(&request, &payload, "http").await {
         Ok(result) => {
             let reply = command::ok_reply(&request.request_id, &result, &node, started.elapsed());
             (

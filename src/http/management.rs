@@ -33,6 +33,7 @@ use time::{Date, OffsetDateTime};
 use tracing::{info, warn};
 
 use super::HttpState;
+use crate::presence::PresenceState;
 use crate::protocol::mac::Mac;
 use crate::session::device_mcp::McpCallError;
 
@@ -139,14 +140,23 @@ async fn devices_status(State(state): State<HttpState>, body: Bytes) -> Response
             &format!("too many clientIds (at most {MAX_STATUS_IDS})"),
         );
     }
-    let mut out = Map::with_capacity(ids.len());
-    for id in ids {
-        // manager-api sends strings; anything else is answered under its JSON text.
-        let id = match id {
+    // manager-api sends strings; anything else is answered under its JSON text.
+    let ids: Vec<String> = ids
+        .into_iter()
+        .map(|id| match id {
             Value::String(s) => s,
             other => other.to_string(),
-        };
-        let status = mac_of_client_id(&id).and_then(|mac| state.directory.status(&mac));
+        })
+        .collect();
+    let mut statuses: Vec<Option<bool>> = ids
+        .iter()
+        .map(|id| mac_of_client_id(id).and_then(|mac| state.directory.status(&mac)))
+        .collect();
+    if state.admin.forwarder.is_some() {
+        elsewhere_from_store(&state, &ids, &mut statuses).await;
+    }
+    let mut out = Map::with_capacity(ids.len());
+    for (id, status) in ids.into_iter().zip(statuses) {
         let answer = match status {
             // isAlive null for a connected device without a conversation, as the Node
             // gateway answers: manager-web shows a device online when
@@ -158,6 +168,43 @@ async fn devices_status(State(state): State<HttpState>, body: Bytes) -> Response
         out.insert(id, answer);
     }
     Json(Value::Object(out)).into_response()
+}
+
+/// Scale-out: what the presence store says of the devices this node does not hold
+/// (`Some(true)` in a conversation, `Some(false)` connected). A store that cannot answer
+/// in time leaves them unknown (answered as not connected), as a lone node would.
+async fn elsewhere_from_store(state: &HttpState, ids: &[String], statuses: &mut [Option<bool>]) {
+    let (slots, macs): (Vec<usize>, Vec<String>) = ids
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| statuses[*i].is_none())
+        .filter_map(|(i, id)| Some((i, mac_of_client_id(id)?.colon())))
+        .unzip();
+    if macs.is_empty() {
+        return;
+    }
+    let timeout = Duration::from_millis(state.config.presence.timeout_ms);
+    let lookup = state.presence.store().get_many(&macs);
+    let records = match tokio::time::timeout(timeout, lookup).await {
+        Ok(Ok(records)) => records,
+        Ok(Err(e)) => {
+            warn!(error = %e, "device status: presence store failed; answering for this node's devices only");
+            return;
+        }
+        Err(_) => {
+            warn!(
+                "device status: presence store did not answer in time; answering for this node's devices only"
+            );
+            return;
+        }
+    };
+    for (slot, record) in slots.into_iter().zip(records) {
+        statuses[slot] = match record.map(|r| r.state) {
+            Some(PresenceState::InSession) => Some(true),
+            Some(PresenceState::Online) => Some(false),
+            Some(PresenceState::Offline) | None => None,
+        };
+    }
 }
 
 fn command_error(message: &str) -> Response {
@@ -198,11 +245,14 @@ async fn command(
         info!(client_id = %client_id.chars().take(128).collect::<String>(), method, outcome = "not_connected", "management command");
         return command_error("device not connected");
     };
+    let timeout = Duration::from_secs(state.config.management.command_timeout_secs);
     let Some(mcp) = state.directory.mcp(&mac) else {
+        if state.admin.forwarder.is_some() {
+            return on_another_node(&state, mac, method, params, timeout).await;
+        }
         info!(mac = %mac, method, outcome = "not_connected", "management command");
         return command_error("device not connected");
     };
-    let timeout = Duration::from_secs(state.config.management.command_timeout_secs);
     let started = Instant::now();
     let result = mcp.call(method, params, timeout).await;
     let ms = started.elapsed().as_millis() as u64;
@@ -224,6 +274,50 @@ async fn command(
             command_error(&message)
         }
         Err(McpCallError::Device(e)) => command_error(&e.to_string()),
+    }
+}
+
+/// Scale-out: the MCP call for a device this node does not hold, run by the node that
+/// does (if the presence store names one) as an admin `mcp` command.
+async fn on_another_node(
+    state: &HttpState,
+    mac: Mac,
+    method: &str,
+    params: Option<Value>,
+    timeout: Duration,
+) -> Response {
+    let mut payload = json!({"method": method});
+    if let Some(p) = params {
+        payload["params"] = p;
+    }
+    let command = json!({
+        "request_id": format!("management-{}", Instant::now().elapsed().as_nanos()),
+        "command": "mcp",
+        "payload": payload,
+        "timeout_ms": timeout.as_millis() as u64,
+    });
+    let command = serde_json::to_vec(&command).unwrap_or_default();
+    let request =
+        match crate::admin::command::parse(&crate::broker::topics::admin_command(&mac), &command) {
+            Ok(r) => r,
+            Err(rejected) => return command_error(&rejected.error.message),
+        };
+    let started = Instant::now();
+    let result = state.admin.run_now(&request, &command, "management").await;
+    let ms = started.elapsed().as_millis() as u64;
+    use crate::admin::command::ErrorCode;
+    match result {
+        Ok(data) => {
+            info!(mac = %mac, method, outcome = "ok", ms, "management command (via the device's node)");
+            Json(json!({"success": true, "data": data})).into_response()
+        }
+        Err(e) => {
+            info!(mac = %mac, method, outcome = e.code.as_str(), ms, "management command (via the device's node)");
+            match e.code {
+                ErrorCode::DeviceOffline => command_error("device not connected"),
+                _ => command_error(&e.message),
+            }
+        }
     }
 }
 

@@ -215,6 +215,18 @@ pub trait PresenceStore: Send + Sync + 'static {
     /// One device's entry; a connected entry whose TTL ran out reads as absent.
     async fn get(&self, mac_address: &str) -> Result<Option<PresenceRecord>, PresenceError>;
 
+    /// Several devices' entries, in order, in one round trip where the backend can.
+    async fn get_many(
+        &self,
+        mac_addresses: &[String],
+    ) -> Result<Vec<Option<PresenceRecord>>, PresenceError> {
+        let mut out = Vec::with_capacity(mac_addresses.len());
+        for mac in mac_addresses {
+            out.push(self.get(mac).await?);
+        }
+        Ok(out)
+    }
+
     /// Connected devices matching the query, sorted by MAC, one page.
     async fn list(&self, query: &PresenceQuery) -> Result<PresencePage, PresenceError>;
 

@@ -487,6 +487,29 @@ impl PresenceStore for RedisPresence {
         parse_record(&key, &mac, reply)
     }
 
+    async fn get_many(
+        &self,
+        mac_addresses: &[String],
+    ) -> Result<Vec<Option<PresenceRecord>>, PresenceError> {
+        if mac_addresses.is_empty() {
+            return Ok(Vec::new());
+        }
+        let macs: Vec<String> = mac_addresses
+            .iter()
+            .map(|m| m.to_ascii_lowercase())
+            .collect();
+        let mut pipe = Pipeline::new();
+        for mac in &macs {
+            pipe.cmd("HGETALL").arg(self.dev_key(mac));
+        }
+        pipe.ignore_errors();
+        let replies: Vec<Value> = self.query(&pipe).await?;
+        macs.iter()
+            .zip(replies)
+            .map(|(mac, reply)| parse_record(&self.dev_key(mac), mac, reply))
+            .collect()
+    }
+
     async fn list(&self, query: &PresenceQuery) -> Result<PresencePage, PresenceError> {
         let online = self.online_key();
         let now = unix_ms_now();

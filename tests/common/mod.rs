@@ -54,7 +54,7 @@ pub async fn start() -> Gateway {
 
 pub async fn start_with(config: Config) -> Gateway {
     let _ = tracing_subscriber::fmt()
-        .with_env_filter("warn")
+        .with_env_filter(std::env::var("XZ_TEST_LOG").unwrap_or_else(|_| "warn".into()))
         .with_test_writer()
         .try_init();
     Gateway::start(config).await.expect("gateway starts")
@@ -204,4 +204,43 @@ pub async fn wait_serving(child: &mut tokio::process::Child) -> std::net::Socket
     .expect("gateway starts");
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
     mqtt
+}
+
+/// A private Mosquitto on `port` (anonymous, in memory), killed when dropped: the
+/// external broker of the scale-out tests, which stop and start it at will.
+pub async fn start_mosquitto(port: u16) -> tokio::process::Child {
+    let dir = std::env::temp_dir().join(format!("xz-mosquitto-{}-{port}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let conf = dir.join("mosquitto.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 10000\n"
+        ),
+    )
+    .unwrap();
+    let bin = ["/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .unwrap_or("mosquitto");
+    let child = tokio::process::Command::new(bin)
+        .arg("-c")
+        .arg(&conf)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("mosquitto (installed by .ci/run)");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "mosquitto did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    child
 }

@@ -1,0 +1,113 @@
+//! What the gateway does with a message the bus delivers to it, whichever broker the
+//! bus is: one routing table for the embedded router and an external broker.
+//!
+//! * `devices/p2p/<mac_>`: to the device through the [`DeviceRegistry`], whether or not it
+//!   subscribed. On an external broker every node receives these; a node that does not
+//!   hold the device ignores it (`xiaozhi_bus_p2p_elsewhere_total`), the one that does
+//!   delivers it.
+//! * `xiaozhi/admin/commands[/<mac_>]`: to the admin executor's bounded queue as a
+//!   [`BusCommand`].
+//! * `xiaozhi/nodes/<this node>/commands` (scale-out): a command another node forwarded
+//!   ([`crate::admin::forward`]), queued like the others but marked forwarded.
+//! * `xiaozhi/nodes/<this node>/replies/<call>` (scale-out): the answer to a call this
+//!   node's management API forwarded, handed to the waiting call.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+use tracing::warn;
+
+use super::bus::BusCommand;
+use super::registry::DeviceRegistry;
+use super::topics::{self, NodeTopic};
+use crate::admin::forward::{self, PendingCalls};
+use crate::metrics::Metrics;
+
+/// Admin commands waiting for the executor before further ones are dropped (and counted).
+pub const COMMAND_QUEUE: usize = 1024;
+
+/// This node's part in a cluster of gateway nodes (external bus only).
+pub struct NodeRole {
+    pub node: String,
+    pub calls: Arc<PendingCalls>,
+}
+
+/// Routes what the bus delivers.
+pub struct Inbound {
+    registry: Arc<DeviceRegistry>,
+    commands: mpsc::Sender<BusCommand>,
+    cluster: Option<NodeRole>,
+    metrics: Arc<Metrics>,
+}
+
+impl Inbound {
+    /// The router, and the queue of admin commands it fills (at most
+    /// [`COMMAND_QUEUE`]; dropped and counted beyond, `admin_commands_dropped`).
+    pub fn new(
+        registry: Arc<DeviceRegistry>,
+        cluster: Option<NodeRole>,
+        metrics: Arc<Metrics>,
+    ) -> (Inbound, mpsc::Receiver<BusCommand>) {
+        let (commands, rx) = mpsc::channel(COMMAND_QUEUE);
+        (
+            Inbound {
+                registry,
+                commands,
+                cluster,
+                metrics,
+            },
+            rx,
+        )
+    }
+
+    /// Handles one delivered publish.
+    pub fn route(
+        &self,
+        topic: &str,
+        payload: Bytes,
+        response_topic: Option<String>,
+        correlation_data: Option<Bytes>,
+    ) {
+        if let Some(mac) = topics::parse_p2p(topic) {
+            if self.cluster.is_some() && self.registry.get(&mac).is_none() {
+                Metrics::inc(&self.metrics.bus_p2p_elsewhere);
+                return;
+            }
+            // Drops (device offline, queue full) are counted by the registry.
+            let _ = self.registry.send(&mac, payload);
+            return;
+        }
+        if topics::parse_admin_command(topic).is_some() {
+            self.queue(BusCommand {
+                topic: topic.to_owned(),
+                payload,
+                response_topic,
+                correlation_data,
+                forwarded: false,
+            });
+            return;
+        }
+        let Some(cluster) = &self.cluster else { return };
+        match topics::parse_node_topic(&cluster.node, topic) {
+            Some(NodeTopic::Commands) => match forward::decode(&payload) {
+                Ok((command, _from)) => self.queue(command),
+                Err(e) => {
+                    Metrics::inc(&self.metrics.bus_forward_malformed);
+                    warn!(error = %e, "forwarded admin command dropped");
+                }
+            },
+            // Late replies (the call timed out) are simply not wanted any more.
+            Some(NodeTopic::Reply(call)) => {
+                cluster.calls.complete(call, payload);
+            }
+            None => {}
+        }
+    }
+
+    fn queue(&self, command: BusCommand) {
+        if self.commands.try_send(command).is_err() {
+            Metrics::inc(&self.metrics.admin_commands_dropped);
+        }
+    }
+}

@@ -1,0 +1,369 @@
+//! Scale-out: gateway nodes on an external MQTT broker (a private Mosquitto per test)
+//! and a shared Redis (127.0.0.1:6379, one key prefix per test). Admin clients talk only
+//! to Mosquitto; devices talk only to their own node.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use redis::AsyncCommands;
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties};
+use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
+use serde_json::{Value, json};
+use xiaozhi_gateway::admin::client::AdminClient;
+use xiaozhi_gateway::config::{BusMode, Config};
+use xiaozhi_gateway::presence::PresenceState;
+use xiaozhi_gateway::protocol::mac::Mac;
+use xiaozhi_gateway::server::Gateway;
+use xiaozhi_gateway::simulator::upstream::{MockUpstream, MockUpstreamConfig};
+
+const REDIS: &str = "redis://127.0.0.1:6379";
+const WAIT: Duration = Duration::from_secs(10);
+
+fn unique_prefix(tag: &str) -> String {
+    format!(
+        "xz-test-{tag}-{}-{}:",
+        std::process::id(),
+        xiaozhi_gateway::history::record::new_id()[..8].to_owned()
+    )
+}
+
+/// A node on the external broker at `mqtt_port`, sharing Redis under `prefix`.
+fn node_config(node: &str, mqtt_port: u16, prefix: &str) -> Config {
+    let mut c = common::test_config();
+    c.node.id = node.into();
+    c.bus.mode = BusMode::External;
+    c.bus.url = format!("mqtt://127.0.0.1:{mqtt_port}");
+    c.bus.reconnect_max_secs = 1;
+    c.presence.redis_url = Some(REDIS.into());
+    c.presence.key_prefix = prefix.into();
+    c
+}
+
+async fn clean_redis(prefix: &str) {
+    let mut conn = redis::Client::open(REDIS)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .expect("Redis at 127.0.0.1:6379 (.ci/run starts it)");
+    let keys: Vec<String> = conn.keys(format!("{prefix}*")).await.unwrap_or_default();
+    if !keys.is_empty() {
+        let _: () = conn.del(keys).await.unwrap();
+    }
+}
+
+async fn wait_bus(gw: &Gateway) {
+    assert!(
+        common::eventually(WAIT, || gw.metrics.snapshot().bus_connected == 1).await,
+        "node connects to the external broker"
+    );
+}
+
+async fn wait_online(gw: &Gateway, mac: &Mac, node: &str) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let got = gw.presence.store().get(&mac.colon()).await.ok().flatten();
+        if got
+            .as_ref()
+            .is_some_and(|r| r.state == PresenceState::Online && r.node == node)
+        {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{mac} online on {node}: {got:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// An admin on Mosquitto (any credentials: it allows anonymous clients), retrying the
+/// first command until the nodes' subscriptions are in place.
+async fn admin(port: u16, probe: &Mac) -> AdminClient {
+    let admin = AdminClient::connect("127.0.0.1", port, "ops", "ops", WAIT)
+        .await
+        .expect("admin connects to mosquitto");
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let reply = admin
+            .request(
+                Some(probe),
+                json!({"command": "status"}),
+                Duration::from_millis(500),
+            )
+            .await;
+        if reply.is_ok_and(|r| r["ok"] == true) {
+            return admin;
+        }
+        assert!(Instant::now() < deadline, "nodes answer commands");
+    }
+}
+
+/// An MQTT 5 client on Mosquitto subscribed to `filter`.
+async fn v5_client(port: u16, id: &str, filter: &str) -> (AsyncClient, EventLoop) {
+    let opts = MqttOptions::new(id, "127.0.0.1", port);
+    let (client, mut events) = AsyncClient::new(opts, 64);
+    client.subscribe(filter, QoS::AtMostOnce).await.unwrap();
+    loop {
+        match tokio::time::timeout(WAIT, events.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::SubAck(_)))) => return (client, events),
+            Ok(Ok(_)) => {}
+            other => panic!("v5 client {id}: {other:?}"),
+        }
+    }
+}
+
+/// Every publish that arrives within `window`: (topic, payload, correlation data).
+async fn collect(events: &mut EventLoop, window: Duration) -> Vec<(String, Value, Option<Bytes>)> {
+    let deadline = tokio::time::Instant::now() + window;
+    let mut out = Vec::new();
+    while let Ok(event) = tokio::time::timeout_at(deadline, events.poll()).await {
+        if let Ok(Event::Incoming(Packet::Publish(p))) = event {
+            let topic = String::from_utf8_lossy(&p.topic).into_owned();
+            let payload = serde_json::from_slice(&p.payload).unwrap_or(Value::Null);
+            let correlation = p.properties.and_then(|p| p.correlation_data);
+            out.push((topic, payload, correlation));
+        }
+    }
+    out
+}
+
+fn manager_client_id(mac: &Mac) -> String {
+    format!("GID_default@@@{mac}@@@{mac}")
+}
+
+async fn management(gw: &Gateway, path: &str, body: &Value) -> Value {
+    let token = xiaozhi_gateway::http::management::daily_token(
+        time::OffsetDateTime::now_utc().date(),
+        common::KEY,
+    );
+    let resp = reqwest::Client::new()
+        .post(format!("http://{}{path}", gw.addrs.http))
+        .bearer_auth(token)
+        .json(body)
+        .timeout(Duration::from_secs(20))
+        .send()
+        .await
+        .expect("management API answers");
+    resp.json().await.expect("JSON answer")
+}
+
+#[tokio::test]
+async fn admins_on_the_external_broker_reach_devices_on_every_node() {
+    let port = common::free_port();
+    let _mosquitto = common::start_mosquitto(port).await;
+    let prefix = unique_prefix("scale-cmd");
+    let a = common::start_with(node_config("gw-a", port, &prefix)).await;
+    let b = common::start_with(node_config("gw-b", port, &prefix)).await;
+    assert_eq!(a.addrs.broker, None, "no embedded broker listener");
+    wait_bus(&a).await;
+    wait_bus(&b).await;
+
+    let (mac_a, mac_b, mac_gone) = (common::mac(1101), common::mac(1102), common::mac(1103));
+    let mut dev_a = common::device(&a, 1101).await;
+    let mut dev_b = common::device(&b, 1102).await;
+    wait_online(&a, &mac_a, "gw-a").await;
+    wait_online(&a, &mac_b, "gw-b").await;
+    let admin = admin(port, &mac_a).await;
+
+    // Each command reaches one node (shared subscription) and is answered by the
+    // device's node, wherever it landed.
+    for round in 0..6 {
+        for (mac, node) in [
+            (&mac_a, "gw-a"),
+            (&mac_a, "gw-a"),
+            (&mac_b, "gw-b"),
+            (&mac_b, "gw-b"),
+        ] {
+            let status = admin
+                .request(Some(mac), json!({"command": "status"}), WAIT)
+                .await
+                .unwrap();
+            assert_eq!(status["ok"], true, "round {round}: {status}");
+            assert_eq!(
+                status["node"], node,
+                "answered by the device's node: {status}"
+            );
+            assert_eq!(status["result"]["node"], node);
+            assert!(
+                status["result"]["tools"].is_array(),
+                "tools known only to the owner: {status}"
+            );
+        }
+    }
+    let set_volume = |v: u8| json!({"command": "mcp", "payload": {"method": "tools/call", "params": {"name": "self.audio_speaker.set_volume", "arguments": {"volume": v}}}});
+    for (i, (mac, dev)) in [(&mac_a, &dev_a), (&mac_b, &dev_b)].into_iter().enumerate() {
+        for v in [11 + i as u8, 21 + i as u8, 31 + i as u8] {
+            let reply = admin.request(Some(mac), set_volume(v), WAIT).await.unwrap();
+            assert_eq!(reply["ok"], true, "{reply}");
+            assert_eq!(dev.mcp_volume(), v);
+        }
+    }
+    let forwarded = a.metrics.snapshot().admin_commands_forwarded
+        + b.metrics.snapshot().admin_commands_forwarded;
+    assert!(forwarded > 0, "30 commands, none landed on the wrong node?");
+
+    // MQTT 5: the response topic and correlation data survive forwarding, and a device
+    // no node holds gets exactly one answer.
+    let (ops, mut replies) = v5_client(port, "ops-v5", "ops/replies/#").await;
+    for (i, mac) in [&mac_a, &mac_b, &mac_gone, &mac_b].into_iter().enumerate() {
+        let props = PublishProperties {
+            response_topic: Some(format!("ops/replies/{i}")),
+            correlation_data: Some(Bytes::from(format!("corr-{i}"))),
+            ..Default::default()
+        };
+        let command = json!({"request_id": format!("v5-{i}"), "command": "status"});
+        ops.publish_with_properties(
+            format!("xiaozhi/admin/commands/{mac}"),
+            QoS::AtLeastOnce,
+            false,
+            command.to_string(),
+            props,
+        )
+        .await
+        .unwrap();
+    }
+    let got = collect(&mut replies, Duration::from_secs(3)).await;
+    assert_eq!(got.len(), 4, "one reply per command: {got:?}");
+    for (i, want_node) in [Some("gw-a"), Some("gw-b"), None, Some("gw-b")]
+        .into_iter()
+        .enumerate()
+    {
+        let (_, reply, corr) = got
+            .iter()
+            .find(|(t, _, _)| t == &format!("ops/replies/{i}"))
+            .unwrap_or_else(|| panic!("reply {i} in {got:?}"));
+        assert_eq!(
+            corr.as_deref(),
+            Some(format!("corr-{i}").as_bytes()),
+            "{reply}"
+        );
+        match want_node {
+            Some(node) => assert_eq!(reply["node"], node, "{reply}"),
+            None => {
+                assert_eq!(reply["ok"], true, "status of an unknown device: {reply}");
+                assert_eq!(reply["result"]["state"], "offline", "{reply}");
+            }
+        }
+    }
+    // A device command for a device nobody holds: one device_offline answer.
+    let gone = admin
+        .request(Some(&mac_gone), json!({"command": "goodbye"}), WAIT)
+        .await
+        .unwrap();
+    assert_eq!(gone["error"]["code"], "device_offline", "{gone}");
+
+    // devices/p2p/<mac_> from an admin reaches the device on whichever node holds it.
+    ops.publish(
+        format!("devices/p2p/{mac_b}"),
+        QoS::AtMostOnce,
+        false,
+        r#"{"type":"custom","text":"hello b"}"#,
+    )
+    .await
+    .unwrap();
+    collect(&mut replies, Duration::from_millis(200)).await; // sends it
+    let custom = dev_b.recv_type("custom", WAIT).await.unwrap();
+    assert_eq!(custom["text"], "hello b");
+    assert!(
+        dev_a
+            .recv_type("custom", Duration::from_millis(500))
+            .await
+            .is_err()
+    );
+    assert!(a.metrics.snapshot().bus_p2p_elsewhere >= 1);
+
+    // Node A's management API answers for the device node B holds.
+    let ids = [
+        manager_client_id(&mac_a),
+        manager_client_id(&mac_b),
+        manager_client_id(&mac_gone),
+    ];
+    let status = management(&a, "/api/devices/status", &json!({"clientIds": ids})).await;
+    assert_eq!(status[&ids[0]]["exists"], true, "{status}");
+    assert_eq!(status[&ids[1]]["exists"], true, "from Redis: {status}");
+    assert_eq!(status[&ids[2]]["exists"], false, "{status}");
+    let body = json!({"type": "mcp", "payload": {"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {"name": "self.audio_speaker.set_volume", "arguments": {"volume": 77}}}});
+    let answer = management(&a, &format!("/api/commands/{}", ids[1]), &body).await;
+    assert_eq!(answer["success"], true, "{answer}");
+    assert_eq!(dev_b.mcp_volume(), 77);
+    let answer = management(&a, &format!("/api/commands/{}", ids[2]), &body).await;
+    assert_eq!(answer["success"], false, "{answer}");
+    assert_eq!(answer["error"], "device not connected");
+
+    drop(dev_a);
+    drop(dev_b);
+    a.shutdown().await;
+    b.shutdown().await;
+    clean_redis(&prefix).await;
+}
+
+#[tokio::test]
+async fn devices_keep_talking_while_the_broker_is_away_and_events_flow_again() {
+    let port = common::free_port();
+    let mut mosquitto = common::start_mosquitto(port).await;
+    let prefix = unique_prefix("scale-outage");
+    let upstream = MockUpstream::start(MockUpstreamConfig::default())
+        .await
+        .unwrap();
+    let mut config = node_config("gw-solo", port, &prefix);
+    config.broker.publish_queue = 64;
+    config.pipeline.xiaozhi.urls = vec![upstream.url.clone()];
+    let gw = common::start_with(config).await;
+    wait_bus(&gw).await;
+    let mac = common::mac(1111);
+    let (watch, events) = v5_client(port, "watch-1", &format!("xiaozhi/devices/{mac}/up")).await;
+
+    // The broker goes away: devices keep talking (a whole conversation through echo),
+    // the bus counts the gap and keeps at most its queue.
+    mosquitto.kill().await.unwrap();
+    let _ = mosquitto.wait().await;
+    drop(watch);
+    assert!(
+        common::eventually(WAIT, || gw.metrics.snapshot().bus_connected == 0).await,
+        "the node sees the broker go"
+    );
+    let (mut dev, session) = common::converse(&gw, 1111, 2).await;
+    for i in 0..300 {
+        dev.publish_json(&json!({"session_id": session, "type": "custom", "n": i}))
+            .await
+            .unwrap();
+    }
+    assert!(
+        common::eventually(WAIT, || gw.metrics.snapshot().bus_dropped > 0).await,
+        "a full queue drops and counts"
+    );
+    let m = gw.metrics.snapshot();
+    assert!(m.bus_queued <= 64, "queue bounded: {}", m.bus_queued);
+    assert!(m.bus_disconnects >= 1);
+
+    // The broker is back: the node reconnects, subscribes again, and events flow.
+    let _mosquitto = common::start_mosquitto(port).await;
+    wait_bus(&gw).await;
+    let (_watch, mut events_again) =
+        v5_client(port, "watch-2", &format!("xiaozhi/devices/{mac}/up")).await;
+    drop(events);
+    let deadline = Instant::now() + WAIT;
+    let mut seen = false;
+    let mut n = 1000;
+    while !seen && Instant::now() < deadline {
+        dev.publish_json(&json!({"session_id": session, "type": "custom", "n": n}))
+            .await
+            .unwrap();
+        n += 1;
+        let got = collect(&mut events_again, Duration::from_millis(200)).await;
+        seen = got
+            .iter()
+            .any(|(_, v, _)| v["type"] == "custom" && v["n"].as_u64() >= Some(1000));
+    }
+    assert!(seen, "device messages reach the broker again");
+    let admin = admin(port, &mac).await;
+    let status = admin
+        .request(Some(&mac), json!({"command": "status"}), WAIT)
+        .await
+        .unwrap();
+    assert_eq!(status["node"], "gw-solo", "{status}");
+    drop(dev);
+    gw.shutdown().await;
+    upstream.stop().await;
+    clean_redis(&prefix).await;
+}
