@@ -461,7 +461,12 @@ impl Gateway {
     /// Graceful shutdown: goodbye to live conversations, listeners closed, connections
     /// flushed, everything stopped within the grace period.
     pub async fn shutdown(self) {
-        let deadline = tokio::time::Instant::now() + self.grace;
+        // `validate` bounds the grace period at a year; saturate anyway rather than
+        // trust every caller of `Gateway::start` to have validated.
+        let now = tokio::time::Instant::now();
+        let deadline = now
+            .checked_add(self.grace)
+            .unwrap_or_else(|| now + Duration::from_secs(365 * 24 * 3600));
         info!("shutting down");
         self.stop_accepting.cancel();
         self.broker.stop();
