@@ -4,6 +4,8 @@
 
 mod common;
 
+use common::scratch_db::ScratchDb;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -15,50 +17,6 @@ use xiaozhi_gateway::config::Config;
 use xiaozhi_gateway::history::audio::wav_info;
 use xiaozhi_gateway::history::writer::RecordMode;
 use xiaozhi_gateway::simulator::upstream::{MockUpstream, MockUpstreamConfig};
-
-const MARIADB: &str = "mysql://root@127.0.0.1:3306";
-
-/// A fresh MariaDB database for one test, dropped at the end.
-struct ScratchDb {
-    name: String,
-    admin: sqlx::MySqlPool,
-}
-
-impl ScratchDb {
-    async fn new() -> ScratchDb {
-        let admin = sqlx::MySqlPool::connect(&format!("{MARIADB}/test"))
-            .await
-            .expect("MariaDB at 127.0.0.1:3306 (root, no password); .ci/run starts it");
-        let name = format!(
-            "xz_test_{}",
-            xiaozhi_gateway::history::record::new_id()[..12].to_owned()
-        );
-        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-            "CREATE DATABASE `{name}` CHARACTER SET utf8mb4"
-        )))
-        .execute(&admin)
-        .await
-        .unwrap();
-        ScratchDb { name, admin }
-    }
-
-    fn url(&self) -> String {
-        format!("{MARIADB}/{}", self.name)
-    }
-
-    async fn pool(&self) -> sqlx::MySqlPool {
-        sqlx::MySqlPool::connect(&self.url()).await.unwrap()
-    }
-
-    async fn drop_db(self) {
-        let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-            "DROP DATABASE `{}`",
-            self.name
-        )))
-        .execute(&self.admin)
-        .await;
-    }
-}
 
 fn history_config(
     upstream: &MockUpstream,
@@ -158,7 +116,7 @@ async fn eventually_rows(pool: &sqlx::MySqlPool, mac: &str, n: usize) -> Vec<Row
 
 #[tokio::test]
 async fn a_conversation_is_recorded_in_mariadb_with_audio() {
-    let db = ScratchDb::new().await;
+    let db = ScratchDb::new("test").await;
     let upstream = MockUpstream::start(MockUpstreamConfig::default())
         .await
         .unwrap();
@@ -225,7 +183,7 @@ async fn the_embedded_default_sqlite_gets_the_same_rows() {
 
 #[tokio::test]
 async fn chat_history_conf_decides_what_is_recorded() {
-    let db = ScratchDb::new().await;
+    let db = ScratchDb::new("test").await;
     let pool = db.pool().await;
     // Minimal manager-api device and agent tables.
     for sql in [
@@ -331,7 +289,7 @@ impl Switch {
 
 #[tokio::test]
 async fn an_outage_loses_nothing_and_duplicates_nothing_even_across_a_restart() {
-    let db = ScratchDb::new().await;
+    let db = ScratchDb::new("test").await;
     let switch = Switch::start().await;
     let url = format!("mysql://root@{}/{}", switch.addr, db.name);
     let upstream = MockUpstream::start(MockUpstreamConfig::default())
@@ -507,7 +465,7 @@ async fn retention_deletes_old_audio_and_text_without_dangling_references() {
 
 #[tokio::test]
 async fn connecting_updates_manager_api_last_connected_at_throttled() {
-    let db = ScratchDb::new().await;
+    let db = ScratchDb::new("test").await;
     let pool = db.pool().await;
     sqlx::raw_sql(sqlx::AssertSqlSafe(
         "CREATE TABLE ai_device (id VARCHAR(32) NOT NULL PRIMARY KEY, mac_address VARCHAR(50), \

@@ -6,6 +6,8 @@
 
 mod common;
 
+use common::scratch_db::ScratchDb;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -26,42 +28,9 @@ use xiaozhi_gateway::history::writer::{RecordMode, StoredEvent};
 use xiaozhi_gateway::server::Gateway;
 use xiaozhi_gateway::simulator::upstream::{MockUpstream, MockUpstreamConfig};
 
-const MARIADB: &str = "mysql://root@127.0.0.1:3306";
 const TOKEN: &str = "history-api-test-token";
 
 // --- databases -----------------------------------------------------------------------
-
-/// A fresh MariaDB database for one test, dropped at the end.
-struct ScratchDb {
-    name: String,
-    admin: sqlx::MySqlPool,
-}
-
-impl ScratchDb {
-    async fn new() -> ScratchDb {
-        let admin = sqlx::MySqlPool::connect(&format!("{MARIADB}/test"))
-            .await
-            .expect("MariaDB at 127.0.0.1:3306 (root, no password); .ci/run starts it");
-        let name = format!("xz_api_{}", &new_id()[..12]);
-        sqlx::raw_sql(AssertSqlSafe(format!(
-            "CREATE DATABASE `{name}` CHARACTER SET utf8mb4"
-        )))
-        .execute(&admin)
-        .await
-        .unwrap();
-        ScratchDb { name, admin }
-    }
-
-    fn url(&self) -> String {
-        format!("{MARIADB}/{}", self.name)
-    }
-
-    async fn drop_db(self) {
-        let _ = sqlx::raw_sql(AssertSqlSafe(format!("DROP DATABASE `{}`", self.name)))
-            .execute(&self.admin)
-            .await;
-    }
-}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Kind {
@@ -239,7 +208,7 @@ impl Env {
         let dir = tempfile::tempdir().unwrap();
         let scratch = match kind {
             Kind::Sqlite => None,
-            Kind::MariaDb => Some(ScratchDb::new().await),
+            Kind::MariaDb => Some(ScratchDb::new("api").await),
         };
         let url = match &scratch {
             None => format!("sqlite://{}", dir.path().join("h.db").display()),

@@ -17,7 +17,12 @@ use xiaozhi_gateway::config::{BusMode, Config};
 use xiaozhi_gateway::presence::PresenceState;
 use xiaozhi_gateway::protocol::mac::Mac;
 use xiaozhi_gateway::server::Gateway;
+use xiaozhi_gateway::simulator::device::SimDevice;
 use xiaozhi_gateway::simulator::upstream::{MockUpstream, MockUpstreamConfig};
+use xiaozhi_gateway::soak::fault_proxy::FaultProxy;
+use xiaozhi_gateway::soak::gateway::GatewayProcess;
+
+use common::scratch_db::ScratchDb;
 
 const REDIS: &str = "redis://127.0.0.1:6379";
 const WAIT: Duration = Duration::from_secs(10);
@@ -365,5 +370,260 @@ async fn devices_keep_talking_while_the_broker_is_away_and_events_flow_again() {
     drop(dev);
     gw.shutdown().await;
     upstream.stop().await;
+    clean_redis(&prefix).await;
+}
+
+/// What a node process is told (everything else is the built-in default).
+struct NodeEnv<'a> {
+    node: &'a str,
+    mqtt_port: u16,
+    prefix: &'a str,
+    database_url: String,
+    journal: &'a std::path::Path,
+    upstream: &'a str,
+}
+
+async fn spawn_node(env: &NodeEnv<'_>, log: &std::path::Path) -> GatewayProcess {
+    let vars: Vec<(String, String)> = [
+        ("XZ_NODE__ID", env.node.to_owned()),
+        ("XZ_AUTH__SIGNATURE_KEY", common::KEY.to_owned()),
+        ("XZ_MQTT__LISTEN", "127.0.0.1:0".into()),
+        ("XZ_MQTT__CONNECT_RATE_PER_SOURCE", "0".into()),
+        ("XZ_MQTT__MESSAGE_RATE", "0".into()),
+        ("XZ_UDP__LISTEN", "127.0.0.1:0".into()),
+        ("XZ_UDP__CHANNEL_RATE", "0".into()),
+        ("XZ_HTTP__LISTEN", "127.0.0.1:0".into()),
+        ("XZ_LOG__FORMAT", "json".into()),
+        ("XZ_LOG__LEVEL", "info".into()),
+        ("XZ_BUS__MODE", "external".into()),
+        ("XZ_BUS__URL", format!("mqtt://127.0.0.1:{}", env.mqtt_port)),
+        ("XZ_BUS__RECONNECT_MAX_SECS", "1".into()),
+        ("XZ_PRESENCE__REDIS_URL", REDIS.into()),
+        ("XZ_PRESENCE__KEY_PREFIX", env.prefix.to_owned()),
+        ("XZ_PRESENCE__HEARTBEAT_SECS", "1".into()),
+        ("XZ_PRESENCE__TTL_SECS", "3".into()),
+        ("XZ_PIPELINE__KIND", "xiaozhi".into()),
+        (
+            "XZ_PIPELINE__XIAOZHI__URLS",
+            format!("[\"{}\"]", env.upstream),
+        ),
+        ("XZ_HISTORY__ENABLED", "true".into()),
+        ("XZ_HISTORY__MODE", "text".into()),
+        ("XZ_HISTORY__DATABASE_URL", env.database_url.clone()),
+        ("XZ_HISTORY__JOURNAL_DIR", env.journal.display().to_string()),
+        ("XZ_HISTORY__WRITE_TIMEOUT_MS", "500".into()),
+        ("XZ_HISTORY__RETRY_SECS", "1".into()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    GatewayProcess::start(
+        std::path::Path::new(env!("CARGO_BIN_EXE_xiaozhi-gateway")),
+        &vars,
+        log,
+    )
+    .await
+    .unwrap_or_else(|e| panic!("node {} starts: {e}", env.node))
+}
+
+async fn device_at(addr: std::net::SocketAddr, n: u32) -> SimDevice {
+    SimDevice::connect(addr, common::creds(n))
+        .await
+        .expect("device connects")
+}
+
+/// The node the presence store names for a device, if it reads as connected.
+async fn node_of(
+    store: &xiaozhi_gateway::presence::redis::RedisPresence,
+    mac: &Mac,
+) -> Option<String> {
+    use xiaozhi_gateway::presence::PresenceStore;
+    store
+        .get(&mac.colon())
+        .await
+        .ok()
+        .flatten()
+        .filter(|r| r.state != PresenceState::Offline)
+        .map(|r| r.node)
+}
+
+/// (chat_type, content) of every row of a session.
+async fn rows_of(pool: &sqlx::MySqlPool, session: &str) -> Vec<(i8, String)> {
+    sqlx::query_as("SELECT chat_type, content FROM ai_agent_chat_history WHERE session_id = ? ORDER BY chat_type, content")
+        .bind(session)
+        .fetch_all(pool)
+        .await
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn a_killed_nodes_devices_carry_on_elsewhere_and_its_journal_replays_once() {
+    let port = common::free_port();
+    let _mosquitto = common::start_mosquitto(port).await;
+    let prefix = unique_prefix("scale-kill");
+    let db = ScratchDb::new("scale").await;
+    let pool = db.pool().await;
+    let upstream = MockUpstream::start(MockUpstreamConfig::default())
+        .await
+        .unwrap();
+    let mariadb: std::net::SocketAddr = "127.0.0.1:3306".parse().unwrap();
+    // Node A reaches the database through a proxy the test can cut.
+    let db_proxy = FaultProxy::start("mariadb", mariadb).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (journal_a, journal_b) = (dir.path().join("journal-a"), dir.path().join("journal-b"));
+    let env_a = NodeEnv {
+        node: "gw-a",
+        mqtt_port: port,
+        prefix: &prefix,
+        database_url: format!("mysql://root@{}/{}", db_proxy.addr, db.name),
+        journal: &journal_a,
+        upstream: &upstream.url,
+    };
+    let env_b = NodeEnv {
+        node: "gw-b",
+        mqtt_port: port,
+        prefix: &prefix,
+        database_url: db.url(),
+        journal: &journal_b,
+        upstream: &upstream.url,
+    };
+    let a = spawn_node(&env_a, &dir.path().join("a.log")).await;
+    let b = spawn_node(&env_b, &dir.path().join("b.log")).await;
+    let store = xiaozhi_gateway::presence::redis::RedisPresence::connect(
+        REDIS,
+        &prefix,
+        Duration::from_secs(2),
+    )
+    .await
+    .expect("Redis");
+
+    // Six devices on A, two on B; every one has a conversation stored at once.
+    let on_a: Vec<u32> = (1201..1207).collect();
+    let on_b: Vec<u32> = vec![1211, 1212];
+    let mut completed = Vec::new();
+    let mut devices = Vec::new();
+    for &n in &on_a {
+        let mut dev = device_at(a.mqtt, n).await;
+        completed.push(common::converse_on(&mut dev, 1).await);
+        devices.push((n, dev));
+    }
+    for &n in &on_b {
+        let mut dev = device_at(b.mqtt, n).await;
+        completed.push(common::converse_on(&mut dev, 1).await);
+    }
+
+    // A's database goes away: A's next conversations are journaled on A's disk.
+    db_proxy.cut();
+    let mut cut_sessions = Vec::new();
+    for (_, dev) in devices.iter_mut().take(3) {
+        cut_sessions.push(common::converse_on(dev, 1).await);
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await; // past the write timeout: journaled
+    let journaled: u64 = std::fs::read_dir(&journal_a)
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0);
+    assert!(journaled > 0, "A journals while its database is away");
+
+    // A dies mid-conversation.
+    let (_, mid) = devices.last_mut().unwrap();
+    let (hello, mut audio) = common::conversation(mid).await;
+    mid.publish_json(&common::listen_start(&hello.session_id, "auto"))
+        .await
+        .unwrap();
+    for i in 0..2 {
+        audio
+            .send(
+                i * 60,
+                &xiaozhi_gateway::simulator::audio::synthetic_frame(i, 30),
+            )
+            .await
+            .unwrap();
+    }
+    a.kill().await;
+
+    // A's devices notice and come back on B (all but the last, which stays away); their
+    // new conversations are stored by B.
+    for (_, dev) in &devices {
+        assert!(
+            common::eventually(WAIT, || dev.is_closed()).await,
+            "the device sees its node die"
+        );
+    }
+    drop(devices);
+    let mut moved = Vec::new();
+    for &n in &on_a[..5] {
+        let mut dev = device_at(b.mqtt, n).await;
+        completed.push(common::converse_on(&mut dev, 1).await);
+        moved.push(dev);
+    }
+    for &n in &on_a[..5] {
+        assert_eq!(
+            node_of(&store, &common::mac(n)).await.as_deref(),
+            Some("gw-b")
+        );
+    }
+    // The one that stayed away expires with A's heartbeats (TTL 3 s).
+    let gone = common::mac(on_a[5]);
+    let deadline = Instant::now() + Duration::from_secs(3 + 5);
+    while node_of(&store, &gone).await.is_some() {
+        assert!(
+            Instant::now() < deadline,
+            "a dead node's device expires within the TTL"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // An admin on the broker finds them on B.
+    let admin = admin(port, &common::mac(on_a[0])).await;
+    let status = admin
+        .request(
+            Some(&common::mac(on_a[0])),
+            json!({"command": "status"}),
+            WAIT,
+        )
+        .await
+        .unwrap();
+    assert_eq!(status["node"], "gw-b", "{status}");
+
+    // A restarts with the same id and its database back: its journal replays, and the
+    // devices B now holds stay B's.
+    db_proxy.restore();
+    let a2 = spawn_node(&env_a, &dir.path().join("a2.log")).await;
+    let all: Vec<&String> = completed.iter().chain(&cut_sessions).collect();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut missing = Vec::new();
+        for session in &all {
+            let rows = rows_of(&pool, session).await;
+            let kinds: Vec<i8> = rows.iter().map(|r| r.0).collect();
+            assert!(rows.len() <= 2, "session {session} stored twice: {rows:?}");
+            if kinds != [1, 2] {
+                missing.push((*session).clone());
+            }
+        }
+        if missing.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "sessions not stored once after A's restart: {missing:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for &n in &on_a[..5] {
+        assert_eq!(
+            node_of(&store, &common::mac(n)).await.as_deref(),
+            Some("gw-b"),
+            "A's restart leaves B's devices alone"
+        );
+    }
+    drop(moved);
+    a2.stop(Duration::from_secs(5)).await;
+    b.stop(Duration::from_secs(5)).await;
+    upstream.stop().await;
+    db.drop_db().await;
     clean_redis(&prefix).await;
 }

@@ -120,6 +120,12 @@ impl GatewayProcess {
         self.child.try_wait().ok().flatten()
     }
 
+    /// SIGKILL at once, as a crash or the OOM killer would end it; the exit status.
+    pub async fn kill(mut self) -> Option<ExitStatus> {
+        let _ = self.child.kill().await;
+        self.child.wait().await.ok()
+    }
+
     /// SIGTERM (a graceful shutdown), then SIGKILL after `grace`. The exit status, and
     /// whether it had to be killed.
     pub async fn stop(mut self, grace: Duration) -> (Option<ExitStatus>, bool) {

@@ -2,6 +2,8 @@
 //! firmware-exact simulated devices.
 #![allow(dead_code)]
 
+pub mod scratch_db;
+
 use std::time::Duration;
 
 use figment::Figment;
@@ -95,7 +97,13 @@ pub async fn conversation(dev: &mut SimDevice) -> (ServerHello, SimAudio) {
 /// `tts stop`), goodbye. Returns the device (still connected) and the session id.
 pub async fn converse(gw: &Gateway, n: u32, turns: u32) -> (SimDevice, String) {
     let mut dev = device(gw, n).await;
-    let (hello, mut audio) = conversation(&mut dev).await;
+    let session = converse_on(&mut dev, turns).await;
+    (dev, session)
+}
+
+/// [`converse`] on a device already connected (to any gateway); the session id.
+pub async fn converse_on(dev: &mut SimDevice, turns: u32) -> String {
+    let (hello, mut audio) = conversation(dev).await;
     dev.publish_json(&listen_start(&hello.session_id, "auto"))
         .await
         .unwrap();
@@ -122,7 +130,7 @@ pub async fn converse(gw: &Gateway, n: u32, turns: u32) -> (SimDevice, String) {
     dev.publish_json(&json!({"session_id": hello.session_id, "type": "goodbye"}))
         .await
         .unwrap();
-    (dev, hello.session_id)
+    hello.session_id
 }
 
 pub fn listen_start(session: &str, mode: &str) -> Value {
