@@ -226,7 +226,19 @@ fn the_checker_catches_renamed_metrics_and_labels() {
 fn compose_prometheus_and_grafana_agree_and_mount_what_exists() {
     let compose = yaml("docker-compose.yml");
     let services = compose["services"].as_mapping().unwrap();
-    for name in ["gateway", "mysql", "redis", "prometheus", "grafana"] {
+    let gateways = ["gateway", "gateway-a", "gateway-b"];
+    let all = [
+        "gateway",
+        "mysql",
+        "redis",
+        "prometheus",
+        "grafana",
+        "emqx",
+        "haproxy",
+        "gateway-a",
+        "gateway-b",
+    ];
+    for name in all {
         let service = &compose["services"][name];
         assert!(service.is_mapping(), "service {name}");
         let networks: Vec<&str> = service["networks"]
@@ -236,14 +248,27 @@ fn compose_prometheus_and_grafana_agree_and_mount_what_exists() {
             .filter_map(|n| n.as_str())
             .collect();
         assert_eq!(networks, ["xiaozhi"], "{name} is on the one network");
-        if name != "gateway" {
+        // One gateway in profile single, the cluster in profile scale, the rest in both.
+        let profiles: Vec<&str> = service["profiles"]
+            .as_sequence()
+            .into_iter()
+            .flatten()
+            .filter_map(|p| p.as_str())
+            .collect();
+        let want: &[&str] = match name {
+            "gateway" => &["single"],
+            "emqx" | "haproxy" | "gateway-a" | "gateway-b" => &["scale"],
+            _ => &[],
+        };
+        assert_eq!(profiles, want, "{name}'s profiles");
+        if !gateways.contains(&name) {
             assert!(
                 service["healthcheck"]["test"].is_sequence(),
                 "{name} has a health check"
             );
         }
     }
-    assert_eq!(services.len(), 5);
+    assert_eq!(services.len(), all.len());
     assert_eq!(compose["networks"].as_mapping().unwrap().len(), 1);
     // Every bind mount exists in the repo; every named volume is declared.
     let volumes = compose["volumes"].as_mapping().unwrap();
@@ -297,10 +322,51 @@ fn compose_prometheus_and_grafana_agree_and_mount_what_exists() {
         "redis://redis:6379/0"
     );
 
+    // Scale: both nodes on EMQX with their own ids and UDP ports, devices through HAProxy.
+    let mut udp_ports = BTreeSet::new();
+    for (node, service) in [("gw-a", "gateway-a"), ("gw-b", "gateway-b")] {
+        let env = &compose["services"][service]["environment"];
+        assert_eq!(env["XZ_NODE__ID"].as_str(), Some(node));
+        assert_eq!(env["XZ_BUS__MODE"].as_str(), Some("external"));
+        assert_eq!(env["XZ_BUS__URL"].as_str(), Some("mqtt://emqx:1883"));
+        assert_eq!(
+            env["XZ_PRESENCE__REDIS_URL"].as_str(),
+            Some("redis://redis:6379/0")
+        );
+        let public = env["XZ_UDP__PUBLIC_PORT"].as_str().unwrap();
+        let ports: Vec<&str> = compose["services"][service]["ports"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .filter_map(|p| p.as_str())
+            .collect();
+        assert!(
+            ports.contains(&format!("{public}:8884/udp").as_str()),
+            "{service} publishes the UDP port it announces: {ports:?}"
+        );
+        udp_ports.insert(public.to_owned());
+    }
+    assert_eq!(udp_ports.len(), 2, "each node its own UDP port");
+    let haproxy = read("deploy/scale/haproxy.cfg");
+    for backend in ["gateway-a:1883", "gateway-b:1883"] {
+        assert!(haproxy.contains(backend), "HAProxy balances over {backend}");
+    }
+    assert_eq!(
+        compose["services"]["haproxy"]["ports"][0].as_str(),
+        Some("1883:1883/tcp")
+    );
+
     // Prometheus scrapes the gateway service on its HTTP port and loads the mounted rules.
     let prometheus = yaml("prometheus/prometheus.yml");
-    let targets = &prometheus["scrape_configs"][0]["static_configs"][0]["targets"];
-    assert_eq!(targets[0].as_str().unwrap(), "gateway:8007");
+    let sd = &prometheus["scrape_configs"][0]["dns_sd_configs"][0];
+    let names: Vec<&str> = sd["names"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .filter_map(|n| n.as_str())
+        .collect();
+    assert_eq!(names, gateways, "every gateway service is scraped");
+    assert_eq!(sd["port"].as_u64(), Some(8007));
     assert_eq!(
         prometheus["scrape_configs"][0]["metrics_path"].as_str(),
         Some("/metrics")

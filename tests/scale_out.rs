@@ -172,6 +172,7 @@ async fn admins_on_the_external_broker_reach_devices_on_every_node() {
 
     // Each command reaches one node (shared subscription) and is answered by the
     // device's node, wherever it landed.
+    let mut vias = 0;
     for round in 0..6 {
         for (mac, node) in [
             (&mac_a, "gw-a"),
@@ -189,6 +190,10 @@ async fn admins_on_the_external_broker_reach_devices_on_every_node() {
                 "answered by the device's node: {status}"
             );
             assert_eq!(status["result"]["node"], node);
+            if let Some(via) = status["via"].as_str() {
+                assert_ne!(via, node, "forwarded by the other node: {status}");
+                vias += 1;
+            }
             assert!(
                 status["result"]["tools"].is_array(),
                 "tools known only to the owner: {status}"
@@ -203,6 +208,7 @@ async fn admins_on_the_external_broker_reach_devices_on_every_node() {
             assert_eq!(dev.mcp_volume(), v);
         }
     }
+    assert!(vias > 0, "24 commands, none forwarded?");
     let forwarded = a.metrics.snapshot().admin_commands_forwarded
         + b.metrics.snapshot().admin_commands_forwarded;
     assert!(forwarded > 0, "30 commands, none landed on the wrong node?");

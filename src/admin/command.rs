@@ -357,27 +357,38 @@ struct Reply<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<Value>,
     node: &'a str,
+    /// The node that received the command and forwarded it here (scale-out).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    via: Option<&'a str>,
     elapsed_ms: u64,
 }
 
-/// The reply to a command that succeeded.
-pub fn ok_reply(request_id: &str, result: &Value, node: &str, elapsed: Duration) -> Vec<u8> {
+/// The reply to a command that succeeded, run by `node` (forwarded there by `via`).
+pub fn ok_reply(
+    request_id: &str,
+    result: &Value,
+    node: &str,
+    via: Option<&str>,
+    elapsed: Duration,
+) -> Vec<u8> {
     serde_json::to_vec(&Reply {
         request_id: Some(request_id),
         ok: true,
         result: Some(result),
         error: None,
         node,
+        via,
         elapsed_ms: elapsed.as_millis() as u64,
     })
     .unwrap_or_default()
 }
 
-/// The reply to a command that failed.
+/// The reply to a command that failed, as [`ok_reply`].
 pub fn error_reply(
     request_id: Option<&str>,
     error: &CommandError,
     node: &str,
+    via: Option<&str>,
     elapsed: Duration,
 ) -> Vec<u8> {
     serde_json::to_vec(&Reply {
@@ -386,6 +397,7 @@ pub fn error_reply(
         result: None,
         error: Some(json!({"code": error.code.as_str(), "message": error.message})),
         node,
+        via,
         elapsed_ms: elapsed.as_millis() as u64,
     })
     .unwrap_or_default()
@@ -424,11 +436,11 @@ mod tests {
     #[test]
     fn replies_read_back_as_what_they_report() {
         let t = Duration::from_millis(3);
-        let ok = ok_reply("r", &json!({"x": 1}), "gw-b", t);
+        let ok = ok_reply("r", &json!({"x": 1}), "gw-b", Some("gw-a"), t);
         assert_eq!(parse_reply(&ok), Ok(json!({"x": 1})));
         for code in ErrorCode::ALL {
             let e = CommandError::new(code, "why");
-            assert_eq!(parse_reply(&error_reply(Some("r"), &e, "gw-b", t)), Err(e));
+            assert_eq!(parse_reply(&error_reply(Some("r"), &e, "gw-b", None, t)), Err(e));
         }
         for bad in [
             &b"x"[..],
@@ -586,6 +598,7 @@ mod tests {
             "r1",
             &json!({"x": 1}),
             "n1",
+            None,
             Duration::from_millis(3),
         ))
         .unwrap();
@@ -597,11 +610,14 @@ mod tests {
             None,
             &CommandError::new(ErrorCode::MalformedJson, "bad"),
             "n1",
+            Some("n0"),
             Duration::ZERO,
         ))
         .unwrap();
         assert_eq!(err["ok"], false);
         assert_eq!(err["error"]["code"], "malformed_json");
         assert!(err.get("request_id").is_none());
+        assert_eq!(err["via"], "n0", "forwarded replies name the node that forwarded");
+        assert!(ok.get("via").is_none());
     }
 }

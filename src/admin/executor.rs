@@ -103,7 +103,7 @@ pub async fn run(
         let deps = deps.clone();
         tasks.spawn(async move {
             let _permit = permit;
-            if !msg.forwarded
+            if msg.forwarded_by.is_none()
                 && let Some(owner) = deps.owner_elsewhere(&request).await
                 && let Some(forwarder) = &deps.forwarder
             {
@@ -121,7 +121,7 @@ pub async fn run(
                 Ok(value) => {
                     info!(command = name, device, request_id = %request.request_id, ms, "admin command done");
                     Metrics::inc(&deps.metrics.admin_commands_ok);
-                    deps.reply(&to, Some(&request.request_id), command::ok_reply(&request.request_id, &value, &deps.node, started.elapsed()));
+                    deps.reply(&to, Some(&request.request_id), command::ok_reply(&request.request_id, &value, &deps.node, to.via.as_deref(), started.elapsed()));
                 }
                 Err(e) => {
                     info!(command = name, device, request_id = %request.request_id, ms, code = e.code.as_str(), error = %e.message, "admin command failed");
@@ -138,19 +138,22 @@ pub async fn run(
 struct ReplyTo {
     response_topic: Option<String>,
     correlation_data: Option<Bytes>,
+    /// The node that forwarded the command here, named in the reply.
+    via: Option<String>,
 }
 
 impl ReplyTo {
     fn of(msg: &BusCommand) -> ReplyTo {
         // A forwarded command's reply address was checked by the node that forwarded it
         // (or is that node's own reply topic).
-        let response_topic = match msg.forwarded {
-            true => msg.response_topic.clone(),
-            false => msg.response_topic.clone().filter(|t| allowed_or_warn(t)),
+        let response_topic = match msg.forwarded_by {
+            Some(_) => msg.response_topic.clone(),
+            None => msg.response_topic.clone().filter(|t| allowed_or_warn(t)),
         };
         ReplyTo {
             response_topic,
             correlation_data: msg.correlation_data.clone(),
+            via: msg.forwarded_by.clone(),
         }
     }
 }
@@ -284,7 +287,7 @@ impl AdminDeps {
         self.reply(
             to,
             request_id,
-            command::error_reply(request_id, e, &self.node, started.elapsed()),
+            command::error_reply(request_id, e, &self.node, to.via.as_deref(), started.elapsed()),
         );
     }
 

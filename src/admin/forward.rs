@@ -55,7 +55,7 @@ pub struct Envelope<'a> {
     /// MQTT 5 correlation data for the reply, base64.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub correlation_data: Option<String>,
-    /// The node that forwarded it (for logs).
+    /// The node that forwarded it (named in the reply's `via`).
     pub from: String,
 }
 
@@ -88,7 +88,7 @@ pub fn encode(
 }
 
 /// The command an envelope carries, as the owner runs it.
-pub fn decode(payload: &[u8]) -> Result<(BusCommand, String), EnvelopeError> {
+pub fn decode(payload: &[u8]) -> Result<BusCommand, EnvelopeError> {
     let envelope: Envelope =
         serde_json::from_slice(payload).map_err(|e| EnvelopeError::Json(e.to_string()))?;
     let correlation_data = match envelope.correlation_data {
@@ -102,9 +102,9 @@ pub fn decode(payload: &[u8]) -> Result<(BusCommand, String), EnvelopeError> {
         payload: Bytes::copy_from_slice(envelope.command.get().as_bytes()),
         response_topic: Some(envelope.reply_topic),
         correlation_data,
-        forwarded: true,
+        forwarded_by: Some(envelope.from),
     };
-    Ok((command, envelope.from))
+    Ok(command)
 }
 
 /// Management-API calls waiting for another node's reply, by call number.
@@ -281,8 +281,8 @@ mod tests {
             "gw-a",
         )
         .unwrap();
-        let (decoded, from) = decode(&bytes).unwrap();
-        assert_eq!(from, "gw-a");
+        let decoded = decode(&bytes).unwrap();
+        assert_eq!(decoded.forwarded_by.as_deref(), Some("gw-a"));
         assert_eq!(decoded.topic, "xiaozhi/admin/commands/aa_bb_cc_dd_ee_ff");
         assert_eq!(&decoded.payload[..], &command[..]);
         assert_eq!(decoded.response_topic.as_deref(), Some("ops/replies/1"));
@@ -290,7 +290,6 @@ mod tests {
             decoded.correlation_data.as_deref(),
             Some(&b"\x00\xffcorr"[..])
         );
-        assert!(decoded.forwarded);
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! The `xiaozhi-gateway bench` command line: `load`, `floor` and `upstream`.
+//! The `xiaozhi-gateway bench` command line: `load`, `floor`, `upstream` and `commands`.
 //!
 //! Each part runs as its own process so a benchmark can pin them to cores with
 //! `taskset` (the server alone on one core; the load and the upstream on the other), as
@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use clap::{Args, Subcommand};
 
+use super::commands::{self, CommandsConfig};
 use super::echo_upstream::EchoUpstream;
 use super::floor::{Floor, FloorConfig};
 use super::load::{self, LoadConfig};
@@ -25,6 +26,40 @@ pub enum BenchCommand {
     Floor(FloorArgs),
     /// Run a lean xiaozhi-server stand-in that echoes every audio frame at once.
     Upstream(UpstreamArgs),
+    /// Admin command round trips through the bus to devices on one or more nodes
+    /// (percentiles, split into commands run where they landed and forwarded ones).
+    Commands(CommandsArgs),
+}
+
+#[derive(Args)]
+pub struct CommandsArgs {
+    /// The broker admin clients use, host:port: the embedded broker listener, or the
+    /// external broker of a cluster.
+    #[arg(long, default_value = "127.0.0.1:1884")]
+    broker: String,
+    #[arg(long, env = "XZ_ADMIN_USERNAME", default_value = "admin")]
+    username: String,
+    #[arg(long, env = "XZ_ADMIN_PASSWORD", hide_env_values = true, default_value = "")]
+    password: String,
+    /// Device MQTT listeners of the nodes, comma-separated; devices are spread over them.
+    #[arg(long, value_delimiter = ',', default_value = "127.0.0.1:1883")]
+    nodes: Vec<SocketAddr>,
+    /// Signature key for device passwords (omit for a gateway in --dev mode).
+    #[arg(long, env = "XZ_AUTH__SIGNATURE_KEY", hide_env_values = true)]
+    key: Option<String>,
+    #[arg(long, default_value_t = 20)]
+    devices: u32,
+    #[arg(long, default_value_t = 2000)]
+    commands: u32,
+    #[arg(long, default_value_t = 8)]
+    concurrency: usize,
+    /// `mcp` (tools/list, answered by the device) or `status` (answered by the node).
+    #[arg(long, default_value = "mcp", value_parser = ["mcp", "status"])]
+    kind: String,
+    #[arg(long, default_value_t = 0)]
+    first_device: u32,
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -100,6 +135,7 @@ pub fn run(command: BenchCommand) -> ExitCode {
         BenchCommand::Load(args) => run_load(args),
         BenchCommand::Floor(args) => run_floor(args),
         BenchCommand::Upstream(args) => run_upstream(args),
+        BenchCommand::Commands(args) => run_commands(args),
     }
 }
 
@@ -214,6 +250,61 @@ fn run_upstream(args: UpstreamArgs) -> ExitCode {
         println!("{}", serde_json::to_string(&stats).unwrap_or_default());
         ExitCode::SUCCESS
     })
+}
+
+fn run_commands(args: CommandsArgs) -> ExitCode {
+    let Some((host, port)) = args
+        .broker
+        .rsplit_once(':')
+        .and_then(|(h, p)| Some((h.to_owned(), p.parse::<u16>().ok()?)))
+    else {
+        eprintln!("error: --broker {:?}: want host:port", args.broker);
+        return ExitCode::from(2);
+    };
+    if args.nodes.is_empty() || args.devices == 0 {
+        eprintln!("error: need at least one node and one device");
+        return ExitCode::from(2);
+    }
+    let rt = match runtime(2) {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let config = CommandsConfig {
+        broker: (host, port),
+        username: args.username,
+        password: args.password,
+        nodes: args.nodes,
+        signature_key: args.key,
+        devices: args.devices,
+        commands: args.commands,
+        concurrency: args.concurrency,
+        kind: args.kind,
+        first_device: args.first_device,
+        timeout: Duration::from_secs(10),
+    };
+    match rt.block_on(commands::run(config)) {
+        Ok(report) => {
+            if args.json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).unwrap_or_default()
+                );
+            } else {
+                println!("{report}");
+            }
+            if report.ok == 0 {
+                return ExitCode::FAILURE;
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// Ctrl-C or SIGTERM (what `kill` and CI cleanups send).

@@ -12,8 +12,11 @@
 //! * [`echo_upstream`]: a lean xiaozhi-server stand-in that echoes audio, so the gateway
 //!   (or the Node.js gateway) can be measured through an upstream.
 //! * [`procstat`]: CPU (user and kernel) and RSS of any process, from `/proc`.
+//! * [`commands`]: admin command round trips through the bus, direct and forwarded
+//!   between nodes.
 
 pub mod command;
+pub mod commands;
 pub mod echo_upstream;
 pub mod floor;
 pub mod histogram;

@@ -100,9 +100,9 @@ pub struct BusCommand {
     /// MQTT 5 correlation data, when the publisher set it; echo it with
     /// [`Bus::publish_reply`].
     pub correlation_data: Option<Bytes>,
-    /// Forwarded by the node that received it ([`crate::admin::forward`]): run it here,
-    /// never forward it again, and reply to `response_topic` as given.
-    pub forwarded: bool,
+    /// The node that received it and forwarded it here ([`crate::admin::forward`]): run
+    /// it here, never forward it again, and reply to `response_topic` as given.
+    pub forwarded_by: Option<String>,
 }
 
 /// One outgoing message, as queued for whichever broker the bus is.

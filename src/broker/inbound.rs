@@ -84,14 +84,14 @@ impl Inbound {
                 payload,
                 response_topic,
                 correlation_data,
-                forwarded: false,
+                forwarded_by: None,
             });
             return;
         }
         let Some(cluster) = &self.cluster else { return };
         match topics::parse_node_topic(&cluster.node, topic) {
             Some(NodeTopic::Commands) => match forward::decode(&payload) {
-                Ok((command, _from)) => self.queue(command),
+                Ok(command) => self.queue(command),
                 Err(e) => {
                     Metrics::inc(&self.metrics.bus_forward_malformed);
                     warn!(error = %e, "forwarded admin command dropped");

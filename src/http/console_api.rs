@@ -141,7 +141,7 @@ async fn device_command(
     let started = Instant::now();
     let node = state.admin.node.clone();
     let refuse = |request_id: Option<&str>, e: command::CommandError| {
-        let reply = command::error_reply(request_id, &e, &node, started.elapsed());
+        let reply = command::error_reply(request_id, &e, &node, None, started.elapsed());
         (
             status_of(e.code),
             [(axum::http::header::CONTENT_TYPE, "application/json")],
@@ -180,7 +180,7 @@ async fn device_command(
     };
     match state.admin.run_now(&request, &payload, "http").await {
         Ok(result) => {
-            let reply = command::ok_reply(&request.request_id, &result, &node, started.elapsed());
+            let reply = command::ok_reply(&request.request_id, &result, &node, None, started.elapsed());
             (
                 StatusCode::OK,
                 [(axum::http::header::CONTENT_TYPE, "application/json")],
