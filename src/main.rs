@@ -229,9 +229,10 @@ enum ConfigAction {
 
 #[derive(Args)]
 struct SimulateArgs {
-    /// Gateway device MQTT address.
-    #[arg(long, default_value = "127.0.0.1:1883")]
-    mqtt: std::net::SocketAddr,
+    /// Gateway device MQTT address; several, comma-separated, for a cluster: devices
+    /// are spread over them, and one whose node goes away connects to the next.
+    #[arg(long, default_value = "127.0.0.1:1883", value_delimiter = ',')]
+    mqtt: Vec<std::net::SocketAddr>,
     /// Number of devices.
     #[arg(long, default_value_t = 10)]
     devices: u32,
@@ -331,8 +332,12 @@ fn main() -> ExitCode {
             tracing_subscriber::fmt()
                 .with_env_filter(EnvFilter::new("warn"))
                 .init();
+            let [mqtt] = args.mqtt[..] else {
+                eprintln!("error: --turns takes one --mqtt address");
+                return ExitCode::from(2);
+            };
             let config = TurnConfig {
-                mqtt: args.mqtt,
+                mqtt,
                 signature_key: args.key,
                 devices: args.devices,
                 duration: Duration::from_secs_f64(args.seconds.max(0.0)),

@@ -633,3 +633,37 @@ async fn a_killed_nodes_devices_carry_on_elsewhere_and_its_journal_replays_once(
     db.drop_db().await;
     clean_redis(&prefix).await;
 }
+
+#[tokio::test]
+async fn the_simulator_reconnects_to_another_node_like_the_firmware() {
+    let port = common::free_port();
+    let _mosquitto = common::start_mosquitto(port).await;
+    let prefix = unique_prefix("scale-sim");
+    let a = common::start_with(node_config("gw-sim-a", port, &prefix)).await;
+    let b = common::start_with(node_config("gw-sim-b", port, &prefix)).await;
+    let config = xiaozhi_gateway::simulator::SimConfig {
+        mqtt: vec![a.addrs.mqtt, b.addrs.mqtt],
+        signature_key: Some(common::KEY.into()),
+        devices: 6,
+        stream_for: Duration::from_secs(6),
+        first_device: 1300,
+        ..Default::default()
+    };
+    let sim = tokio::spawn(xiaozhi_gateway::simulator::run(config));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    a.shutdown().await;
+    let report = sim.await.unwrap();
+    assert!(report.errors.is_empty(), "{report}");
+    assert_eq!(report.connected, 6, "{report}");
+    assert!(
+        report.reconnects >= 3,
+        "the three devices on A came back on B: {report}"
+    );
+    // Frames sent while a device was between nodes are lost; the rest are echoed.
+    assert!(
+        report.frames_echoed * 10 >= report.frames_sent * 6,
+        "most frames echoed across the move: {report}"
+    );
+    b.shutdown().await;
+    clean_redis(&prefix).await;
+}

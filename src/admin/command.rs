@@ -440,7 +440,10 @@ mod tests {
         assert_eq!(parse_reply(&ok), Ok(json!({"x": 1})));
         for code in ErrorCode::ALL {
             let e = CommandError::new(code, "why");
-            assert_eq!(parse_reply(&error_reply(Some("r"), &e, "gw-b", None, t)), Err(e));
+            assert_eq!(
+                parse_reply(&error_reply(Some("r"), &e, "gw-b", None, t)),
+                Err(e)
+            );
         }
         for bad in [
             &b"x"[..],
@@ -617,7 +620,10 @@ mod tests {
         assert_eq!(err["ok"], false);
         assert_eq!(err["error"]["code"], "malformed_json");
         assert!(err.get("request_id").is_none());
-        assert_eq!(err["via"], "n0", "forwarded replies name the node that forwarded");
+        assert_eq!(
+            err["via"], "n0",
+            "forwarded replies name the node that forwarded"
+        );
         assert!(ok.get("via").is_none());
     }
 }

@@ -287,7 +287,13 @@ impl AdminDeps {
         self.reply(
             to,
             request_id,
-            command::error_reply(request_id, e, &self.node, to.via.as_deref(), started.elapsed()),
+            command::error_reply(
+                request_id,
+                e,
+                &self.node,
+                to.via.as_deref(),
+                started.elapsed(),
+            ),
         );
     }
 

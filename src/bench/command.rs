@@ -39,7 +39,12 @@ pub struct CommandsArgs {
     broker: String,
     #[arg(long, env = "XZ_ADMIN_USERNAME", default_value = "admin")]
     username: String,
-    #[arg(long, env = "XZ_ADMIN_PASSWORD", hide_env_values = true, default_value = "")]
+    #[arg(
+        long,
+        env = "XZ_ADMIN_PASSWORD",
+        hide_env_values = true,
+        default_value = ""
+    )]
     password: String,
     /// Device MQTT listeners of the nodes, comma-separated; devices are spread over them.
     #[arg(long, value_delimiter = ',', default_value = "127.0.0.1:1883")]

@@ -62,13 +62,7 @@ impl std::fmt::Display for CommandsReport {
         writeln!(
             f,
             "{} commands to {} devices on {} node(s), {} at a time: {} ok, {} failed, {:.0}/s",
-            self.kind,
-            self.devices,
-            self.nodes,
-            self.concurrency,
-            self.ok,
-            self.failed,
-            self.rate
+            self.kind, self.devices, self.nodes, self.concurrency, self.ok, self.failed, self.rate
         )?;
         writeln!(f, "  all:       {}", self.all)?;
         writeln!(f, "  direct:    {}", self.direct)?;
@@ -112,8 +106,14 @@ pub async fn run(config: CommandsConfig) -> Result<CommandsReport, CommandsError
     }
     let (host, port) = &config.broker;
     let admin = Arc::new(
-        AdminClient::connect(host, *port, &config.username, &config.password, config.timeout)
-            .await?,
+        AdminClient::connect(
+            host,
+            *port,
+            &config.username,
+            &config.password,
+            config.timeout,
+        )
+        .await?,
     );
     let command = match config.kind.as_str() {
         "status" => json!({"command": "status"}),

@@ -180,7 +180,8 @@ async fn device_command(
     };
     match state.admin.run_now(&request, &payload, "http").await {
         Ok(result) => {
-            let reply = command::ok_reply(&request.request_id, &result, &node, None, started.elapsed());
+            let reply =
+                command::ok_reply(&request.request_id, &result, &node, None, started.elapsed());
             (
                 StatusCode::OK,
                 [(axum::http::header::CONTENT_TYPE, "application/json")],

@@ -7,7 +7,9 @@
 //! * [`run`]: N devices at once, each holding one conversation in `realtime` listening
 //!   mode and streaming synthetic 60 ms Opus frames that carry their index, so every
 //!   echoed frame can be matched to when it was sent. Prints hello latency, audio round
-//!   trip and loss.
+//!   trip and loss. Like the firmware, a device whose gateway goes away connects again
+//!   (to the next of the given gateway addresses, as a load balancer would send it) and
+//!   carries on with a new conversation.
 
 pub mod audio;
 pub mod demo;
@@ -30,8 +32,9 @@ use self::device::{DeviceCredentials, SimDevice};
 /// What to simulate.
 #[derive(Debug, Clone)]
 pub struct SimConfig {
-    /// Device MQTT address of the gateway.
-    pub mqtt: SocketAddr,
+    /// Device MQTT addresses of the gateway nodes: device `i` starts at `i % len` and, when
+    /// its node goes away, tries the next.
+    pub mqtt: Vec<SocketAddr>,
     /// Signature key to sign passwords with; `None` for a gateway in unsigned mode.
     pub signature_key: Option<String>,
     pub devices: u32,
@@ -54,7 +57,7 @@ pub struct SimConfig {
 impl Default for SimConfig {
     fn default() -> Self {
         SimConfig {
-            mqtt: ([127, 0, 0, 1], 1883).into(),
+            mqtt: vec![([127, 0, 0, 1], 1883).into()],
             signature_key: None,
             devices: 10,
             stream_for: Duration::from_secs(10),
@@ -111,6 +114,8 @@ pub struct SimReport {
     pub loss_percent: f64,
     /// Downlink datagrams the firmware's checks would have dropped.
     pub downlink_rejected: u64,
+    /// Times a device lost its gateway and connected again.
+    pub reconnects: u64,
     pub wall_secs: f64,
 }
 
@@ -143,6 +148,9 @@ impl std::fmt::Display for SimReport {
             self.loss_percent,
             self.downlink_rejected
         )?;
+        if self.reconnects > 0 {
+            writeln!(f, "reconnects:     {}", self.reconnects)?;
+        }
         if !self.errors.is_empty() {
             writeln!(
                 f,
@@ -164,8 +172,14 @@ struct DeviceResult {
     sent: u64,
     echoed: u64,
     rejected: u64,
+    reconnects: u64,
     error: Option<String>,
 }
+
+/// How long a device that lost its gateway keeps trying to connect again.
+const RECONNECT_FOR: Duration = Duration::from_secs(30);
+/// Pause between its attempts.
+const RECONNECT_PAUSE: Duration = Duration::from_secs(1);
 
 /// Runs the simulation and reports.
 pub async fn run(config: SimConfig) -> SimReport {
@@ -206,6 +220,7 @@ pub async fn run(config: SimConfig) -> SimReport {
         report.frames_sent += r.sent;
         report.frames_echoed += r.echoed;
         report.downlink_rejected += r.rejected;
+        report.reconnects += r.reconnects;
         if let Some(e) = r.error {
             report.errors.push(e);
         }
@@ -228,71 +243,146 @@ async fn one_device(
     handshakes: &Semaphore,
     result: &mut DeviceResult,
 ) -> Result<(), String> {
-    let opened = open_conversation(
-        ConversationTarget {
-            mqtt: config.mqtt,
-            signature_key: config.signature_key.as_deref(),
-            group: &config.group,
-            udp_bind: config.udp_bind,
-            mode: "realtime",
-        },
-        n,
-        handshakes,
-        &mut result.connected,
-    )
-    .await?;
-    result.hello = Some(opened.hello_latency);
-    result.conversation = true;
-    let (mut device, hello, mut audio) = (opened.device, opened.hello, opened.audio);
-    let session = hello.session_id.clone();
-
-    let frames = (config.stream_for.as_millis() / u128::from(config.frame_ms.max(1))) as u32;
-    let mut sent_at: Vec<Instant> = Vec::with_capacity(frames as usize);
-    let mut seen = vec![false; frames as usize];
-    let mut tick = tokio::time::interval(Duration::from_millis(u64::from(config.frame_ms)));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-    let mut ping = tokio::time::interval(Duration::from_secs(
-        u64::from(device::FIRMWARE_KEEP_ALIVE_SECS) / 2,
-    ));
-    ping.tick().await;
-    let drain = Duration::from_millis(u64::from(config.frame_ms) * 4 + 500);
-    let mut stop_at: Option<tokio::time::Instant> = None;
+    let frames = (config.stream_for.as_millis() / u128::from(config.frame_ms.max(1))) as usize;
+    let mut stream = Stream {
+        sent_at: Vec::with_capacity(frames),
+        seen: vec![false; frames],
+        frames,
+    };
+    let nodes = config.mqtt.len().max(1);
+    let mut node = n as usize % nodes;
+    let mut lost_since: Option<Instant> = None;
     loop {
-        tokio::select! {
-            _ = tick.tick(), if sent_at.len() < frames as usize => {
-                let i = sent_at.len() as u32;
-                let frame = synthetic_frame(i, config.frame_bytes);
-                sent_at.push(Instant::now());
-                audio.send(i * config.frame_ms, &frame).await.map_err(|e| e.to_string())?;
-                if sent_at.len() == frames as usize {
-                    stop_at = Some(tokio::time::Instant::now() + drain);
-                }
+        let opened = open_conversation(
+            ConversationTarget {
+                mqtt: config.mqtt[node],
+                signature_key: config.signature_key.as_deref(),
+                group: &config.group,
+                udp_bind: config.udp_bind,
+                mode: "realtime",
+            },
+            n,
+            handshakes,
+            &mut result.connected,
+        )
+        .await;
+        let opened = match (opened, lost_since) {
+            (Ok(opened), _) => opened,
+            (Err(e), Some(since)) if since.elapsed() < RECONNECT_FOR => {
+                tracing::debug!(device = n, error = %e, "reconnect failed; trying the next node");
+                node = (node + 1) % nodes;
+                tokio::time::sleep(RECONNECT_PAUSE).await;
+                continue;
             }
-            got = audio.recv(Duration::from_secs(3600)) => {
-                if let Some(frame) = got.map_err(|e| e.to_string())?
-                    && let Some(i) = frame_index(&frame.opus)
-                    && let Some(slot) = seen.get_mut(i as usize)
-                    && !*slot
-                {
-                    *slot = true;
-                    result.echoed += 1;
-                    result.rtts.push(sent_at[i as usize].elapsed());
-                }
-                if result.echoed == u64::from(frames) {
-                    break;
-                }
+            (Err(e), _) => return Err(e),
+        };
+        if lost_since.take().is_none() {
+            result.hello = Some(opened.hello_latency);
+        }
+        result.conversation = true;
+        let (mut device, hello, mut audio) = (opened.device, opened.hello, opened.audio);
+        let outcome = stream.run(config, &mut device, &mut audio, result).await;
+        result.rejected += audio.rejected;
+        match outcome {
+            Streamed::Done => {
+                result.sent = stream.sent_at.len() as u64;
+                let _ = device
+                    .publish_json(&json!({"session_id": hello.session_id, "type": "goodbye"}))
+                    .await;
+                device.disconnect().await;
+                return Ok(());
             }
-            _ = ping.tick() => { let _ = device.ping().await; }
-            _ = sleep_until_opt(stop_at) => break,
+            Streamed::Lost(why) => {
+                // The firmware connects again and starts a new conversation; frames in
+                // flight when the gateway went away count as lost.
+                tracing::debug!(device = n, why, "lost the gateway; connecting again");
+                result.sent = stream.sent_at.len() as u64;
+                result.reconnects += 1;
+                lost_since = Some(Instant::now());
+                node = (node + 1) % nodes;
+                tokio::time::sleep(RECONNECT_PAUSE).await;
+            }
         }
     }
-    result.sent = sent_at.len() as u64;
-    result.rejected = audio.rejected;
-    let _ = device
-        .publish_json(&json!({"session_id": session, "type": "goodbye"}))
-        .await;
-    device.disconnect().await;
-    Ok(())
+}
+
+/// How one conversation's streaming ended.
+enum Streamed {
+    /// Every frame sent and echoed (or the drain time passed).
+    Done,
+    /// The gateway went away.
+    Lost(&'static str),
+}
+
+/// A device's frames across its conversations (frame indices are unique per device, so
+/// echoes are matched whichever conversation carried them).
+struct Stream {
+    sent_at: Vec<Instant>,
+    seen: Vec<bool>,
+    frames: usize,
+}
+
+impl Stream {
+    async fn run(
+        &mut self,
+        config: &SimConfig,
+        device: &mut SimDevice,
+        audio: &mut SimAudio,
+        result: &mut DeviceResult,
+    ) -> Streamed {
+        let mut tick = tokio::time::interval(Duration::from_millis(u64::from(config.frame_ms)));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+        let mut ping = tokio::time::interval(Duration::from_secs(
+            u64::from(device::FIRMWARE_KEEP_ALIVE_SECS) / 2,
+        ));
+        ping.tick().await;
+        let drain = Duration::from_millis(u64::from(config.frame_ms) * 4 + 500);
+        let mut stop_at =
+            (self.sent_at.len() == self.frames).then(|| tokio::time::Instant::now() + drain);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    if device.is_closed() {
+                        return Streamed::Lost("MQTT connection closed");
+                    }
+                    if self.sent_at.len() < self.frames {
+                        let i = self.sent_at.len() as u32;
+                        let frame = synthetic_frame(i, config.frame_bytes);
+                        self.sent_at.push(Instant::now());
+                        if audio.send(i * config.frame_ms, &frame).await.is_err() {
+                            return Streamed::Lost("UDP send failed");
+                        }
+                        if self.sent_at.len() == self.frames {
+                            stop_at = Some(tokio::time::Instant::now() + drain);
+                        }
+                    }
+                }
+                got = audio.recv(Duration::from_secs(3600)) => {
+                    let Ok(got) = got else {
+                        return Streamed::Lost("UDP receive failed");
+                    };
+                    if let Some(frame) = got
+                        && let Some(i) = frame_index(&frame.opus)
+                        && let Some(slot) = self.seen.get_mut(i as usize)
+                        && !*slot
+                    {
+                        *slot = true;
+                        result.echoed += 1;
+                        result.rtts.push(self.sent_at[i as usize].elapsed());
+                    }
+                    if result.echoed == self.frames as u64 {
+                        return Streamed::Done;
+                    }
+                }
+                _ = ping.tick() => {
+                    if device.ping().await.is_err() {
+                        return Streamed::Lost("MQTT ping failed");
+                    }
+                }
+                _ = sleep_until_opt(stop_at) => return Streamed::Done,
+            }
+        }
+    }
 }
 
 /// Where and how a simulated device opens its conversation.
