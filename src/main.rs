@@ -104,7 +104,8 @@ struct DemoArgs {
 
 #[derive(Args)]
 struct AdminArgs {
-    /// Broker listener address (default: broker.listen from the config).
+    /// Broker address (default: broker.listen from the config, or with
+    /// `bus.mode = "external"` the broker in bus.url).
     #[arg(long)]
     broker: Option<std::net::SocketAddr>,
     /// Broker user (default: the first admin in broker.users).
@@ -548,40 +549,61 @@ fn load_admin_config(args: &ConfigArgs) -> Result<Config, ExitCode> {
 }
 
 async fn admin_client(config: &Config, args: &AdminArgs) -> Result<AdminClient, ExitCode> {
-    let mut addr = args.broker.unwrap_or(config.broker.listen);
-    if addr.ip().is_unspecified() {
-        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
-    }
+    let external = config.bus.mode == xiaozhi_gateway::config::BusMode::External;
+    // Where admins connect: --broker, else the external bus broker, else the embedded
+    // broker listener.
+    let (host, port) = match (args.broker, external) {
+        (Some(addr), _) => (addr.ip().to_string(), addr.port()),
+        (None, true) => match config.bus.broker_address() {
+            Ok(hp) => hp,
+            Err(e) => {
+                eprintln!("error: bus.url {:?}: {e}", config.bus.url);
+                return Err(ExitCode::from(2));
+            }
+        },
+        (None, false) => {
+            let mut addr = config.broker.listen;
+            if addr.ip().is_unspecified() {
+                addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+            }
+            (addr.ip().to_string(), addr.port())
+        }
+    };
     let from_config = config
         .broker
         .users
         .iter()
-        .find(|u| u.role == xiaozhi_gateway::config::BrokerRole::Admin);
+        .find(|u| u.role == xiaozhi_gateway::config::BrokerRole::Admin)
+        .map(|u| (u.username.clone(), u.password.clone()));
+    // On an external broker: the broker's own users; this node's bus login, or none
+    // (anonymous), when no admin is named.
+    let from_bus = external.then(|| {
+        (
+            config.bus.username.clone().unwrap_or_default(),
+            config.bus.password.clone().unwrap_or_default(),
+        )
+    });
     let (Some(username), Some(password)) = (
         args.username
             .clone()
-            .or_else(|| from_config.map(|u| u.username.clone())),
+            .or_else(|| from_config.as_ref().map(|u| u.0.clone()))
+            .or_else(|| from_bus.as_ref().map(|u| u.0.clone())),
         args.password
             .clone()
-            .or_else(|| from_config.map(|u| u.password.clone())),
+            .or_else(|| from_config.as_ref().map(|u| u.1.clone()))
+            .or_else(|| from_bus.as_ref().map(|u| u.1.clone())),
     ) else {
         eprintln!(
             "error: no broker user: pass --username/--password (XZ_ADMIN_USERNAME/XZ_ADMIN_PASSWORD) or add an admin to broker.users"
         );
         return Err(ExitCode::from(2));
     };
-    AdminClient::connect(
-        &addr.ip().to_string(),
-        addr.port(),
-        &username,
-        &password,
-        Duration::from_secs(5),
-    )
-    .await
-    .map_err(|e| {
-        eprintln!("error: {e}");
-        ExitCode::from(2)
-    })
+    AdminClient::connect(&host, port, &username, &password, Duration::from_secs(5))
+        .await
+        .map_err(|e| {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        })
 }
 
 /// `devices`: every connected device, page by page.

@@ -593,6 +593,22 @@ async fn a_killed_nodes_devices_carry_on_elsewhere_and_its_journal_replays_once(
         .await
         .unwrap();
     assert_eq!(status["node"], "gw-b", "{status}");
+    // So does the CLI, with the bus settings a node has (no admin named: anonymous).
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_xiaozhi-gateway"))
+        .args(["cmd", &common::mac(on_a[1]).colon(), "status", "--json"])
+        .env("XZ_BUS__MODE", "external")
+        .env("XZ_BUS__URL", format!("mqtt://127.0.0.1:{port}"))
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let reply: Value = serde_json::from_str(&stdout).expect("JSON reply");
+    assert_eq!(reply["node"], "gw-b", "{reply}");
 
     // A restarts with the same id and its database back: its journal replays, and the
     // devices B now holds stay B's.
@@ -665,5 +681,79 @@ async fn the_simulator_reconnects_to_another_node_like_the_firmware() {
         "most frames echoed across the move: {report}"
     );
     b.shutdown().await;
+    clean_redis(&prefix).await;
+}
+
+/// A broker that speaks only MQTT 3.1.1, as some deployed brokers do: a proxy in front of
+/// Mosquitto that refuses every MQTT 5 CONNECT the way a 3.1.1 broker does (CONNACK
+/// return code 1, "unacceptable protocol version") and passes 3.1.1 connections through.
+async fn v311_only_proxy(mosquitto: u16) -> (u16, tokio::task::JoinHandle<()>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let task = tokio::spawn(async move {
+        while let Ok((mut client, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                // Fixed header, remaining length (< 128 bytes here), then the variable
+                // header: protocol name "MQTT" (2 + 4 bytes) and the level.
+                let mut head = vec![0u8; 9];
+                if client.read_exact(&mut head).await.is_err() {
+                    return;
+                }
+                let level = head[8];
+                if level == 5 {
+                    let _ = client.write_all(&[0x20, 0x02, 0x00, 0x01]).await;
+                    return;
+                }
+                let Ok(mut broker) = tokio::net::TcpStream::connect(("127.0.0.1", mosquitto)).await
+                else {
+                    return;
+                };
+                if broker.write_all(&head).await.is_ok() {
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut broker).await;
+                }
+            });
+        }
+    });
+    (port, task)
+}
+
+#[tokio::test]
+async fn a_broker_without_mqtt_5_is_spoken_to_in_3_1_1() {
+    let port = common::free_port();
+    let _mosquitto = common::start_mosquitto(port).await;
+    let (v311_port, proxy) = v311_only_proxy(port).await;
+    let prefix = unique_prefix("scale-v311");
+    // protocol = "auto" (the default): MQTT 5 first, then 3.1.1.
+    let gw = common::start_with(node_config("gw-v311", v311_port, &prefix)).await;
+    wait_bus(&gw).await;
+    assert!(
+        gw.metrics.snapshot().bus_disconnects >= 1,
+        "the MQTT 5 attempt was refused"
+    );
+    let mac = common::mac(1120);
+    let mut dev = common::device(&gw, 1120).await;
+    wait_online(&gw, &mac, "gw-v311").await;
+    // Commands (reply_to, as 3.1.1 has no response topic) and deliveries both work.
+    let admin = admin(port, &mac).await;
+    let status = admin
+        .request(Some(&mac), json!({"command": "status"}), WAIT)
+        .await
+        .unwrap();
+    assert_eq!(status["node"], "gw-v311", "{status}");
+    let (ops, mut events) = v5_client(port, "ops-v311", "ops/none").await;
+    ops.publish(
+        format!("devices/p2p/{mac}"),
+        QoS::AtMostOnce,
+        false,
+        r#"{"type":"custom","text":"over 3.1.1"}"#,
+    )
+    .await
+    .unwrap();
+    collect(&mut events, Duration::from_millis(200)).await;
+    let custom = dev.recv_type("custom", WAIT).await.unwrap();
+    assert_eq!(custom["text"], "over 3.1.1");
+    gw.shutdown().await;
+    proxy.abort();
     clean_redis(&prefix).await;
 }

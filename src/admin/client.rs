@@ -61,7 +61,10 @@ impl AdminClient {
     ) -> Result<AdminClient, ClientError> {
         let client_id = format!("xz-admin-{}-{}", std::process::id(), rand::random::<u32>());
         let mut opts = MqttOptions::new(&client_id, host, port);
-        opts.set_credentials(username, password);
+        // An empty username logs in anonymously (external brokers that allow it).
+        if !username.is_empty() {
+            opts.set_credentials(username, password);
+        }
         opts.set_keep_alive(Duration::from_secs(30));
         opts.set_max_packet_size(16 << 20, 16 << 20);
         let (client, mut eventloop) = AsyncClient::new(opts, 64);

@@ -374,6 +374,8 @@ async fn drive_v5(
                         ConnectionError::MqttState(_) | ConnectionError::NotConnAck(_)
                     ));
                 if may_fall_back && refused_v5 {
+                    // A refused connection, like any other (the counter's meaning).
+                    Metrics::inc(&metrics.bus_disconnects);
                     client.send_replace(None);
                     return SessionEnd::FallBack;
                 }
