@@ -106,12 +106,12 @@ proptest! {
     }
 
     /// The history API's session cursors: what a page hands out as `next` is read back as
-    /// `before`. (Session ids of printable ASCII: see docs/fuzzing.md, "Findings", for
-    /// long multi-byte ones.)
+    /// `before`, for any session id the API accepts (up to 64 characters of any script;
+    /// docs/fuzzing.md, "Findings", has the bug this found).
     #[test]
     fn session_cursors_round_trip(
         started_at in "[0-9]{4}-[0-9]{2}-[0-9]{2}[ T][0-9]{2}:[0-9]{2}:[0-9]{2}(\\.[0-9]{1,6})?",
-        session_id in "[ -~]{1,64}",
+        session_id in "\\PC{1,64}",
     ) {
         let cursor = SessionCursor { started_at, session_id };
         prop_assert_eq!(SessionCursor::decode(&cursor.encode()), Some(cursor));
