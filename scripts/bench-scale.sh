@@ -24,7 +24,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-printf 'listener 18850 127.0.0.1\nallow_anonymous true\npersistence false\n' > "$WORK/mosquitto.conf"
+printf 'listener 18850 127.0.0.1\nallow_anonymous true\npersistence false\nset_tcp_nodelay true\n' > "$WORK/mosquitto.conf"
 "$MOSQ" -c "$WORK/mosquitto.conf" >/dev/null 2>&1 &
 PIDS+=($!)
 sleep 0.5
@@ -89,3 +89,8 @@ echo "== command round trips, two nodes (commands land on either node)"
 "$B" bench commands --broker 127.0.0.1:18850 --username "" \
     --nodes 127.0.0.1:18851,127.0.0.1:18861 --key $KEY \
     --devices 50 --commands 5000 --concurrency 8 --first-device 60000
+
+echo "== the same, one command at a time"
+"$B" bench commands --broker 127.0.0.1:18850 --username "" \
+    --nodes 127.0.0.1:18851,127.0.0.1:18861 --key $KEY \
+    --devices 50 --commands 2000 --concurrency 1 --first-device 70000

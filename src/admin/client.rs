@@ -68,6 +68,10 @@ impl AdminClient {
         opts.set_keep_alive(Duration::from_secs(30));
         opts.set_max_packet_size(16 << 20, 16 << 20);
         let (client, mut eventloop) = AsyncClient::new(opts, 64);
+        // Small request/response messages: no Nagle (delayed ACKs cost 40 ms a hop).
+        let mut network = rumqttc::NetworkOptions::new();
+        network.set_tcp_nodelay(true);
+        eventloop.set_network_options(network);
         let addr = format!("{host}:{port}");
 
         // Until the SUBACK arrives, errors end the connection attempt.

@@ -138,15 +138,17 @@ pub async fn run(config: CommandsConfig) -> Result<CommandsReport, CommandsError
     let started = Instant::now();
     let per_worker = config.commands.div_ceil(config.concurrency.max(1) as u32);
     let mut workers = Vec::new();
-    for w in 0..config.concurrency.max(1) {
+    for _ in 0..config.concurrency.max(1) {
         let admin = admin.clone();
         let macs = macs.clone();
         let command = command.clone();
         let timeout = config.timeout;
         workers.push(tokio::spawn(async move {
             let mut tally = Tally::default();
-            for i in 0..per_worker {
-                let mac = &macs[(w + i as usize * 7) % macs.len()];
+            for _ in 0..per_worker {
+                // Random devices: a fixed stride can fall in step with the broker's
+                // round robin and land every command on its device's node.
+                let mac = &macs[rand::random::<u64>() as usize % macs.len()];
                 let sent = Instant::now();
                 let reply = admin.request(Some(mac), command.clone(), timeout).await;
                 tally.add(reply.ok(), sent.elapsed());

@@ -48,6 +48,16 @@ const CONNECT_TIMEOUT_SECS: u64 = 5;
 /// Largest packet taken from the broker (admin commands and MCP payloads are small).
 const MAX_INCOMING_PACKET: usize = 1 << 20;
 
+/// TCP settings of the broker connection. No Nagle: commands and replies are small
+/// messages that must not wait for the previous one's ACK (with Nagle on, a forwarded
+/// command's round trip measured 88 ms instead of under 1 ms: delayed ACKs).
+fn network_options() -> rumqttc::NetworkOptions {
+    let mut options = rumqttc::NetworkOptions::new();
+    options.set_tcp_nodelay(true);
+    options.set_connection_timeout(CONNECT_TIMEOUT_SECS);
+    options
+}
+
 /// Why the external bus could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum ExternalBusError {
@@ -328,7 +338,8 @@ async fn drive_v5(
         .set_keep_alive(settings.keep_alive)
         .set_clean_start(true)
         .set_connection_timeout(CONNECT_TIMEOUT_SECS)
-        .set_max_packet_size(Some(MAX_INCOMING_PACKET as u32));
+        .set_max_packet_size(Some(MAX_INCOMING_PACKET as u32))
+        .set_network_options(network_options());
     if let Some((u, p)) = &settings.credentials {
         options.set_credentials(u, p);
     }
@@ -402,6 +413,7 @@ async fn drive_v311(
         options.set_credentials(u, p);
     }
     let (c, mut events) = AsyncClient::new(options, CLIENT_CHANNEL);
+    events.set_network_options(network_options());
     client.send_replace(Some(Client::V311(c.clone())));
     let mut link = Link::new(settings, metrics);
     loop {

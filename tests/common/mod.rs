@@ -223,7 +223,7 @@ pub async fn start_mosquitto(port: u16) -> tokio::process::Child {
     std::fs::write(
         &conf,
         format!(
-            "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 10000\n"
+            "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 10000\nset_tcp_nodelay true\n"
         ),
     )
     .unwrap();
