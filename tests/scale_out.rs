@@ -137,12 +137,16 @@ fn manager_client_id(mac: &Mac) -> String {
 }
 
 async fn management(gw: &Gateway, path: &str, body: &Value) -> Value {
+    management_at(gw.addrs.http, path, body).await
+}
+
+async fn management_at(http: std::net::SocketAddr, path: &str, body: &Value) -> Value {
     let token = xiaozhi_gateway::http::management::daily_token(
         time::OffsetDateTime::now_utc().date(),
         common::KEY,
     );
     let resp = reqwest::Client::new()
-        .post(format!("http://{}{path}", gw.addrs.http))
+        .post(format!("http://{http}{path}"))
         .bearer_auth(token)
         .json(body)
         .timeout(Duration::from_secs(20))
@@ -513,10 +517,26 @@ async fn a_killed_nodes_devices_carry_on_elsewhere_and_its_journal_replays_once(
         completed.push(common::converse_on(&mut dev, 1).await);
         devices.push((n, dev));
     }
+    let mut held_by_b = Vec::new();
     for &n in &on_b {
         let mut dev = device_at(b.mqtt, n).await;
         completed.push(common::converse_on(&mut dev, 1).await);
+        held_by_b.push(dev);
     }
+
+    // Process A's management API reports and commands a device process B holds.
+    let on_b_id = manager_client_id(&common::mac(on_b[0]));
+    let status = management_at(
+        a.http,
+        "/api/devices/status",
+        &json!({"clientIds": [on_b_id]}),
+    )
+    .await;
+    assert_eq!(status[&on_b_id]["exists"], true, "{status}");
+    let body = json!({"type": "mcp", "payload": {"jsonrpc": "2.0", "id": 9, "method": "tools/call", "params": {"name": "self.audio_speaker.set_volume", "arguments": {"volume": 64}}}});
+    let answer = management_at(a.http, &format!("/api/commands/{on_b_id}"), &body).await;
+    assert_eq!(answer["success"], true, "{answer}");
+    assert_eq!(held_by_b[0].mcp_volume(), 64);
 
     // A's database goes away: A's next conversations are journaled on A's disk.
     db_proxy.cut();
@@ -643,6 +663,7 @@ async fn a_killed_nodes_devices_carry_on_elsewhere_and_its_journal_replays_once(
         );
     }
     drop(moved);
+    drop(held_by_b);
     a2.stop(Duration::from_secs(5)).await;
     b.stop(Duration::from_secs(5)).await;
     upstream.stop().await;
