@@ -429,7 +429,7 @@ impl Gateway {
         info!(
             mqtt = %addrs.mqtt,
             mqtt_tls = ?addrs.mqtt_tls,
-            broker = ?addrs.broker,
+            broker = %addrs.broker.map_or_else(|| format!("external {}", config.bus.url), |a| a.to_string()),
             broker_tls = ?addrs.broker_tls,
             udp = %addrs.udp,
             udp_announced = %format!("{}:{}", config.udp.public_host, if config.udp.public_port == 0 { udp_addr.port() } else { config.udp.public_port }),
