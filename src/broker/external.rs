@@ -170,27 +170,20 @@ impl Client {
             Client::V5(c) => {
                 use rumqttc::v5::mqttbytes::QoS;
                 use rumqttc::v5::mqttbytes::v5::PublishProperties;
-                let result = match msg.correlation_data {
-                    Some(correlation) => {
-                        let properties = PublishProperties {
-                            correlation_data: Some(correlation),
-                            ..Default::default()
-                        };
-                        c.publish_with_properties(
-                            msg.topic,
-                            QoS::AtMostOnce,
-                            msg.retain,
-                            msg.payload,
-                            properties,
-                        )
-                        .await
-                    }
-                    None => {
-                        c.publish(msg.topic, QoS::AtMostOnce, msg.retain, msg.payload)
-                            .await
-                    }
+                // No properties encode as an empty property block, as a plain publish.
+                let properties = PublishProperties {
+                    correlation_data: msg.correlation_data,
+                    ..Default::default()
                 };
-                result.is_ok()
+                c.publish_with_properties(
+                    msg.topic,
+                    QoS::AtMostOnce,
+                    msg.retain,
+                    msg.payload,
+                    properties,
+                )
+                .await
+                .is_ok()
             }
             Client::V311(c) => c
                 .publish_bytes(msg.topic, rumqttc::QoS::AtMostOnce, msg.retain, msg.payload)

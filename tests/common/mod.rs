@@ -158,6 +158,18 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// Waits (up to 10 s) until something accepts TCP connections on loopback `port`.
+async fn wait_listening(port: u16, what: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
+        assert!(std::time::Instant::now() < deadline, "{what} did not start");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// A private `redis-server` on `port` (no persistence), killed when dropped.
 pub async fn start_redis(port: u16) -> tokio::process::Child {
     let child = tokio::process::Command::new("redis-server")
@@ -176,17 +188,7 @@ pub async fn start_redis(port: u16) -> tokio::process::Child {
         .kill_on_drop(true)
         .spawn()
         .expect("redis-server (installed by .ci/run)");
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .is_err()
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "redis-server did not start"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_listening(port, "redis-server").await;
     child
 }
 
@@ -239,16 +241,6 @@ pub async fn start_mosquitto(port: u16) -> tokio::process::Child {
         .kill_on_drop(true)
         .spawn()
         .expect("mosquitto (installed by .ci/run)");
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .is_err()
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "mosquitto did not start"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_listening(port, "mosquitto").await;
     child
 }
