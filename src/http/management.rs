@@ -291,7 +291,7 @@ async fn on_another_node(
         payload["params"] = p;
     }
     let command = json!({
-        "request_id": format!("management-{}", Instant::now().elapsed().as_nanos()),
+        "request_id": format!("management-{:016x}", rand::random::<u64>()),
         "command": "mcp",
         "payload": payload,
         "timeout_ms": timeout.as_millis() as u64,
