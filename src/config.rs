@@ -26,6 +26,8 @@ pub struct Config {
     pub broker: BrokerConfig,
     pub bus: BusConfig,
     pub udp: UdpConfig,
+    pub transport: TransportConfig,
+    pub quic: QuicConfig,
     pub http: HttpConfig,
     pub pipeline: PipelineConfig,
     pub mcp: McpConfig,
@@ -324,6 +326,62 @@ pub struct UdpConfig {
     /// decryption and counted; 0 = no limit.
     pub channel_rate: u32,
     pub channel_burst: u32,
+}
+
+/// Which audio transports are offered to devices that announce them in their hello
+/// (docs/transports.md). Stock firmware announces none and always gets AES-128-CTR.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TransportConfig {
+    /// Offer AES-128-GCM over the UDP audio port to devices whose hello has
+    /// `features.udp_aead = true`.
+    pub udp_aead: bool,
+    /// Device groups (the client id's `GROUP@@@` part) that must use an authenticated
+    /// transport: a hello from them that announces neither `udp_aead` nor `quic` (or
+    /// only one this gateway does not offer) is refused with an alert instead of getting
+    /// AES-128-CTR.
+    pub require_authenticated: Vec<String>,
+}
+
+impl Default for TransportConfig {
+    fn default() -> Self {
+        TransportConfig {
+            udp_aead: true,
+            require_authenticated: Vec::new(),
+        }
+    }
+}
+
+/// The QUIC audio transport, for devices whose hello has `features.quic = true`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QuicConfig {
+    /// Off by default: it opens another UDP port.
+    pub enabled: bool,
+    /// Where the QUIC endpoint listens (its own UDP port).
+    pub listen: SocketAddr,
+    /// Port announced in the hello; 0 means the port actually bound. The host is
+    /// `udp.public_host`.
+    pub public_port: u16,
+    /// PEM certificate chain and key; both empty: a self-signed certificate is made at
+    /// start-up (devices pin the SHA-256 the hello carries, so no CA is needed).
+    pub cert_path: Option<PathBuf>,
+    pub key_path: Option<PathBuf>,
+    /// How long the session token in a hello stays good.
+    pub token_ttl_secs: u64,
+}
+
+impl Default for QuicConfig {
+    fn default() -> Self {
+        QuicConfig {
+            enabled: false,
+            listen: ([0, 0, 0, 0], 8885).into(),
+            public_port: 0,
+            cert_path: None,
+            key_path: None,
+            token_ttl_secs: 30,
+        }
+    }
 }
 
 /// The HTTP server.
@@ -931,6 +989,16 @@ impl Config {
                 ));
             }
         }
+        if self.quic.cert_path.is_some() != self.quic.key_path.is_some() {
+            return Err(invalid(
+                "quic.cert_path",
+                &format!(
+                    "{:?} / key_path {:?}",
+                    self.quic.cert_path, self.quic.key_path
+                ),
+                "set both quic.cert_path and quic.key_path, or neither (a self-signed certificate is made)",
+            ));
+        }
         if self.udp.public_host.trim().is_empty() {
             return Err(invalid(
                 "udp.public_host",
@@ -949,6 +1017,7 @@ impl Config {
                 self.mqtt.tls_handshake_timeout_secs,
             ),
             ("udp.idle_timeout_secs", self.udp.idle_timeout_secs),
+            ("quic.token_ttl_secs", self.quic.token_ttl_secs),
             (
                 "pipeline.echo.max_turn_secs",
                 self.pipeline.echo.max_turn_secs,

@@ -32,6 +32,7 @@ pub mod metrics;
 pub mod pipeline;
 pub mod presence;
 pub mod protocol;
+pub mod quic;
 pub mod server;
 pub mod session;
 pub mod simulator;

@@ -162,6 +162,40 @@ counters! {
     udp_drop_send_queue_full,
     /// Downlink frames larger than one datagram (dropped).
     udp_drop_downlink_oversized,
+    /// Authenticated UDP channels (AES-GCM): datagrams whose tag did not verify, and
+    /// datagrams older than the replay window.
+    udp_drop_auth,
+    udp_drop_stale,
+    /// Conversations started, by audio transport (stock AES-CTR, AES-GCM, QUIC).
+    audio_sessions_ctr,
+    audio_sessions_gcm,
+    audio_sessions_quic,
+    /// Hellos refused because the device's group requires an authenticated transport
+    /// the device did not announce.
+    hellos_refused_transport_policy,
+    /// QUIC connections open now (gauge), and how connections ended before attaching.
+    quic_connections,
+    quic_attached,
+    quic_handshake_failed,
+    quic_refused_no_attach,
+    quic_refused_unknown_token,
+    quic_refused_reused_token,
+    quic_refused_expired_token,
+    /// Tokens never presented before they expired.
+    quic_tokens_expired,
+    /// QUIC audio datagrams and bytes, each way.
+    quic_rx_datagrams,
+    quic_rx_bytes,
+    quic_tx_datagrams,
+    quic_tx_bytes,
+    /// QUIC audio datagrams or control frames that were malformed (dropped).
+    quic_drop_malformed,
+    /// QUIC downlink datagrams the connection could not take (dropped).
+    quic_drop_send,
+    /// Attached QUIC connections whose client address changed (connection migration).
+    quic_migrations,
+    /// Attached QUIC connections closed or lost by the device.
+    quic_closed_by_device,
     /// Upstream (xiaozhi-server) WebSocket connections opened / failed, by reason.
     upstream_connects,
     upstream_failed_refused,

@@ -53,6 +53,44 @@ fn env_name(setting: &str) -> String {
     )
 }
 
+/// Binds the QUIC audio endpoint with the configured or a self-signed certificate.
+fn bind_quic(
+    config: &Config,
+    metrics: Arc<Metrics>,
+) -> Result<
+    (
+        crate::quic::QuicEndpoint,
+        crate::quic::QuicHandle,
+        Option<Arc<crate::tls::ReloadingCert>>,
+    ),
+    StartError,
+> {
+    use crate::quic::cert::ServerIdentity;
+    let (identity, reloading) = match (&config.quic.cert_path, &config.quic.key_path) {
+        (Some(cert), Some(key)) => {
+            let reloading = crate::tls::ReloadingCert::load(cert, key)
+                .map_err(|e| StartError::QuicCert(e.to_string()))?;
+            (ServerIdentity::Files(reloading.clone()), Some(reloading))
+        }
+        _ => (
+            ServerIdentity::generate(&config.udp.public_host)
+                .map_err(|e| StartError::QuicCert(e.to_string()))?,
+            None,
+        ),
+    };
+    let (endpoint, handle) = crate::quic::QuicEndpoint::bind(
+        crate::quic::endpoint::QuicSettings {
+            listen: config.quic.listen,
+            public_port: config.quic.public_port,
+            identity,
+            token_ttl: Duration::from_secs(config.quic.token_ttl_secs),
+            uplink_queue: config.udp.uplink_queue,
+        },
+        metrics,
+    )?;
+    Ok((endpoint, handle, reloading))
+}
+
 /// Binds a TCP listener, with an error that says which setting to change.
 pub async fn bind_tcp(
     addr: SocketAddr,
@@ -115,6 +153,8 @@ pub enum StartError {
     Broker(#[from] BrokerError),
     #[error("device TLS (mqtt.tls_cert / mqtt.tls_key): {0}")]
     Tls(String),
+    #[error("QUIC certificate (quic.cert_path / quic.key_path): {0}")]
+    QuicCert(String),
     #[error("chat history (history.*): {0}")]
     History(String),
     #[error("presence (presence.*): {0}")]
@@ -131,6 +171,8 @@ pub struct BoundAddrs {
     /// The broker listener over TLS, when configured.
     pub broker_tls: Option<SocketAddr>,
     pub udp: SocketAddr,
+    /// The QUIC audio endpoint, when `quic.enabled`.
+    pub quic: Option<SocketAddr>,
     pub http: SocketAddr,
 }
 
@@ -203,6 +245,10 @@ impl Gateway {
             },
             metrics.clone(),
         )?;
+        let quic = match config.quic.enabled {
+            true => Some(bind_quic(&config, metrics.clone())?),
+            false => None,
+        };
         let http_listener = bind_tcp(config.http.listen, "HTTP", "http.listen").await?;
         let (broker, bus_commands, pending_calls) =
             BusBackend::start(&config, registry.clone(), metrics.clone()).await?;
@@ -251,6 +297,16 @@ impl Gateway {
         let sessions = SessionManager::start(SessionDeps {
             pipeline,
             audio,
+            quic: quic.as_ref().map(|(_, handle, _)| handle.clone()),
+            transports: crate::session::TransportPolicy {
+                udp_aead: config.transport.udp_aead,
+                require_authenticated: config
+                    .transport
+                    .require_authenticated
+                    .iter()
+                    .cloned()
+                    .collect(),
+            },
             sink: registry.clone(),
             metrics: metrics.clone(),
             udp_public_host: config.udp.public_host.clone(),
@@ -316,6 +372,7 @@ impl Gateway {
             broker: broker.listen_addr(),
             broker_tls: broker.tls_addr(),
             udp: udp_addr,
+            quic: quic.as_ref().map(|(_, handle, _)| handle.local_addr()),
             http: http_listener.local_addr().map_err(|source| BindError {
                 what: "HTTP",
                 addr: config.http.listen,
@@ -345,6 +402,12 @@ impl Gateway {
                 connections.clone(),
             )));
         }
+        let quic_endpoint = quic.map(|(endpoint, _, cert)| {
+            if let Some(cert) = cert {
+                reloadable.push(("QUIC audio endpoint", cert));
+            }
+            endpoint
+        });
         background.push(tokio::spawn(crate::tls::watch(
             reloadable,
             crate::tls::WATCH_INTERVAL,
@@ -352,6 +415,9 @@ impl Gateway {
             stop_rest.clone(),
         )));
         background.push(tokio::spawn(audio_socket.run(stop_rest.clone())));
+        if let Some(endpoint) = quic_endpoint {
+            background.push(tokio::spawn(endpoint.run(stop_rest.clone())));
+        }
         if let Some(store) = &history_store {
             let retention = crate::history::retention::Retention {
                 audio_days: config.history.retention_audio_days,

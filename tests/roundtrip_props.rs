@@ -37,6 +37,7 @@ proptest! {
             port,
             key_hex: hex::encode(key),
             nonce_hex: hex::encode(nonce_template(connection_id)),
+            encryption: xiaozhi_gateway::protocol::encryption::Encryption::Aes128Ctr,
         };
         let params = AudioParams { sample_rate, frame_duration, ..AudioParams::default() };
         let hello: Value = serde_json::from_str(&control::server_hello(&session_id, &params, &udp)).unwrap();

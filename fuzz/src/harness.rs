@@ -18,7 +18,9 @@
 //! * `udp_datagram`: records `[h][len hi][len lo][len bytes]`; `h` bits 0-1 pick the
 //!   source address; with bit 2 the harness encrypts the record as the device would
 //!   (the first 16 bytes are the header and IV, the rest plaintext), and with bit 3 it
-//!   also sets the type byte and the length field right.
+//!   also sets the type byte and the length field right; with bit 4 a GCM device seals
+//!   the record, which an AES-GCM channel must accept exactly once (raw records never
+//!   authenticate there).
 //! * `upstream_frames`: `[kind][frame]`: kind 0 text frame, 1 binary frame from the
 //!   server, 2 uplink frame to encode, 3 uplink clock steps.
 //! * `config`: a TOML file.
@@ -43,6 +45,7 @@ use xiaozhi_gateway::protocol::datagram::{DatagramError, HEADER_LEN, Header, MAX
 use xiaozhi_gateway::protocol::device_mqtt::{
     Action, CloseReason, DeviceMqttConnection, DeviceMqttSettings,
 };
+use xiaozhi_gateway::protocol::gcm_channel::{GcmCipher, GcmReceiver, GcmSealer};
 use xiaozhi_gateway::protocol::mcp::{DeviceReply, McpRouter};
 use xiaozhi_gateway::protocol::{opus, upstream};
 
@@ -530,6 +533,7 @@ fn check_hello_answers(hello: &control::HelloRequest) {
         nonce_hex: hex_of(&xiaozhi_gateway::protocol::datagram::nonce_template(
             CONNECTION_ID,
         )),
+        encryption: xiaozhi_gateway::protocol::encryption::Encryption::Aes128Ctr,
     };
     let ours: Value =
         serde_json::from_str(&control::server_hello("s-1", &hello.audio_params, &offer))
@@ -628,6 +632,11 @@ pub fn udp_datagram_run(data: &[u8]) -> UdpRun {
     let mut shadow = ChannelShadow::default();
     let mut sealed_count = 0u32;
     let mut sealed = Vec::new();
+    // The same records against an AES-GCM channel: raw bytes never authenticate, and
+    // what a GCM device seals (records with bit 4 of `h`) is accepted exactly once.
+    let gcm = GcmCipher::new(&UDP_KEY);
+    let mut gcm_channel = GcmReceiver::uplink(gcm.clone(), CONNECTION_ID);
+    let mut gcm_device = GcmSealer::uplink(gcm, CONNECTION_ID);
     let mut rest = data;
     while let Some((&h, after)) = rest.split_first() {
         let Some((len, after)) = after.split_first_chunk::<2>() else {
@@ -655,6 +664,33 @@ pub fn udp_datagram_run(data: &[u8]) -> UdpRun {
                 run.rebinds += usize::from(rebound);
             }
             Verdict::Drop(reason) => run.drops.push(reason.label()),
+        }
+        let peer_before = gcm_channel.peer();
+        let mut raw = datagram.clone();
+        assert!(
+            matches!(gcm_channel.on_datagram(&mut raw, from), Verdict::Drop(_)),
+            "unsealed bytes authenticated"
+        );
+        assert_eq!(
+            gcm_channel.peer(),
+            peer_before,
+            "a GCM drop moved the downlink"
+        );
+        if h & 16 != 0 && !record.is_empty() {
+            let mut genuine = Vec::new();
+            if gcm_device.seal(0, record, &mut genuine).is_ok() {
+                let replay = genuine.clone();
+                let Verdict::Accept { opus_len, .. } = gcm_channel.on_datagram(&mut genuine, from)
+                else {
+                    panic!("a sealed datagram was refused");
+                };
+                assert_eq!(&genuine[HEADER_LEN..HEADER_LEN + opus_len], record);
+                assert_eq!(gcm_channel.peer(), Some(from));
+                assert_eq!(
+                    gcm_channel.on_datagram(&mut replay.clone(), from),
+                    Verdict::Drop(DropReason::Replay)
+                );
+            }
         }
 
         // Every payload that parses goes back down sealed, numbered from 1.
@@ -728,14 +764,19 @@ fn check_datagram(
                     let payload = &buf[HEADER_LEN..];
                     assert!(opus::inspect(payload).is_none(), "refused valid Opus");
                 }
+                DropReason::Unauthenticated | DropReason::Stale => {
+                    panic!("an AES-CTR channel gave an AES-GCM drop reason: {reason:?}")
+                }
             }
         }
         Verdict::Accept {
             header,
             gap,
             rebound,
+            opus_len,
         } => {
             assert_eq!(parsed, Ok(header));
+            assert_eq!(opus_len, usize::from(header.payload_len));
             let sequence = header.sequence;
             assert!(sequence > shadow.last_sequence, "accepted a replay");
             let expected_gap = if shadow.last_sequence == 0 {

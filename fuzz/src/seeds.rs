@@ -199,6 +199,7 @@ fn device_json() -> Vec<Seed> {
         port: 8884,
         key_hex: "00112233445566778899aabbccddeeff".into(),
         nonce_hex: "01000000123456780000000000000000".into(),
+        encryption: xiaozhi_gateway::protocol::encryption::Encryption::Aes128Ctr,
     };
     let mut router = McpRouter::new(8);
     let (_, initialize) = router

@@ -1,8 +1,9 @@
-//! What a conversation holds of its audio channel.
+//! What a conversation holds of its audio channel, whichever transport carries it.
 //!
-//! [`AudioChannel`] is a lease: its connection id stays reserved (and routed to this
-//! conversation) until it is dropped. The receive task removes the table entry lazily
-//! once the uplink receiver is gone, so dropping never blocks.
+//! [`AudioChannel`] is a lease: its connection id (UDP) or session token (QUIC) stays
+//! reserved (and routed to this conversation) until it is dropped. The UDP receive task
+//! removes its table entry lazily once the channel is closed, and a QUIC connection is
+//! closed by its own task, so dropping never blocks.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -15,8 +16,9 @@ use tracing::debug;
 
 use super::batch::SendQueue;
 use crate::metrics::Metrics;
-use crate::protocol::audio_channel::DownlinkSealer;
 use crate::protocol::cipher::KEY_LEN;
+use crate::protocol::encryption::{ChannelSealer, Encryption};
+use crate::quic::QuicDownlink;
 
 /// One decrypted uplink Opus frame.
 #[derive(Debug, Clone)]
@@ -114,16 +116,71 @@ impl ChannelShared {
     }
 }
 
+/// What the server hello tells the device about its channel.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Attach {
+    /// Datagrams on the UDP audio port, routed by connection id.
+    Udp {
+        connection_id: u32,
+        key: [u8; KEY_LEN],
+        encryption: Encryption,
+    },
+    /// A QUIC connection to the QUIC port that presents this one-time token.
+    Quic {
+        token: [u8; crate::quic::TOKEN_LEN],
+        offer: crate::quic::endpoint::QuicOffer,
+    },
+}
+
+impl std::fmt::Debug for Attach {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Attach::Udp {
+                connection_id,
+                encryption,
+                ..
+            } => write!(f, "Udp({connection_id:#010x}, {})", encryption.wire_name()),
+            Attach::Quic { .. } => f.write_str("Quic(<token>)"),
+        }
+    }
+}
+
+impl Attach {
+    /// The transport's name in logs, events and metrics: `ctr`, `gcm` or `quic`.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Attach::Udp {
+                encryption: Encryption::Aes128Ctr,
+                ..
+            } => "ctr",
+            Attach::Udp {
+                encryption: Encryption::Aes128Gcm,
+                ..
+            } => "gcm",
+            Attach::Quic { .. } => "quic",
+        }
+    }
+}
+
+/// Frees what a channel reserved when it is dropped.
+pub(crate) enum Lease {
+    Udp {
+        live_ids: Arc<Mutex<std::collections::HashSet<u32>>>,
+        connection_id: u32,
+    },
+    Quic(crate::quic::QuicLease),
+}
+
 /// A conversation's audio channel.
 pub struct AudioChannel {
-    pub connection_id: u32,
-    pub key: [u8; KEY_LEN],
-    /// Decrypted uplink frames, in sequence order.
+    /// What the hello announces.
+    pub attach: Attach,
+    /// Decrypted uplink frames, in arrival order.
     pub uplink: mpsc::Receiver<UplinkFrame>,
     /// Sends downlink frames.
     pub downlink: Downlink,
     pub(crate) shared: Arc<ChannelShared>,
-    pub(crate) live_ids: Arc<Mutex<std::collections::HashSet<u32>>>,
+    pub(crate) lease: Lease,
 }
 
 impl AudioChannel {
@@ -139,6 +196,23 @@ impl AudioChannel {
         self.shared.stats.snapshot()
     }
 
+    /// Resolves when the device has closed the channel's transport (QUIC); never for UDP,
+    /// which has no notion of closing.
+    pub async fn device_left(&self) {
+        match &self.lease {
+            Lease::Udp { .. } => std::future::pending().await,
+            Lease::Quic(lease) => lease.device_left().await,
+        }
+    }
+
+    /// The channel's own control stream, for a QUIC device that asked for one.
+    pub fn control_stream(&self) -> Option<Arc<dyn crate::session::ControlStream>> {
+        match &self.lease {
+            Lease::Udp { .. } => None,
+            Lease::Quic(lease) => Some(lease.control_stream()),
+        }
+    }
+
     /// Splits off the parts a pipeline needs, keeping the lease (and idle tracking) here.
     pub fn take_io(&mut self) -> (mpsc::Receiver<UplinkFrame>, Downlink) {
         let (tx, rx) = mpsc::channel(1);
@@ -152,18 +226,36 @@ impl Drop for AudioChannel {
     fn drop(&mut self) {
         self.shared.reflect.store(false, Ordering::Relaxed);
         self.shared.closed.store(true, Ordering::Relaxed);
-        self.live_ids
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&self.connection_id);
+        match &self.lease {
+            Lease::Udp {
+                live_ids,
+                connection_id,
+            } => {
+                live_ids
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(connection_id);
+            }
+            Lease::Quic(lease) => lease.release(),
+        }
     }
 }
 
-/// Encrypts downlink frames for the device's current address and queues them for the
-/// socket task, which sends them in batches.
+/// Where downlink frames go.
+#[derive(Clone)]
+pub(crate) enum DownlinkPath {
+    /// Sealed here, queued for the UDP socket task, which sends them in batches.
+    Udp {
+        sealer: Arc<Mutex<ChannelSealer>>,
+        queue: Arc<SendQueue>,
+    },
+    /// Sent as QUIC datagrams on the device's connection, once it has attached.
+    Quic(QuicDownlink),
+}
+
+/// Sends downlink frames to the device over its channel's transport.
 pub struct Downlink {
-    sealer: Arc<Mutex<DownlinkSealer>>,
-    queue: Arc<SendQueue>,
+    path: DownlinkPath,
     shared: Arc<ChannelShared>,
     metrics: Arc<Metrics>,
     buf: Vec<u8>,
@@ -172,8 +264,7 @@ pub struct Downlink {
 impl Clone for Downlink {
     fn clone(&self) -> Self {
         Downlink {
-            sealer: self.sealer.clone(),
-            queue: self.queue.clone(),
+            path: self.path.clone(),
             shared: self.shared.clone(),
             metrics: self.metrics.clone(),
             buf: Vec::with_capacity(256),
@@ -183,14 +274,12 @@ impl Clone for Downlink {
 
 impl Downlink {
     pub(crate) fn new(
-        sealer: Arc<Mutex<DownlinkSealer>>,
-        queue: Arc<SendQueue>,
+        path: DownlinkPath,
         shared: Arc<ChannelShared>,
         metrics: Arc<Metrics>,
     ) -> Self {
         Downlink {
-            sealer,
-            queue,
+            path,
             shared,
             metrics,
             buf: Vec::with_capacity(256),
@@ -213,35 +302,47 @@ impl Downlink {
         self.shared.epoch + std::time::Duration::from_millis(ms)
     }
 
-    /// The device's UDP address, once its first valid datagram arrived.
+    /// The device's address: on UDP once its first valid datagram arrived, on QUIC once
+    /// it has attached (and wherever the connection has migrated to since).
     pub fn peer(&self) -> Option<SocketAddr> {
-        *self.shared.peer.lock().unwrap_or_else(|p| p.into_inner())
+        match &self.path {
+            DownlinkPath::Udp { .. } => *self.shared.peer.lock().unwrap_or_else(|p| p.into_inner()),
+            DownlinkPath::Quic(quic) => quic.peer(),
+        }
     }
 
     /// Encrypts one Opus frame and queues it for sending. A frame for a device whose
-    /// address is not known yet (it has sent no audio) is dropped and counted; so is one
-    /// that finds the send queue full. Send errors are counted by the socket task.
+    /// address is not known yet (it has sent no audio, or has not attached over QUIC)
+    /// is dropped and counted; so is one that finds the send queue full. Send errors are
+    /// counted by the socket task.
     pub async fn send(&mut self, timestamp: u32, opus: &[u8]) -> bool {
-        let Some(peer) = self.peer() else {
+        let (sealer, queue) = match &mut self.path {
+            DownlinkPath::Udp { sealer, queue } => (sealer, queue),
+            DownlinkPath::Quic(quic) => {
+                let sent = quic.send(timestamp, opus, &self.shared, &self.metrics);
+                if sent {
+                    self.shared.touch();
+                }
+                return sent;
+            }
+        };
+        let Some(peer) = *self.shared.peer.lock().unwrap_or_else(|p| p.into_inner()) else {
             Metrics::inc(&self.metrics.udp_drop_no_peer);
             return false;
         };
-        let sealed = self.sealer.lock().unwrap_or_else(|p| p.into_inner()).seal(
-            timestamp,
-            opus,
-            &mut self.buf,
-        );
-        if let Err(too_large) = sealed {
+        let sealed =
+            sealer
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .seal(timestamp, opus, &mut self.buf);
+        if let Err(e) = sealed {
             Metrics::inc(&self.metrics.udp_drop_downlink_oversized);
             ChannelCounters::add(&self.shared.stats.dropped, 1);
-            debug!(
-                bytes = too_large.0,
-                "downlink frame does not fit one datagram; dropped"
-            );
+            debug!(error = %e, "downlink frame cannot be sealed; dropped");
             return false;
         }
         self.shared.touch();
-        match self.queue.push(peer, &self.buf) {
+        match queue.push(peer, &self.buf) {
             Ok(()) => {
                 let stats = &self.shared.stats;
                 ChannelCounters::add(&stats.downlink_packets, 1);

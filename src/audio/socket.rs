@@ -26,12 +26,16 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::batch::{BATCH, RecvBatch, SendBatch, SendQueue};
-use super::channel::{AudioChannel, ChannelCounters, ChannelShared, Downlink, UplinkFrame};
+use super::channel::{
+    Attach, AudioChannel, ChannelCounters, ChannelShared, Downlink, DownlinkPath, Lease,
+    UplinkFrame,
+};
 use crate::limits::TokenBucket;
 use crate::metrics::Metrics;
-use crate::protocol::audio_channel::{DownlinkSealer, DropReason, UplinkChannel, Verdict};
-use crate::protocol::cipher::{KEY_LEN, PacketCipher};
+use crate::protocol::audio_channel::{DropReason, Verdict};
+use crate::protocol::cipher::KEY_LEN;
 use crate::protocol::datagram::{HEADER_LEN, Header};
+use crate::protocol::encryption::{ChannelReceiver, ChannelSealer, Encryption};
 use crate::server::BindError;
 
 /// How often closed channels are swept from the table even if no datagram names them.
@@ -45,7 +49,7 @@ const BATCHES_PER_TURN: usize = 8;
 const SEND_QUEUE_CAPACITY: usize = 8192;
 
 struct Route {
-    channel: UplinkChannel,
+    channel: ChannelReceiver,
     /// The channel's datagram rate (`udp.channel_rate`), checked before decryption.
     rate: TokenBucket,
     /// Already warned that this channel exceeds its rate.
@@ -53,7 +57,7 @@ struct Route {
     uplink_tx: mpsc::Sender<UplinkFrame>,
     shared: Arc<ChannelShared>,
     /// The conversation's downlink sealer, for reflect mode.
-    sealer: Arc<Mutex<DownlinkSealer>>,
+    sealer: Arc<Mutex<ChannelSealer>>,
 }
 
 enum Command {
@@ -250,6 +254,7 @@ impl AudioSocket {
                 header,
                 gap,
                 rebound,
+                opus_len,
             } => {
                 if gap > 0 {
                     Metrics::add(&m.udp_uplink_gaps, u64::from(gap));
@@ -268,20 +273,15 @@ impl AudioSocket {
                 let stats = &route.shared.stats;
                 ChannelCounters::add(&stats.uplink_packets, 1);
                 ChannelCounters::add(&stats.uplink_bytes, datagram.len() as u64);
+                let opus = &datagram[HEADER_LEN..HEADER_LEN + opus_len];
                 if route.shared.reflect.load(Ordering::Relaxed) {
-                    self.reflect(
-                        route,
-                        header.timestamp,
-                        &datagram[HEADER_LEN..],
-                        from,
-                        scratch,
-                    );
+                    self.reflect(route, header.timestamp, opus, from, scratch);
                     return;
                 }
                 let frame = UplinkFrame {
                     timestamp: header.timestamp,
                     sequence: header.sequence,
-                    opus: Bytes::copy_from_slice(&datagram[HEADER_LEN..]),
+                    opus: Bytes::copy_from_slice(opus),
                 };
                 match route.uplink_tx.try_send(frame) {
                     Ok(()) => {}
@@ -301,11 +301,19 @@ impl AudioSocket {
                     DropReason::Replay => &m.udp_drop_replay,
                     DropReason::Hijack => &m.udp_drop_hijack,
                     DropReason::Undecryptable => &m.udp_drop_decrypt,
+                    DropReason::Unauthenticated => &m.udp_drop_auth,
+                    DropReason::Stale => &m.udp_drop_stale,
                 };
                 Metrics::inc(counter);
                 ChannelCounters::add(&route.shared.stats.dropped, 1);
-                if matches!(reason, DropReason::Hijack) {
-                    warn!(connection_id = id, %from, "datagram with a live connection id from an unproven address dropped");
+                match reason {
+                    DropReason::Hijack => {
+                        warn!(connection_id = id, %from, "datagram with a live connection id from an unproven address dropped");
+                    }
+                    DropReason::Unauthenticated => {
+                        debug!(connection_id = id, %from, "datagram failed authentication; dropped");
+                    }
+                    _ => {}
                 }
             }
         }
@@ -370,9 +378,10 @@ impl AudioSocketHandle {
         self.local_addr
     }
 
-    /// Reserves a fresh connection id and key, and makes the channel routable before
-    /// returning (so the hello that announces it can be sent right after).
-    pub async fn open_channel(&self) -> Result<AudioChannel, OpenError> {
+    /// Reserves a fresh connection id and key for a channel of the given suite, and makes
+    /// it routable before returning (so the hello that announces it can be sent right
+    /// after).
+    pub async fn open_channel(&self, encryption: Encryption) -> Result<AudioChannel, OpenError> {
         let (key, connection_id) = {
             let mut rng = rand::rng();
             let key: [u8; KEY_LEN] = rng.random();
@@ -384,29 +393,34 @@ impl AudioSocketHandle {
                 }
             }
         };
-        let cipher = PacketCipher::new(&key);
+        let (receiver, sealer) = encryption.server_channel(&key, connection_id);
         let shared = Arc::new(ChannelShared::new(self.epoch));
         shared.touch();
         let (uplink_tx, uplink_rx) = mpsc::channel(self.limits.uplink_queue);
-        let sealer = Arc::new(Mutex::new(DownlinkSealer::new(
-            cipher.clone(),
-            connection_id,
-        )));
+        let sealer = Arc::new(Mutex::new(sealer));
         let channel = AudioChannel {
-            connection_id,
-            key,
+            attach: Attach::Udp {
+                connection_id,
+                key,
+                encryption,
+            },
             uplink: uplink_rx,
             downlink: Downlink::new(
-                sealer.clone(),
-                self.send_queue.clone(),
+                DownlinkPath::Udp {
+                    sealer: sealer.clone(),
+                    queue: self.send_queue.clone(),
+                },
                 shared.clone(),
                 self.metrics.clone(),
             ),
             shared: shared.clone(),
-            live_ids: self.live_ids.clone(),
+            lease: Lease::Udp {
+                live_ids: self.live_ids.clone(),
+                connection_id,
+            },
         };
         let route = Box::new(Route {
-            channel: UplinkChannel::new(cipher),
+            channel: receiver,
             rate: TokenBucket::new(self.limits.rate, self.limits.burst, Instant::now()),
             warned_rate: false,
             uplink_tx,

@@ -51,6 +51,10 @@ pub enum DropReason {
     /// From the bound address (or the first datagram) but the payload does not decrypt
     /// to Opus where the rules require it.
     Undecryptable,
+    /// Authenticated transports: the tag does not verify (forged or corrupted).
+    Unauthenticated,
+    /// Authenticated transports: older than the replay window.
+    Stale,
 }
 
 impl DropReason {
@@ -61,6 +65,8 @@ impl DropReason {
             DropReason::Replay => "replay",
             DropReason::Hijack => "hijack",
             DropReason::Undecryptable => "decrypt",
+            DropReason::Unauthenticated => "auth",
+            DropReason::Stale => "stale",
         }
     }
 }
@@ -68,13 +74,15 @@ impl DropReason {
 /// The outcome of [`UplinkChannel::on_datagram`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
-    /// The payload (`datagram[HEADER_LEN..]`) now holds the decrypted Opus frame.
+    /// `datagram[HEADER_LEN..HEADER_LEN + opus_len]` now holds the decrypted Opus frame.
     Accept {
         header: Header,
         /// Sequence numbers skipped since the previous accepted datagram.
         gap: u32,
         /// The downlink address changed to the sender of this datagram.
         rebound: bool,
+        /// Length of the Opus frame (the payload, less any authentication tag).
+        opus_len: usize,
     },
     Drop(DropReason),
 }
@@ -193,6 +201,7 @@ impl UplinkChannel {
             header,
             gap,
             rebound,
+            opus_len: usize::from(header.payload_len),
         }
     }
 }
@@ -207,10 +216,16 @@ pub struct DownlinkSealer {
     next_sequence: u32,
 }
 
-/// A downlink frame too large for one datagram.
+/// Why a frame could not be sealed. Either way it is dropped and counted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("{0}-byte frame does not fit in one audio datagram")]
-pub struct FrameTooLarge(pub usize);
+pub enum SealError {
+    #[error("{0}-byte frame does not fit in one audio datagram")]
+    TooLarge(usize),
+    /// An authenticated channel has used every sequence number; sealing more would reuse
+    /// a nonce.
+    #[error("the channel's sequence numbers are used up")]
+    SequenceExhausted,
+}
 
 impl DownlinkSealer {
     pub fn new(cipher: PacketCipher, connection_id: u32) -> Self {
@@ -228,11 +243,11 @@ impl DownlinkSealer {
         timestamp: u32,
         opus: &[u8],
         out: &mut Vec<u8>,
-    ) -> Result<(), FrameTooLarge> {
+    ) -> Result<(), SealError> {
         let payload_len = u16::try_from(opus.len())
             .ok()
             .filter(|&n| usize::from(n) + HEADER_LEN <= super::datagram::MAX_DATAGRAM_LEN)
-            .ok_or(FrameTooLarge(opus.len()))?;
+            .ok_or(SealError::TooLarge(opus.len()))?;
         let header = Header {
             flags: 0,
             payload_len,
@@ -482,7 +497,7 @@ mod tests {
         }
         assert_eq!(
             sealer.seal(0, &[0; 1500], &mut out),
-            Err(FrameTooLarge(1500))
+            Err(SealError::TooLarge(1500))
         );
     }
 
@@ -522,7 +537,7 @@ mod tests {
                     sealer.seal(last * 60, &opus, &mut out).unwrap();
                     let sequence = sealer.next_sequence - 1;
                     let verdict = ch.on_datagram(&mut out, addr(1));
-                    let Verdict::Accept { header, gap, rebound } = verdict else {
+                    let Verdict::Accept { header, gap, rebound, .. } = verdict else {
                         return Err(TestCaseError::fail(format!("{verdict:?}")));
                     };
                     prop_assert_eq!((header.sequence, header.connection_id), (sequence, connection_id));

@@ -8,6 +8,8 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
+use super::encryption::Encryption;
+
 /// The only hello version current firmware sends over MQTT (the Node gateway refuses
 /// others too).
 pub const HELLO_VERSION: u64 = 3;
@@ -186,6 +188,23 @@ pub struct UdpOffer {
     pub key_hex: String,
     /// 32 hex chars: the header template.
     pub nonce_hex: String,
+    /// `aes-128-ctr` for stock firmware; `aes-128-gcm` for a device that announced
+    /// `udp_aead`.
+    pub encryption: Encryption,
+}
+
+/// The QUIC part of our hello (the `quic` extension, docs/transports.md).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuicHelloOffer {
+    /// Host or IP of the QUIC endpoint (`udp.public_host`).
+    pub server: String,
+    pub port: u16,
+    /// SHA-256 of the server's DER certificate, for the device to pin.
+    pub cert_sha256: [u8; 32],
+    /// The one-time session token the connection presents on its first stream.
+    pub token: [u8; super::quic_framing::TOKEN_LEN],
+    /// How long the token stays good.
+    pub token_ttl_ms: u64,
 }
 
 /// Our answer to a device hello.
@@ -198,9 +217,33 @@ pub fn server_hello(session_id: &str, audio_params: &AudioParams, udp: &UdpOffer
         "udp": {
             "server": udp.server,
             "port": udp.port,
-            "encryption": "aes-128-ctr",
+            "encryption": udp.encryption.wire_name(),
             "key": udp.key_hex,
             "nonce": udp.nonce_hex,
+        },
+        "audio_params": audio_params,
+    })
+    .to_string()
+}
+
+/// Our answer to a device hello that gets the QUIC transport.
+pub fn quic_server_hello(
+    session_id: &str,
+    audio_params: &AudioParams,
+    quic: &QuicHelloOffer,
+) -> String {
+    json!({
+        "type": "hello",
+        "version": HELLO_VERSION,
+        "session_id": session_id,
+        "transport": "quic",
+        "quic": {
+            "server": quic.server,
+            "port": quic.port,
+            "alpn": String::from_utf8_lossy(super::quic_framing::ALPN),
+            "cert_sha256": hex::encode(quic.cert_sha256),
+            "token": hex::encode(quic.token),
+            "token_ttl_ms": quic.token_ttl_ms,
         },
         "audio_params": audio_params,
     })
@@ -234,17 +277,26 @@ pub fn alert(session_id: Option<&str>, message: &str) -> String {
 }
 
 /// The copy of a message sent to a device that may go on the bus: a server hello's
-/// AES key is replaced, so that bus clients (which see every device's traffic) cannot
-/// decrypt a conversation's audio. Anything else is returned unchanged, without parsing
-/// unless it looks like a hello.
+/// secrets (the UDP AES key, the QUIC session token) are replaced, so that bus clients
+/// (which see every device's traffic) cannot decrypt a conversation's audio or claim
+/// its QUIC channel. Anything else is returned unchanged, without parsing unless it
+/// looks like a hello.
 pub fn redact_for_bus(payload: &[u8]) -> Option<Vec<u8>> {
     const HELLO: &[u8] = b"\"hello\"";
     if !payload.windows(HELLO.len()).any(|w| w == HELLO) {
         return None;
     }
     let mut v: Value = serde_json::from_slice(payload).ok()?;
-    let key = v.get_mut("udp")?.get_mut("key")?;
-    *key = Value::String(REDACTED.to_owned());
+    let mut redacted = false;
+    for (section, field) in [("udp", "key"), ("quic", "token")] {
+        if let Some(secret) = v.get_mut(section).and_then(|s| s.get_mut(field)) {
+            *secret = Value::String(REDACTED.to_owned());
+            redacted = true;
+        }
+    }
+    if !redacted {
+        return None;
+    }
     serde_json::to_vec(&v).ok()
 }
 
@@ -260,6 +312,7 @@ mod tests {
             port: 8884,
             key_hex: "00112233445566778899aabbccddeeff".into(),
             nonce_hex: "01".repeat(16),
+            encryption: Encryption::Aes128Ctr,
         };
         let hello = server_hello("s1", &AudioParams::default(), &udp);
         let redacted = redact_for_bus(hello.as_bytes()).expect("a hello is redacted");
@@ -269,6 +322,27 @@ mod tests {
         assert_eq!(v["session_id"], "s1");
         assert!(redact_for_bus(goodbye("s1").as_bytes()).is_none());
         assert!(redact_for_bus(b"not json \"hello\"").is_none());
+    }
+
+    #[test]
+    fn bus_copy_of_a_quic_hello_has_no_token() {
+        let quic = QuicHelloOffer {
+            server: "198.51.100.1".into(),
+            port: 8885,
+            cert_sha256: [7; 32],
+            token: [9; 16],
+            token_ttl_ms: 30_000,
+        };
+        let hello = quic_server_hello("s1", &AudioParams::default(), &quic);
+        let v: Value = serde_json::from_str(&hello).unwrap();
+        assert_eq!(v["transport"], "quic");
+        assert_eq!(v["quic"]["token"], hex::encode([9; 16]));
+        assert_eq!(v["quic"]["cert_sha256"], hex::encode([7; 32]));
+        assert_eq!(v["quic"]["alpn"], "xiaozhi-audio/1");
+        let redacted: Value =
+            serde_json::from_slice(&redact_for_bus(hello.as_bytes()).unwrap()).unwrap();
+        assert_eq!(redacted["quic"]["token"], REDACTED);
+        assert_eq!(redacted["quic"]["cert_sha256"], v["quic"]["cert_sha256"]);
     }
 
     use super::*;
@@ -356,6 +430,7 @@ mod tests {
             port: 8884,
             key_hex: "00".repeat(16),
             nonce_hex: "01".repeat(16),
+            encryption: Encryption::Aes128Ctr,
         };
         let v: Value =
             serde_json::from_str(&server_hello("sess", &AudioParams::default(), &udp)).unwrap();
@@ -449,7 +524,7 @@ mod tests {
                 nonce in "[0-9a-f]{32}",
                 params in audio_params(),
             ) {
-                let udp = UdpOffer { server, port, key_hex: key, nonce_hex: nonce };
+                let udp = UdpOffer { server, port, key_hex: key, nonce_hex: nonce, encryption: Encryption::Aes128Gcm };
                 let hello = server_hello(&session_id, &params, &udp);
                 let mut expected: Value = serde_json::from_str(&hello).unwrap();
                 expected["udp"]["key"] = json!(REDACTED);

@@ -14,11 +14,13 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::{DeviceOut, EndReason, SessionDeps};
+use crate::audio::channel::{Attach, AudioChannel};
 use crate::metrics::Metrics;
 use crate::pipeline::{ControlMessage, ConversationEnd, ConversationIo, OpenRequest};
-use crate::protocol::control::{self, HelloRequest, UdpOffer};
+use crate::protocol::control::{self, HelloRequest, QuicHelloOffer, UdpOffer};
 use crate::protocol::credentials::DeviceIdentity;
 use crate::protocol::datagram::nonce_template;
+use crate::protocol::negotiation::{self, AudioTransport, Offered};
 
 /// How often the idle timeout is checked.
 const IDLE_CHECK: Duration = Duration::from_secs(1);
@@ -32,6 +34,8 @@ pub(crate) struct ConversationStart {
     pub hello: HelloRequest,
     pub control: mpsc::Receiver<ControlMessage>,
     pub end: oneshot::Receiver<EndReason>,
+    /// Where control JSON from a QUIC control stream goes (the manager's queue).
+    pub control_in: crate::quic::ControlIn,
 }
 
 /// Runs one conversation to its end and returns why it ended.
@@ -42,20 +46,42 @@ pub(crate) async fn run(deps: Arc<SessionDeps>, start: ConversationStart) -> End
         hello,
         control,
         mut end,
+        control_in,
     } = start;
-    let out = DeviceOut::new(device.mac, deps.sink.clone());
+    let mut out = DeviceOut::new(device.mac, deps.sink.clone());
     let started = tokio::time::Instant::now();
     let entry = deps.directory.get(&device.mac);
     let remote = entry.as_ref().map(|e| e.remote);
     let mcp = entry.map(|e| e.mcp);
 
+    let transport = negotiation::choose(
+        &hello.features,
+        Offered {
+            udp_aead: deps.transports.udp_aead,
+            quic: deps.quic.is_some(),
+        },
+        &device.group,
+        deps.transports
+            .require_authenticated
+            .contains(&device.group),
+    );
+    let transport = match transport {
+        Ok(t) => t,
+        Err(refused) => {
+            Metrics::inc(&deps.metrics.hellos_refused);
+            Metrics::inc(&deps.metrics.hellos_refused_transport_policy);
+            warn!(reason = %refused, "hello refused by transport policy");
+            out.send_json(control::alert(None, &refused.to_string()));
+            out.send_json(control::goodbye(""));
+            return EndReason::PipelineFailed(refused.to_string());
+        }
+    };
+
     // Everything up to the hello reply can be cut short by an end request too.
     let setup = async {
-        let channel = deps
-            .audio
-            .open_channel()
+        let channel = open_channel(&deps, transport, control_in)
             .await
-            .map_err(|e| (false, e.to_string()))?;
+            .map_err(|e| (false, e))?;
         let opened = deps
             .pipeline
             .open(OpenRequest {
@@ -89,22 +115,25 @@ pub(crate) async fn run(deps: Arc<SessionDeps>, start: ConversationStart) -> End
     let session_id = opened.session_id.clone();
     let span = tracing::Span::current();
     span.record("session_id", session_id.as_str());
-    let offer = UdpOffer {
-        server: deps.udp_public_host.clone(),
-        port: deps.udp_public_port,
-        key_hex: hex::encode(channel.key),
-        nonce_hex: hex::encode(nonce_template(channel.connection_id)),
-    };
-    out.send_json(control::server_hello(
+    out.send_json(server_hello(
+        &deps,
         &session_id,
         &opened.downlink_audio,
-        &offer,
+        &channel,
     ));
+    if let Some(stream) = channel.control_stream() {
+        out = out.with_stream(stream);
+    }
     Metrics::inc(&deps.metrics.hellos_ok);
     Metrics::inc(&deps.metrics.sessions_live);
+    Metrics::inc(match channel.attach.label() {
+        "gcm" => &deps.metrics.audio_sessions_gcm,
+        "quic" => &deps.metrics.audio_sessions_quic,
+        _ => &deps.metrics.audio_sessions_ctr,
+    });
     deps.directory
         .set_conversation(&device.mac, serial, Some(session_id.clone()));
-    info!(%session_id, connection_id = channel.connection_id, pipeline = deps.pipeline.name(), "conversation started");
+    info!(%session_id, transport = channel.attach.label(), channel = ?channel.attach, pipeline = deps.pipeline.name(), "conversation started");
     if let Some(events) = &deps.events {
         events.session_started(&device.mac, &session_id, deps.pipeline.name());
     }
@@ -151,6 +180,7 @@ pub(crate) async fn run(deps: Arc<SessionDeps>, start: ConversationStart) -> End
         },
         reason = &mut end => reason.unwrap_or(EndReason::Shutdown),
         _ = idle => EndReason::Idle,
+        () = channel.device_left() => EndReason::DeviceClosedTransport,
     };
     if !matches!(
         reason,
@@ -200,4 +230,58 @@ pub(crate) async fn run(deps: Arc<SessionDeps>, start: ConversationStart) -> End
         );
     }
     reason
+}
+
+/// Opens the conversation's audio channel on the chosen transport.
+async fn open_channel(
+    deps: &SessionDeps,
+    transport: AudioTransport,
+    control_in: crate::quic::ControlIn,
+) -> Result<AudioChannel, String> {
+    match (transport, &deps.quic) {
+        (AudioTransport::Udp(encryption), _) => deps
+            .audio
+            .open_channel(encryption)
+            .await
+            .map_err(|e| e.to_string()),
+        (AudioTransport::Quic, Some(quic)) => Ok(quic.open_channel(Some(control_in))),
+        (AudioTransport::Quic, None) => Err("QUIC was chosen but is not enabled".to_owned()),
+    }
+}
+
+/// Our hello for the channel's transport.
+fn server_hello(
+    deps: &SessionDeps,
+    session_id: &str,
+    downlink_audio: &control::AudioParams,
+    channel: &AudioChannel,
+) -> String {
+    match &channel.attach {
+        Attach::Quic { token, offer } => control::quic_server_hello(
+            session_id,
+            downlink_audio,
+            &QuicHelloOffer {
+                server: deps.udp_public_host.clone(),
+                port: offer.port,
+                cert_sha256: offer.cert_sha256,
+                token: *token,
+                token_ttl_ms: offer.token_ttl_ms,
+            },
+        ),
+        Attach::Udp {
+            connection_id,
+            key,
+            encryption,
+        } => control::server_hello(
+            session_id,
+            downlink_audio,
+            &UdpOffer {
+                server: deps.udp_public_host.clone(),
+                port: deps.udp_public_port,
+                key_hex: hex::encode(key),
+                nonce_hex: hex::encode(nonce_template(*connection_id)),
+                encryption: *encryption,
+            },
+        ),
+    }
 }

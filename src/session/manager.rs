@@ -36,6 +36,10 @@ const EVENT_QUEUE: usize = 4096;
 pub struct SessionDeps {
     pub pipeline: Arc<dyn Pipeline>,
     pub audio: AudioSocketHandle,
+    /// The QUIC endpoint, when enabled.
+    pub quic: Option<crate::quic::QuicHandle>,
+    /// Which audio transports conversations may get.
+    pub transports: super::TransportPolicy,
     pub sink: Arc<dyn DeviceSink>,
     pub metrics: Arc<Metrics>,
     /// Host and port announced in the hello.
@@ -409,6 +413,24 @@ impl Dispatcher {
         );
         let deps = self.deps.clone();
         let events = self.events.clone();
+        // Control JSON the device sends on a QUIC control stream takes the same way as
+        // its MQTT messages.
+        let control_in: crate::quic::ControlIn = {
+            let events = self.events.clone();
+            let device = device.clone();
+            let metrics = self.deps.metrics.clone();
+            Box::new(move |payload| {
+                let Some(tx) = events.upgrade() else { return };
+                let message = Event::Message {
+                    device: device.clone(),
+                    generation,
+                    payload,
+                };
+                if tx.try_send(message).is_err() {
+                    Metrics::inc(&metrics.control_queue_full);
+                }
+            })
+        };
         let span = info_span!("session", %mac, session_id = tracing::field::Empty);
         self.tracker.spawn(
             async move {
@@ -420,6 +442,7 @@ impl Dispatcher {
                         hello,
                         control: control_rx,
                         end: end_rx,
+                        control_in,
                     },
                 );
                 // A conversation that panics must still end: otherwise its entry (and

@@ -39,22 +39,58 @@ impl DeviceSink for DeviceRegistry {
     }
 }
 
+/// A conversation's own control stream to the device (QUIC), preferred over MQTT while
+/// it is open.
+pub trait ControlStream: Send + Sync + 'static {
+    /// Queues a message on the stream; false if the stream is not (or no longer) there,
+    /// and the message should go by MQTT.
+    fn try_send(&self, payload: &Bytes) -> bool;
+}
+
 /// Sends JSON to one device.
 #[derive(Clone)]
 pub struct DeviceOut {
     pub mac: Mac,
     sink: Arc<dyn DeviceSink>,
+    stream: Option<Arc<dyn ControlStream>>,
 }
 
 impl DeviceOut {
     pub fn new(mac: Mac, sink: Arc<dyn DeviceSink>) -> Self {
-        DeviceOut { mac, sink }
+        DeviceOut {
+            mac,
+            sink,
+            stream: None,
+        }
+    }
+
+    /// The same device, preferring `stream` whenever it is open.
+    pub fn with_stream(&self, stream: Arc<dyn ControlStream>) -> Self {
+        DeviceOut {
+            stream: Some(stream),
+            ..self.clone()
+        }
     }
 
     /// Queues a JSON message for the device.
     pub fn send_json(&self, json: String) -> bool {
-        self.sink.send_to_device(&self.mac, Bytes::from(json))
+        let payload = Bytes::from(json);
+        if let Some(stream) = &self.stream
+            && stream.try_send(&payload)
+        {
+            return true;
+        }
+        self.sink.send_to_device(&self.mac, payload)
     }
+}
+
+/// Which audio transports conversations may get (`transport.*`, `quic.enabled`).
+#[derive(Debug, Clone, Default)]
+pub struct TransportPolicy {
+    /// Offer AES-128-GCM over UDP to devices announcing `udp_aead`.
+    pub udp_aead: bool,
+    /// Groups that may not fall back to AES-128-CTR.
+    pub require_authenticated: std::collections::HashSet<String>,
 }
 
 /// Why a conversation ended.
@@ -76,6 +112,8 @@ pub enum EndReason {
     Shutdown,
     /// An admin ended it (`goodbye` command).
     Admin,
+    /// The device closed its QUIC connection (or lost it).
+    DeviceClosedTransport,
 }
 
 impl EndReason {
@@ -102,6 +140,7 @@ impl EndReason {
             EndReason::PipelineFailed(_) => "pipeline_failed",
             EndReason::Shutdown => "shutdown",
             EndReason::Admin => "admin",
+            EndReason::DeviceClosedTransport => "device_closed_transport",
         }
     }
 }
