@@ -15,6 +15,7 @@ use xiaozhi_gateway::config::{Config, LogFormat};
 use xiaozhi_gateway::http::ota;
 use xiaozhi_gateway::protocol::mac::Mac;
 use xiaozhi_gateway::server::Gateway;
+use xiaozhi_gateway::simulator::audio::Transport;
 use xiaozhi_gateway::simulator::turns::{TurnConfig, run_turns};
 use xiaozhi_gateway::simulator::upstream::{MockUpstream, MockUpstreamConfig};
 use xiaozhi_gateway::simulator::{self, SimConfig};
@@ -272,6 +273,11 @@ struct SimulateArgs {
     history_feed: Option<String>,
     #[arg(long, env = "XZ_HISTORY__API_TOKEN", hide_env_values = true)]
     history_token: Option<String>,
+    /// The audio transport devices ask for in their hello: ctr (stock firmware,
+    /// AES-128-CTR over UDP), gcm (AES-128-GCM over UDP) or quic (needs quic.enabled on
+    /// the gateway).
+    #[arg(long, value_enum, default_value_t = Transport::Ctr)]
+    transport: Transport,
 }
 
 fn main() -> ExitCode {
@@ -347,6 +353,7 @@ fn main() -> ExitCode {
                 connect_rate: args.connect_rate,
                 first_device: args.first_device,
                 history_feed: args.history_feed.zip(args.history_token),
+                transport: args.transport,
                 ..TurnConfig::default()
             };
             let report = runtime.block_on(run_turns(config));
@@ -439,6 +446,7 @@ fn main() -> ExitCode {
                 connect_rate: args.connect_rate,
                 frame_bytes: args.frame_bytes,
                 first_device: args.first_device,
+                transport: args.transport,
                 ..SimConfig::default()
             };
             let report = runtime.block_on(simulator::run(config));

@@ -270,7 +270,11 @@ async fn read_frame(recv: &mut quinn::RecvStream) -> Result<Option<Vec<u8>>, Ref
     let mut prefix = [0u8; 2];
     match recv.read_exact(&mut prefix).await {
         Ok(()) => {}
-        Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
+        // A clean end, or the connection going away: not a malformed frame.
+        Err(quinn::ReadExactError::FinishedEarly(0))
+        | Err(quinn::ReadExactError::ReadError(quinn::ReadError::ConnectionLost(_))) => {
+            return Ok(None);
+        }
         Err(e) => return Err(bad(e)),
     }
     let len = control_frame_len(prefix).map_err(|_| Refused {

@@ -3,7 +3,8 @@
 //! * [`device`]: the MQTT side (CONNECT with manager-api style credentials, QoS 0 JSON
 //!   to `device-server`, no SUBSCRIBE).
 //! * [`audio`]: the UDP side (nonce template, sequence from 1, AES-CTR with the header as
-//!   IV, the firmware's downlink checks).
+//!   IV, the firmware's downlink checks; or AES-GCM for a device announcing `udp_aead`).
+//! * [`quic`]: the QUIC side, for a device announcing `quic`.
 //! * [`run`]: N devices at once, each holding one conversation in `realtime` listening
 //!   mode and streaming synthetic 60 ms Opus frames that carry their index, so every
 //!   echoed frame can be matched to when it was sent. Prints hello latency, audio round
@@ -15,6 +16,7 @@ pub mod audio;
 pub mod demo;
 pub mod device;
 pub mod mcp;
+pub mod quic;
 pub mod turns;
 pub mod upstream;
 
@@ -26,7 +28,7 @@ use serde::Serialize;
 use serde_json::json;
 use tokio::sync::Semaphore;
 
-use self::audio::{ServerHello, SimAudio, frame_index, synthetic_frame};
+use self::audio::{ServerHello, SimLink, Transport, frame_index, synthetic_frame};
 use self::device::{DeviceCredentials, SimDevice};
 
 /// What to simulate.
@@ -52,6 +54,8 @@ pub struct SimConfig {
     pub first_device: u32,
     /// Local address UDP sockets bind to.
     pub udp_bind: SocketAddr,
+    /// The audio transport devices ask for.
+    pub transport: Transport,
 }
 
 impl Default for SimConfig {
@@ -67,6 +71,7 @@ impl Default for SimConfig {
             group: "GID_sim".into(),
             first_device: 0,
             udp_bind: ([127, 0, 0, 1], 0).into(),
+            transport: Transport::Ctr,
         }
     }
 }
@@ -260,6 +265,7 @@ async fn one_device(
                 group: &config.group,
                 udp_bind: config.udp_bind,
                 mode: "realtime",
+                transport: config.transport,
             },
             n,
             handshakes,
@@ -282,13 +288,16 @@ async fn one_device(
         result.conversation = true;
         let (mut device, hello, mut audio) = (opened.device, opened.hello, opened.audio);
         let outcome = stream.run(config, &mut device, &mut audio, result).await;
-        result.rejected += audio.rejected;
+        result.rejected += audio.rejected();
         match outcome {
             Streamed::Done => {
                 result.sent = stream.sent_at.len() as u64;
                 let _ = device
                     .publish_json(&json!({"session_id": hello.session_id, "type": "goodbye"}))
                     .await;
+                if let SimLink::Quic(quic) = &audio {
+                    quic.close();
+                }
                 device.disconnect().await;
                 return Ok(());
             }
@@ -327,7 +336,7 @@ impl Stream {
         &mut self,
         config: &SimConfig,
         device: &mut SimDevice,
-        audio: &mut SimAudio,
+        audio: &mut SimLink,
         result: &mut DeviceResult,
     ) -> Streamed {
         let mut tick = tokio::time::interval(Duration::from_millis(u64::from(config.frame_ms)));
@@ -393,6 +402,8 @@ pub(crate) struct ConversationTarget<'a> {
     pub udp_bind: SocketAddr,
     /// The `listen` mode it starts in.
     pub mode: &'a str,
+    /// The audio transport it asks for.
+    pub transport: Transport,
 }
 
 /// A conversation a simulated device has opened.
@@ -400,7 +411,7 @@ pub(crate) struct OpenedConversation {
     pub device: SimDevice,
     pub hello: ServerHello,
     pub hello_latency: Duration,
-    pub audio: SimAudio,
+    pub audio: SimLink,
 }
 
 /// Device `n` connects, says hello and waits for the server's as the firmware does (10 s;
@@ -425,7 +436,7 @@ pub(crate) async fn open_conversation(
     *connected = true;
     let t0 = Instant::now();
     device
-        .publish_json(&SimDevice::firmware_hello())
+        .publish_json(&target.transport.hello())
         .await
         .map_err(|e| e.to_string())?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
@@ -444,9 +455,16 @@ pub(crate) async fn open_conversation(
     let hello_latency = t0.elapsed();
     drop(permit);
     let hello = ServerHello::parse(&hello).map_err(|e| e.to_string())?;
-    let audio = SimAudio::open(&hello, target.udp_bind)
+    if hello.transport() != target.transport {
+        return Err(format!(
+            "asked for {} audio, the hello gave {}",
+            target.transport.label(),
+            hello.transport().label()
+        ));
+    }
+    let audio = SimLink::open(&hello, target.udp_bind)
         .await
-        .map_err(|e| format!("udp: {e}"))?;
+        .map_err(|e| format!("{}: {e}", hello.transport().label()))?;
     device
         .publish_json(&json!({"session_id": hello.session_id, "type": "listen", "state": "start", "mode": target.mode}))
         .await

@@ -38,6 +38,8 @@ pub struct TurnConfig {
     /// Watch the gateway's `/ws/admin` feed (URL, bearer token) and measure how long
     /// after the device received each `stt` its row was stored and pushed.
     pub history_feed: Option<(String, String)>,
+    /// The audio transport devices ask for.
+    pub transport: super::audio::Transport,
 }
 
 impl Default for TurnConfig {
@@ -54,6 +56,7 @@ impl Default for TurnConfig {
             first_device: 0,
             group: "GID_sim".into(),
             history_feed: None,
+            transport: super::audio::Transport::Ctr,
         }
     }
 }
@@ -287,6 +290,7 @@ async fn one_device(
             group: &config.group,
             udp_bind: ([127, 0, 0, 1], 0).into(),
             mode: "auto",
+            transport: config.transport,
         },
         n,
         handshakes,
