@@ -102,6 +102,10 @@ pub struct LoadArgs {
     /// Pacer tasks.
     #[arg(long, default_value_t = 4)]
     pacers: usize,
+    /// The audio transport devices ask for: ctr (stock firmware), gcm (AES-128-GCM over
+    /// UDP) or quic (needs quic.enabled on the server).
+    #[arg(long, value_enum, default_value_t = crate::simulator::audio::Transport::Ctr)]
+    transport: crate::simulator::audio::Transport,
     /// Runtime threads for the tool (1: a single-thread runtime, the cheapest).
     #[arg(long, default_value_t = 1)]
     threads: usize,
@@ -178,6 +182,7 @@ fn run_load(args: LoadArgs) -> ExitCode {
         target_pid: args.pid,
         first_device: args.first_device,
         pacers: args.pacers,
+        transport: args.transport,
         ..LoadConfig::default()
     };
     let report = rt.block_on(load::run(config));

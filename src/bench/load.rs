@@ -4,7 +4,10 @@
 //! credentials (no SUBSCRIBE; MCP requests answered), a hello, then a *connected* UDP
 //! socket that sends AES-CTR datagrams built from the hello's nonce with the sequence
 //! from 1, and accepts downlink datagrams only if they pass the firmware's checks (type,
-//! exact length, strictly increasing sequence). The server under test echoes the audio
+//! exact length, strictly increasing sequence). With `--transport gcm` devices announce
+//! `udp_aead` and seal AES-GCM datagrams; with `--transport quic` they announce `quic`
+//! and carry audio as QUIC datagrams (one client endpoint per source address, shared
+//! by its devices' connections). The server under test echoes the audio
 //! (its echo pipeline, or an upstream that echoes), so every frame's round trip is
 //! measured: each uplink frame carries its index and send time.
 //!
@@ -34,10 +37,14 @@ use tokio_util::task::TaskTracker;
 
 use super::histogram::{LatencyHistogram, LatencySummary};
 use super::procstat::{self, CpuShare, ProcSample};
+use crate::protocol::audio_channel::Verdict;
 use crate::protocol::cipher::PacketCipher;
 use crate::protocol::datagram::{HEADER_LEN, Header, MAX_DATAGRAM_LEN, PACKET_TYPE_AUDIO};
-use crate::simulator::audio::ServerHello;
+use crate::protocol::gcm_channel::{GcmCipher, GcmReceiver, GcmSealer};
+use crate::protocol::quic_framing::{AUDIO_HEADER_LEN, AudioDatagram};
+use crate::simulator::audio::{ServerHello, Transport};
 use crate::simulator::device::{DeviceCredentials, SimDevice, SimError};
+use crate::simulator::quic::SimQuic;
 
 /// How often a pacer wakes. Tokio's timer has millisecond resolution; 2 ms spreads a
 /// 60 ms frame period over 30 slots.
@@ -85,6 +92,8 @@ pub struct LoadConfig {
     pub group: String,
     /// Number of pacer tasks.
     pub pacers: usize,
+    /// The audio transport devices ask for.
+    pub transport: Transport,
 }
 
 impl Default for LoadConfig {
@@ -105,6 +114,7 @@ impl Default for LoadConfig {
             first_device: 0,
             group: "GID_bench".into(),
             pacers: 4,
+            transport: Transport::Ctr,
         }
     }
 }
@@ -158,6 +168,14 @@ pub struct LoadReport {
     pub loss_percent: f64,
     /// Downlink datagrams the firmware's checks would have dropped.
     pub downlink_rejected: u64,
+    /// The audio transport (`ctr`, `gcm`, `quic`).
+    pub transport: &'static str,
+    /// UDP payload bytes per frame on the wire, each way (IPv4 and UDP headers add 28).
+    pub wire_up_bytes_per_frame: f64,
+    pub wire_down_bytes_per_frame: f64,
+    /// UDP datagrams per frame each way (1 for UDP transports).
+    pub wire_up_datagrams_per_frame: f64,
+    pub wire_down_datagrams_per_frame: f64,
     pub window_secs: f64,
     pub wall_secs: f64,
     pub target: Option<TargetFigures>,
@@ -230,6 +248,15 @@ impl std::fmt::Display for LoadReport {
                 self.loss_percent,
                 self.downlink_rejected
             )?;
+            writeln!(
+                f,
+                "wire:         {} transport, {:.1} B up / {:.1} B down per frame (UDP payload; +28 per datagram for IPv4 and UDP headers), {:.2} / {:.2} datagrams per frame",
+                self.transport,
+                self.wire_up_bytes_per_frame,
+                self.wire_down_bytes_per_frame,
+                self.wire_up_datagrams_per_frame,
+                self.wire_down_datagrams_per_frame
+            )?;
         }
         if let Some(t) = &self.target {
             writeln!(
@@ -294,13 +321,36 @@ impl ErrorLog {
     }
 }
 
+/// How a device's uplink frames leave.
+enum Uplink {
+    /// AES-CTR datagrams from the hello's nonce template, as the firmware builds them.
+    Ctr {
+        socket: Arc<UdpSocket>,
+        cipher: PacketCipher,
+        nonce: [u8; HEADER_LEN],
+    },
+    /// AES-GCM datagrams.
+    Gcm {
+        socket: Arc<UdpSocket>,
+        sealer: Box<GcmSealer>,
+    },
+    /// QUIC datagrams.
+    Quic(quinn::Connection),
+}
+
 /// A device's sending half, owned by a pacer.
 struct Talker {
-    socket: Arc<UdpSocket>,
-    cipher: PacketCipher,
-    nonce: [u8; HEADER_LEN],
+    uplink: Uplink,
     next_sequence: u32,
     next_index: u32,
+}
+
+/// A device's receiving half.
+enum Downlink {
+    Ctr(Arc<UdpSocket>, PacketCipher),
+    Gcm(Arc<UdpSocket>, Box<GcmReceiver>),
+    /// The client keeps its control stream open for the conversation.
+    Quic(Box<SimQuic>),
 }
 
 /// Holds every device's MQTT connection for the run, as firmware would: reads what the
@@ -379,6 +429,13 @@ struct PacerShared {
     received: AtomicU64,
     rejected: AtomicU64,
     would_block: AtomicU64,
+    /// UDP payload bytes the devices sent and received (for QUIC, every packet of the
+    /// connection: handshake, acknowledgements and keep-alives included).
+    wire_up_bytes: AtomicU64,
+    wire_down_bytes: AtomicU64,
+    /// UDP datagrams each way (for UDP transports, one per frame; QUIC adds its own).
+    wire_up_datagrams: AtomicU64,
+    wire_down_datagrams: AtomicU64,
 }
 
 /// Runs a load and reports. `talk == false` runs idle devices.
@@ -426,6 +483,8 @@ pub async fn run(config: LoadConfig) -> LoadReport {
     let rate = f64::from(config.connect_rate.max(1));
     let ramp_start = tokio::time::Instant::now();
     let mut device_tasks = Vec::with_capacity(config.devices as usize);
+    let quic_endpoints: Arc<Mutex<std::collections::HashMap<IpAddr, quinn::Endpoint>>> =
+        Arc::default();
     while launched < config.devices {
         let due =
             ((ramp_start.elapsed().as_secs_f64() * rate).floor() as u32 + 1).min(config.devices);
@@ -447,6 +506,7 @@ pub async fn run(config: LoadConfig) -> LoadReport {
                 stop: stop_receiving.clone(),
                 epoch,
                 tasks: tasks.clone(),
+                quic_endpoints: quic_endpoints.clone(),
             };
             device_tasks.push(tasks.spawn(device(ctx)));
         }
@@ -514,7 +574,13 @@ pub async fn run(config: LoadConfig) -> LoadReport {
 
     let mut round_trip = LatencyHistogram::new();
     let (mut sent, mut received, mut rejected, mut would_block) = (0, 0, 0, 0);
+    let (mut wire_up, mut wire_down, mut up_datagrams, mut down_datagrams) =
+        (0u64, 0u64, 0u64, 0u64);
     for s in &pacer_shared {
+        wire_up += s.wire_up_bytes.load(Ordering::Relaxed);
+        wire_down += s.wire_down_bytes.load(Ordering::Relaxed);
+        up_datagrams += s.wire_up_datagrams.load(Ordering::Relaxed);
+        down_datagrams += s.wire_down_datagrams.load(Ordering::Relaxed);
         round_trip.merge(&s.round_trip.lock().unwrap_or_else(PoisonError::into_inner));
         sent += s.sent.load(Ordering::Relaxed);
         received += s.received.load(Ordering::Relaxed);
@@ -572,6 +638,11 @@ pub async fn run(config: LoadConfig) -> LoadReport {
             lost as f64 * 100.0 / sent as f64
         },
         downlink_rejected: rejected,
+        transport: config.transport.label(),
+        wire_up_bytes_per_frame: wire_up as f64 / sent.max(1) as f64,
+        wire_down_bytes_per_frame: wire_down as f64 / received.max(1) as f64,
+        wire_up_datagrams_per_frame: up_datagrams as f64 / sent.max(1) as f64,
+        wire_down_datagrams_per_frame: down_datagrams as f64 / received.max(1) as f64,
         window_secs,
         wall_secs: started.elapsed().as_secs_f64(),
         target,
@@ -621,9 +692,11 @@ async fn pace(
     let mut next_slot = 0usize;
     let mut lateness = LatencyHistogram::new();
     let mut datagram = vec![0u8; HEADER_LEN + frame_bytes];
+    let mut opus_buf = vec![0u8; frame_bytes];
+    let mut sealed = Vec::with_capacity(HEADER_LEN + frame_bytes + 16);
     let start = tokio::time::Instant::now();
     let mut k: u64 = 0;
-    let (mut sent, mut would_block) = (0u64, 0u64);
+    let (mut sent, mut would_block, mut wire_up, mut wire_up_datagrams) = (0u64, 0u64, 0u64, 0u64);
     loop {
         k += 1;
         let due = start + TICK * k as u32;
@@ -640,9 +713,62 @@ async fn pace(
         let slot = (k % slot_count as u64) as usize;
         let now_us = u64::try_from(epoch.elapsed().as_micros()).unwrap_or(u64::MAX);
         for t in &mut slots[slot] {
-            build_uplink(t, &mut datagram, now_us, frame_ms);
-            match t.socket.try_send(&datagram) {
-                Ok(_) => sent += 1,
+            let result = match &mut t.uplink {
+                Uplink::Ctr {
+                    socket,
+                    cipher,
+                    nonce,
+                } => {
+                    let sequence = t.next_sequence;
+                    t.next_sequence += 1;
+                    build_ctr(
+                        cipher,
+                        nonce,
+                        sequence,
+                        t.next_index,
+                        &mut datagram,
+                        now_us,
+                        frame_ms,
+                    );
+                    t.next_index += 1;
+                    socket.try_send(&datagram).map(drop)
+                }
+                Uplink::Gcm { socket, sealer } => {
+                    let opus = stamp_frame(&mut opus_buf, t.next_index, now_us);
+                    let timestamp = t.next_index.wrapping_mul(frame_ms);
+                    t.next_index += 1;
+                    match sealer.seal(timestamp, opus, &mut sealed) {
+                        Ok(()) => socket.try_send(&sealed).map(drop),
+                        Err(_) => Ok(()),
+                    }
+                }
+                Uplink::Quic(conn) => {
+                    let opus = stamp_frame(&mut opus_buf, t.next_index, now_us);
+                    let mut d = Vec::with_capacity(AUDIO_HEADER_LEN + opus.len());
+                    AudioDatagram {
+                        timestamp: t.next_index.wrapping_mul(frame_ms),
+                        sequence: t.next_sequence,
+                        opus,
+                    }
+                    .write(&mut d);
+                    t.next_sequence += 1;
+                    t.next_index += 1;
+                    // quinn queues datagrams itself; a full queue drops the oldest.
+                    let _ = conn.send_datagram(bytes::Bytes::from(d));
+                    Ok(())
+                }
+            };
+            match result {
+                Ok(()) => {
+                    sent += 1;
+                    let len = match &t.uplink {
+                        Uplink::Ctr { .. } => datagram.len(),
+                        Uplink::Gcm { .. } => sealed.len(),
+                        Uplink::Quic(_) => 0,
+                    };
+                    wire_up += len as u64;
+                    wire_up_datagrams += u64::from(len > 0);
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => would_block += 1,
                 // A refused send (ICMP from a closed port) is a lost frame: it counts as sent.
                 Err(_) => sent += 1,
@@ -655,30 +781,72 @@ async fn pace(
             shared
                 .would_block
                 .fetch_add(std::mem::take(&mut would_block), Ordering::Relaxed);
+            shared
+                .wire_up_bytes
+                .fetch_add(std::mem::take(&mut wire_up), Ordering::Relaxed);
+            shared
+                .wire_up_datagrams
+                .fetch_add(std::mem::take(&mut wire_up_datagrams), Ordering::Relaxed);
         }
     }
     shared.sent.fetch_add(sent, Ordering::Relaxed);
     shared.would_block.fetch_add(would_block, Ordering::Relaxed);
+    shared.wire_up_bytes.fetch_add(wire_up, Ordering::Relaxed);
+    shared
+        .wire_up_datagrams
+        .fetch_add(wire_up_datagrams, Ordering::Relaxed);
     lateness
 }
 
-/// Writes device `t`'s next uplink datagram into `datagram` (whose length is fixed).
-fn build_uplink(t: &mut Talker, datagram: &mut [u8], now_us: u64, frame_ms: u32) {
-    let opus_len = datagram.len() - HEADER_LEN;
-    let mut header = t.nonce;
-    header[2..4].copy_from_slice(&(opus_len as u16).to_be_bytes());
-    header[8..12].copy_from_slice(&t.next_index.wrapping_mul(frame_ms).to_be_bytes());
-    header[12..16].copy_from_slice(&t.next_sequence.to_be_bytes());
-    datagram[..HEADER_LEN].copy_from_slice(&header);
-    let opus = &mut datagram[HEADER_LEN..];
-    // A SILK wideband TOC byte, then the frame's index and send time; the rest stays as
-    // the previous frame left it (the server does not decode).
+/// Writes the TOC byte, the frame's index and its send time into a reused Opus buffer.
+fn stamp_frame(opus: &mut [u8], index: u32, now_us: u64) -> &[u8] {
     opus[0] = 11 << 3;
-    opus[1..5].copy_from_slice(&t.next_index.to_be_bytes());
+    opus[1..5].copy_from_slice(&index.to_be_bytes());
     opus[5..13].copy_from_slice(&now_us.to_be_bytes());
-    t.cipher.apply(&header, opus);
+    opus
+}
+
+/// Writes device `t`'s next AES-CTR uplink datagram into `datagram` (whose length is
+/// fixed).
+#[cfg(test)]
+fn build_uplink(t: &mut Talker, datagram: &mut [u8], now_us: u64, frame_ms: u32) {
+    let Uplink::Ctr { cipher, nonce, .. } = &t.uplink else {
+        return;
+    };
+    build_ctr(
+        cipher,
+        nonce,
+        t.next_sequence,
+        t.next_index,
+        datagram,
+        now_us,
+        frame_ms,
+    );
     t.next_sequence += 1;
     t.next_index += 1;
+}
+
+/// Writes an AES-CTR uplink datagram, as the firmware builds it, into `datagram` (whose
+/// length is fixed).
+fn build_ctr(
+    cipher: &PacketCipher,
+    nonce: &[u8; HEADER_LEN],
+    sequence: u32,
+    index: u32,
+    datagram: &mut [u8],
+    now_us: u64,
+    frame_ms: u32,
+) {
+    let opus_len = datagram.len() - HEADER_LEN;
+    let mut header = *nonce;
+    header[2..4].copy_from_slice(&(opus_len as u16).to_be_bytes());
+    header[8..12].copy_from_slice(&index.wrapping_mul(frame_ms).to_be_bytes());
+    header[12..16].copy_from_slice(&sequence.to_be_bytes());
+    datagram[..HEADER_LEN].copy_from_slice(&header);
+    // A SILK wideband TOC byte, then the frame's index and send time; the rest stays as
+    // the previous frame left it (the server does not decode).
+    stamp_frame(&mut datagram[HEADER_LEN..], index, now_us);
+    cipher.apply(&header, &mut datagram[HEADER_LEN..]);
 }
 
 /// Everything one device task needs.
@@ -697,6 +865,25 @@ struct DeviceContext {
     stop: CancellationToken,
     epoch: Instant,
     tasks: TaskTracker,
+    /// QUIC client endpoints, one per source address.
+    quic_endpoints: Arc<Mutex<std::collections::HashMap<IpAddr, quinn::Endpoint>>>,
+}
+
+impl DeviceContext {
+    /// The shared QUIC client endpoint of `source`.
+    fn quic_endpoint(&self, source: IpAddr) -> Result<quinn::Endpoint, String> {
+        let mut endpoints = self
+            .quic_endpoints
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(e) = endpoints.get(&source) {
+            return Ok(e.clone());
+        }
+        let endpoint = quinn::Endpoint::client(SocketAddr::new(source, 0))
+            .map_err(|e| format!("QUIC endpoint on {source}: {e}"))?;
+        endpoints.insert(source, endpoint.clone());
+        Ok(endpoint)
+    }
 }
 
 /// One device: connects, says hello, hands its sender to a pacer and runs its receiver
@@ -704,7 +891,7 @@ struct DeviceContext {
 /// the receiver keeps running as its own task.
 async fn device(ctx: DeviceContext) {
     match open(&ctx).await {
-        Ok(Some((talker, socket, cipher))) => {
+        Ok(Some((talker, downlink))) => {
             if ctx.pacer.send(talker).is_err() {
                 ctx.errors.push(format!("device {}: pacer gone", ctx.n));
                 return;
@@ -712,8 +899,7 @@ async fn device(ctx: DeviceContext) {
             // The receiver outlives this task; the run's tracker owns it, and it stops on
             // `stop` and reports through `pacer_shared`.
             ctx.tasks.spawn(receive(
-                socket,
-                cipher,
+                downlink,
                 ctx.pacer_shared.clone(),
                 ctx.completed.clone(),
                 ctx.stop.clone(),
@@ -727,9 +913,7 @@ async fn device(ctx: DeviceContext) {
 }
 
 /// The handshake. `Ok(None)` for an idle device (connected and kept).
-async fn open(
-    ctx: &DeviceContext,
-) -> Result<Option<(Talker, Arc<UdpSocket>, PacketCipher)>, String> {
+async fn open(ctx: &DeviceContext) -> Result<Option<(Talker, Downlink)>, String> {
     let config = &ctx.config;
     let n = config.first_device + ctx.n;
     let source = source_ip(config.mqtt.ip(), ctx.n, config.source_addresses);
@@ -757,7 +941,7 @@ async fn open(
     }
     let t0 = Instant::now();
     device
-        .publish_json(&SimDevice::firmware_hello())
+        .publish_json(&config.transport.hello())
         .await
         .map_err(|e| e.to_string())?;
     let hello = wait_hello(&mut device).await?;
@@ -767,30 +951,72 @@ async fn open(
         .record(t0.elapsed());
     drop(permit);
     let hello = ServerHello::parse(&hello).map_err(|e| e.to_string())?;
+    if hello.transport() != config.transport {
+        return Err(format!(
+            "asked for {} audio, the hello gave {} (is the transport enabled on the server?)",
+            config.transport.label(),
+            hello.transport().label()
+        ));
+    }
     device.set_session_id(&hello.session_id);
-    let socket = UdpSocket::bind(SocketAddr::new(source, 0))
-        .await
-        .map_err(|e| format!("UDP bind {source}: {e}"))?;
-    socket
-        .connect(hello.udp)
-        .await
-        .map_err(|e| format!("UDP connect: {e}"))?;
+    let (uplink, downlink) = match &hello.quic {
+        Some(quic) => {
+            let endpoint = ctx.quic_endpoint(source)?;
+            let link = SimQuic::connect_on(endpoint, hello.udp, quic, false)
+                .await
+                .map_err(|e| format!("QUIC: {e}"))?;
+            (
+                Uplink::Quic(link.conn.clone()),
+                Downlink::Quic(Box::new(link)),
+            )
+        }
+        None => {
+            let socket = UdpSocket::bind(SocketAddr::new(source, 0))
+                .await
+                .map_err(|e| format!("UDP bind {source}: {e}"))?;
+            socket
+                .connect(hello.udp)
+                .await
+                .map_err(|e| format!("UDP connect: {e}"))?;
+            let socket = Arc::new(socket);
+            match hello.transport() {
+                Transport::Gcm => {
+                    let cipher = GcmCipher::new(&hello.key);
+                    let id = hello.connection_id();
+                    (
+                        Uplink::Gcm {
+                            socket: socket.clone(),
+                            sealer: Box::new(GcmSealer::uplink(cipher.clone(), id)),
+                        },
+                        Downlink::Gcm(socket, Box::new(GcmReceiver::downlink(cipher, id))),
+                    )
+                }
+                _ => {
+                    let cipher = PacketCipher::new(&hello.key);
+                    (
+                        Uplink::Ctr {
+                            socket: socket.clone(),
+                            cipher: cipher.clone(),
+                            nonce: hello.nonce,
+                        },
+                        Downlink::Ctr(socket, cipher),
+                    )
+                }
+            }
+        }
+    };
     device
         .publish_json(&json!({"session_id": hello.session_id, "type": "listen", "state": "start", "mode": "realtime"}))
         .await
         .map_err(|e| e.to_string())?;
     ctx.in_conversation.fetch_add(1, Ordering::Relaxed);
     let _ = ctx.keeper.send(device);
-    let socket = Arc::new(socket);
-    let cipher = PacketCipher::new(&hello.key);
     let talker = Talker {
-        socket: socket.clone(),
-        cipher: cipher.clone(),
-        nonce: hello.nonce,
+        uplink,
         next_sequence: 1,
         next_index: 0,
     };
-    Ok(Some((talker, socket, cipher)))
+    Ok(Some((talker, downlink)))
 }
 
 async fn wait_hello(device: &mut SimDevice) -> Result<serde_json::Value, String> {
@@ -838,11 +1064,10 @@ async fn connect_tcp(source: IpAddr, server: SocketAddr) -> std::io::Result<toki
     Ok(stream)
 }
 
-/// A device's receive side: the firmware's checks, decryption, and the round trip of
-/// every frame.
+/// A device's receive side: the firmware's checks (or the GCM tag and window, or
+/// QUIC), decryption, and the round trip of every frame.
 async fn receive(
-    socket: Arc<UdpSocket>,
-    cipher: PacketCipher,
+    downlink: Downlink,
     shared: Arc<PacerShared>,
     completed: Arc<AtomicU64>,
     stop: CancellationToken,
@@ -853,36 +1078,71 @@ async fn receive(
     let mut last_sequence = 0u32;
     let (mut received, mut rejected) = (0u64, 0u64);
     let mut failed = false;
+    let (mut wire_down, mut wire_down_datagrams) = (0u64, 0u64);
+    let mut downlink = downlink;
     loop {
-        let n = tokio::select! {
-            biased;
-            _ = stop.cancelled() => break,
-            r = socket.recv(&mut buf) => match r {
-                Ok(n) => n,
-                Err(e) => {
-                    errors.push(format!("UDP receive: {e}"));
-                    failed = true;
-                    break;
+        // The Opus frame's range in `buf`, or `None` for a datagram the device refuses.
+        let frame: Option<std::ops::Range<usize>> = match &mut downlink {
+            Downlink::Ctr(socket, _) | Downlink::Gcm(socket, _) => {
+                let n = tokio::select! {
+                    biased;
+                    _ = stop.cancelled() => break,
+                    r = socket.recv(&mut buf) => match r {
+                        Ok(n) => n,
+                        Err(e) => {
+                            errors.push(format!("UDP receive: {e}"));
+                            failed = true;
+                            break;
+                        }
+                    },
+                };
+                wire_down += n as u64;
+                wire_down_datagrams += 1;
+                match &mut downlink {
+                    Downlink::Ctr(_, cipher) => {
+                        accept_ctr(&mut buf[..n], cipher, &mut last_sequence)
+                    }
+                    Downlink::Gcm(_, receiver) => {
+                        let from = SocketAddr::from(([0, 0, 0, 0], 0));
+                        match receiver.on_datagram(&mut buf[..n], from) {
+                            Verdict::Accept { opus_len, .. } => {
+                                Some(HEADER_LEN..HEADER_LEN + opus_len)
+                            }
+                            Verdict::Drop(_) => None,
+                        }
+                    }
+                    Downlink::Quic(_) => None,
                 }
-            },
+            }
+            Downlink::Quic(link) => {
+                let datagram = tokio::select! {
+                    biased;
+                    _ = stop.cancelled() => break,
+                    r = link.conn.read_datagram() => match r {
+                        Ok(d) => d,
+                        Err(e) => {
+                            errors.push(format!("QUIC receive: {e}"));
+                            failed = true;
+                            break;
+                        }
+                    },
+                };
+                match AudioDatagram::parse(&datagram) {
+                    Ok(d) if d.sequence > last_sequence => {
+                        last_sequence = d.sequence;
+                        let n = d.opus.len().min(buf.len());
+                        buf[..n].copy_from_slice(&d.opus[..n]);
+                        Some(0..n)
+                    }
+                    _ => None,
+                }
+            }
         };
-        let d = &mut buf[..n];
-        let Some(head) = d.first_chunk::<HEADER_LEN>().copied() else {
+        let Some(range) = frame.filter(|r| r.len() >= MIN_FRAME_BYTES) else {
             rejected += 1;
             continue;
         };
-        let h = Header::from_bytes(&head);
-        if head[0] != PACKET_TYPE_AUDIO
-            || usize::from(h.payload_len) + HEADER_LEN != n
-            || h.sequence <= last_sequence
-            || n < HEADER_LEN + MIN_FRAME_BYTES
-        {
-            rejected += 1;
-            continue;
-        }
-        last_sequence = h.sequence;
-        let opus = &mut d[HEADER_LEN..];
-        cipher.apply(&head, opus);
+        let opus = &buf[range];
         let stamp = u64::from_be_bytes(opus[5..13].try_into().unwrap_or_default());
         let now = u64::try_from(epoch.elapsed().as_micros()).unwrap_or(u64::MAX);
         received += 1;
@@ -892,11 +1152,49 @@ async fn receive(
             .unwrap_or_else(PoisonError::into_inner)
             .record_micros(now.saturating_sub(stamp));
     }
+    if let Downlink::Quic(link) = &downlink {
+        let stats = link.conn.stats();
+        wire_down = stats.udp_rx.bytes;
+        wire_down_datagrams = stats.udp_rx.datagrams;
+        shared
+            .wire_up_bytes
+            .fetch_add(stats.udp_tx.bytes, Ordering::Relaxed);
+        shared
+            .wire_up_datagrams
+            .fetch_add(stats.udp_tx.datagrams, Ordering::Relaxed);
+        link.close();
+    }
+    shared
+        .wire_down_bytes
+        .fetch_add(wire_down, Ordering::Relaxed);
+    shared
+        .wire_down_datagrams
+        .fetch_add(wire_down_datagrams, Ordering::Relaxed);
     shared.received.fetch_add(received, Ordering::Relaxed);
     shared.rejected.fetch_add(rejected, Ordering::Relaxed);
     if received > 0 && !failed {
         completed.fetch_add(1, Ordering::Relaxed);
     }
+}
+
+/// The firmware's downlink checks and AES-CTR decryption; the Opus frame's range.
+fn accept_ctr(
+    d: &mut [u8],
+    cipher: &PacketCipher,
+    last_sequence: &mut u32,
+) -> Option<std::ops::Range<usize>> {
+    let n = d.len();
+    let head = d.first_chunk::<HEADER_LEN>().copied()?;
+    let h = Header::from_bytes(&head);
+    if head[0] != PACKET_TYPE_AUDIO
+        || usize::from(h.payload_len) + HEADER_LEN != n
+        || h.sequence <= *last_sequence
+    {
+        return None;
+    }
+    *last_sequence = h.sequence;
+    cipher.apply(&head, &mut d[HEADER_LEN..]);
+    Some(HEADER_LEN..n)
 }
 
 #[cfg(test)]
@@ -923,9 +1221,11 @@ mod tests {
             .unwrap();
         let _guard = rt.enter();
         let mut t = Talker {
-            socket: Arc::new(UdpSocket::from_std(std_socket).unwrap()),
-            cipher: PacketCipher::new(&key),
-            nonce,
+            uplink: Uplink::Ctr {
+                socket: Arc::new(UdpSocket::from_std(std_socket).unwrap()),
+                cipher: PacketCipher::new(&key),
+                nonce,
+            },
             next_sequence: 1,
             next_index: 0,
         };

@@ -166,7 +166,7 @@ pub struct DownlinkFrame {
 enum UdpSuite {
     Ctr(PacketCipher),
     Gcm {
-        sealer: GcmSealer,
+        sealer: Box<GcmSealer>,
         receiver: Box<GcmReceiver>,
     },
 }
@@ -200,7 +200,7 @@ impl SimAudio {
                 let cipher = GcmCipher::new(&hello.key);
                 let id = hello.connection_id();
                 UdpSuite::Gcm {
-                    sealer: GcmSealer::uplink(cipher.clone(), id),
+                    sealer: Box::new(GcmSealer::uplink(cipher.clone(), id)),
                     receiver: Box::new(GcmReceiver::downlink(cipher, id)),
                 }
             }
@@ -307,7 +307,7 @@ impl SimAudio {
 
 /// A device's audio channel on any transport.
 pub enum SimLink {
-    Udp(SimAudio),
+    Udp(Box<SimAudio>),
     Quic(SimQuic),
 }
 
@@ -318,7 +318,7 @@ impl SimLink {
             Some(quic) => Ok(SimLink::Quic(
                 SimQuic::connect(hello.udp, quic, bind, false).await?,
             )),
-            None => Ok(SimLink::Udp(SimAudio::open(hello, bind).await?)),
+            None => Ok(SimLink::Udp(Box::new(SimAudio::open(hello, bind).await?))),
         }
     }
 
