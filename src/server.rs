@@ -85,6 +85,8 @@ fn bind_quic(
             identity,
             token_ttl: Duration::from_secs(config.quic.token_ttl_secs),
             uplink_queue: config.udp.uplink_queue,
+            recv_buffer_bytes: config.udp.recv_buffer_bytes,
+            send_buffer_bytes: config.udp.send_buffer_bytes,
         },
         metrics,
     )?;
