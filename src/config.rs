@@ -369,6 +369,8 @@ pub struct QuicConfig {
     pub key_path: Option<PathBuf>,
     /// How long the session token in a hello stays good.
     pub token_ttl_secs: u64,
+    /// QUIC connections open at once (attached or not); further ones are refused.
+    pub max_connections: usize,
 }
 
 impl Default for QuicConfig {
@@ -380,6 +382,7 @@ impl Default for QuicConfig {
             cert_path: None,
             key_path: None,
             token_ttl_secs: 30,
+            max_connections: 20_000,
         }
     }
 }
@@ -1078,6 +1081,7 @@ impl Config {
             ("mqtt.outbound_queue", self.mqtt.outbound_queue),
             ("broker.publish_queue", self.broker.publish_queue),
             ("udp.uplink_queue", self.udp.uplink_queue),
+            ("quic.max_connections", self.quic.max_connections),
             (
                 "pipeline.xiaozhi.audio_buffer_frames",
                 self.pipeline.xiaozhi.audio_buffer_frames,
@@ -1185,6 +1189,15 @@ impl Config {
         {
             w.push(format!(
                 "auth.signature_key is weak ({why}): it signs every device password and the management API's daily token. Choose a long random key in manager-api and here."
+            ));
+        }
+        if !self.transport.require_authenticated.is_empty()
+            && !self.transport.udp_aead
+            && !self.quic.enabled
+        {
+            w.push(format!(
+                "transport.require_authenticated lists {:?} but neither transport.udp_aead nor quic.enabled is on: every hello from those groups is refused.",
+                self.transport.require_authenticated
             ));
         }
         if self.management.enabled && self.auth.signature_key.is_none() {

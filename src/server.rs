@@ -87,6 +87,9 @@ fn bind_quic(
             uplink_queue: config.udp.uplink_queue,
             recv_buffer_bytes: config.udp.recv_buffer_bytes,
             send_buffer_bytes: config.udp.send_buffer_bytes,
+            max_connections: config.quic.max_connections,
+            rate: config.udp.channel_rate,
+            burst: config.udp.channel_burst,
         },
         metrics,
     )?;

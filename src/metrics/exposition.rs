@@ -284,7 +284,7 @@ static FAMILIES: &[Family] = &[
         "QUIC audio connections open now.",
         quic_connections),
     family!(counter "xiaozhi_quic_attach_total",
-    "QUIC connections by how they attached: ok, or refused (no attach frame in time, unknown / reused / expired token), or failed the handshake.",
+    "QUIC connections by how they attached: ok, or refused (no attach frame in time, unknown / reused / expired token, quic.max_connections open), or failed the handshake.",
     "outcome" {
         "ok" => quic_attached,
         "handshake_failed" => quic_handshake_failed,
@@ -292,6 +292,7 @@ static FAMILIES: &[Family] = &[
         "unknown_token" => quic_refused_unknown_token,
         "reused_token" => quic_refused_reused_token,
         "expired_token" => quic_refused_expired_token,
+        "limit" => quic_refused_limit,
     }),
     family!(counter "xiaozhi_quic_tokens_expired_total",
         "QUIC session tokens never presented before they expired.",

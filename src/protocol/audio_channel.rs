@@ -418,10 +418,13 @@ mod tests {
     /// essentially never move the channel.
     #[test]
     fn forgeries_under_a_wrong_key_do_not_rebind() {
-        use rand::Rng;
-        let mut rng = rand::rng();
+        use rand::{Rng, SeedableRng};
+        // Seeded: the rate is what is checked, and a random seed made this test fail
+        // about one run in sixty (two rebinds where one was allowed).
+        let mut rng = rand::rngs::StdRng::seed_from_u64(0x5eed);
         let mut rebinds = 0;
-        for _ in 0..2_000 {
+        let trials = 20_000;
+        for _ in 0..trials {
             let mut ch = channel();
             ch.on_datagram(&mut device_datagram(1, &OPUS), addr(1));
             for seq in 2..6 {
@@ -435,8 +438,14 @@ mod tests {
                 }
             }
         }
-        // Expected about 2,000 * 3 / 65,536 < 0.1; allow a rare one.
-        assert!(rebinds <= 1, "{rebinds} forged rebinds in 8,000 tries");
+        // Three chances per trial to pass the checks twice in a row. Measured with this
+        // 5-byte frame: about one pair in 30,000 (20 in 600,000 over 200,000 trials),
+        // so about 2 here; a rate of one in 10,000 pairs would be 6.
+        let pairs = trials * 3;
+        assert!(
+            rebinds * 10_000 <= pairs,
+            "{rebinds} forged rebinds in {pairs} pairs of tries"
+        );
     }
 
     #[test]

@@ -27,6 +27,7 @@ use crate::audio::UplinkFrame;
 use crate::audio::channel::{
     Attach, AudioChannel, ChannelCounters, ChannelShared, Downlink, DownlinkPath, Lease,
 };
+use crate::limits::TokenBucket;
 use crate::metrics::Metrics;
 use crate::protocol::quic_framing::{
     self, ALPN, AudioDatagram, close_code, control_frame, control_frame_len,
@@ -59,6 +60,12 @@ pub struct QuicSettings {
     /// endpoint is a few milliseconds late, and every overflow is lost audio.
     pub recv_buffer_bytes: usize,
     pub send_buffer_bytes: usize,
+    /// Connections open at once; further ones are refused.
+    pub max_connections: usize,
+    /// Datagrams per second and burst one connection may send (`udp.channel_rate`,
+    /// `udp.channel_burst`; rate 0: no limit).
+    pub rate: u32,
+    pub burst: u32,
 }
 
 /// A UDP socket with the requested kernel buffers (requests: the kernel caps them at
@@ -85,6 +92,8 @@ pub struct QuicEndpoint {
     endpoint: quinn::Endpoint,
     table: Arc<Mutex<TokenTable<Arc<Slot>>>>,
     metrics: Arc<Metrics>,
+    max_connections: usize,
+    limits: (u32, u32),
 }
 
 /// Handle for opening QUIC channels; cheap to clone.
@@ -168,6 +177,8 @@ impl QuicEndpoint {
                 endpoint,
                 table,
                 metrics,
+                max_connections: settings.max_connections,
+                limits: (settings.rate, settings.burst),
             },
             handle,
         ))
@@ -190,10 +201,16 @@ impl QuicEndpoint {
                 }
                 incoming = self.endpoint.accept() => {
                     let Some(incoming) = incoming else { break };
+                    if self.endpoint.open_connections() >= self.max_connections {
+                        Metrics::inc(&self.metrics.quic_refused_limit);
+                        incoming.refuse();
+                        continue;
+                    }
                     tracker.spawn(serve(
                         incoming,
                         self.table.clone(),
                         self.metrics.clone(),
+                        self.limits,
                         shutdown.clone(),
                     ));
                 }
@@ -327,6 +344,7 @@ async fn serve(
     incoming: quinn::Incoming,
     table: Arc<Mutex<TokenTable<Arc<Slot>>>>,
     metrics: Arc<Metrics>,
+    (rate, burst): (u32, u32),
     shutdown: CancellationToken,
 ) {
     let remote = incoming.remote_address();
@@ -344,7 +362,8 @@ async fn serve(
         }
     };
     Metrics::inc(&metrics.quic_connections);
-    attach_and_serve(&conn, &table, &metrics, &shutdown).await;
+    let mut bucket = TokenBucket::new(rate, burst, Instant::now());
+    attach_and_serve(&conn, &table, &metrics, &mut bucket, &shutdown).await;
     Metrics::dec(&metrics.quic_connections);
 }
 
@@ -352,6 +371,7 @@ async fn attach_and_serve(
     conn: &quinn::Connection,
     table: &Mutex<TokenTable<Arc<Slot>>>,
     metrics: &Arc<Metrics>,
+    bucket: &mut TokenBucket,
     shutdown: &CancellationToken,
 ) {
     let remote = conn.remote_address();
@@ -470,6 +490,12 @@ async fn attach_and_serve(
                     slot.device_left.cancel();
                     break;
                 };
+                // As on UDP: a flood costs a counter, not the conversation's queue.
+                if !bucket.is_unlimited() && !bucket.try_take(Instant::now()) {
+                    Metrics::inc(&metrics.udp_drop_rate_limited);
+                    ChannelCounters::add(&shared.stats.dropped, 1);
+                    continue;
+                }
                 let now_remote = conn.remote_address();
                 if now_remote != last_remote {
                     Metrics::inc(&metrics.quic_migrations);
