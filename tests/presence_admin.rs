@@ -190,6 +190,10 @@ async fn lifecycle(config: Config, tag: u32) {
     .await;
     assert_eq!(v["session_id"], hello.session_id.as_str());
     assert_eq!(
+        v["transport"], "ctr",
+        "stock firmware's hello gets AES-CTR: {v}"
+    );
+    assert_eq!(
         store
             .list(&PresenceQuery {
                 state: Some(PresenceState::InSession),

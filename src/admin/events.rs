@@ -73,7 +73,8 @@ impl EventPublisher {
         self.bus.publish(topic, Bytes::from(event.to_string()));
     }
 
-    pub fn session_started(&self, mac: &Mac, session_id: &str, pipeline: &str) {
+    /// `transport`: the audio transport the hello gave (`ctr`, `gcm`, `quic`).
+    pub fn session_started(&self, mac: &Mac, session_id: &str, pipeline: &str, transport: &str) {
         self.publish(
             topics::device_session(mac),
             json!({
@@ -81,6 +82,7 @@ impl EventPublisher {
                 "mac_address": mac.colon(),
                 "session_id": session_id,
                 "pipeline": pipeline,
+                "transport": transport,
                 "node": &*self.node,
                 "at_ms": now_ms(),
             }),

@@ -135,7 +135,12 @@ pub(crate) async fn run(deps: Arc<SessionDeps>, start: ConversationStart) -> End
         .set_conversation(&device.mac, serial, Some(session_id.clone()));
     info!(%session_id, transport = channel.attach.label(), channel = ?channel.attach, pipeline = deps.pipeline.name(), "conversation started");
     if let Some(events) = &deps.events {
-        events.session_started(&device.mac, &session_id, deps.pipeline.name());
+        events.session_started(
+            &device.mac,
+            &session_id,
+            deps.pipeline.name(),
+            channel.attach.label(),
+        );
     }
 
     let (uplink, downlink) = channel.take_io();
