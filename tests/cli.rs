@@ -63,6 +63,67 @@ async fn a_busy_port_names_the_setting_that_moves_it() {
         "names the setting: {stderr}"
     );
     drop(taken);
+
+    // The QUIC port too, when QUIC is on.
+    let taken = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let out = run(gateway_command()
+        .args(["--dev", "serve"])
+        .env("XZ_QUIC__ENABLED", "true")
+        .env("XZ_QUIC__LISTEN", addr.to_string()))
+    .await;
+    assert!(!out.status.success(), "must not start on a busy QUIC port");
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains(&addr.to_string())
+            && stderr.contains("quic.listen")
+            && stderr.contains("XZ_QUIC__LISTEN"),
+        "names the QUIC setting: {stderr}"
+    );
+}
+
+/// The README's `simulate --transport` flow against `serve --dev` with QUIC on: every
+/// transport carries a conversation end to end with nothing lost.
+#[tokio::test]
+async fn simulate_speaks_every_transport_against_serve() {
+    let mut child = gateway_command()
+        .args(["--dev", "serve"])
+        .env("XZ_QUIC__ENABLED", "true")
+        .env("XZ_QUIC__LISTEN", "127.0.0.1:0")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mqtt = common::wait_serving(&mut child).await;
+    for transport in ["ctr", "gcm", "quic"] {
+        let out = run(Command::new(BIN).args([
+            "simulate",
+            "--mqtt",
+            &mqtt.to_string(),
+            "--devices",
+            "3",
+            "--seconds",
+            "1",
+            "--transport",
+            transport,
+            "--json",
+        ]))
+        .await;
+        assert!(out.status.success(), "{transport}: {}", text(&out.stderr));
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(report["conversations"], 3, "{transport}: {report}");
+        assert!(
+            report["frames_echoed"].as_u64().unwrap() > 0,
+            "{transport}: {report}"
+        );
+        assert_eq!(report["frames_lost"], 0, "{transport}: {report}");
+        assert_eq!(
+            report["errors"],
+            serde_json::json!([]),
+            "{transport}: {report}"
+        );
+    }
+    let _ = child.kill().await;
 }
 
 #[tokio::test]
