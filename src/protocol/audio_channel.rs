@@ -102,7 +102,8 @@ pub struct UplinkChannel {
     /// The TOC byte of the device's last structurally valid Opus packet.
     learned_toc: Option<u8>,
     /// A new address that sent one datagram passing the rebinding checks, and its
-    /// sequence: a second one in a row from there moves the channel.
+    /// sequence: a second one in a row from there moves the channel (a failing one from
+    /// there, or any accepted one, clears it).
     candidate: Option<(SocketAddr, u32)>,
 }
 
@@ -162,6 +163,11 @@ impl UplinkChannel {
                     .learned_toc
                     .is_none_or(|toc| payload.first() == Some(&toc));
                 if !(within_window && same_shape && same_toc) {
+                    // A failure breaks a run of candidates from this address: two
+                    // passes must come in a row, not two out of many tries.
+                    if self.candidate.is_some_and(|(addr, _)| addr == from) {
+                        self.candidate = None;
+                    }
                     return Verdict::Drop(DropReason::Hijack);
                 }
                 match self.candidate {
@@ -417,6 +423,30 @@ mod tests {
     /// Random payloads under the wrong key (what a forger without the key produces)
     /// essentially never move the channel.
     #[test]
+    fn a_failure_from_the_candidate_address_breaks_its_run() {
+        let mut ch = channel();
+        ch.on_datagram(&mut device_datagram(1, &OPUS), addr(1));
+        assert_eq!(
+            ch.on_datagram(&mut device_datagram(2, &OPUS), addr(2)),
+            Verdict::Drop(DropReason::Hijack)
+        );
+        // Not the device's TOC byte: fails, and the run from addr(2) starts over.
+        assert_eq!(
+            ch.on_datagram(&mut device_datagram(3, &[3 << 3, 1, 2, 3]), addr(2)),
+            Verdict::Drop(DropReason::Hijack)
+        );
+        assert_eq!(
+            ch.on_datagram(&mut device_datagram(4, &OPUS), addr(2)),
+            Verdict::Drop(DropReason::Hijack),
+            "two passes with a failure between are not two in a row"
+        );
+        assert!(matches!(
+            ch.on_datagram(&mut device_datagram(5, &OPUS), addr(2)),
+            Verdict::Accept { rebound: true, .. }
+        ));
+    }
+
+    #[test]
     fn forgeries_under_a_wrong_key_do_not_rebind() {
         use rand::{Rng, SeedableRng};
         // Seeded: the rate is what is checked, and a random seed made this test fail
@@ -438,9 +468,9 @@ mod tests {
                 }
             }
         }
-        // Three chances per trial to pass the checks twice in a row. Measured with this
-        // 5-byte frame: about one pair in 30,000 (20 in 600,000 over 200,000 trials),
-        // so about 2 here; a rate of one in 10,000 pairs would be 6.
+        // Three chances per trial to pass the checks twice in a row, each about one in
+        // 65,536 (measured: 12 in 600,000 over 200,000 trials), so about 1 here; a rate
+        // of one in 10,000 pairs would be 6.
         let pairs = trials * 3;
         assert!(
             rebinds * 10_000 <= pairs,
