@@ -90,6 +90,8 @@ fn bind_quic(
             max_connections: config.quic.max_connections,
             rate: config.udp.channel_rate,
             burst: config.udp.channel_burst,
+            control_rate: config.mqtt.message_rate,
+            control_burst: config.mqtt.message_burst,
         },
         metrics,
     )?;

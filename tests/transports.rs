@@ -495,3 +495,39 @@ async fn a_group_that_requires_authentication_is_refused_aes_ctr() {
     let (_, mut link) = open(&mut other, Transport::Ctr, "realtime").await;
     echo(&mut link, 0..5).await;
 }
+
+/// A QUIC device is held to the same rates as a UDP channel and an MQTT connection.
+#[tokio::test]
+async fn quic_datagrams_and_control_frames_are_rate_limited() {
+    let mut c = config();
+    c.udp.channel_rate = 10;
+    c.udp.channel_burst = 5;
+    c.mqtt.message_rate = 1;
+    c.mqtt.message_burst = 3;
+    let gw = common::start_with(c).await;
+    let mut dev = common::device(&gw, 13).await;
+    let (_, hello) = hello(&mut dev, Transport::Quic).await;
+    let mut quic = SimQuic::connect(hello.udp, hello.quic.as_ref().unwrap(), local(), false)
+        .await
+        .unwrap();
+    for i in 0..40 {
+        quic.send(i * 60, &synthetic_frame(i, 40)).unwrap();
+    }
+    for _ in 0..10 {
+        quic.send_control(&json!({"type": "iot", "session_id": hello.session_id}))
+            .await
+            .unwrap();
+    }
+    eventually(&gw, "datagrams over the rate dropped", |m| {
+        m.quic_rx_datagrams == 40 && m.udp_drop_rate_limited >= 30
+    })
+    .await;
+    // 10 frames on the stream, a burst of 3 (the device's MQTT messages draw on their
+    // own bucket, which may add to the count).
+    eventually(&gw, "control frames over the rate dropped", |m| {
+        m.mqtt_dropped_rate_limited >= 6
+    })
+    .await;
+    // Only the excess: the burst got through.
+    assert!(gw.metrics.snapshot().udp_drop_rate_limited <= 35);
+}

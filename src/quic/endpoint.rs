@@ -66,6 +66,17 @@ pub struct QuicSettings {
     /// `udp.channel_burst`; rate 0: no limit).
     pub rate: u32,
     pub burst: u32,
+    /// Control messages per second and burst one device may send on its stream, as
+    /// over MQTT (`mqtt.message_rate`, `mqtt.message_burst`; rate 0: no limit).
+    pub control_rate: u32,
+    pub control_burst: u32,
+}
+
+/// The per-connection rate limits.
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    datagrams: (u32, u32),
+    control: (u32, u32),
 }
 
 /// A UDP socket with the requested kernel buffers (requests: the kernel caps them at
@@ -93,7 +104,7 @@ pub struct QuicEndpoint {
     table: Arc<Mutex<TokenTable<Arc<Slot>>>>,
     metrics: Arc<Metrics>,
     max_connections: usize,
-    limits: (u32, u32),
+    limits: Limits,
 }
 
 /// Handle for opening QUIC channels; cheap to clone.
@@ -178,7 +189,10 @@ impl QuicEndpoint {
                 table,
                 metrics,
                 max_connections: settings.max_connections,
-                limits: (settings.rate, settings.burst),
+                limits: Limits {
+                    datagrams: (settings.rate, settings.burst),
+                    control: (settings.control_rate, settings.control_burst),
+                },
             },
             handle,
         ))
@@ -344,7 +358,7 @@ async fn serve(
     incoming: quinn::Incoming,
     table: Arc<Mutex<TokenTable<Arc<Slot>>>>,
     metrics: Arc<Metrics>,
-    (rate, burst): (u32, u32),
+    limits: Limits,
     shutdown: CancellationToken,
 ) {
     let remote = incoming.remote_address();
@@ -362,8 +376,12 @@ async fn serve(
         }
     };
     Metrics::inc(&metrics.quic_connections);
-    let mut bucket = TokenBucket::new(rate, burst, Instant::now());
-    attach_and_serve(&conn, &table, &metrics, &mut bucket, &shutdown).await;
+    let now = Instant::now();
+    let mut buckets = (
+        TokenBucket::new(limits.datagrams.0, limits.datagrams.1, now),
+        TokenBucket::new(limits.control.0, limits.control.1, now),
+    );
+    attach_and_serve(&conn, &table, &metrics, &mut buckets, &shutdown).await;
     Metrics::dec(&metrics.quic_connections);
 }
 
@@ -371,7 +389,7 @@ async fn attach_and_serve(
     conn: &quinn::Connection,
     table: &Mutex<TokenTable<Arc<Slot>>>,
     metrics: &Arc<Metrics>,
-    bucket: &mut TokenBucket,
+    (bucket, control_bucket): &mut (TokenBucket, TokenBucket),
     shutdown: &CancellationToken,
 ) {
     let remote = conn.remote_address();
@@ -438,6 +456,11 @@ async fn attach_and_serve(
         loop {
             match read_frame(&mut recv).await {
                 Ok(Some(frame)) => {
+                    // The device's MQTT message rate applies on the stream too.
+                    if !control_bucket.is_unlimited() && !control_bucket.try_take(Instant::now()) {
+                        Metrics::inc(&metrics.mqtt_dropped_rate_limited);
+                        continue;
+                    }
                     if let Some(control_in) = &slot.control_in {
                         control_in(Bytes::from(frame));
                     }
@@ -490,6 +513,8 @@ async fn attach_and_serve(
                     slot.device_left.cancel();
                     break;
                 };
+                Metrics::inc(&metrics.quic_rx_datagrams);
+                Metrics::add(&metrics.quic_rx_bytes, datagram.len() as u64);
                 // As on UDP: a flood costs a counter, not the conversation's queue.
                 if !bucket.is_unlimited() && !bucket.try_take(Instant::now()) {
                     Metrics::inc(&metrics.udp_drop_rate_limited);
@@ -518,8 +543,6 @@ fn on_datagram(
     last_sequence: &mut u32,
     metrics: &Metrics,
 ) {
-    Metrics::inc(&metrics.quic_rx_datagrams);
-    Metrics::add(&metrics.quic_rx_bytes, datagram.len() as u64);
     let frame = match AudioDatagram::parse(datagram) {
         Ok(f) => f,
         Err(e) => {
