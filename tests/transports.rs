@@ -242,6 +242,11 @@ async fn gcm_drops_what_does_not_authenticate_and_binds_only_to_what_does() {
     c.send_to(&later[1], udp).await.unwrap();
     eventually(&gw, "bad tag from C counted", |m| m.udp_drop_auth == 3).await;
     assert_eq!(snap().udp_rebinds, 1);
+    // A genuine but late datagram from the old address (A) is accepted and moves nothing.
+    b.send_to(&later[3], udp).await.unwrap();
+    a.send_to(&later[2], udp).await.unwrap();
+    eventually(&gw, "late datagram received", |m| m.udp_rx_datagrams == 15).await;
+    assert_eq!(snap().udp_rebinds, 1);
 
     // Playback goes to B (the device's authenticated address), none to A or C.
     dev.publish_json(&json!({"session_id": hello.session_id, "type": "listen", "state": "stop"}))
@@ -263,7 +268,7 @@ async fn gcm_drops_what_does_not_authenticate_and_binds_only_to_what_does() {
     played.sort_unstable();
     assert_eq!(
         played,
-        vec![0, 1, 60, 71, 72],
+        vec![0, 1, 60, 71, 72, 74, 75],
         "the accepted frames, played to B"
     );
     for (name, s) in [("A", &a), ("C", &c)] {

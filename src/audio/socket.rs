@@ -264,9 +264,12 @@ impl AudioSocket {
                     debug!(connection_id = id, %from, "audio channel rebound to a new address");
                 }
                 {
+                    // The channel's own binding, not `from`: an accepted datagram does not
+                    // always move it (a late AES-GCM datagram from an old address).
+                    let bound = route.channel.peer();
                     let mut peer = route.shared.peer.lock().unwrap_or_else(|p| p.into_inner());
-                    if *peer != Some(from) {
-                        *peer = Some(from);
+                    if *peer != bound {
+                        *peer = bound;
                     }
                 }
                 route.shared.uplink_seen();
@@ -275,7 +278,8 @@ impl AudioSocket {
                 ChannelCounters::add(&stats.uplink_bytes, datagram.len() as u64);
                 let opus = &datagram[HEADER_LEN..HEADER_LEN + opus_len];
                 if route.shared.reflect.load(Ordering::Relaxed) {
-                    self.reflect(route, header.timestamp, opus, from, scratch);
+                    let to = route.channel.peer().unwrap_or(from);
+                    self.reflect(route, header.timestamp, opus, to, scratch);
                     return;
                 }
                 let frame = UplinkFrame {

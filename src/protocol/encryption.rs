@@ -82,6 +82,15 @@ impl ChannelReceiver {
             ChannelReceiver::Gcm(c) => c.on_datagram(datagram, from),
         }
     }
+
+    /// Where downlink audio should go: the suite's own binding, which an accepted
+    /// datagram does not always move (a late GCM datagram moves nothing).
+    pub fn peer(&self) -> Option<SocketAddr> {
+        match self {
+            ChannelReceiver::Ctr(c) => c.peer(),
+            ChannelReceiver::Gcm(c) => c.peer(),
+        }
+    }
 }
 
 /// The sending half of a channel, either suite (boxed GCM, as for [`ChannelReceiver`]).
