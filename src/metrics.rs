@@ -181,6 +181,8 @@ counters! {
     quic_refused_unknown_token,
     quic_refused_reused_token,
     quic_refused_expired_token,
+    /// QUIC connections whose conversation had already ended (closed with code 0).
+    quic_refused_ended,
     /// QUIC connections refused because `quic.max_connections` were open.
     quic_refused_limit,
     /// Tokens never presented before they expired.

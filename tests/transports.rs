@@ -369,15 +369,31 @@ async fn quic_tokens_are_checked_used_once_and_expire() {
         .expect("an expired token is refused");
     assert!(err.to_string().contains("expired_token"), "{err}");
 
+    // The token of a conversation that ended before anyone presented it: code 0.
+    let (_, ended) = open_hello_only(&mut dev).await;
+    dev.publish_json(&json!({"session_id": ended.session_id, "type": "goodbye"}))
+        .await
+        .unwrap();
+    eventually(&gw, "conversation ended", |m| m.sessions_live == 0).await;
+    let err = SimQuic::connect(ended.udp, ended.quic.as_ref().unwrap(), local(), false)
+        .await
+        .err()
+        .expect("the token of an ended conversation is refused");
+    assert!(
+        err.to_string().contains("conversation_ended") && err.to_string().contains("code 0"),
+        "{err}"
+    );
+
     let m = gw.metrics.snapshot();
     assert_eq!(
         (
             m.quic_attached,
             m.quic_refused_unknown_token,
             m.quic_refused_reused_token,
-            m.quic_refused_expired_token
+            m.quic_refused_expired_token,
+            m.quic_refused_ended,
         ),
-        (1, 1, 1, 1)
+        (1, 1, 1, 1, 1)
     );
 }
 

@@ -292,6 +292,7 @@ static FAMILIES: &[Family] = &[
         "unknown_token" => quic_refused_unknown_token,
         "reused_token" => quic_refused_reused_token,
         "expired_token" => quic_refused_expired_token,
+        "conversation_ended" => quic_refused_ended,
         "limit" => quic_refused_limit,
     }),
     family!(counter "xiaozhi_quic_tokens_expired_total",

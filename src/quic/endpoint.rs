@@ -8,7 +8,7 @@
 //! connection with a code that says which, and is counted.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -45,6 +45,8 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 const SWEEP_INTERVAL: Duration = Duration::from_secs(5);
 /// Control frames queued for a device's stream before further ones go by MQTT.
 const CONTROL_OUT_QUEUE: usize = 64;
+/// How long a closing connection may take to deliver its last control messages.
+const FLUSH: Duration = Duration::from_secs(1);
 
 /// What the endpoint needs to be built.
 pub struct QuicSettings {
@@ -270,6 +272,7 @@ impl QuicHandle {
             device_left: CancellationToken::new(),
             control_in,
             control_out: OnceLock::new(),
+            stream_overflowed: AtomicBool::new(false),
         });
         let token = {
             let mut rng = rand::rng();
@@ -400,7 +403,7 @@ async fn attach_and_serve(
         })),
         _ = shutdown.cancelled() => Err(Refused { code: close_code::SHUTDOWN, reason: "server shutting down" }),
     };
-    let (mut send, mut recv, attach) = match attached {
+    let (send, mut recv, attach) = match attached {
         Ok(v) => v,
         Err(refused) => {
             Metrics::inc(&metrics.quic_refused_no_attach);
@@ -420,9 +423,16 @@ async fn attach_and_serve(
                 TokenRefusal::Unknown => &metrics.quic_refused_unknown_token,
                 TokenRefusal::Reused => &metrics.quic_refused_reused_token,
                 TokenRefusal::Expired => &metrics.quic_refused_expired_token,
+                TokenRefusal::Ended => &metrics.quic_refused_ended,
             });
-            warn!(%remote, reason = why.label(), "QUIC connection refused: bad session token");
-            conn.close(close_code::BAD_TOKEN.into(), why.label().as_bytes());
+            let code = if why == TokenRefusal::Ended {
+                debug!(%remote, "QUIC connection for a conversation that has ended");
+                close_code::DONE
+            } else {
+                warn!(%remote, reason = why.label(), "QUIC connection refused: bad session token");
+                close_code::BAD_TOKEN
+            };
+            conn.close(code.into(), why.label().as_bytes());
             return;
         }
     };
@@ -444,9 +454,6 @@ async fn attach_and_serve(
         let (tx, rx) = mpsc::channel(CONTROL_OUT_QUEUE);
         let _ = slot.control_out.set(tx);
         control_out_rx = Some(rx);
-    }
-    if let Ok(frame) = control_frame(quic_framing::attached_json().as_bytes()) {
-        let _ = send.write_all(&frame).await;
     }
 
     let shared = slot.shared.clone();
@@ -471,31 +478,23 @@ async fn attach_and_serve(
         }
     }
     .fuse();
-    let control_writer = async {
-        let Some(mut rx) = control_out_rx else {
-            return std::future::pending::<()>().await;
-        };
-        while let Some(json) = rx.recv().await {
-            let Ok(frame) = control_frame(&json) else {
-                continue;
-            };
-            if send.write_all(&frame).await.is_err() {
-                break;
-            }
-        }
-        std::future::pending::<()>().await
-    };
-    tokio::pin!(control_reader, control_writer);
+    // The stream's sending side: `attached`, then (if asked for) the conversation's
+    // control JSON. It runs inside the loop below so a client that never opens its
+    // receive window cannot hold this task; when the connection is about to close it
+    // writes what is queued and finishes the stream, within `FLUSH`.
+    let finishing = CancellationToken::new();
+    let control_writer = write_control(send, control_out_rx, finishing.clone());
+    tokio::pin!(control_writer);
+    let mut writer_done = false;
+    tokio::pin!(control_reader);
     let mut reader_done = false;
-    loop {
+    let close = loop {
         tokio::select! {
             _ = slot.ended.cancelled() => {
-                conn.close(close_code::DONE.into(), b"conversation ended");
-                break;
+                break Some((close_code::DONE, &b"conversation ended"[..]));
             }
             _ = shutdown.cancelled() => {
-                conn.close(close_code::SHUTDOWN.into(), b"server shutting down");
-                break;
+                break Some((close_code::SHUTDOWN, &b"server shutting down"[..]));
             }
             broken = &mut control_reader, if !reader_done => {
                 reader_done = true;
@@ -503,15 +502,15 @@ async fn attach_and_serve(
                     Metrics::inc(&metrics.quic_drop_malformed);
                     conn.close(refused.code.into(), refused.reason.as_bytes());
                     slot.device_left.cancel();
-                    break;
+                    break None;
                 }
             }
-            () = &mut control_writer => {}
+            () = &mut control_writer, if !writer_done => writer_done = true,
             datagram = conn.read_datagram() => {
                 let Ok(datagram) = datagram else {
                     Metrics::inc(&metrics.quic_closed_by_device);
                     slot.device_left.cancel();
-                    break;
+                    break None;
                 };
                 Metrics::inc(&metrics.quic_rx_datagrams);
                 Metrics::add(&metrics.quic_rx_bytes, datagram.len() as u64);
@@ -530,8 +529,70 @@ async fn attach_and_serve(
                 on_datagram(&datagram, conn, &slot, &shared, &uplink_tx, &mut last_sequence, metrics);
             }
         }
+    };
+    if let Some((code, reason)) = close {
+        // Deliver what the conversation said last (e.g. `tts stop`) before closing:
+        // closing a QUIC connection abandons stream data not yet sent.
+        finishing.cancel();
+        if !writer_done {
+            let _ = tokio::time::timeout(FLUSH, &mut control_writer).await;
+        }
+        conn.close(code.into(), reason);
     }
     *slot.conn.lock().unwrap_or_else(|p| p.into_inner()) = None;
+}
+
+/// Writes `attached`, then each queued control message, on the stream; once `finishing`
+/// fires, writes what is still queued, finishes the stream and waits (bounded by the
+/// caller) for the device to have read it. Without a queue (the device did not ask for
+/// control on the stream) it only writes `attached` and finishes at the end.
+async fn write_control(
+    mut send: quinn::SendStream,
+    mut queue: Option<mpsc::Receiver<Bytes>>,
+    finishing: CancellationToken,
+) {
+    if !write_frame(&mut send, quic_framing::attached_json().as_bytes()).await {
+        return;
+    }
+    loop {
+        let next = async {
+            match queue.as_mut() {
+                Some(q) => q.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            biased;
+            _ = finishing.cancelled() => break,
+            json = next => match json {
+                Some(json) => {
+                    if !write_frame(&mut send, &json).await {
+                        return;
+                    }
+                }
+                None => break,
+            },
+        }
+    }
+    if let Some(q) = queue.as_mut() {
+        q.close();
+        while let Ok(json) = q.try_recv() {
+            if !write_frame(&mut send, &json).await {
+                return;
+            }
+        }
+    }
+    let _ = send.finish();
+    let _ = send.stopped().await;
+}
+
+/// Writes one control frame; false if the stream is gone. A message too large for a frame
+/// was refused by `try_send` already (it went by MQTT), so it is skipped here.
+async fn write_frame(send: &mut quinn::SendStream, json: &[u8]) -> bool {
+    match control_frame(json) {
+        Ok(frame) => send.write_all(&frame).await.is_ok(),
+        Err(_) => true,
+    }
 }
 
 fn on_datagram(

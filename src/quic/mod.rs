@@ -54,6 +54,9 @@ pub(crate) struct Slot {
     control_in: Option<ControlIn>,
     /// Server-to-device control JSON, when the device asked for it on the stream.
     control_out: OnceLock<mpsc::Sender<Bytes>>,
+    /// The stream's queue was full once (the device does not read it): control JSON
+    /// goes by MQTT for the rest of the conversation.
+    stream_overflowed: std::sync::atomic::AtomicBool,
 }
 
 impl Slot {
@@ -138,7 +141,7 @@ impl QuicLease {
         self.table
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .revoke(&self.token);
+            .revoke(&self.token, std::time::Instant::now());
         self.slot.ended.cancel();
     }
 
@@ -159,12 +162,25 @@ struct ControlStreamOut(Arc<Slot>);
 
 impl crate::session::ControlStream for ControlStreamOut {
     fn try_send(&self, payload: &Bytes) -> bool {
-        if self.0.ended.is_cancelled() || self.0.device_left.is_cancelled() {
+        let slot = &self.0;
+        if slot.ended.is_cancelled()
+            || slot.device_left.is_cancelled()
+            || slot.stream_overflowed.load(Ordering::Relaxed)
+            || payload.len() > crate::protocol::quic_framing::MAX_CONTROL_FRAME
+        {
             return false;
         }
-        match self.0.control_out.get() {
-            Some(tx) => tx.try_send(payload.clone()).is_ok(),
-            None => false,
+        let Some(tx) = slot.control_out.get() else {
+            return false;
+        };
+        match tx.try_send(payload.clone()) {
+            Ok(()) => true,
+            Err(_) => {
+                // From here on everything goes by MQTT, so later messages cannot
+                // overtake ones still queued for the stream by much.
+                slot.stream_overflowed.store(true, Ordering::Relaxed);
+                false
+            }
         }
     }
 }

@@ -23,6 +23,8 @@ pub enum TokenRefusal {
     Reused,
     /// Issued, but not presented within its TTL.
     Expired,
+    /// Its conversation ended before a connection presented it.
+    Ended,
 }
 
 impl TokenRefusal {
@@ -31,6 +33,7 @@ impl TokenRefusal {
             TokenRefusal::Unknown => "unknown_token",
             TokenRefusal::Reused => "reused_token",
             TokenRefusal::Expired => "expired_token",
+            TokenRefusal::Ended => "conversation_ended",
         }
     }
 }
@@ -91,9 +94,13 @@ impl<T> TokenTable<T> {
         Ok(p.value)
     }
 
-    /// Forgets a token whose conversation has ended (redeemed or not).
-    pub fn revoke(&mut self, token: &Token) {
-        self.pending.remove(token);
+    /// A token whose conversation has ended (redeemed or not): presenting it from now on
+    /// is told `Ended` (until it would have expired, plus the TTL).
+    pub fn revoke(&mut self, token: &Token, now: Instant) {
+        if let Some(p) = self.pending.remove(token) {
+            let until = p.expires.max(now) + self.ttl;
+            self.spent.insert(*token, (TokenRefusal::Ended, until));
+        }
     }
 
     /// Drops expired entries; returns how many pending tokens expired unused.
@@ -173,7 +180,11 @@ mod tests {
             Err(TokenRefusal::Expired)
         );
         // Long after, the spent entry is gone too: the table does not grow forever.
-        table.revoke(&[2; TOKEN_LEN]);
+        table.revoke(&[2; TOKEN_LEN], t0 + TTL);
+        assert_eq!(
+            table.redeem(&[2; TOKEN_LEN], t0 + TTL),
+            Err(TokenRefusal::Ended)
+        );
         table.sweep(t0 + TTL * 10);
         assert_eq!(
             table.redeem(&[1; TOKEN_LEN], t0 + TTL * 10),

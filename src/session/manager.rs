@@ -68,6 +68,14 @@ enum Event {
         generation: u64,
         payload: Bytes,
     },
+    /// A message on a conversation's own control stream (QUIC): it belongs to that
+    /// conversation only, and is dropped if another has replaced it.
+    StreamMessage {
+        device: Arc<DeviceIdentity>,
+        generation: u64,
+        serial: u64,
+        payload: Bytes,
+    },
     Gone {
         mac: Mac,
         generation: u64,
@@ -216,6 +224,22 @@ impl Dispatcher {
                     generation,
                     payload,
                 } => self.on_message(device, generation, payload),
+                Event::StreamMessage {
+                    device,
+                    generation,
+                    serial,
+                    payload,
+                } => {
+                    if self
+                        .live
+                        .get(&device.mac)
+                        .is_some_and(|l| l.serial == serial)
+                    {
+                        self.on_message(device, generation, payload);
+                    } else {
+                        Metrics::inc(&self.deps.metrics.control_without_session);
+                    }
+                }
                 Event::Gone { mac, generation } => {
                     if let Some(entry) = self.deps.directory.gone(&mac, generation) {
                         entry.mcp.close();
@@ -421,9 +445,10 @@ impl Dispatcher {
             let metrics = self.deps.metrics.clone();
             Box::new(move |payload| {
                 let Some(tx) = events.upgrade() else { return };
-                let message = Event::Message {
+                let message = Event::StreamMessage {
                     device: device.clone(),
                     generation,
+                    serial,
                     payload,
                 };
                 if tx.try_send(message).is_err() {
