@@ -310,6 +310,12 @@ async fn quic_conversation_end_to_end_and_clean_close() {
         m.sessions_live == 0 && m.quic_closed_by_device == 1 && m.quic_connections == 0
     })
     .await;
+    // It may have lost the connection rather than closed it: it hears the end over MQTT.
+    let goodbye = dev
+        .recv_type("goodbye", WAIT)
+        .await
+        .expect("goodbye over MQTT");
+    assert_eq!(goodbye["session_id"], hello.session_id.as_str());
 
     // The server ends a conversation (the device's goodbye over MQTT): the connection is
     // closed cleanly with code 0.

@@ -118,7 +118,8 @@ pub enum EndReason {
 
 impl EndReason {
     /// Whether the device should be told (`goodbye`): only when we end it and the device
-    /// is still there to hear it.
+    /// is still there to hear it. A QUIC connection that ended may have been lost rather
+    /// than closed, so the device hears it over MQTT too.
     pub fn tell_device(&self) -> bool {
         matches!(
             self,
@@ -127,6 +128,7 @@ impl EndReason {
                 | EndReason::PipelineFailed(_)
                 | EndReason::Shutdown
                 | EndReason::Admin
+                | EndReason::DeviceClosedTransport
         )
     }
 
