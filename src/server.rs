@@ -506,6 +506,7 @@ impl Gateway {
             broker_tls = ?addrs.broker_tls,
             udp = %addrs.udp,
             udp_announced = %format!("{}:{}", config.udp.public_host, if config.udp.public_port == 0 { udp_addr.port() } else { config.udp.public_port }),
+            quic = ?addrs.quic,
             http = %addrs.http,
             node = %config.node.id,
             "xiaozhi-gateway serving"
