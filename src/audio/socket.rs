@@ -98,6 +98,29 @@ pub struct AudioSocket {
     metrics: Arc<Metrics>,
 }
 
+/// A non-blocking UDP socket bound to `addr` with the requested kernel buffers: audio lost
+/// to a full buffer is lost for good, and the default (about 200 KB) overflows at a
+/// thousand talking devices whenever the reader is a few milliseconds late. The sizes are
+/// requests; the kernel caps them (`net.core.rmem_max` / `wmem_max`). Used by the UDP
+/// audio socket, the QUIC endpoint and the load tool's QUIC clients.
+pub fn bind_udp(
+    addr: SocketAddr,
+    recv_buffer: usize,
+    send_buffer: usize,
+) -> std::io::Result<std::net::UdpSocket> {
+    let domain = if addr.is_ipv4() {
+        socket2::Domain::IPV4
+    } else {
+        socket2::Domain::IPV6
+    };
+    let sock = socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
+    let _ = sock.set_recv_buffer_size(recv_buffer);
+    let _ = sock.set_send_buffer_size(send_buffer);
+    sock.set_nonblocking(true)?;
+    sock.bind(&addr.into())?;
+    Ok(sock.into())
+}
+
 impl AudioSocket {
     /// Binds the audio socket with the requested kernel buffer sizes.
     pub fn bind(
@@ -113,19 +136,7 @@ impl AudioSocket {
             setting: "udp.listen",
             source,
         };
-        let domain = if listen.is_ipv4() {
-            socket2::Domain::IPV4
-        } else {
-            socket2::Domain::IPV6
-        };
-        let sock = socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))
-            .map_err(bind_err)?;
-        // Buffer sizes are requests; the kernel caps them (net.core.rmem_max).
-        let _ = sock.set_recv_buffer_size(recv_buffer);
-        let _ = sock.set_send_buffer_size(send_buffer);
-        sock.set_nonblocking(true).map_err(bind_err)?;
-        sock.bind(&listen.into()).map_err(bind_err)?;
-        let std_sock: std::net::UdpSocket = sock.into();
+        let std_sock = bind_udp(listen, recv_buffer, send_buffer).map_err(bind_err)?;
         let socket = Arc::new(UdpSocket::from_std(std_sock).map_err(bind_err)?);
         let local_addr = socket.local_addr().map_err(bind_err)?;
         let (tx, rx) = mpsc::channel(1024);

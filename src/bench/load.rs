@@ -880,17 +880,16 @@ impl DeviceContext {
             return Ok(e.clone());
         }
         // Large kernel buffers, as the server has: the tool must not lose what it measures.
-        let endpoint =
-            crate::quic::endpoint::bind_socket(SocketAddr::new(source, 0), 8 << 20, 4 << 20)
-                .and_then(|socket| {
-                    quinn::Endpoint::new(
-                        quinn::EndpointConfig::default(),
-                        None,
-                        socket,
-                        Arc::new(quinn::TokioRuntime),
-                    )
-                })
-                .map_err(|e| format!("QUIC endpoint on {source}: {e}"))?;
+        let endpoint = crate::audio::socket::bind_udp(SocketAddr::new(source, 0), 8 << 20, 4 << 20)
+            .and_then(|socket| {
+                quinn::Endpoint::new(
+                    quinn::EndpointConfig::default(),
+                    None,
+                    socket,
+                    Arc::new(quinn::TokioRuntime),
+                )
+            })
+            .map_err(|e| format!("QUIC endpoint on {source}: {e}"))?;
         endpoints.insert(source, endpoint.clone());
         Ok(endpoint)
     }

@@ -57,9 +57,8 @@ pub struct QuicSettings {
     pub token_ttl: Duration,
     /// Uplink frames queued per conversation (`udp.uplink_queue`).
     pub uplink_queue: usize,
-    /// Kernel socket buffers to ask for (`udp.recv_buffer_bytes`, `udp.send_buffer_bytes`):
-    /// the default (about 200 KB) overflows at a thousand talking devices whenever the
-    /// endpoint is a few milliseconds late, and every overflow is lost audio.
+    /// Kernel socket buffers to ask for (`udp.recv_buffer_bytes`, `udp.send_buffer_bytes`;
+    /// see [`crate::audio::socket::bind_udp`]).
     pub recv_buffer_bytes: usize,
     pub send_buffer_bytes: usize,
     /// Connections open at once; further ones are refused.
@@ -79,25 +78,6 @@ pub struct QuicSettings {
 struct Limits {
     datagrams: (u32, u32),
     control: (u32, u32),
-}
-
-/// A UDP socket with the requested kernel buffers (requests: the kernel caps them at
-/// `net.core.rmem_max` / `wmem_max`).
-pub fn bind_socket(
-    addr: SocketAddr,
-    recv_buffer: usize,
-    send_buffer: usize,
-) -> std::io::Result<std::net::UdpSocket> {
-    let domain = if addr.is_ipv4() {
-        socket2::Domain::IPV4
-    } else {
-        socket2::Domain::IPV6
-    };
-    let socket = socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
-    let _ = socket.set_recv_buffer_size(recv_buffer);
-    let _ = socket.set_send_buffer_size(send_buffer);
-    socket.bind(&addr.into())?;
-    Ok(socket.into())
 }
 
 /// The endpoint, to be run as one task.
@@ -157,7 +137,7 @@ impl QuicEndpoint {
             .datagram_send_buffer_size(64 * 1024);
         server.transport_config(Arc::new(transport));
         server.migration(true);
-        let socket = bind_socket(
+        let socket = crate::audio::socket::bind_udp(
             settings.listen,
             settings.recv_buffer_bytes,
             settings.send_buffer_bytes,
