@@ -32,6 +32,7 @@ pub struct Config {
     pub pipeline: PipelineConfig,
     pub mcp: McpConfig,
     pub management: ManagementConfig,
+    pub calls: CallsConfig,
     pub ota: OtaConfig,
     pub history: HistoryConfig,
     pub presence: PresenceConfig,
@@ -519,6 +520,36 @@ impl Default for ManagementConfig {
     }
 }
 
+/// Device-to-device calling (`/api/call/request`, `/api/call/accept` on the management
+/// API).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CallsConfig {
+    /// Serve the calling endpoints (with the management API).
+    pub enabled: bool,
+    /// How long a call rings before it gives up and the caller hears goodbye (the Node
+    /// gateway's 60 s).
+    pub ring_timeout_secs: u64,
+    /// Longest bridged call, in seconds; 0: no limit.
+    pub max_call_secs: u64,
+    /// Most calls (ringing and bridged) at once, over the cluster.
+    pub max_calls: usize,
+    /// How long a target may take to answer the MCP wake-up, in seconds.
+    pub wake_timeout_secs: u64,
+}
+
+impl Default for CallsConfig {
+    fn default() -> Self {
+        CallsConfig {
+            enabled: true,
+            ring_timeout_secs: 60,
+            max_call_secs: 3600,
+            max_calls: 10_000,
+            wake_timeout_secs: 5,
+        }
+    }
+}
+
 /// Chat history: what is recorded and where it is stored.
 #[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -675,9 +706,12 @@ pub fn redact_url(url: &str) -> String {
 pub struct OtaConfig {
     /// Serve `POST /xiaozhi/ota/`.
     pub enabled: bool,
-    /// `host:port` devices connect to for MQTT; default `udp.public_host` and the
-    /// `mqtt.listen` port.
+    /// `host` or `host:port` devices connect to for MQTT; default `udp.public_host`. The
+    /// port, when not given, is the listener's that `mqtt_tls` picks.
     pub mqtt_endpoint: Option<String>,
+    /// Point devices at the TLS listener. The firmware uses TLS exactly when the port is
+    /// 8883, so the endpoint's port must be 8883 with this on and must not be without.
+    pub mqtt_tls: bool,
     /// Client id group when the request names no board (`GID_default`, as manager-api).
     pub group: String,
     /// Firmware block: the version and URL devices compare against their own.
@@ -692,6 +726,7 @@ impl Default for OtaConfig {
         OtaConfig {
             enabled: false,
             mqtt_endpoint: None,
+            mqtt_tls: false,
             group: "GID_default".into(),
             firmware_version: String::new(),
             firmware_url: String::new(),
@@ -1060,6 +1095,8 @@ impl Config {
             ),
             ("http.request_timeout_secs", self.http.request_timeout_secs),
             ("bus.reconnect_max_secs", self.bus.reconnect_max_secs),
+            ("calls.ring_timeout_secs", self.calls.ring_timeout_secs),
+            ("calls.wake_timeout_secs", self.calls.wake_timeout_secs),
         ] {
             if value == 0 {
                 return Err(invalid(key, &value, "must be greater than 0"));
@@ -1082,6 +1119,7 @@ impl Config {
             ("broker.publish_queue", self.broker.publish_queue),
             ("udp.uplink_queue", self.udp.uplink_queue),
             ("quic.max_connections", self.quic.max_connections),
+            ("calls.max_calls", self.calls.max_calls),
             (
                 "pipeline.xiaozhi.audio_buffer_frames",
                 self.pipeline.xiaozhi.audio_buffer_frames,
@@ -1108,6 +1146,13 @@ impl Config {
                 "mqtt.max_packet_bytes",
                 &self.mqtt.max_packet_bytes,
                 "at most 16 MiB",
+            ));
+        }
+        if self.calls.max_call_secs > MAX_DURATION_SECS {
+            return Err(invalid(
+                "calls.max_call_secs",
+                &self.calls.max_call_secs,
+                &format!("at most {MAX_DURATION_SECS} (one year), or 0 for no limit"),
             ));
         }
         if self.presence.ttl_secs <= self.presence.heartbeat_secs {

@@ -24,6 +24,7 @@ pub mod admin;
 pub mod audio;
 pub mod bench;
 pub mod broker;
+pub mod calls;
 pub mod config;
 pub mod history;
 pub mod http;

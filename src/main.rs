@@ -510,13 +510,18 @@ fn credentials(config: &Config, args: &CredentialsArgs) -> ExitCode {
             "warning: no signature key is set; the password is unsigned and only a gateway in development mode (--dev) accepts it"
         );
     }
-    let settings = ota::mqtt_settings(
-        config,
-        config.mqtt.listen.port(),
-        &group,
-        &args.mac,
-        &args.ip.to_string(),
-    );
+    let ports = ota::MqttPorts {
+        plain: config.mqtt.listen.port(),
+        tls: config.device_tls().map(|_| config.mqtt.tls_listen.port()),
+    };
+    let endpoint = match ota::ota_endpoint(config, ports) {
+        Ok(endpoint) => endpoint,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let settings = ota::mqtt_settings(config, &endpoint, &group, &args.mac, &args.ip.to_string());
     match serde_json::to_string_pretty(&settings) {
         Ok(text) => {
             println!("{text}");

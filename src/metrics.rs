@@ -136,6 +136,45 @@ counters! {
     sessions_live,
     /// Conversations ended.
     sessions_ended,
+    /// Device-calling requests (`/api/call/request`), by answer.
+    call_requests_pending,
+    call_requests_bridged,
+    call_requests_offline,
+    call_requests_error,
+    /// Device-calling accepts (`/api/call/accept`), by answer.
+    call_accepts_bridged,
+    call_accepts_no_pending,
+    call_accepts_caller_gone,
+    call_accepts_offline,
+    call_accepts_error,
+    /// Calls ended, by cause.
+    calls_ended_party_left,
+    calls_ended_ring_timeout,
+    calls_ended_max_duration,
+    calls_ended_caller_gone,
+    /// Conversations of this node that are call legs now (gauge).
+    call_legs,
+    /// Call audio frames: handed to a leg on this node, answered with silence (ringing),
+    /// sent to and received from legs on other nodes.
+    call_frames_local,
+    call_frames_silence,
+    call_frames_remote_out,
+    call_frames_remote_in,
+    /// Call audio frames dropped: no leg to take them (not bridged yet, or gone), or the
+    /// leg's queue was full.
+    call_frames_dropped_no_peer,
+    call_frames_dropped_queue_full,
+    /// Targets woken for a call (MCP `self.remote_wakeup`), and wake-ups the device did
+    /// not take (no such tool, no answer, not connected).
+    call_wakes_sent,
+    call_wakes_failed,
+    /// Calling actions sent to the node holding the device, and ones received that
+    /// could not be read.
+    call_actions_forwarded,
+    call_actions_malformed,
+    /// Device control messages (`listen`, `abort`, ...) ignored because the
+    /// conversation is a call leg.
+    call_control_ignored,
     /// UDP datagrams and bytes received / sent.
     udp_rx_datagrams,
     udp_rx_bytes,

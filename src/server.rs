@@ -166,6 +166,8 @@ pub enum StartError {
     History(String),
     #[error("presence (presence.*): {0}")]
     Presence(String),
+    #[error("OTA (ota.mqtt_endpoint / ota.mqtt_tls): {0}")]
+    Ota(#[from] crate::http::ota::EndpointError),
 }
 
 /// The addresses actually bound (ports resolved).
@@ -257,8 +259,24 @@ impl Gateway {
             false => None,
         };
         let http_listener = bind_tcp(config.http.listen, "HTTP", "http.listen").await?;
+        // Device calling: the legs' switchboard and the service's queues exist before the
+        // bus, which delivers other nodes' call traffic to them.
+        let call_legs = Arc::new(crate::session::call_leg::CallLegs::new(metrics.clone()));
+        let (call_events, call_actions, call_inputs) = crate::calls::channels();
+        let external_bus = config.bus.mode == crate::config::BusMode::External;
+        let call_traffic: Option<Arc<dyn crate::broker::inbound::CallTraffic>> =
+            (external_bus && config.calls.enabled).then(|| {
+                Arc::new(crate::calls::cluster::ClusterInbound {
+                    legs: call_legs.clone(),
+                    actions: call_actions,
+                    metrics: metrics.clone(),
+                }) as Arc<dyn crate::broker::inbound::CallTraffic>
+            });
         let (broker, bus_commands, pending_calls) =
-            BusBackend::start(&config, registry.clone(), metrics.clone()).await?;
+            BusBackend::start(&config, registry.clone(), call_traffic, metrics.clone()).await?;
+        if external_bus {
+            call_legs.connect_cluster(broker.bus().clone(), config.node.id.clone());
+        }
 
         let udp_addr = audio.local_addr();
         let pipeline: Arc<dyn Pipeline> = match config.pipeline_kind() {
@@ -327,6 +345,8 @@ impl Gateway {
             history,
             history_max_packets: (config.history.max_utterance_secs * 1000 / 20) as usize,
             events: Some(events.clone()),
+            call_legs: call_legs.clone(),
+            call_events: config.calls.enabled.then_some(call_events),
             mcp: McpSettings {
                 setup: config.mcp.setup,
                 max_tools: config.mcp.max_tools,
@@ -335,6 +355,20 @@ impl Gateway {
                 ..McpSettings::default()
             },
         });
+
+        let calls = match config.calls.enabled {
+            true => Some(start_calls(
+                &config,
+                sessions.clone(),
+                directory.clone(),
+                registry.clone(),
+                presence.clone(),
+                call_legs.clone(),
+                broker.bus().clone(),
+                metrics.clone(),
+            )?),
+            false => None,
+        };
 
         let front_end = Arc::new(FrontEnd {
             settings: DeviceMqttSettings {
@@ -386,6 +420,19 @@ impl Gateway {
                 setting: "http.listen",
                 source,
             })?,
+        };
+        // Devices provisioned here must reach a listener that speaks what the firmware
+        // will assume from the port (TLS exactly on 8883): refuse to start otherwise.
+        let ota_endpoint = if config.ota.enabled {
+            crate::http::ota::ota_endpoint(
+                &config,
+                crate::http::ota::MqttPorts {
+                    plain: addrs.mqtt.port(),
+                    tls: addrs.mqtt_tls.map(|a| a.port()),
+                },
+            )?
+        } else {
+            String::new()
         };
 
         background.push(tokio::spawn(front_end.clone().run_listener(
@@ -475,6 +522,11 @@ impl Gateway {
             metrics.clone(),
             stop_rest.clone(),
         )));
+        if let Some(calls) = &calls {
+            background.push(tokio::spawn(
+                calls.clone().run(call_inputs, stop_rest.clone()),
+            ));
+        }
         let http_stop = stop_rest.clone();
         let http_metrics = metrics.clone();
         let http_limits = crate::http::serve::ServeLimits {
@@ -485,7 +537,7 @@ impl Gateway {
             metrics: metrics.clone(),
             directory: directory.clone(),
             config: Arc::new(config.clone()),
-            mqtt_port: addrs.mqtt.port(),
+            ota_endpoint,
             history: history_store,
             history_events: history_events.clone(),
             hints,
@@ -493,6 +545,7 @@ impl Gateway {
             admin: admin.clone(),
             events: events.clone(),
             tickets: Default::default(),
+            calls,
         });
         background.push(tokio::spawn(async move {
             crate::http::serve::serve(http_listener, app, http_limits, http_metrics, http_stop)
@@ -583,6 +636,61 @@ impl Gateway {
         }
         info!("stopped");
     }
+}
+
+/// The calling service: its book in Redis when the bus is external and presence is in
+/// Redis (a cluster, where the two devices of a call may be on different nodes), in
+/// memory otherwise.
+#[allow(clippy::too_many_arguments)]
+fn start_calls(
+    config: &Config,
+    sessions: SessionManager,
+    directory: Arc<DeviceDirectory>,
+    registry: Arc<DeviceRegistry>,
+    presence: PresenceTracker,
+    legs: Arc<crate::session::call_leg::CallLegs>,
+    bus: crate::broker::bus::Bus,
+    metrics: Arc<Metrics>,
+) -> Result<Arc<crate::calls::CallService>, StartError> {
+    let timeout = Duration::from_millis(config.presence.timeout_ms);
+    let shared = config.bus.mode == crate::config::BusMode::External;
+    let store = match (&config.presence.redis_url, shared) {
+        (Some(url), true) => {
+            crate::calls::store::CallStore::redis(url, &config.presence.key_prefix, timeout)
+                .map_err(|e| {
+                    StartError::Presence(format!(
+                        "call book: {e} (presence.redis_url = {})",
+                        crate::config::redact_url(url)
+                    ))
+                })?
+        }
+        _ => crate::calls::store::CallStore::memory(),
+    };
+    if shared && !store.is_shared() {
+        warn!(
+            "calls: the bus is external but presence.redis_url is not set, so each node keeps its own call book: calls between devices on different nodes are refused as offline"
+        );
+    }
+    let c = &config.calls;
+    Ok(crate::calls::CallService::new(crate::calls::CallDeps {
+        settings: crate::calls::CallSettings {
+            ring_timeout: Duration::from_secs(c.ring_timeout_secs),
+            max_call: Duration::from_secs(c.max_call_secs),
+            max_calls: c.max_calls,
+            wake_timeout: Duration::from_secs(c.wake_timeout_secs),
+            lookup_timeout: timeout,
+        },
+        cluster: store.is_shared(),
+        store,
+        node: config.node.id.clone(),
+        sessions,
+        directory,
+        sink: registry,
+        presence,
+        legs,
+        bus,
+        metrics,
+    }))
 }
 
 /// Opens the presence store (Redis when `presence.redis_url` is set, else memory) and

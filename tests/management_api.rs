@@ -189,7 +189,7 @@ async fn status_is_looked_up_by_mac_and_tells_idle_from_conversation() {
     let status = status_of(&gw, &ids).await;
     assert_eq!(
         status[&ids[0]],
-        json!({"isAlive": null, "exists": true, "inConversation": false}),
+        json!({"isAlive": true, "exists": true, "inConversation": false}),
         "connected, idle"
     );
     assert_eq!(
@@ -203,6 +203,14 @@ async fn status_is_looked_up_by_mac_and_tells_idle_from_conversation() {
         "unknown"
     );
     assert_eq!(status.as_object().unwrap().len(), 3);
+    // Both manager-api generations read the answer as meant: idle and talking devices
+    // online, the unknown one offline, and the strict router accepts every entry.
+    py_test_mqtt_router_accepts(&status, &ids).expect("py-test-mqtt router");
+    let online: Vec<bool> = ids
+        .iter()
+        .map(|id| main_manager_web_shows_online(&status, id))
+        .collect();
+    assert_eq!(online, [true, true, false], "main's manager-web: {status}");
 
     // The other spellings of a client id name the same device.
     let mac = common::mac(1);
@@ -467,4 +475,75 @@ async fn the_api_is_absent_when_disabled_or_without_a_key() {
     unsigned.auth.signature_key = None;
     unsigned.auth.allow_unsigned = true;
     api_is_absent(unsigned).await;
+}
+
+/// manager-api `main`, manager-web `DeviceManagement.vue` (and `AddressBookManagement.vue`,
+/// the same rule), read 2026-12: whether a device shows online.
+///
+/// ```js
+/// if (deviceStatusMap[mqttClientId]) {
+///   if (statusInfo.isAlive === true) isOnline = true;
+///   else if (statusInfo.isAlive === false) isOnline = false;
+///   else if (statusInfo.isAlive === null && statusInfo.exists === true) isOnline = true;
+///   else isOnline = false;
+/// } else deviceStatus = 'offline';
+/// ```
+fn main_manager_web_shows_online(answer: &Value, client_id: &str) -> bool {
+    let Some(info) = answer.get(client_id).filter(|v| !v.is_null()) else {
+        return false;
+    };
+    match info.get("isAlive") {
+        Some(Value::Bool(alive)) => *alive,
+        Some(Value::Null) => info.get("exists") == Some(&Value::Bool(true)),
+        _ => false,
+    }
+}
+
+/// manager-api `py-test-mqtt`, `MqttManagementRouter.parseStatusResponse`, read 2026-12:
+/// the checks that fail the whole request (every device's status, calls and tool calls)
+/// when one entry breaks them.
+///
+/// ```java
+/// for (String clientId : clientIds) {
+///   Object rawStatus = response.get(clientId);
+///   if (!(rawStatus instanceof JSONObject status) || !status.containsKey("exists")
+///       || !status.containsKey("isAlive")) throw ...;
+///   if (!(rawExists instanceof Boolean exists) || !(rawAlive instanceof Boolean alive)
+///       || (!exists && alive)) throw ...;
+/// }
+/// ```
+fn py_test_mqtt_router_accepts(answer: &Value, client_ids: &[String]) -> Result<(), String> {
+    let response = answer.as_object().ok_or("not a JSON object")?;
+    for id in client_ids {
+        let status = response
+            .get(id)
+            .and_then(Value::as_object)
+            .ok_or(format!("missing status for {id}"))?;
+        let (Some(Value::Bool(exists)), Some(Value::Bool(alive))) =
+            (status.get("exists"), status.get("isAlive"))
+        else {
+            return Err(format!("exists/isAlive not Boolean for {id}: {status:?}"));
+        };
+        if !exists && *alive {
+            return Err(format!("alive but not existing: {id}"));
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn the_recorded_consumer_rules_tell_the_answers_apart() {
+    // The rule functions themselves, on the answers other gateways give: the Node
+    // gateway's null for an idle device is online for main and fails py-test-mqtt.
+    let ids = vec!["d".to_owned()];
+    let node_idle = json!({"d": {"isAlive": null, "exists": true}});
+    assert!(main_manager_web_shows_online(&node_idle, "d"));
+    assert!(py_test_mqtt_router_accepts(&node_idle, &ids).is_err());
+    let idle_false = json!({"d": {"isAlive": false, "exists": true}});
+    assert!(!main_manager_web_shows_online(&idle_false, "d"));
+    assert!(py_test_mqtt_router_accepts(&idle_false, &ids).is_ok());
+    let invalid = json!({"d": {"isAlive": true, "exists": false}});
+    assert!(py_test_mqtt_router_accepts(&invalid, &ids).is_err());
+    assert!(py_test_mqtt_router_accepts(&json!({}), &ids).is_err());
+    assert!(!main_manager_web_shows_online(&json!({}), "d"));
 }

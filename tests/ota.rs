@@ -398,3 +398,51 @@ async fn the_credentials_command_refuses_bad_input_with_exit_2() {
     assert!(settings["password"].as_str().is_some_and(|p| !p.is_empty()));
     assert!(String::from_utf8_lossy(&out.stderr).contains("warning"));
 }
+
+/// The endpoint always carries the port of the listener it names: without one the
+/// firmware assumes 8883 with TLS. TLS is on exactly for 8883 in the firmware, so a
+/// configuration that disagrees with that refuses to start.
+#[tokio::test]
+async fn the_endpoint_always_has_a_port_that_matches_tls() {
+    let mac = common::mac(6);
+    let mut config = ota_config();
+    config.ota.mqtt_endpoint = Some("mqtt.example.com".into());
+    let gw = common::start_with(config).await;
+    let resp = ota(&gw, "/xiaozhi/ota/", Some(&mac.colon()), String::new()).await;
+    let reply: Value = resp.json().await.unwrap();
+    assert_eq!(
+        reply["mqtt"]["endpoint"],
+        format!("mqtt.example.com:{}", gw.addrs.mqtt.port())
+    );
+    gw.shutdown().await;
+
+    let mut config = ota_config();
+    config.ota.mqtt_endpoint = Some("mqtt.example.com:8883".into());
+    config.ota.mqtt_tls = true;
+    let gw = common::start_with(config).await;
+    let resp = ota(&gw, "/xiaozhi/ota/", Some(&mac.colon()), String::new()).await;
+    let reply: Value = resp.json().await.unwrap();
+    assert_eq!(reply["mqtt"]["endpoint"], "mqtt.example.com:8883");
+    gw.shutdown().await;
+
+    for (endpoint, tls, names) in [
+        (Some("mqtt.example.com:8883"), false, "plain MQTT"),
+        (Some("mqtt.example.com:1883"), true, "TLS"),
+        (None, true, "TLS listener is off"),
+    ] {
+        let mut config = ota_config();
+        config.ota.mqtt_endpoint = endpoint.map(str::to_owned);
+        config.ota.mqtt_tls = tls;
+        let err = match xiaozhi_gateway::server::Gateway::start(config).await {
+            Ok(gw) => {
+                gw.shutdown().await;
+                panic!("{endpoint:?} tls={tls} started");
+            }
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            err.contains("ota.mqtt") && err.contains(names),
+            "{endpoint:?} tls={tls}: {err}"
+        );
+    }
+}

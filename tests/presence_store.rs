@@ -179,6 +179,8 @@ fn record(mac: &str, state: PresenceState, node: &str) -> PresenceRecord {
         firmware: None,
         session_id: None,
         session_since_ms: None,
+        call_peer: None,
+        call_bridged: None,
         connected_at_ms: now - 5_000,
         last_seen_ms: now,
     }
@@ -606,6 +608,7 @@ fn counts(connected: usize, in_session: usize, offline: usize) -> FleetCounts {
     FleetCounts {
         connected,
         in_session,
+        in_call: 0,
         offline,
     }
 }

@@ -551,3 +551,43 @@ async fn shutdown_says_goodbye_and_closes_the_upstream() {
         "the upstream got a close"
     );
 }
+
+/// `{"type":"udp_timeout"}` (sent by some firmware forks when their audio channel timed
+/// out) ends the conversation as the Node gateway does: the upstream WebSocket is closed
+/// and the device hears goodbye with its session id; the device stays connected.
+#[tokio::test]
+async fn a_device_udp_timeout_closes_the_upstream_and_says_goodbye() {
+    let upstream = mock(Behavior::Normal).await;
+    let gw = gateway_with(&upstream).await;
+    let mut dev = common::device(&gw, 118).await;
+    let (hello, _audio) = common::conversation(&mut dev).await;
+    dev.publish_json(&json!({"session_id": hello.session_id, "type": "udp_timeout"}))
+        .await
+        .unwrap();
+    let goodbye = dev
+        .recv_type("goodbye", Duration::from_secs(5))
+        .await
+        .expect("the device is told");
+    assert_eq!(goodbye["session_id"], hello.session_id.as_str());
+    assert!(
+        common::eventually(Duration::from_secs(3), || upstream
+            .observed()
+            .closes_by_gateway
+            == 1)
+        .await,
+        "the upstream got a close"
+    );
+    assert!(
+        upstream
+            .observed()
+            .texts
+            .iter()
+            .all(|t| t["type"] != "udp_timeout"),
+        "the report is the gateway's, not relayed"
+    );
+    assert_eq!(gw.directory.status(&common::mac(118)), Some(false));
+    // A new conversation works as before.
+    let (again, _audio) = common::conversation(&mut dev).await;
+    assert_ne!(again.session_id, hello.session_id);
+    gw.shutdown().await;
+}

@@ -10,7 +10,7 @@ use tokio::sync::mpsc;
 
 use super::bus::{BrokerError, Bus, BusCommand, EmbeddedBroker};
 use super::external::ExternalBus;
-use super::inbound::{Inbound, NodeRole};
+use super::inbound::{CallTraffic, Inbound, NodeRole};
 use super::registry::DeviceRegistry;
 use crate::admin::forward::PendingCalls;
 use crate::config::{BusMode, Config};
@@ -28,6 +28,7 @@ impl BusBackend {
     pub async fn start(
         config: &Config,
         registry: Arc<DeviceRegistry>,
+        call_traffic: Option<Arc<dyn CallTraffic>>,
         metrics: Arc<Metrics>,
     ) -> Result<
         (
@@ -48,6 +49,7 @@ impl BusBackend {
                 let role = NodeRole {
                     node: config.node.id.clone(),
                     calls: calls.clone(),
+                    call_traffic,
                 };
                 let (inbound, commands) = Inbound::new(registry, Some(role), metrics.clone());
                 let bus = ExternalBus::start(

@@ -73,6 +73,8 @@ pub fn subscriptions(node: &str, share_group: &str) -> Vec<String> {
         topics::shared(share_group, topics::ADMIN_COMMANDS_FILTER),
         topics::node_commands(node),
         topics::node_replies_filter(node),
+        topics::node_calls(node),
+        topics::node_call_audio_filter(node),
     ]
 }
 

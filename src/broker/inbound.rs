@@ -11,6 +11,10 @@
 //!   ([`crate::admin::forward`]), queued like the others but marked forwarded.
 //! * `xiaozhi/nodes/<this node>/replies/<call>` (scale-out): the answer to a call this
 //!   node's management API forwarded, handed to the waiting call.
+//! * `xiaozhi/nodes/<this node>/calls` and `.../call-audio/<call>/<mac_>` (scale-out):
+//!   device-calling actions for this node's devices and the audio of their calls, handed
+//!   to [`CallTraffic`] (implemented by the calling service, which this layer does not
+//!   know).
 
 use std::sync::Arc;
 
@@ -31,6 +35,16 @@ pub const COMMAND_QUEUE: usize = 1024;
 pub struct NodeRole {
     pub node: String,
     pub calls: Arc<PendingCalls>,
+    /// Where device-calling traffic for this node goes.
+    pub call_traffic: Option<Arc<dyn CallTraffic>>,
+}
+
+/// Device-calling traffic another node sent to this one.
+pub trait CallTraffic: Send + Sync + 'static {
+    /// An action for one of this node's devices (JSON).
+    fn action(&self, payload: Bytes);
+    /// A frame of call audio for `mac`'s leg of call `call`.
+    fn audio(&self, call: u64, mac: crate::protocol::mac::Mac, payload: Bytes);
 }
 
 /// Routes what the bus delivers.
@@ -100,6 +114,16 @@ impl Inbound {
             // Late replies (the call timed out) are simply not wanted any more.
             Some(NodeTopic::Reply(call)) => {
                 cluster.calls.complete(call, payload);
+            }
+            Some(NodeTopic::Calls) => {
+                if let Some(traffic) = &cluster.call_traffic {
+                    traffic.action(payload);
+                }
+            }
+            Some(NodeTopic::CallAudio { call, mac }) => {
+                if let Some(traffic) = &cluster.call_traffic {
+                    traffic.audio(call, mac, payload);
+                }
             }
             None => {}
         }

@@ -114,16 +114,42 @@ pub fn node_reply(node: &str, call: u64) -> String {
     format!("{NODES_PREFIX}{node}/replies/{call}")
 }
 
+/// `xiaozhi/nodes/<node>/calls`: device-calling actions for devices on `node`.
+pub fn node_calls(node: &str) -> String {
+    format!("{NODES_PREFIX}{node}/calls")
+}
+
+/// `xiaozhi/nodes/<node>/call-audio/+/+`: the filter for call audio to `node`'s legs.
+pub fn node_call_audio_filter(node: &str) -> String {
+    format!("{NODES_PREFIX}{node}/call-audio/+/+")
+}
+
+/// `xiaozhi/nodes/<node>/call-audio/<call>/<mac_>`: audio for `mac`'s leg of call
+/// `call`, on `node`.
+pub fn node_call_audio(node: &str, call: u64, mac: &Mac) -> String {
+    format!("{NODES_PREFIX}{node}/call-audio/{call}/{mac}")
+}
+
 /// Which of `node`'s own topics `topic` is, if any.
 pub fn parse_node_topic(node: &str, topic: &str) -> Option<NodeTopic> {
     let rest = topic.strip_prefix(NODES_PREFIX)?.strip_prefix(node)?;
     match rest.strip_prefix('/')? {
         "commands" => Some(NodeTopic::Commands),
-        other => other
-            .strip_prefix("replies/")?
-            .parse()
-            .ok()
-            .map(NodeTopic::Reply),
+        "calls" => Some(NodeTopic::Calls),
+        other => {
+            if let Some(audio) = other.strip_prefix("call-audio/") {
+                let (call, mac) = audio.split_once('/')?;
+                return Some(NodeTopic::CallAudio {
+                    call: call.parse().ok()?,
+                    mac: parse_canonical_mac(mac)?,
+                });
+            }
+            other
+                .strip_prefix("replies/")?
+                .parse()
+                .ok()
+                .map(NodeTopic::Reply)
+        }
     }
 }
 
@@ -134,6 +160,10 @@ pub enum NodeTopic {
     Commands,
     /// `xiaozhi/nodes/<node>/replies/<call>`.
     Reply(u64),
+    /// `xiaozhi/nodes/<node>/calls`.
+    Calls,
+    /// `xiaozhi/nodes/<node>/call-audio/<call>/<mac_>`.
+    CallAudio { call: u64, mac: Mac },
 }
 
 /// A shared subscription (`$share/<group>/<filter>`): the broker hands each message to
@@ -155,6 +185,11 @@ pub fn device_chat(mac: &Mac) -> String {
 /// `xiaozhi/events/upstream`: upstream (xiaozhi-server) connection events.
 pub fn events_upstream() -> String {
     format!("{EVENTS_PREFIX}upstream")
+}
+
+/// `xiaozhi/events/calls`: device calls ringing, bridged and ended.
+pub fn events_calls() -> String {
+    format!("{EVENTS_PREFIX}calls")
 }
 
 /// A MAC spelled exactly as topics spell it (`aa_bb_cc_dd_ee_ff`, lowercase), so one
@@ -246,6 +281,26 @@ mod tests {
             None
         );
         assert_eq!(parse_node_topic("gw-a", "xiaozhi/nodes/gw-a/other"), None);
+        assert_eq!(
+            parse_node_topic("gw-a", &node_calls("gw-a")),
+            Some(NodeTopic::Calls)
+        );
+        let mac: Mac = "aa:bb:cc:dd:ee:01".parse().unwrap();
+        assert_eq!(
+            parse_node_topic("gw-a", &node_call_audio("gw-a", 42, &mac)),
+            Some(NodeTopic::CallAudio { call: 42, mac })
+        );
+        assert_eq!(
+            parse_node_topic("gw-b", &node_call_audio("gw-a", 42, &mac)),
+            None
+        );
+        for bad in [
+            "xiaozhi/nodes/gw-a/call-audio/x/aa_bb_cc_dd_ee_01",
+            "xiaozhi/nodes/gw-a/call-audio/42/AA_BB_CC_DD_EE_01",
+            "xiaozhi/nodes/gw-a/call-audio/42",
+        ] {
+            assert_eq!(parse_node_topic("gw-a", bad), None, "{bad}");
+        }
         assert_eq!(
             shared("xiaozhi-gateway", ADMIN_COMMANDS),
             "$share/xiaozhi-gateway/xiaozhi/admin/commands"

@@ -1,12 +1,17 @@
 //! The Node gateway's management API (PROTOCOL.md section 7), which manager-api calls:
 //!
 //! * `POST /api/devices/status` with `{"clientIds":[...]}` answers, per client id,
-//!   `{"isAlive": true | null | false, "exists": bool, "inConversation": bool}`.
+//!   `{"isAlive": bool, "exists": bool, "inConversation": bool}`: `exists` and `isAlive`
+//!   are both `true` for every connected device (idle or not) and both `false` otherwise;
+//!   `inConversation` tells a conversation apart. See [`status_entry`] for why.
 //! * `POST /api/commands/{clientId}` with `{"type":"mcp","payload":{JSON-RPC request}}`
 //!   sends the request to the device over MCP and answers `{"success":true,"data":result}`
 //!   or HTTP 500 `{"success":false,"error":"..."}`.
 //!
-//! Both need `Authorization: Bearer <token>`, where the token is
+//! The device-calling endpoints (`/api/call/request`, `/api/call/accept`, [`super::calls`])
+//! are served here too, behind the same token.
+//!
+//! All need `Authorization: Bearer <token>`, where the token is
 //! `hex(SHA-256("YYYY-MM-DD" + signature_key))`. manager-api computes it from the UTC date
 //! (and retries with the day before and after on a 401); the Node gateway from its local
 //! date. Tokens of UTC yesterday, today and tomorrow are accepted, which covers every local
@@ -46,10 +51,15 @@ pub fn routes(state: &HttpState) -> Router<HttpState> {
     if !state.config.management.enabled || state.config.auth.signature_key.is_none() {
         return Router::new();
     }
-    Router::new()
+    let mut routes = Router::new()
         .route("/api/devices/status", post(devices_status))
-        .route("/api/commands/{client_id}", post(command))
-        .route_layer(middleware::from_fn_with_state(state.clone(), require_token))
+        .route("/api/commands/{client_id}", post(command));
+    if state.calls.is_some() {
+        routes = routes
+            .route("/api/call/request", post(super::calls::request))
+            .route("/api/call/accept", post(super::calls::accept));
+    }
+    routes.route_layer(middleware::from_fn_with_state(state.clone(), require_token))
 }
 
 /// The daily bearer token for `date`: `hex(SHA-256("YYYY-MM-DD" + key))`.
@@ -157,17 +167,36 @@ async fn devices_status(State(state): State<HttpState>, body: Bytes) -> Response
     }
     let mut out = Map::with_capacity(ids.len());
     for (id, status) in ids.into_iter().zip(statuses) {
-        let answer = match status {
-            // isAlive null for a connected device without a conversation, as the Node
-            // gateway answers: manager-web shows a device online when
-            // `isAlive === true || (isAlive === null && exists === true)`.
-            Some(true) => json!({"isAlive": true, "exists": true, "inConversation": true}),
-            Some(false) => json!({"isAlive": null, "exists": true, "inConversation": false}),
-            None => json!({"isAlive": false, "exists": false, "inConversation": false}),
-        };
-        out.insert(id, answer);
+        out.insert(id, status_entry(status));
     }
     Json(Value::Object(out)).into_response()
+}
+
+/// One device's entry in the status answer: `None` not connected, `Some(in_conversation)`
+/// connected.
+///
+/// Both manager-api generations read this answer, and they disagree about `null`:
+///
+/// * `main`'s manager-web (DeviceManagement.vue, AddressBookManagement.vue) shows a device
+///   online when `isAlive === true`, or `isAlive === null && exists === true`, and offline
+///   when `isAlive === false`.
+/// * `py-test-mqtt`'s `MqttManagementRouter` merges several backends and fails the whole
+///   request (every device's status, calls, tool calls) unless every entry has Boolean
+///   `exists` and `isAlive`, with `exists: false, isAlive: true` invalid. It routes calls
+///   to the backend whose `exists` is true.
+///
+/// The Node gateway's `isAlive: null` for an idle device breaks the second; `false` would
+/// show the device offline in the first. `isAlive: true` with `exists: true` reads
+/// "online" in both and is what the `py-test-mqtt` native backend answers (it means
+/// "transport connected" there). No consumer in either branch reads the difference
+/// between idle and talking, which `inConversation` keeps for whoever wants it.
+pub fn status_entry(status: Option<bool>) -> Value {
+    match status {
+        Some(in_conversation) => {
+            json!({"isAlive": true, "exists": true, "inConversation": in_conversation})
+        }
+        None => json!({"isAlive": false, "exists": false, "inConversation": false}),
+    }
 }
 
 /// Scale-out: what the presence store says of the devices this node does not hold
@@ -200,7 +229,7 @@ async fn elsewhere_from_store(state: &HttpState, ids: &[String], statuses: &mut 
     };
     for (slot, record) in slots.into_iter().zip(records) {
         statuses[slot] = match record.map(|r| r.state) {
-            Some(PresenceState::InSession) => Some(true),
+            Some(PresenceState::InSession | PresenceState::InCall) => Some(true),
             Some(PresenceState::Online) => Some(false),
             Some(PresenceState::Offline) | None => None,
         };

@@ -1,12 +1,14 @@
 //! The HTTP server (axum): `GET /healthz` (alive), `GET /readyz` (dependencies,
 //! [`readiness`]), `GET /metrics` (Prometheus), the Node gateway's management API that
-//! manager-api calls ([`management`]), the optional OTA endpoint ([`ota`]), the chat
+//! manager-api calls ([`management`], with device calling in [`calls`]), the optional OTA
+//! endpoint ([`ota`]), the chat
 //! history API ([`history`]), and the web console ([`console`], [`console_api`]).
 //!
 //! [`serve`] runs the listener (connection cap, header timeout); [`request_limits`]
 //! bounds every request's body (`http.max_body_bytes`, 413) and handler time
 //! (`http.request_timeout_secs`, 408), counting both.
 
+pub mod calls;
 pub mod console;
 pub mod console_api;
 mod console_fleet;
@@ -36,8 +38,8 @@ pub struct HttpState {
     pub metrics: Arc<Metrics>,
     pub directory: Arc<DeviceDirectory>,
     pub config: Arc<Config>,
-    /// The device MQTT port actually bound (for OTA's default endpoint).
-    pub mqtt_port: u16,
+    /// The MQTT endpoint OTA hands out (`host:port`, resolved at start).
+    pub ota_endpoint: String,
     /// The chat-history database, when history is enabled.
     pub history: Option<crate::history::store::Store>,
     /// Every stored chat-history record, for `/ws/admin`.
@@ -52,6 +54,8 @@ pub struct HttpState {
     pub events: crate::admin::events::EventPublisher,
     /// Export downloads waiting for their browser.
     pub tickets: Arc<console_api::ExportTickets>,
+    /// Device-to-device calling (none: `calls.enabled = false`).
+    pub calls: Option<Arc<crate::calls::CallService>>,
 }
 
 /// Builds the router.

@@ -54,13 +54,99 @@ pub struct MqttSettings {
     pub subscribe_topic: String,
 }
 
-/// The MQTT endpoint announced to devices: `ota.mqtt_endpoint`, else
-/// `udp.public_host` with the device MQTT port.
-pub fn default_endpoint(config: &Config, mqtt_port: u16) -> String {
-    match &config.ota.mqtt_endpoint {
-        Some(endpoint) if !endpoint.trim().is_empty() => endpoint.trim().to_owned(),
-        _ => format!("{}:{mqtt_port}", config.udp.public_host),
+/// The device MQTT listeners' ports, for the endpoint OTA hands out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MqttPorts {
+    /// The plain listener (`mqtt.listen`).
+    pub plain: u16,
+    /// The TLS listener (`mqtt.tls_listen`), when it is served.
+    pub tls: Option<u16>,
+}
+
+/// The port on which the firmware speaks MQTT over TLS: it decides by the port alone
+/// (`main/protocols/mqtt_protocol.cc` defaults to 8883 without a port; the network
+/// layer turns TLS on exactly for port 8883).
+pub const FIRMWARE_TLS_PORT: u16 = 8883;
+
+/// Why no usable endpoint can be handed to devices.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EndpointError {
+    #[error("ota.mqtt_endpoint {0:?}: want host or host:port with a port from 1 to 65535")]
+    Malformed(String),
+    #[error(
+        "ota.mqtt_endpoint host {0:?} contains ':': the firmware splits the endpoint at the first ':', so give a host name or an IPv4 address"
+    )]
+    ColonInHost(String),
+    #[error(
+        "ota.mqtt_tls is on but no port was given and the TLS listener is off (set mqtt.tls_cert and mqtt.tls_key, or give the port in ota.mqtt_endpoint)"
+    )]
+    NoTlsListener,
+    #[error(
+        "the endpoint {endpoint} is {kind} but the firmware uses TLS exactly when the port is {FIRMWARE_TLS_PORT}: {fix}"
+    )]
+    TlsPortMismatch {
+        endpoint: String,
+        kind: &'static str,
+        fix: &'static str,
+    },
+}
+
+/// The MQTT endpoint announced to devices, always with an explicit port: an endpoint
+/// without one makes the firmware use 8883 with TLS, whatever the gateway listens on.
+///
+/// The host is `ota.mqtt_endpoint`'s (else `udp.public_host`); the port is the one
+/// `ota.mqtt_endpoint` names (for a proxy in front of the gateway), else the port of the
+/// listener `ota.mqtt_tls` picks. Because the firmware turns TLS on by the port alone,
+/// a TLS endpoint must be on port 8883 and a plain one must not.
+pub fn ota_endpoint(config: &Config, ports: MqttPorts) -> Result<String, EndpointError> {
+    let configured = config
+        .ota
+        .mqtt_endpoint
+        .as_deref()
+        .map(str::trim)
+        .filter(|e| !e.is_empty());
+    let (host, port) = match configured {
+        Some(endpoint) => match endpoint.rsplit_once(':') {
+            Some((host, port)) if !host.is_empty() => {
+                let port = port
+                    .parse::<u16>()
+                    .ok()
+                    .filter(|p| *p != 0)
+                    .ok_or_else(|| EndpointError::Malformed(endpoint.to_owned()))?;
+                (host.to_owned(), Some(port))
+            }
+            Some(_) => return Err(EndpointError::Malformed(endpoint.to_owned())),
+            None => (endpoint.to_owned(), None),
+        },
+        None => (config.udp.public_host.clone(), None),
+    };
+    if host.contains(':') {
+        return Err(EndpointError::ColonInHost(host));
     }
+    let tls = config.ota.mqtt_tls;
+    let port = match port {
+        Some(p) => p,
+        None if tls => ports.tls.ok_or(EndpointError::NoTlsListener)?,
+        None => ports.plain,
+    };
+    let endpoint = format!("{host}:{port}");
+    // Port 0 is an ephemeral listener (tests): nothing the firmware could be confused by.
+    if port != 0 && (port == FIRMWARE_TLS_PORT) != tls {
+        return Err(if tls {
+            EndpointError::TlsPortMismatch {
+                endpoint,
+                kind: "TLS (ota.mqtt_tls = true)",
+                fix: "put the TLS listener, or the port your proxy exposes for it, on 8883",
+            }
+        } else {
+            EndpointError::TlsPortMismatch {
+                endpoint,
+                kind: "plain MQTT (ota.mqtt_tls = false)",
+                fix: "use another port for plain MQTT, or set ota.mqtt_tls = true if port 8883 is the TLS listener",
+            }
+        });
+    }
+    Ok(endpoint)
 }
 
 /// A client-id group made from a board type: only `[A-Za-z0-9_-]` kept, at most
@@ -78,10 +164,10 @@ pub fn sanitize_group(raw: &str) -> Option<String> {
 /// password, [`UNSIGNED_PASSWORD`], when there is none: development mode).
 ///
 /// `group` is used as given (callers sanitise it), `ip` goes into the username as
-/// manager-api does, and `mqtt_port` is the device MQTT port for the default endpoint.
+/// manager-api does, and `endpoint` comes from [`ota_endpoint`].
 pub fn mqtt_settings(
     config: &Config,
-    mqtt_port: u16,
+    endpoint: &str,
     group: &str,
     mac: &Mac,
     ip: &str,
@@ -93,7 +179,7 @@ pub fn mqtt_settings(
         None => UNSIGNED_PASSWORD.to_owned(),
     };
     MqttSettings {
-        endpoint: default_endpoint(config, mqtt_port),
+        endpoint: endpoint.to_owned(),
         client_id,
         username,
         password,
@@ -162,7 +248,7 @@ async fn ota(
         info["application"]["version"].as_str(),
     );
     let ip = canonical_ip(peer.ip()).to_string();
-    let mqtt = mqtt_settings(&state.config, state.mqtt_port, &group, &mac, &ip);
+    let mqtt = mqtt_settings(&state.config, &state.ota_endpoint, &group, &mac, &ip);
 
     let now_ms = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -222,7 +308,8 @@ mod tests {
     fn settings_are_signed_like_manager_api() {
         let mac: Mac = "aa:bb:cc:dd:ee:ff".parse().unwrap();
         let c = config(Some("test-signature-key"));
-        let s = mqtt_settings(&c, 1883, "GID_test", &mac, "192.0.2.10");
+        let endpoint = ota_endpoint(&c, PORTS).unwrap();
+        let s = mqtt_settings(&c, &endpoint, "GID_test", &mac, "192.0.2.10");
         // The vector of PROTOCOL.md / credentials.rs.
         assert_eq!(
             s.client_id,
@@ -245,7 +332,8 @@ mod tests {
         let mac: Mac = "aa:bb:cc:dd:ee:ff".parse().unwrap();
         let mut c = config(None);
         c.ota.mqtt_endpoint = Some("mqtt.example.com:1883".into());
-        let s = mqtt_settings(&c, 1, "G", &mac, "10.0.0.1");
+        let endpoint = ota_endpoint(&c, PORTS).unwrap();
+        let s = mqtt_settings(&c, &endpoint, "G", &mac, "10.0.0.1");
         assert_eq!(s.endpoint, "mqtt.example.com:1883");
         assert!(!s.password.is_empty());
         assert!(
@@ -259,6 +347,60 @@ mod tests {
                 .verify(&s.client_id, Some(&s.username), Some(&s.password))
                 .is_err()
         );
+    }
+
+    const PORTS: MqttPorts = MqttPorts {
+        plain: 1883,
+        tls: None,
+    };
+
+    #[test]
+    fn the_endpoint_always_has_the_port_of_the_listener_it_names() {
+        let mut c = config(Some("k"));
+        c.udp.public_host = "gw.example.com".into();
+        let tls = MqttPorts {
+            plain: 1883,
+            tls: Some(8883),
+        };
+        assert_eq!(ota_endpoint(&c, tls).unwrap(), "gw.example.com:1883");
+        // A host without a port gets the listener's port, never the firmware's default.
+        c.ota.mqtt_endpoint = Some("mqtt.example.com".into());
+        assert_eq!(ota_endpoint(&c, tls).unwrap(), "mqtt.example.com:1883");
+        c.ota.mqtt_tls = true;
+        assert_eq!(ota_endpoint(&c, tls).unwrap(), "mqtt.example.com:8883");
+        assert_eq!(ota_endpoint(&c, PORTS), Err(EndpointError::NoTlsListener));
+        // An explicit port is kept (a proxy may expose another one) but must agree with
+        // the firmware's rule: TLS exactly on 8883.
+        c.ota.mqtt_endpoint = Some("mqtt.example.com:9883".into());
+        assert!(matches!(
+            ota_endpoint(&c, tls),
+            Err(EndpointError::TlsPortMismatch { .. })
+        ));
+        c.ota.mqtt_tls = false;
+        assert_eq!(ota_endpoint(&c, tls).unwrap(), "mqtt.example.com:9883");
+        c.ota.mqtt_endpoint = Some("mqtt.example.com:8883".into());
+        assert!(matches!(
+            ota_endpoint(&c, tls),
+            Err(EndpointError::TlsPortMismatch { .. })
+        ));
+        let on_8883 = MqttPorts {
+            plain: 8883,
+            tls: None,
+        };
+        c.ota.mqtt_endpoint = None;
+        assert!(ota_endpoint(&c, on_8883).is_err(), "plain listener on 8883");
+        for bad in ["mqtt.example.com:", ":1883", "h:0", "h:70000", "h:x"] {
+            c.ota.mqtt_endpoint = Some(bad.into());
+            assert!(
+                matches!(ota_endpoint(&c, tls), Err(EndpointError::Malformed(_))),
+                "{bad}"
+            );
+        }
+        c.ota.mqtt_endpoint = Some("[::1]:1883".into());
+        assert!(matches!(
+            ota_endpoint(&c, tls),
+            Err(EndpointError::ColonInHost(_))
+        ));
     }
 
     #[test]

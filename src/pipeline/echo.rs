@@ -94,8 +94,8 @@ enum Mode {
     Realtime,
 }
 
-struct Echo {
-    io: ConversationIo,
+struct Echo<'a> {
+    io: &'a mut ConversationIo,
     metrics: Arc<Metrics>,
     mode: Mode,
     frame: Duration,
@@ -115,7 +115,7 @@ struct Echo {
 
 #[async_trait]
 impl Conversation for EchoConversation {
-    async fn run(self: Box<Self>, io: ConversationIo) -> ConversationEnd {
+    async fn run(self: Box<Self>, io: &mut ConversationIo) -> ConversationEnd {
         let frame = Duration::from_millis(u64::from(io.uplink_audio.frame_duration));
         let max_turn_frames = ((self.config.max_turn_secs * 1000)
             / u64::from(io.uplink_audio.frame_duration).max(1))
@@ -137,7 +137,7 @@ impl Conversation for EchoConversation {
     }
 }
 
-impl Echo {
+impl Echo<'_> {
     async fn run(&mut self) -> ConversationEnd {
         // Two long-lived timers, re-armed only when needed: a frame that may go out now
         // goes out without any timer, and the realtime turn-end timer is re-armed once

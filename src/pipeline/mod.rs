@@ -107,7 +107,11 @@ pub trait Pipeline: Send + Sync + 'static {
 }
 
 /// One conversation's logic.
+///
+/// It borrows the conversation's I/O rather than owning it: the channel and its queues
+/// belong to the session, which keeps them when the pipeline is done with them (a
+/// conversation that becomes a call leg goes on with the same channel).
 #[async_trait]
 pub trait Conversation: Send + 'static {
-    async fn run(self: Box<Self>, io: ConversationIo) -> ConversationEnd;
+    async fn run(self: Box<Self>, io: &mut ConversationIo) -> ConversationEnd;
 }

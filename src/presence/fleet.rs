@@ -62,6 +62,9 @@ pub struct FleetCounts {
     pub connected: usize,
     /// In a session (also counted in `connected`).
     pub in_session: usize,
+    /// In a device-to-device call (also counted in `connected`).
+    #[serde(default)]
+    pub in_call: usize,
     /// Offline and remembered (not before `since_ms`, when given).
     pub offline: usize,
 }
@@ -155,6 +158,10 @@ pub fn fleet_page<'a>(
                 counts.connected += 1;
                 counts.in_session += 1;
             }
+            PresenceState::InCall => {
+                counts.connected += 1;
+                counts.in_call += 1;
+            }
         }
         let matches = query.state.is_none_or(|s| s == record.state)
             && search.as_ref().is_none_or(|s| s.matches(record));
@@ -212,6 +219,8 @@ mod tests {
             firmware: None,
             session_id: None,
             session_since_ms: None,
+            call_peer: None,
+            call_bridged: None,
             connected_at_ms: 1_000,
             last_seen_ms: 10_000,
         }
@@ -256,6 +265,7 @@ mod tests {
             FleetCounts {
                 connected: 13,
                 in_session: 3,
+                in_call: 0,
                 offline: 7
             }
         );
@@ -345,6 +355,7 @@ mod tests {
             FleetCounts {
                 connected: 13,
                 in_session: 3,
+                in_call: 0,
                 offline: 3
             }
         );
@@ -479,7 +490,7 @@ mod tests {
         let json = serde_json::to_value(&page).unwrap();
         assert_eq!(
             json["counts"],
-            serde_json::json!({"connected": 0, "in_session": 0, "offline": 1})
+            serde_json::json!({"connected": 0, "in_session": 0, "in_call": 0, "offline": 1})
         );
         assert_eq!(json["total"], 1);
         assert_eq!(json["next"], serde_json::Value::Null);

@@ -127,6 +127,8 @@ impl PresenceStore for MemoryPresence {
                 entry.record.state = super::PresenceState::Offline;
                 entry.record.session_id = None;
                 entry.record.session_since_ms = None;
+                entry.record.call_peer = None;
+                entry.record.call_bridged = None;
                 entry.record.last_seen_ms = now_ms;
                 entry.expires_at = deadline(now, ttls.offline);
                 count += 1;
@@ -224,6 +226,8 @@ mod tests {
             firmware: None,
             session_id: None,
             session_since_ms: None,
+            call_peer: None,
+            call_bridged: None,
             connected_at_ms: 1_000,
             last_seen_ms: 1_000,
         }

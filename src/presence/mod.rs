@@ -44,6 +44,9 @@ pub enum PresenceState {
     Online,
     /// In a conversation.
     InSession,
+    /// In a device-to-device call (ringing another device, or talking to it): its
+    /// conversation carries the call instead of a speech server's.
+    InCall,
 }
 
 impl PresenceState {
@@ -52,6 +55,7 @@ impl PresenceState {
             PresenceState::Offline => "offline",
             PresenceState::Online => "online",
             PresenceState::InSession => "in_session",
+            PresenceState::InCall => "in_call",
         }
     }
 
@@ -60,6 +64,7 @@ impl PresenceState {
             "offline" => Some(PresenceState::Offline),
             "online" => Some(PresenceState::Online),
             "in_session" => Some(PresenceState::InSession),
+            "in_call" => Some(PresenceState::InCall),
             _ => None,
         }
     }
@@ -90,12 +95,19 @@ pub struct PresenceRecord {
     /// Firmware version reported by the device (from its OTA request), when known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub firmware: Option<String>,
-    /// The running conversation's session id (`in_session` only).
+    /// The running conversation's session id (`in_session` and `in_call`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub session_id: Option<String>,
-    /// Unix ms the running conversation started (`in_session` only).
+    /// Unix ms the running conversation started (`in_session` and `in_call`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub session_since_ms: Option<i64>,
+    /// The other device of the call (colon form; `in_call` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub call_peer: Option<String>,
+    /// Whether the call is bridged (`true`) or still ringing the other device (`in_call`
+    /// only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub call_bridged: Option<bool>,
     /// Unix ms the MQTT connection was accepted.
     pub connected_at_ms: i64,
     /// Unix ms of the latest transition or heartbeat.

@@ -11,7 +11,7 @@
 //!
 //! | Key | Type | Contents |
 //! |---|---|---|
-//! | `P dev:<mac>` | hash | `state` (`offline`/`online`/`in_session`), `node`, `client_id`, `group`, `remote`, `connected_at_ms`, `last_seen_ms`, and when known `board`, `firmware`, `session_id`, `session_since_ms` (absent fields are not stored). Expires (`PEXPIRE`) after the connected TTL (online, in_session; refreshed by heartbeats) or the offline TTL (offline, kept for "last seen"). |
+//! | `P dev:<mac>` | hash | `state` (`offline`/`online`/`in_session`/`in_call`), `node`, `client_id`, `group`, `remote`, `connected_at_ms`, `last_seen_ms`, and when known `board`, `firmware`, `session_id`, `session_since_ms`, `call_peer`, `call_bridged` (`1`/`0`) (absent fields are not stored). Expires (`PEXPIRE`) after the connected TTL (online, in_session; refreshed by heartbeats) or the offline TTL (offline, kept for "last seen"). |
 //! | `P online` | sorted set | member: MAC of a connected device; score: unix ms its entry expires (last write or heartbeat + connected TTL). Members whose score has passed are stale and are pruned by `list`. |
 //! | `P known` | sorted set | member: MAC of every device with an entry, connected or offline; score: unix ms its `dev:` hash expires (the writer's clock: the later of now and `last_seen_ms`, plus the TTL the hash took). Kept by the write, heartbeat and reconcile scripts; read (and members whose score has passed pruned) by `fleet`. A refused offline write leaves it alone. Deployments older than this set have none: `fleet` then shows the connected devices (it also reads `P online`) and each offline device once it is written again. |
 //! | `P node:<node>` | set | MACs the node holds as connected (what a restarted node must mark offline). Expires after the connected TTL, refreshed by the node's writes and heartbeats. |
@@ -109,7 +109,7 @@ for _, mac in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   local key = ARGV[4] .. mac
   local stored = redis.call('HMGET', key, 'node', 'state')
   if stored[1] == ARGV[1] and stored[2] and stored[2] ~= 'offline' then
-    redis.call('HDEL', key, 'session_id', 'session_since_ms')
+    redis.call('HDEL', key, 'session_id', 'session_since_ms', 'call_peer', 'call_bridged')
     redis.call('HSET', key, 'state', 'offline', 'last_seen_ms', ARGV[2])
     redis.call('PEXPIRE', key, ARGV[3])
     redis.call('ZREM', KEYS[2], mac)
@@ -304,6 +304,11 @@ fn fields(record: &PresenceRecord) -> Vec<(&'static str, String)> {
             "session_since_ms",
             record.session_since_ms.map(|v| v.to_string()),
         ),
+        ("call_peer", record.call_peer.clone()),
+        (
+            "call_bridged",
+            record.call_bridged.map(|b| u8::from(b).to_string()),
+        ),
     ];
     fields.extend(
         optional
@@ -372,6 +377,8 @@ fn parse_record(
         firmware: hash.remove("firmware"),
         session_id: hash.remove("session_id"),
         session_since_ms,
+        call_peer: hash.remove("call_peer"),
+        call_bridged: hash.remove("call_bridged").map(|v| v == "1"),
         connected_at_ms,
         last_seen_ms,
     }))

@@ -69,6 +69,8 @@ pub struct Transition<'a> {
     pub connected_at_ms: i64,
     pub state: PresenceState,
     pub session_id: Option<&'a str>,
+    /// The call's other device and whether it is bridged (`InCall` only).
+    pub call: Option<(crate::protocol::mac::Mac, bool)>,
 }
 
 struct Shared {
@@ -182,7 +184,7 @@ impl PresenceTracker {
         let mac_address = t.identity.mac.colon();
         let hint = s.hints.get(&t.identity.mac);
         let session_since_ms = match (t.state, t.session_id) {
-            (PresenceState::InSession, Some(id)) => Some(
+            (PresenceState::InSession | PresenceState::InCall, Some(id)) => Some(
                 lock(&s.connected)
                     .get(&mac_address)
                     .filter(|r| r.session_id.as_deref() == Some(id))
@@ -202,6 +204,8 @@ impl PresenceTracker {
             firmware: hint.firmware,
             session_id: session_since_ms.and(t.session_id.map(str::to_owned)),
             session_since_ms,
+            call_peer: t.call.map(|(peer, _)| peer.colon()),
+            call_bridged: t.call.map(|(_, bridged)| bridged),
             connected_at_ms: t.connected_at_ms,
             last_seen_ms: now,
         };

@@ -14,6 +14,10 @@ use super::encryption::Encryption;
 /// others too).
 pub const HELLO_VERSION: u64 = 3;
 
+/// The message type some firmware forks send when their audio channel timed out; the
+/// Node gateway then closes the conversation's upstream (and the device hears goodbye).
+pub const UDP_TIMEOUT: &str = "udp_timeout";
+
 /// Audio parameters as the firmware writes them in its hello and reads them in ours.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AudioParams {

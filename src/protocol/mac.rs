@@ -85,6 +85,21 @@ impl fmt::Debug for Mac {
     }
 }
 
+/// Serialized in the colon form, as manager-api and JSON documents spell it; either
+/// spelling reads back.
+impl serde::Serialize for Mac {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.colon())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Mac {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -111,6 +126,20 @@ mod tests {
         ] {
             assert!(bad.parse::<Mac>().is_err(), "{bad} accepted");
         }
+    }
+
+    #[test]
+    fn serializes_in_colon_form_and_reads_either() {
+        let mac: Mac = "aa_bb_cc_dd_ee_0f".parse().unwrap();
+        assert_eq!(
+            serde_json::to_string(&mac).unwrap(),
+            "\"aa:bb:cc:dd:ee:0f\""
+        );
+        assert_eq!(
+            serde_json::from_str::<Mac>("\"AA_BB_CC_DD_EE_0F\"").unwrap(),
+            mac
+        );
+        assert!(serde_json::from_str::<Mac>("\"nope\"").is_err());
     }
 
     proptest! {

@@ -10,6 +10,7 @@
 //! Nothing in here may perform I/O, spawn, sleep or read the system clock.
 
 pub mod audio_channel;
+pub mod call_book;
 pub mod cipher;
 pub mod control;
 pub mod credentials;

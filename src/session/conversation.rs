@@ -13,13 +13,17 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use super::call_leg::{CallEvent, LegCommand, PeerRoute, SILENCE_FRAME};
 use super::{DeviceOut, EndReason, SessionDeps};
+use crate::audio::UplinkFrame;
 use crate::audio::channel::{Attach, AudioChannel};
 use crate::metrics::Metrics;
 use crate::pipeline::{ControlMessage, ConversationEnd, ConversationIo, OpenRequest};
+use crate::protocol::call_book::CallId;
 use crate::protocol::control::{self, HelloRequest, QuicHelloOffer, UdpOffer};
 use crate::protocol::credentials::DeviceIdentity;
 use crate::protocol::datagram::nonce_template;
+use crate::protocol::mac::Mac;
 use crate::protocol::negotiation::{self, AudioTransport, Offered};
 
 /// How often the idle timeout is checked.
@@ -36,6 +40,8 @@ pub(crate) struct ConversationStart {
     pub end: oneshot::Receiver<EndReason>,
     /// Where control JSON from a QUIC control stream goes (the manager's queue).
     pub control_in: crate::quic::ControlIn,
+    /// What the calling service asks of this conversation (become a call leg, hang up).
+    pub legs: mpsc::Receiver<LegCommand>,
 }
 
 /// Runs one conversation to its end and returns why it ended.
@@ -47,6 +53,7 @@ pub(crate) async fn run(deps: Arc<SessionDeps>, start: ConversationStart) -> End
         control,
         mut end,
         control_in,
+        mut legs,
     } = start;
     let mut out = DeviceOut::new(device.mac, deps.sink.clone());
     let started = tokio::time::Instant::now();
@@ -144,7 +151,7 @@ pub(crate) async fn run(deps: Arc<SessionDeps>, start: ConversationStart) -> End
     }
 
     let (uplink, downlink) = channel.take_io();
-    let io = ConversationIo {
+    let mut io = ConversationIo {
         session_id: session_id.clone(),
         uplink,
         control,
@@ -167,34 +174,89 @@ pub(crate) async fn run(deps: Arc<SessionDeps>, start: ConversationStart) -> End
     };
     let stop = io.stop.clone();
     let idle_timeout = deps.idle_timeout;
-    let idle = async {
-        let mut tick = tokio::time::interval(IDLE_CHECK);
-        loop {
-            tick.tick().await;
-            if channel.idle_for() >= idle_timeout {
-                break;
+    // The pipeline runs until the conversation ends or the calling service makes it a
+    // call leg; either way it gets its moment to hang up on the speech server.
+    let pipeline_end = {
+        let idle = async {
+            let mut tick = tokio::time::interval(IDLE_CHECK);
+            loop {
+                tick.tick().await;
+                if channel.idle_for() >= idle_timeout {
+                    break;
+                }
             }
+        };
+        tokio::pin!(idle);
+        let running = opened.conversation.run(&mut io);
+        tokio::pin!(running);
+        let mut legs_open = true;
+        let outcome = loop {
+            tokio::select! {
+                ended = &mut running => break Ok(match ended {
+                    ConversationEnd::Finished => EndReason::PipelineFinished,
+                    ConversationEnd::Failed(why) => EndReason::PipelineFailed(why),
+                }),
+                reason = &mut end => break Ok(reason.unwrap_or(EndReason::Shutdown)),
+                _ = &mut idle => break Ok(EndReason::Idle),
+                () = channel.device_left() => break Ok(EndReason::DeviceClosedTransport),
+                command = legs.recv(), if legs_open => match command {
+                    Some(LegCommand::Join { call, peer }) => break Err((call, peer)),
+                    // Not a leg: nothing to hang up.
+                    Some(LegCommand::HangUp { .. }) => {}
+                    None => legs_open = false,
+                },
+            }
+        };
+        let pipeline_done = matches!(
+            outcome,
+            Ok(EndReason::PipelineFinished | EndReason::PipelineFailed(_))
+        );
+        if !pipeline_done {
+            // Let the pipeline hang up (e.g. close its WebSocket) before it is dropped.
+            stop.cancel();
+            let _ = tokio::time::timeout(HANG_UP, &mut running).await;
+        }
+        outcome
+    };
+    let reason = match pipeline_end {
+        Ok(reason) => {
+            // A device being rung that leaves ends the call that rings it.
+            if reason.is_departure()
+                && let Some(call) = deps.call_legs.take_ringing(device.mac)
+            {
+                report_left(&deps, device.mac, call, &reason).await;
+            }
+            reason
+        }
+        Err((call, peer)) => {
+            // What was recorded of the speech-server conversation is complete; the call
+            // itself is not chat history.
+            io.recorder.take();
+            io.downlink.set_reflect(false);
+            deps.directory
+                .set_call(&device.mac, serial, Some((call, peer.clone())));
+            info!(call, peer = ?peer, "conversation became a call leg");
+            let (reason, call) = run_leg(
+                &deps,
+                device.mac,
+                &mut io,
+                &channel,
+                LegEnds {
+                    serial,
+                    end: &mut end,
+                    commands: &mut legs,
+                    idle_timeout,
+                },
+                call,
+                peer,
+            )
+            .await;
+            if reason != EndReason::CallEnded {
+                report_left(&deps, device.mac, call, &reason).await;
+            }
+            reason
         }
     };
-    let running = opened.conversation.run(io);
-    tokio::pin!(running);
-    let reason = tokio::select! {
-        ended = &mut running => match ended {
-            ConversationEnd::Finished => EndReason::PipelineFinished,
-            ConversationEnd::Failed(why) => EndReason::PipelineFailed(why),
-        },
-        reason = &mut end => reason.unwrap_or(EndReason::Shutdown),
-        _ = idle => EndReason::Idle,
-        () = channel.device_left() => EndReason::DeviceClosedTransport,
-    };
-    if !matches!(
-        reason,
-        EndReason::PipelineFinished | EndReason::PipelineFailed(_)
-    ) {
-        // Let the pipeline hang up (e.g. close its WebSocket) before it is dropped.
-        stop.cancel();
-        let _ = tokio::time::timeout(HANG_UP, &mut running).await;
-    }
     let stats = channel.stats();
     drop(channel);
     deps.directory.set_conversation(&device.mac, serial, None);
@@ -288,5 +350,108 @@ fn server_hello(
                 encryption: *encryption,
             },
         ),
+    }
+}
+
+/// What ends a call leg besides the call's own hang-up, and what it reports under.
+struct LegEnds<'a> {
+    /// The conversation's serial (for the directory).
+    serial: u64,
+    end: &'a mut oneshot::Receiver<EndReason>,
+    commands: &'a mut mpsc::Receiver<LegCommand>,
+    idle_timeout: Duration,
+}
+
+/// Runs the conversation as a leg of `call` until the call hangs it up or the device
+/// leaves; returns why, and the call it was last a leg of.
+async fn run_leg(
+    deps: &SessionDeps,
+    mac: Mac,
+    io: &mut ConversationIo,
+    channel: &AudioChannel,
+    ends: LegEnds<'_>,
+    mut call: CallId,
+    mut peer: PeerRoute,
+) -> (EndReason, CallId) {
+    let metrics = &deps.metrics;
+    let (inbound_tx, mut inbound) = mpsc::channel::<UplinkFrame>(super::call_leg::LEG_QUEUE);
+    deps.call_legs.register(mac, call, inbound_tx.clone());
+    // The peer leg's queue, once it has registered (a local peer only).
+    let mut local_peer: Option<mpsc::Sender<UplinkFrame>> = None;
+    let mut tick = tokio::time::interval(IDLE_CHECK);
+    let mut commands_open = true;
+    let reason = loop {
+        tokio::select! {
+            reason = &mut *ends.end => break reason.unwrap_or(EndReason::Shutdown),
+            command = ends.commands.recv(), if commands_open => match command {
+                Some(LegCommand::Join { call: joined, peer: route }) => {
+                    if joined != call {
+                        deps.call_legs.unregister(mac, call);
+                        deps.call_legs.register(mac, joined, inbound_tx.clone());
+                        call = joined;
+                    }
+                    if route != peer {
+                        info!(call, peer = ?route, "call leg bridged");
+                        deps.directory.set_call(&mac, ends.serial, Some((call, route.clone())));
+                    }
+                    peer = route;
+                    local_peer = None;
+                }
+                Some(LegCommand::HangUp { call: ended }) if ended == call => break EndReason::CallEnded,
+                Some(LegCommand::HangUp { .. }) => {}
+                None => commands_open = false,
+            },
+            frame = io.uplink.recv() => match frame {
+                Some(frame) => match &peer {
+                    PeerRoute::Ringing(_) => {
+                        Metrics::inc(&metrics.call_frames_silence);
+                        io.downlink.send(frame.timestamp, SILENCE_FRAME).await;
+                    }
+                    PeerRoute::Local(peer_mac) => {
+                        if local_peer.as_ref().is_none_or(|tx| tx.is_closed()) {
+                            local_peer = deps.call_legs.inbound(*peer_mac, call);
+                        }
+                        match local_peer.as_ref().map(|tx| tx.try_send(frame)) {
+                            Some(Ok(())) => Metrics::inc(&metrics.call_frames_local),
+                            Some(Err(mpsc::error::TrySendError::Full(_))) => {
+                                Metrics::inc(&metrics.call_frames_dropped_queue_full);
+                            }
+                            _ => Metrics::inc(&metrics.call_frames_dropped_no_peer),
+                        }
+                    }
+                    PeerRoute::Remote { mac: peer_mac, node } => {
+                        if !deps.call_legs.send_remote(node, *peer_mac, call, frame.timestamp, &frame.opus) {
+                            Metrics::inc(&metrics.call_frames_dropped_no_peer);
+                        }
+                    }
+                },
+                None => break EndReason::DeviceClosedTransport,
+            },
+            Some(frame) = inbound.recv() => {
+                io.downlink.send(frame.timestamp, &frame.opus).await;
+            }
+            Some(_) = io.control.recv() => Metrics::inc(&metrics.call_control_ignored),
+            _ = tick.tick() => {
+                if channel.idle_for() >= ends.idle_timeout {
+                    break EndReason::Idle;
+                }
+            }
+            () = channel.device_left() => break EndReason::DeviceClosedTransport,
+        }
+    };
+    deps.call_legs.unregister(mac, call);
+    (reason, call)
+}
+
+/// Tells the calling service that `mac` left `call`.
+async fn report_left(deps: &SessionDeps, mac: Mac, call: CallId, reason: &EndReason) {
+    if let Some(events) = &deps.call_events {
+        let event = CallEvent::Left {
+            mac,
+            call,
+            reason: reason.label(),
+        };
+        // The service takes events as fast as they come; the wait is bounded anyway.
+        let _ = tokio::time::timeout(Duration::from_secs(1), events.send(event)).await;
     }
 }

@@ -11,9 +11,11 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
+use super::call_leg::PeerRoute;
 use super::device_mcp::DeviceMcp;
 use crate::presence::PresenceState;
 use crate::presence::tracker::{PresenceTracker, Transition};
+use crate::protocol::call_book::CallId;
 use crate::protocol::credentials::DeviceIdentity;
 use crate::protocol::mac::Mac;
 
@@ -28,6 +30,8 @@ pub struct DeviceEntry {
     pub mcp: Arc<DeviceMcp>,
     /// The running conversation: its serial (to tell conversations apart) and session id.
     pub conversation: Option<(u64, String)>,
+    /// The call the running conversation carries, if it is a call leg.
+    pub call: Option<(CallId, PeerRoute)>,
 }
 
 /// A device came or went, or started or ended a conversation (for live consumers such
@@ -37,10 +41,16 @@ pub struct PresenceEvent {
     /// Colon form.
     pub mac_address: String,
     pub client_id: String,
-    /// `online`, `in_session`, `session_ended` or `offline`.
+    /// `online`, `in_session`, `in_call`, `session_ended` or `offline`.
     pub state: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub session_id: Option<String>,
+    /// The other device of the call (`in_call` only; colon form).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub call_peer: Option<String>,
+    /// Whether the call is bridged (`in_call` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub call_bridged: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub remote: Option<String>,
     /// Unix milliseconds.
@@ -99,9 +109,15 @@ impl DeviceDirectory {
         session_id: Option<String>,
         still_connected: bool,
     ) {
+        let call = entry
+            .call
+            .as_ref()
+            .filter(|_| state == "in_call")
+            .map(|(_, route)| (route.peer(), route.is_bridged()));
         if let Some(tracker) = &self.tracker {
             let stored = match state {
                 "in_session" => Some(PresenceState::InSession),
+                "in_call" => Some(PresenceState::InCall),
                 "online" => Some(PresenceState::Online),
                 // Back to online, unless the device is leaving (then "offline" follows).
                 "session_ended" => still_connected.then_some(PresenceState::Online),
@@ -114,6 +130,7 @@ impl DeviceDirectory {
                     connected_at_ms: unix_ms(entry.connected_at),
                     state: stored,
                     session_id: session_id.as_deref(),
+                    call,
                 });
             }
         }
@@ -122,6 +139,8 @@ impl DeviceDirectory {
             client_id: entry.identity.client_id.clone(),
             state,
             session_id,
+            call_peer: call.map(|(peer, _)| peer.colon()),
+            call_bridged: call.map(|(_, bridged)| bridged),
             remote: Some(entry.remote.to_string()),
             at_ms: crate::history::record::now_ms(),
         });
@@ -161,17 +180,44 @@ impl DeviceDirectory {
         let event = match session_id {
             Some(id) => {
                 entry.conversation = Some((serial, id.clone()));
+                entry.call = None;
                 Some(("in_session", id))
             }
-            None => entry
-                .conversation
-                .take_if(|(s, _)| *s == serial)
-                .map(|(_, id)| ("session_ended", id)),
+            None => {
+                let ended = entry
+                    .conversation
+                    .take_if(|(s, _)| *s == serial)
+                    .map(|(_, id)| ("session_ended", id));
+                if ended.is_some() {
+                    entry.call = None;
+                }
+                ended
+            }
         };
         if let Some((state, id)) = event {
             let entry = entry.clone();
             self.announce(&entry, state, Some(id), true);
         }
+    }
+
+    /// The running conversation (`serial`) became a leg of a call, or its call was
+    /// bridged: presence says `in_call`, with the other device.
+    pub fn set_call(&self, mac: &Mac, serial: u64, call: Option<(CallId, PeerRoute)>) {
+        let mut devices = self.lock();
+        let Some(entry) = devices.get_mut(mac) else {
+            return;
+        };
+        let Some((_, session_id)) = entry.conversation.clone().filter(|(s, _)| *s == serial) else {
+            return;
+        };
+        let state = if call.is_some() {
+            "in_call"
+        } else {
+            "in_session"
+        };
+        entry.call = call;
+        let entry = entry.clone();
+        self.announce(&entry, state, Some(session_id), true);
     }
 
     pub fn get(&self, mac: &Mac) -> Option<DeviceEntry> {

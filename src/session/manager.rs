@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info_span, warn};
 
+use super::call_leg::{CallEvent, CallLegs, JoinError, LegCommand};
 use super::conversation::{self, ConversationStart};
 use super::device_mcp::{DeviceMcp, McpSettings};
 use super::directory::{DeviceDirectory, DeviceEntry};
@@ -55,6 +56,10 @@ pub struct SessionDeps {
     pub history_max_packets: usize,
     /// Where session and upstream events are published (none: not published).
     pub events: Option<crate::admin::events::EventPublisher>,
+    /// This node's call legs and rung devices.
+    pub call_legs: Arc<CallLegs>,
+    /// Where departures from calls are reported (none: calling is off).
+    pub call_events: Option<mpsc::Sender<CallEvent>>,
 }
 
 enum Event {
@@ -91,7 +96,17 @@ enum Event {
         mac: Mac,
         ended: oneshot::Sender<bool>,
     },
+    /// A command from the calling service for the device's conversation.
+    Leg {
+        mac: Mac,
+        command: LegCommand,
+        taken: oneshot::Sender<Result<(), JoinError>>,
+    },
 }
+
+/// Commands queued per conversation from the calling service (a join and a hang-up at
+/// most are ever outstanding).
+const LEG_COMMANDS: usize = 8;
 
 /// Handle to the dispatcher; cheap to clone.
 #[derive(Clone)]
@@ -105,6 +120,8 @@ struct Live {
     generation: u64,
     control: mpsc::Sender<ControlMessage>,
     end: Option<oneshot::Sender<EndReason>>,
+    /// Calling-service commands (become a call leg, hang up).
+    legs: mpsc::Sender<LegCommand>,
 }
 
 impl Live {
@@ -187,6 +204,24 @@ impl SessionManager {
         wait.await.unwrap_or(false)
     }
 
+    /// Hands a calling-service command to the device's conversation.
+    pub async fn leg(&self, mac: Mac, command: LegCommand) -> Result<(), JoinError> {
+        let (taken, wait) = oneshot::channel();
+        if self
+            .tx
+            .send(Event::Leg {
+                mac,
+                command,
+                taken,
+            })
+            .await
+            .is_err()
+        {
+            return Err(JoinError::NoConversation);
+        }
+        wait.await.unwrap_or(Err(JoinError::NoConversation))
+    }
+
     /// Ends every conversation (each sends its goodbye) and waits until all have.
     pub async fn shutdown(&self) {
         let (done, wait) = oneshot::channel();
@@ -243,6 +278,16 @@ impl Dispatcher {
                 Event::Gone { mac, generation } => {
                     if let Some(entry) = self.deps.directory.gone(&mac, generation) {
                         entry.mcp.close();
+                        // A device being rung that disconnects ends the call.
+                        if let Some(call) = self.deps.call_legs.take_ringing(mac)
+                            && let Some(events) = &self.deps.call_events
+                        {
+                            let _ = events.try_send(CallEvent::Left {
+                                mac,
+                                call,
+                                reason: EndReason::DeviceDisconnected.label(),
+                            });
+                        }
                     }
                     if let Some(live) = self
                         .live
@@ -256,6 +301,20 @@ impl Dispatcher {
                     if self.live.get(&mac).is_some_and(|l| l.serial == serial) {
                         self.live.remove(&mac);
                     }
+                }
+                Event::Leg {
+                    mac,
+                    command,
+                    taken,
+                } => {
+                    let result = match self.live.get(&mac).filter(|l| l.end.is_some()) {
+                        None => Err(JoinError::NoConversation),
+                        Some(live) => live.legs.try_send(command).map_err(|e| match e {
+                            mpsc::error::TrySendError::Full(_) => JoinError::Busy,
+                            mpsc::error::TrySendError::Closed(_) => JoinError::NoConversation,
+                        }),
+                    };
+                    let _ = taken.send(result);
                 }
                 Event::EndConversation { mac, ended } => {
                     let live = self.live.get_mut(&mac).filter(|l| l.end.is_some());
@@ -295,6 +354,7 @@ impl Dispatcher {
             connected_at: std::time::SystemTime::now(),
             mcp: mcp.clone(),
             conversation: None,
+            call: None,
         });
         if let Some(old) = replaced {
             old.mcp.close();
@@ -364,6 +424,12 @@ impl Dispatcher {
                     live.end(EndReason::DeviceGoodbye);
                 }
             }
+            DeviceMessage::Other { ref kind, .. } if kind == control::UDP_TIMEOUT => {
+                match self.live.get_mut(&device.mac) {
+                    Some(live) => live.end(EndReason::DeviceUdpTimeout),
+                    None => Metrics::inc(&m.control_without_session),
+                }
+            }
             DeviceMessage::Other { ref kind, .. } if kind == "mcp" => {
                 let Some(mcp) = self.deps.directory.mcp(&device.mac) else {
                     return;
@@ -425,6 +491,7 @@ impl Dispatcher {
         self.next_serial += 1;
         let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
         let (end_tx, end_rx) = oneshot::channel();
+        let (legs_tx, legs_rx) = mpsc::channel(LEG_COMMANDS);
         let mac = device.mac;
         self.live.insert(
             mac,
@@ -433,6 +500,7 @@ impl Dispatcher {
                 generation,
                 control: control_tx,
                 end: Some(end_tx),
+                legs: legs_tx,
             },
         );
         let deps = self.deps.clone();
@@ -468,6 +536,7 @@ impl Dispatcher {
                         control: control_rx,
                         end: end_rx,
                         control_in,
+                        legs: legs_rx,
                     },
                 );
                 // A conversation that panics must still end: otherwise its entry (and

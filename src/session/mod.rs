@@ -12,6 +12,7 @@
 //! shutdown) the device gets `{"type":"goodbye","session_id":...}`; a replaced
 //! conversation or a disconnected device gets nothing.
 
+pub mod call_leg;
 pub mod conversation;
 pub mod device_mcp;
 pub mod directory;
@@ -114,6 +115,13 @@ pub enum EndReason {
     Admin,
     /// The device closed its QUIC connection (or lost it).
     DeviceClosedTransport,
+    /// The device reported that its audio channel timed out (`{"type":"udp_timeout"}`,
+    /// sent by some firmware forks): the speech server's conversation is closed and the
+    /// device told, as the Node gateway does.
+    DeviceUdpTimeout,
+    /// The device call this conversation carried ended (the other party left, nobody
+    /// answered, the longest call duration passed).
+    CallEnded,
 }
 
 impl EndReason {
@@ -129,6 +137,22 @@ impl EndReason {
                 | EndReason::Shutdown
                 | EndReason::Admin
                 | EndReason::DeviceClosedTransport
+                | EndReason::DeviceUdpTimeout
+                | EndReason::CallEnded
+        )
+    }
+
+    /// Whether the device itself went away (or its channel did): a call it is being
+    /// rung for ends. A replacing hello does not count: a rung device says hello to take
+    /// the call.
+    pub fn is_departure(&self) -> bool {
+        matches!(
+            self,
+            EndReason::DeviceGoodbye
+                | EndReason::DeviceDisconnected
+                | EndReason::Idle
+                | EndReason::DeviceClosedTransport
+                | EndReason::DeviceUdpTimeout
         )
     }
 
@@ -143,6 +167,8 @@ impl EndReason {
             EndReason::Shutdown => "shutdown",
             EndReason::Admin => "admin",
             EndReason::DeviceClosedTransport => "device_closed_transport",
+            EndReason::DeviceUdpTimeout => "device_udp_timeout",
+            EndReason::CallEnded => "call_ended",
         }
     }
 }

@@ -63,7 +63,7 @@ impl Drop for AbortOnDrop {
 
 #[async_trait]
 impl Conversation for XiaozhiConversation {
-    async fn run(self: Box<Self>, mut io: ConversationIo) -> ConversationEnd {
+    async fn run(self: Box<Self>, io: &mut ConversationIo) -> ConversationEnd {
         let XiaozhiConversation {
             ws,
             audio_buffer_frames,
@@ -120,7 +120,7 @@ impl Conversation for XiaozhiConversation {
                         }
                     },
                     Some(Ok(Message::Text(text))) => {
-                        let kind = on_server_text(&text, &mut io, &mut turn, &metrics, &send_text);
+                        let kind = on_server_text(&text, io, &mut turn, &metrics, &send_text);
                         if kind == ServerText::Stt {
                             awaiting_reply.get_or_insert_with(std::time::Instant::now);
                         }
