@@ -79,6 +79,7 @@ const en = {
 
   'state.online': 'Online',
   'state.in_session': 'In conversation',
+  'state.in_call': 'In a call',
   'state.offline': 'Offline',
   'state.unknown': 'Unknown',
 
@@ -87,6 +88,8 @@ const en = {
   'fleet.count.onlineHelp': 'connected now',
   'fleet.count.inSession': 'In conversation',
   'fleet.count.inSessionHelp': 'talking now',
+  'fleet.count.inCall': 'In a call',
+  'fleet.count.inCallHelp': 'device to device',
   'fleet.count.offline': 'Offline',
   'fleet.count.offlineHelp': 'seen today',
   'fleet.search': 'Search',
@@ -122,6 +125,9 @@ const en = {
   'device.f.firmware': 'Firmware',
   'device.f.connectedAt': 'Connected since',
   'device.f.sessionSince': 'In conversation since',
+  'device.f.callPeer': 'In a call with',
+  'device.call.bridged': 'talking',
+  'device.call.ringing': 'ringing',
   'device.f.lastSeen': 'Last seen',
   'device.unknownPresence': 'Presence does not know this device.',
   'device.unknownPresenceHelp': 'It has not connected since the gateway started, or it has been offline longer than presence.offline_retention_secs. Its history is below.',
@@ -332,6 +338,7 @@ const zh = {
 
   'state.online': '在线',
   'state.in_session': '对话中',
+  'state.in_call': '通话中',
   'state.offline': '离线',
   'state.unknown': '未知',
 
@@ -340,6 +347,8 @@ const zh = {
   'fleet.count.onlineHelp': '当前已连接',
   'fleet.count.inSession': '对话中',
   'fleet.count.inSessionHelp': '正在对话',
+  'fleet.count.inCall': '通话中',
+  'fleet.count.inCallHelp': '设备间通话',
   'fleet.count.offline': '离线',
   'fleet.count.offlineHelp': '今天出现过',
   'fleet.search': '搜索',
@@ -375,6 +384,9 @@ const zh = {
   'device.f.firmware': '固件',
   'device.f.connectedAt': '连接时间',
   'device.f.sessionSince': '对话开始时间',
+  'device.f.callPeer': '通话对方',
+  'device.call.bridged': '通话中',
+  'device.call.ringing': '呼叫中',
   'device.f.lastSeen': '最后在线',
   'device.unknownPresence': '在线状态中没有这台设备。',
   'device.unknownPresenceHelp': '网关启动后它还没有连接过，或离线时间已超过 presence.offline_retention_secs。它的聊天记录见下方。',

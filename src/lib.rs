@@ -5,8 +5,10 @@
 //!   which authenticates them, frames their JSON and maps it onto the **bus**
 //!   ([`broker::bus`], an embedded rumqttd router) on identity-bearing topics.
 //! * Device JSON also goes to the **session manager** ([`session`]): a `hello` opens a
-//!   conversation, which gets an encrypted UDP **audio channel** ([`audio`]) and a
-//!   **speech pipeline** ([`pipeline`]: echo now, xiaozhi-server upstream next).
+//!   conversation, which gets an encrypted UDP **audio channel** ([`audio`], or QUIC:
+//!   [`quic`]) and a **speech pipeline** ([`pipeline`]: echo, or a xiaozhi-server
+//!   upstream). A conversation may become a leg of a device-to-device call ([`calls`]),
+//!   its audio then going to the other device instead.
 //! * Uplink audio flows device -> UDP socket -> channel table -> pipeline; downlink
 //!   audio flows pipeline -> sealer -> UDP socket -> device. The audio path never
 //!   parses JSON.
@@ -15,9 +17,12 @@
 //! * [`presence`] tells everyone (Redis or memory, and the bus) which devices are
 //!   offline, online or in a conversation; [`admin`] runs admin commands from the bus and
 //!   publishes the gateway's events.
-//! * [`http`] serves health checks; [`metrics`] holds every counter; [`config`] is the
-//!   one typed configuration; [`simulator`] speaks exactly as the firmware does, for
-//!   tests and load.
+//! * [`history`] records relayed conversations as manager-api's chat history.
+//! * [`http`] serves health checks, the management and calling APIs, history and the
+//!   console; [`metrics`] holds every counter; [`config`] is the one typed configuration;
+//!   [`limits`] and [`tls`] bound and secure what peers may do; [`simulator`] speaks
+//!   exactly as the firmware does, for tests and load; [`bench`] and [`soak`] are the
+//!   measuring tools.
 //! * [`server`] wires it all together and owns shutdown.
 
 pub mod admin;

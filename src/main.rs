@@ -16,6 +16,7 @@ use xiaozhi_gateway::http::ota;
 use xiaozhi_gateway::protocol::mac::Mac;
 use xiaozhi_gateway::server::Gateway;
 use xiaozhi_gateway::simulator::audio::Transport;
+use xiaozhi_gateway::simulator::firmware::Firmware;
 use xiaozhi_gateway::simulator::turns::{TurnConfig, run_turns};
 use xiaozhi_gateway::simulator::upstream::{MockUpstream, MockUpstreamConfig};
 use xiaozhi_gateway::simulator::{self, SimConfig};
@@ -278,6 +279,10 @@ struct SimulateArgs {
     /// the gateway).
     #[arg(long, value_enum, default_value_t = Transport::Ctr)]
     transport: Transport,
+    /// The firmware devices run: 2.4 (hello with glyph_push and text_font; a server
+    /// message 2.4 would refuse is an error) or 1 (the 1.x hello).
+    #[arg(long, value_enum, default_value_t = Firmware::V2_4)]
+    firmware: Firmware,
 }
 
 fn main() -> ExitCode {
@@ -447,6 +452,7 @@ fn main() -> ExitCode {
                 frame_bytes: args.frame_bytes,
                 first_device: args.first_device,
                 transport: args.transport,
+                firmware: args.firmware,
                 ..SimConfig::default()
             };
             let report = runtime.block_on(simulator::run(config));

@@ -429,7 +429,7 @@ async fn the_fleet_lists_every_state_with_counts() {
         .unwrap();
     devices.remove(1).disconnect().await;
 
-    let expect = json!({"connected": 4, "in_session": 1, "offline": 1});
+    let expect = json!({"connected": 4, "in_session": 1, "in_call": 0, "offline": 1});
     let mut page = Value::Null;
     let settled = {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);

@@ -94,6 +94,41 @@ async fn console_end_to_end_in_chromium() {
         .unwrap();
     let mut spoken = FRAMES_PER_TURN;
 
+    // Two devices in a call with each other (as manager-api's address book connects
+    // them), for the fleet's in-call state and count.
+    let mut caller = common::device(&gw, 8).await;
+    let mut callee = common::device(&gw, 9).await;
+    let _caller_channel = common::conversation(&mut caller).await;
+    let _callee_channel = common::conversation(&mut callee).await;
+    let token = xiaozhi_gateway::http::management::daily_token(
+        time::OffsetDateTime::now_utc().date(),
+        common::KEY,
+    );
+    let http = reqwest::Client::new();
+    for (path, body) in [
+        (
+            "/api/call/request",
+            json!({"caller_mac": common::mac(8).colon(), "target_mac": common::mac(9).colon()}),
+        ),
+        ("/api/call/accept", json!({"mac": common::mac(9).colon()})),
+    ] {
+        let answer: serde_json::Value = http
+            .post(format!("http://{}{path}", gw.addrs.http))
+            .bearer_auth(&token)
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert!(
+            ["pending", "bridged"].contains(&answer["status"].as_str().unwrap_or("")),
+            "{path}: {answer}"
+        );
+    }
+    let call_macs = format!("{},{}", common::mac(8).colon(), common::mac(9).colon());
+
     let shots = repo().join("target/console-e2e");
     std::fs::create_dir_all(&shots).unwrap();
     let expected_audio = f64::from(FRAMES_PER_TURN * FRAME_MS) / 1000.0;
@@ -102,6 +137,7 @@ async fn console_end_to_end_in_chromium() {
         .env("CONSOLE_URL", format!("http://{}/console/", gw.addrs.http))
         .env("CONSOLE_TOKEN", TOKEN)
         .env("DEVICE_MAC", &mac)
+        .env("CALL_MACS", &call_macs)
         .env("EXPECTED_AUDIO_SECONDS", expected_audio.to_string())
         .env("SCREENSHOT_DIR", &shots)
         .env("CHROMIUM", chromium)

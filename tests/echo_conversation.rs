@@ -246,3 +246,69 @@ async fn repeated_hello_replaces_the_session_cleanly() {
     assert_eq!(frame_index(&f.opus), Some(7));
     gw.shutdown().await;
 }
+
+/// Firmware 2.4 (the default simulated device: its hello with `glyph_push` and
+/// `text_font`, every server message checked as 2.4 checks it) and 1.x firmware (its
+/// older hello) converse side by side. A server hello breaking a 2.4 rule, sent to the
+/// device as any bus client could, is caught: the strict mode can fail.
+#[tokio::test]
+async fn firmware_2_4_and_1x_devices_both_converse() {
+    use xiaozhi_gateway::simulator::audio::{ServerHello, SimAudio};
+    use xiaozhi_gateway::simulator::device::{SimDevice, SimDeviceOptions};
+    use xiaozhi_gateway::simulator::firmware::Firmware;
+
+    let gw = common::start().await;
+    for (n, firmware) in [(61, Firmware::V2_4), (62, Firmware::V1)] {
+        let options = SimDeviceOptions {
+            firmware,
+            ..SimDeviceOptions::default()
+        };
+        let mut dev = SimDevice::connect_with(gw.addrs.mqtt, common::creds(n), options)
+            .await
+            .unwrap();
+        let hello = dev.hello();
+        assert_eq!(hello.get("text_font").is_some(), firmware == Firmware::V2_4);
+        dev.publish_json(&hello).await.unwrap();
+        let reply = dev
+            .recv_type("hello", Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert!(dev.violations().is_empty(), "{:?}", dev.violations());
+        let reply = ServerHello::parse(&reply).unwrap();
+        let mut audio = SimAudio::open(&reply, "127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+        dev.publish_json(&common::listen_start(&reply.session_id, "realtime"))
+            .await
+            .unwrap();
+        for i in 0..10 {
+            audio.send(i * 60, &synthetic_frame(i, 50)).await.unwrap();
+            let echo = audio
+                .recv(Duration::from_secs(2))
+                .await
+                .unwrap()
+                .expect("echoed");
+            assert_eq!(frame_index(&echo.opus), Some(i), "{}", firmware.label());
+        }
+        assert_eq!(audio.rejected, 0);
+
+        let broken = json!({
+            "type": "hello", "transport": "udp", "session_id": "x",
+            "udp": {"server": "127.0.0.1", "port": 0, "key": "00", "nonce": "01"},
+        });
+        gw.registry
+            .send(&common::mac(n), broken.to_string().into())
+            .unwrap();
+        let caught =
+            common::eventually(Duration::from_secs(3), || !dev.violations().is_empty()).await;
+        assert_eq!(caught, firmware.is_strict(), "{}", firmware.label());
+        if caught {
+            assert!(
+                dev.violations()[0].contains("udp.port"),
+                "{:?}",
+                dev.violations()
+            );
+        }
+    }
+    gw.shutdown().await;
+}

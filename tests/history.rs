@@ -515,3 +515,116 @@ async fn connecting_updates_manager_api_last_connected_at_throttled() {
     gw.shutdown().await;
     db.drop_db().await;
 }
+
+/// Firmware 2.4's `glyph_push`: the largest payload it takes (64 glyphs, 64 KiB of
+/// bitmaps, about 88 KB of JSON) on an `stt` and a `tts sentence_start` goes from
+/// xiaozhi-server to the device intact (the device's own 2.4 checks accept every glyph),
+/// and to bus observers; chat history keeps the text and never the bitmaps.
+#[tokio::test]
+async fn glyph_push_is_relayed_intact_and_recorded_without_bitmaps() {
+    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+    use serde_json::{Value, json};
+    use xiaozhi_gateway::simulator::firmware::{TextFont, glyph_push};
+
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = MockUpstream::start(MockUpstreamConfig::default())
+        .await
+        .unwrap();
+    let url = format!("sqlite://{}", dir.path().join("glyphs.db").display());
+    let gw = common::start_with(history_config(&upstream, url.clone(), dir.path())).await;
+    let mac = common::mac(205);
+
+    // A bus observer (its client must take packets that large: rumqttc's default is 10 KiB).
+    let mut opts = MqttOptions::new(
+        "glyph-observer",
+        "127.0.0.1",
+        gw.addrs.broker.unwrap().port(),
+    );
+    opts.set_credentials(common::ADMIN_USER, common::ADMIN_PASS);
+    opts.set_max_packet_size(1 << 20, 1 << 20);
+    let (observer, mut events) = AsyncClient::new(opts, 100);
+    observer
+        .subscribe(format!("xiaozhi/devices/{mac}/down"), QoS::AtMostOnce)
+        .await
+        .unwrap();
+    loop {
+        let ev = tokio::time::timeout(Duration::from_secs(5), events.poll())
+            .await
+            .unwrap()
+            .unwrap();
+        if matches!(ev, Event::Incoming(Packet::SubAck(_))) {
+            break;
+        }
+    }
+
+    let mut dev = common::device(&gw, 205).await;
+    let (hello, _audio) = common::conversation(&mut dev).await;
+    let font = TextFont::default();
+    let stt = json!({
+        "type": "stt", "session_id": hello.session_id, "text": "𠮷野家",
+        "glyph_push": glyph_push(&font, 64, 64, 32),
+    });
+    let sentence = json!({
+        "type": "tts", "state": "sentence_start", "session_id": hello.session_id,
+        "text": "𠀀𠀁", "glyph_push": glyph_push(&font, 64, 32, 64),
+    });
+    assert!(sentence.to_string().len() > 87_000);
+    for message in [
+        &stt,
+        &sentence,
+        &json!({"type": "tts", "state": "stop", "session_id": hello.session_id}),
+    ] {
+        assert!(upstream.send_text_to_newest(message.to_string()).await);
+    }
+    assert_eq!(
+        dev.recv_type("stt", Duration::from_secs(5)).await.unwrap(),
+        stt
+    );
+    assert_eq!(
+        dev.recv_type("tts", Duration::from_secs(5)).await.unwrap(),
+        sentence
+    );
+    assert_eq!(
+        dev.glyphs_accepted(),
+        128,
+        "every glyph passes the firmware's checks"
+    );
+    assert!(dev.violations().is_empty(), "{:?}", dev.violations());
+
+    // Bus observers see the same message.
+    let copy = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            if let Event::Incoming(Packet::Publish(p)) = events.poll().await.unwrap() {
+                let v: Value = serde_json::from_slice(&p.payload).unwrap_or_default();
+                if v["state"] == "sentence_start" {
+                    return v;
+                }
+            }
+        }
+    })
+    .await
+    .expect("the /down copy of the glyph message");
+    assert_eq!(copy, sentence);
+
+    // History: the two texts, nothing of the bitmaps.
+    let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+    let mut rows: Vec<(i64, String)> = Vec::new();
+    for _ in 0..100 {
+        rows = sqlx::query(
+            "SELECT chat_type, content FROM ai_agent_chat_history WHERE mac_address = ? ORDER BY id",
+        )
+        .bind(mac.colon())
+        .fetch_all(&pool)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.get("chat_type"), r.get("content")))
+        .collect();
+        if rows.len() >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(rows, vec![(1, "𠮷野家".to_owned()), (2, "𠀀𠀁".to_owned())]);
+    gw.shutdown().await;
+}

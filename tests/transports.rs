@@ -90,6 +90,7 @@ async fn stock_firmware_gets_aes_ctr_even_when_everything_is_offered() {
     // Exactly the firmware's hello, then two that do not quite opt in.
     for hello_json in [
         SimDevice::firmware_hello(),
+        SimDevice::firmware_1x_hello(),
         json!({"type":"hello","version":3,"transport":"udp","features":{"mcp":true,"udp_aead":1,"quic":"yes"}}),
         json!({"type":"hello","version":3,"transport":"udp"}),
     ] {
@@ -108,7 +109,8 @@ async fn stock_firmware_gets_aes_ctr_even_when_everything_is_offered() {
             m.audio_sessions_gcm,
             m.audio_sessions_quic
         ),
-        (4, 0, 0)
+        (5, 0, 0),
+        "the 2.4 and 1.x hellos, two near misses, and the conversation"
     );
 }
 

@@ -35,6 +35,8 @@ function required(name) {
 const CONSOLE_URL = required('CONSOLE_URL');
 const TOKEN = required('CONSOLE_TOKEN');
 const MAC = required('DEVICE_MAC').toLowerCase();
+// Two devices the driver has put in a call with each other (device-to-device calling).
+const CALL_MACS = (env.CALL_MACS || '').toLowerCase().split(',').filter(Boolean);
 const EXPECTED_AUDIO = Number(required('EXPECTED_AUDIO_SECONDS'));
 const SHOTS = resolve(env.SCREENSHOT_DIR || 'console-e2e-screenshots');
 const CHROMIUM = env.CHROMIUM || '/usr/bin/chromium';
@@ -236,6 +238,16 @@ async function main() {
   const online = Number((await page.textContent(tid('fleet-count-online'))).replace(/[^\d]/g, ''));
   check(online >= 1, `the online count is ${online}`);
   log(`row ${MAC} online; online count ${online}`);
+  // Devices in a call with each other show as such, and are counted.
+  for (const mac of CALL_MACS) {
+    await must(page.waitForSelector(`${tid('device-row')}[data-mac="${mac}"] ${tid('row-state')}[data-state="in_call"]`),
+      `the row of ${mac} does not show it in a call`);
+  }
+  if (CALL_MACS.length) {
+    const inCall = Number((await page.textContent(tid('fleet-count-in-call'))).replace(/[^\d]/g, ''));
+    check(inCall === CALL_MACS.length, `the in-call count is ${inCall}, want ${CALL_MACS.length}`);
+    log(`${CALL_MACS.join(', ')} in a call; in-call count ${inCall}`);
+  }
   await shot('fleet.png');
   await page.setViewportSize({ width: 375, height: 800 });
   await page.waitForTimeout(300);

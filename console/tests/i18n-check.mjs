@@ -32,7 +32,7 @@ const html = readFileSync(join(root, 'index.html'), 'utf8');
 for (const m of html.matchAll(/data-i18n(?:-aria)?="([^"]+)"/g)) if (!en.has(m[1])) problems.push(`index.html: no string for ${m[1]}`);
 // Keys built at run time.
 const dynamic = [
-  ...['online', 'in_session', 'offline', 'unknown'].map((s) => `state.${s}`),
+  ...['online', 'in_session', 'in_call', 'offline', 'unknown'].map((s) => `state.${s}`),
   ...['user', 'assistant', 'tool', 'other'].map((s) => `msg.role.${s}`),
   ...['none', 'live', 'ended'].map((s) => `device.transcriptState.${s}`),
   ...['device_offline', 'device_timeout', 'device_error', 'no_conversation', 'busy', 'presence_unavailable',

@@ -6,10 +6,10 @@ import { t } from '../i18n.js';
 import { describeError, request } from '../api.js';
 import { formatFull, formatTime } from '../time.js';
 
-/** online / in_session / offline (session_ended reads as online). */
+/** online / in_session / in_call / offline (session_ended reads as online). */
 export function normalState(state) {
   if (state === 'session_ended') return 'online';
-  if (state === 'online' || state === 'in_session' || state === 'offline') return state;
+  if (state === 'online' || state === 'in_session' || state === 'in_call' || state === 'offline') return state;
   return 'unknown';
 }
 

@@ -94,8 +94,9 @@ export function render(container, params, scope) {
   function updateButtons() {
     const s = presence ? normalState(presence.state) : 'unknown';
     const busy = goodbyeBtn.dataset.busy === 'true' || kickBtn.dataset.busy === 'true';
-    goodbyeBtn.disabled = busy || s !== 'in_session';
-    goodbyeBtn.title = s !== 'in_session' ? t('device.goodbyeDisabled') : '';
+    const talking = s === 'in_session' || s === 'in_call';
+    goodbyeBtn.disabled = busy || !talking;
+    goodbyeBtn.title = !talking ? t('device.goodbyeDisabled') : '';
     kickBtn.disabled = busy || s === 'offline' || s === 'unknown';
     kickBtn.title = s === 'offline' || s === 'unknown' ? t('device.kickDisabled') : '';
   }
@@ -126,6 +127,9 @@ export function render(container, params, scope) {
         : null,
       normalState(p.state) === 'in_session' && p.session_since_ms
         ? row('device.f.sessionSince', formatDateTime(p.session_since_ms), { title: formatFull(p.session_since_ms) })
+        : null,
+      normalState(p.state) === 'in_call' && p.call_peer
+        ? row('device.f.callPeer', `${p.call_peer} · ${t(p.call_bridged ? 'device.call.bridged' : 'device.call.ringing')}`, { mono: true, testid: 'summary-call' })
         : null,
       row('device.f.lastSeen', p.last_seen_ms ? formatDateTime(p.last_seen_ms) : '', { title: p.last_seen_ms ? formatFull(p.last_seen_ms) : '' })));
   }
@@ -521,11 +525,18 @@ export function render(container, params, scope) {
     if (ev.at_ms) presence.last_seen_ms = ev.at_ms;
     if (ev.remote) presence.remote = ev.remote;
     if (ev.client_id) presence.client_id = ev.client_id;
-    if (ev.state === 'in_session') {
+    if (ev.state === 'in_call') {
+      // The conversation goes on as a device call: same session, no transcript.
+      presence.session_id = ev.session_id;
+      presence.call_peer = ev.call_peer;
+      presence.call_bridged = ev.call_bridged;
+    } else if (ev.state === 'in_session') {
       presence.session_id = ev.session_id;
       presence.session_since_ms = ev.at_ms;
+      delete presence.call_peer;
       follow(ev.session_id);
     } else {
+      delete presence.call_peer;
       if (ev.session_id) endedSessions.add(ev.session_id);
       delete presence.session_id;
       if (liveSession && (ev.state === 'session_ended' || ev.state === 'offline')) {

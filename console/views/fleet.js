@@ -36,6 +36,7 @@ export function render(container, _params, scope) {
   const countEls = {
     connected: h('span', { class: 'count-value', testid: 'fleet-count-online', text: '–' }),
     in_session: h('span', { class: 'count-value', testid: 'fleet-count-in-session', text: '–' }),
+    in_call: h('span', { class: 'count-value', testid: 'fleet-count-in-call', text: '–' }),
     offline: h('span', { class: 'count-value', testid: 'fleet-count-offline', text: '–' }),
   };
   const countCard = (key, labelKey, helpKey) =>
@@ -57,6 +58,7 @@ export function render(container, _params, scope) {
     h('option', { value: '', text: t('fleet.filter.all') }),
     h('option', { value: 'online', text: t('state.online') }),
     h('option', { value: 'in_session', text: t('state.in_session') }),
+    h('option', { value: 'in_call', text: t('state.in_call') }),
     h('option', { value: 'offline', text: t('fleet.filter.offlineToday') }));
   stateSelect.value = filters.state;
 
@@ -76,6 +78,7 @@ export function render(container, _params, scope) {
       h('div', { class: 'counts', testid: 'fleet-counts' },
         countCard('connected', 'fleet.count.online', 'fleet.count.onlineHelp'),
         countCard('in_session', 'fleet.count.inSession', 'fleet.count.inSessionHelp'),
+        countCard('in_call', 'fleet.count.inCall', 'fleet.count.inCallHelp'),
         countCard('offline', 'fleet.count.offline', 'fleet.count.offlineHelp')),
       h('div', { class: 'toolbar' },
         h('div', { class: 'field' }, h('label', { for: 'fleet-q', class: 'label', text: t('fleet.search') }), search),
@@ -89,6 +92,7 @@ export function render(container, _params, scope) {
     if (!counts) return;
     countEls.connected.textContent = formatNumber(counts.connected);
     countEls.in_session.textContent = formatNumber(counts.in_session);
+    countEls.in_call.textContent = formatNumber(counts.in_call || 0);
     countEls.offline.textContent = formatNumber(counts.offline);
   }
 
@@ -241,7 +245,8 @@ export function render(container, _params, scope) {
       d.state = normalState(ev.state);
       if (ev.at_ms) d.last_seen_ms = ev.at_ms;
       if (ev.remote) d.remote = ev.remote;
-      if (ev.state === 'in_session') d.session_id = ev.session_id;
+      if (ev.state === 'in_session' || ev.state === 'in_call') d.session_id = ev.session_id;
+      d.call_peer = ev.state === 'in_call' ? ev.call_peer : undefined;
       fillRow(row);
     } else {
       addDevice(ev);

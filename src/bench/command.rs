@@ -1,4 +1,5 @@
-//! The `xiaozhi-gateway bench` command line: `load`, `floor`, `upstream` and `commands`.
+//! The `xiaozhi-gateway bench` command line: `load`, `floor`, `upstream`, `commands` and
+//! `calls`.
 //!
 //! Each part runs as its own process so a benchmark can pin them to cores with
 //! `taskset` (the server alone on one core; the load and the upstream on the other), as
@@ -29,6 +30,52 @@ pub enum BenchCommand {
     /// Admin command round trips through the bus to devices on one or more nodes
     /// (percentiles, split into commands run where they landed and forwarded ones).
     Commands(CommandsArgs),
+    /// Device-to-device calls: pairs of devices connected through the management API
+    /// talk both ways; device-to-device latency, loss, and the gateways' CPU per call.
+    Calls(CallsArgs),
+}
+
+#[derive(Args)]
+pub struct CallsArgs {
+    /// Device MQTT listener of the callers' node.
+    #[arg(long, default_value = "127.0.0.1:1883")]
+    mqtt: SocketAddr,
+    /// Device MQTT listener of the callees' node (default: the callers'); another node of
+    /// a cluster measures calls across nodes.
+    #[arg(long)]
+    callee_mqtt: Option<SocketAddr>,
+    /// The management API (HTTP) the calls are made through.
+    #[arg(long, default_value = "127.0.0.1:8007")]
+    http: SocketAddr,
+    /// Signature key: device passwords and the management token derive from it.
+    #[arg(long, env = "XZ_AUTH__SIGNATURE_KEY", hide_env_values = true)]
+    key: String,
+    /// Calls (pairs of devices).
+    #[arg(long, default_value_t = 50)]
+    pairs: u32,
+    /// Seconds of talking before the measured window.
+    #[arg(long, default_value_t = 2.0)]
+    warmup: f64,
+    /// Seconds in the measured window.
+    #[arg(long, default_value_t = 10.0)]
+    seconds: f64,
+    /// Bytes of Opus per 60 ms frame.
+    #[arg(long, default_value_t = 60)]
+    frame_bytes: usize,
+    /// Gateway processes to measure, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    pid: Vec<u32>,
+    /// First device number (for disjoint MACs across runs).
+    #[arg(long, default_value_t = 900_000)]
+    first_device: u32,
+    /// Runtime threads for the tool.
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    /// Exit non-zero unless every pair was bridged and nothing was lost or rejected.
+    #[arg(long)]
+    check: bool,
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -106,6 +153,10 @@ pub struct LoadArgs {
     /// UDP) or quic (needs quic.enabled on the server).
     #[arg(long, value_enum, default_value_t = crate::simulator::audio::Transport::Ctr)]
     transport: crate::simulator::audio::Transport,
+    /// The firmware devices run: 2.4 (its hello; a server hello 2.4 would ignore counts
+    /// as a failed device) or 1 (the 1.x hello).
+    #[arg(long, value_enum, default_value_t = crate::simulator::firmware::Firmware::V2_4)]
+    firmware: crate::simulator::firmware::Firmware,
     /// Runtime threads for the tool (1: a single-thread runtime, the cheapest).
     #[arg(long, default_value_t = 1)]
     threads: usize,
@@ -145,7 +196,58 @@ pub fn run(command: BenchCommand) -> ExitCode {
         BenchCommand::Floor(args) => run_floor(args),
         BenchCommand::Upstream(args) => run_upstream(args),
         BenchCommand::Commands(args) => run_commands(args),
+        BenchCommand::Calls(args) => run_calls(args),
     }
+}
+
+fn run_calls(args: CallsArgs) -> ExitCode {
+    let rt = match runtime(args.threads) {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let config = super::calls::CallsConfig {
+        caller_mqtt: args.mqtt,
+        callee_mqtt: args.callee_mqtt.unwrap_or(args.mqtt),
+        http: args.http,
+        signature_key: args.key,
+        pairs: args.pairs,
+        warmup: Duration::from_secs_f64(args.warmup.max(0.0)),
+        measure: Duration::from_secs_f64(args.seconds.max(0.1)),
+        frame_ms: 60,
+        frame_bytes: args.frame_bytes,
+        pids: args.pid,
+        first_device: args.first_device,
+    };
+    let report = rt.block_on(super::calls::run(config));
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).unwrap_or_default()
+        );
+    } else {
+        println!("{report}");
+    }
+    let failed = report.bridged < report.pairs
+        || report.frames_received == 0
+        // A frame in flight at each end of the window may land on either side of it.
+        || (args.check
+            && (report.frames_received + 2 * u64::from(report.bridged) < report.frames_sent
+                || report.rejected > 0));
+    if failed {
+        eprintln!(
+            "check failed: {} of {} calls bridged, {} of {} frames received, {} rejected",
+            report.bridged,
+            report.pairs,
+            report.frames_received,
+            report.frames_sent,
+            report.rejected
+        );
+        return ExitCode::FAILURE;
+    }
+    ExitCode::SUCCESS
 }
 
 fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
@@ -183,6 +285,7 @@ fn run_load(args: LoadArgs) -> ExitCode {
         first_device: args.first_device,
         pacers: args.pacers,
         transport: args.transport,
+        firmware: args.firmware,
         ..LoadConfig::default()
     };
     let report = rt.block_on(load::run(config));

@@ -44,6 +44,7 @@ use crate::protocol::gcm_channel::{GcmCipher, GcmReceiver, GcmSealer};
 use crate::protocol::quic_framing::{AUDIO_HEADER_LEN, AudioDatagram};
 use crate::simulator::audio::{ServerHello, Transport};
 use crate::simulator::device::{DeviceCredentials, SimDevice, SimError};
+use crate::simulator::firmware::Firmware;
 use crate::simulator::quic::SimQuic;
 
 /// How often a pacer wakes. Tokio's timer has millisecond resolution; 2 ms spreads a
@@ -94,6 +95,8 @@ pub struct LoadConfig {
     pub pacers: usize,
     /// The audio transport devices ask for.
     pub transport: Transport,
+    /// The firmware devices run (2.4 checks every server hello strictly).
+    pub firmware: Firmware,
 }
 
 impl Default for LoadConfig {
@@ -115,6 +118,7 @@ impl Default for LoadConfig {
             group: "GID_bench".into(),
             pacers: 4,
             transport: Transport::Ctr,
+            firmware: Firmware::default(),
         }
     }
 }
@@ -935,13 +939,13 @@ async fn open(ctx: &DeviceContext) -> Result<Option<(Talker, Downlink)>, String>
     let tcp = connect_tcp(source, config.mqtt)
         .await
         .map_err(|e| format!("connect: {e}"))?;
-    let mut device = SimDevice::connect_over(
-        Box::new(tcp),
-        creds,
-        crate::simulator::device::FIRMWARE_KEEP_ALIVE_SECS,
-    )
-    .await
-    .map_err(|e| format!("MQTT connect: {e}"))?;
+    let options = crate::simulator::device::SimDeviceOptions {
+        firmware: config.firmware,
+        ..Default::default()
+    };
+    let mut device = SimDevice::connect_over_with(Box::new(tcp), creds, options)
+        .await
+        .map_err(|e| format!("MQTT connect: {e}"))?;
     ctx.connected.fetch_add(1, Ordering::Relaxed);
     if !config.talk {
         drop(permit);
@@ -950,7 +954,7 @@ async fn open(ctx: &DeviceContext) -> Result<Option<(Talker, Downlink)>, String>
     }
     let t0 = Instant::now();
     device
-        .publish_json(&config.transport.hello())
+        .publish_json(&config.transport.hello_for(config.firmware))
         .await
         .map_err(|e| e.to_string())?;
     let hello = wait_hello(&mut device).await?;
@@ -959,6 +963,12 @@ async fn open(ctx: &DeviceContext) -> Result<Option<(Talker, Downlink)>, String>
         .unwrap_or_else(PoisonError::into_inner)
         .record(t0.elapsed());
     drop(permit);
+    if let Some(why) = device.violations().first() {
+        return Err(format!(
+            "firmware {} would ignore the server hello: {why}",
+            config.firmware.label()
+        ));
+    }
     let hello = ServerHello::parse(&hello).map_err(|e| e.to_string())?;
     if hello.transport() != config.transport {
         return Err(format!(

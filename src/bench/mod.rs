@@ -14,7 +14,10 @@
 //! * [`procstat`]: CPU (user and kernel) and RSS of any process, from `/proc`.
 //! * [`commands`]: admin command round trips through the bus, direct and forwarded
 //!   between nodes.
+//! * [`calls`]: device-to-device calls: pairs connected through the management API,
+//!   talking both ways; device-to-device latency and the gateways' CPU per call.
 
+pub mod calls;
 pub mod command;
 pub mod commands;
 pub mod echo_upstream;

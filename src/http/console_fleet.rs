@@ -29,7 +29,7 @@ pub fn fleet_query(params: &HashMap<String, String>) -> Result<FleetQuery, Strin
         None => None,
         Some(s) => Some(
             PresenceState::parse(s)
-                .ok_or_else(|| "state must be online, in_session or offline".to_owned())?,
+                .ok_or_else(|| "state must be online, in_session, in_call or offline".to_owned())?,
         ),
     };
     let q = get("q").map(str::to_owned);

@@ -2,8 +2,8 @@
 //!
 //! * UDP ([`SimAudio`]), with the firmware's rules: a connected socket, datagrams built
 //!   from the hello's nonce template with the sequence from 1, AES-CTR with the header as
-//!   IV, and the downlink checks the firmware applies (type, exact length, strictly
-//!   increasing sequence); or AES-GCM (the `udp_aead` extension) with its tag and replay
+//!   IV, and the downlink checks the firmware applies (type, exact length, at most a
+//!   1,500-byte datagram, strictly increasing sequence); or AES-GCM (the `udp_aead` extension) with its tag and replay
 //!   window;
 //! * QUIC ([`super::quic::SimQuic`]): a connection that pins the hello's certificate
 //!   hash, presents the token, and carries audio as datagrams.
@@ -37,9 +37,15 @@ pub enum Transport {
 }
 
 impl Transport {
-    /// The device hello announcing this transport (for `Ctr`, exactly the firmware's).
+    /// The current firmware's hello announcing this transport (for `Ctr`, exactly the
+    /// firmware's).
     pub fn hello(self) -> Value {
-        let mut hello = super::device::SimDevice::firmware_hello();
+        self.hello_for(super::firmware::Firmware::default())
+    }
+
+    /// `firmware`'s hello announcing this transport.
+    pub fn hello_for(self, firmware: super::firmware::Firmware) -> Value {
+        let mut hello = firmware.hello();
         match self {
             Transport::Ctr => {}
             Transport::Gcm => hello["features"]["udp_aead"] = Value::Bool(true),
@@ -290,6 +296,7 @@ impl SimAudio {
         let h = Header::from_bytes(&head);
         if head[0] != PACKET_TYPE_AUDIO
             || usize::from(h.payload_len) + HEADER_LEN != n
+            || usize::from(h.payload_len) > super::firmware::MAX_DOWNLINK_PAYLOAD
             || h.sequence <= self.last_downlink_sequence
         {
             self.rejected += 1;

@@ -27,6 +27,7 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
+use super::firmware::{Firmware, TextFont, check_server_message};
 use super::mcp::{McpOutcome, SimMcpServer};
 use crate::protocol::credentials::{sign, username_for_ip};
 use crate::protocol::mac::Mac;
@@ -96,6 +97,9 @@ pub struct SimDeviceOptions {
     pub mcp_auto: bool,
     /// The device's MCP server: tools, paging, state.
     pub mcp: SimMcpServer,
+    /// The firmware it runs: what its hello says, and whether server messages that
+    /// firmware would refuse are recorded as violations ([`SimDevice::violations`]).
+    pub firmware: Firmware,
 }
 
 impl Default for SimDeviceOptions {
@@ -104,9 +108,13 @@ impl Default for SimDeviceOptions {
             keep_alive: FIRMWARE_KEEP_ALIVE_SECS,
             mcp_auto: true,
             mcp: SimMcpServer::default(),
+            firmware: Firmware::default(),
         }
     }
 }
+
+/// How many refused server messages a device remembers.
+pub const VIOLATIONS_CAPACITY: usize = 100;
 
 /// A connected simulated device (MQTT side).
 pub struct SimDevice {
@@ -143,6 +151,14 @@ struct Shared {
     session_id: String,
     requests: VecDeque<Value>,
     replies: VecDeque<Value>,
+    firmware: Firmware,
+    /// The font a strict firmware checks glyph payloads against.
+    font: Option<TextFont>,
+    /// Server messages the firmware would have refused, and why (the last
+    /// [`VIOLATIONS_CAPACITY`]).
+    violations: VecDeque<String>,
+    /// Glyphs received in payloads the firmware accepted.
+    glyphs: u64,
 }
 
 fn push_bounded(log: &mut VecDeque<Value>, v: Value) {
@@ -240,6 +256,10 @@ impl SimDevice {
             session_id: String::new(),
             requests: VecDeque::new(),
             replies: VecDeque::new(),
+            firmware: options.firmware,
+            font: options.firmware.text_font(),
+            violations: VecDeque::new(),
+            glyphs: 0,
         }));
         let writer = Arc::new(tokio::sync::Mutex::new(Writer {
             half: writer,
@@ -426,15 +446,35 @@ impl SimDevice {
         self.reader.abort();
     }
 
-    /// The hello the firmware sends to open a conversation.
+    /// The hello current firmware (2.4) sends to open a conversation.
     pub fn firmware_hello() -> Value {
-        json!({
-            "type": "hello",
-            "version": 3,
-            "transport": "udp",
-            "features": { "mcp": true, "aec": false },
-            "audio_params": { "format": "opus", "sample_rate": 16000, "channels": 1, "frame_duration": 60 },
-        })
+        Firmware::V2_4.hello()
+    }
+
+    /// The hello of 1.x firmware, still in the field.
+    pub fn firmware_1x_hello() -> Value {
+        Firmware::V1.hello()
+    }
+
+    /// The hello this device's firmware sends.
+    pub fn hello(&self) -> Value {
+        lock(&self.shared).firmware.hello()
+    }
+
+    /// The firmware this device runs.
+    pub fn firmware(&self) -> Firmware {
+        lock(&self.shared).firmware
+    }
+
+    /// Server messages this device's firmware would have refused, and why (always empty
+    /// for a firmware that is not strict).
+    pub fn violations(&self) -> Vec<String> {
+        lock(&self.shared).violations.iter().cloned().collect()
+    }
+
+    /// Glyphs delivered in `glyph_push` payloads the firmware accepted.
+    pub fn glyphs_accepted(&self) -> u64 {
+        lock(&self.shared).glyphs
     }
 }
 
@@ -475,6 +515,7 @@ async fn read_loop(
     while let Ok(packet) = read_packet(&mut reader, &mut buf).await {
         let inbound = match packet {
             Packet::Publish(p) => {
+                check_as_firmware(&p.payload, &shared);
                 if answer_mcp(&p.payload, &shared, &replies) {
                     continue;
                 }
@@ -488,6 +529,29 @@ async fn read_loop(
         };
         if tx.send(inbound).await.is_err() {
             break;
+        }
+    }
+}
+
+/// A strict firmware's checks of one server message: violations are recorded, glyphs
+/// counted.
+fn check_as_firmware(payload: &[u8], shared: &Mutex<Shared>) {
+    let font = {
+        let s = lock(shared);
+        if !s.firmware.is_strict() {
+            return;
+        }
+        s.font.clone().unwrap_or_default()
+    };
+    let verdict = check_server_message(payload, &font);
+    let mut s = lock(shared);
+    match verdict {
+        Ok(glyphs) => s.glyphs += glyphs as u64,
+        Err(why) => {
+            if s.violations.len() == VIOLATIONS_CAPACITY {
+                s.violations.pop_front();
+            }
+            s.violations.push_back(why);
         }
     }
 }

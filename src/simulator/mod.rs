@@ -5,6 +5,9 @@
 //! * [`audio`]: the UDP side (nonce template, sequence from 1, AES-CTR with the header as
 //!   IV, the firmware's downlink checks; or AES-GCM for a device announcing `udp_aead`).
 //! * [`quic`]: the QUIC side, for a device announcing `quic`.
+//! * [`firmware`]: which firmware a device runs (2.4 by default, or 1.x), its hello, and
+//!   the 2.4 rules for server messages (server hello, `glyph_push`), so a run reports
+//!   every message a real device would have refused.
 //! * [`run`]: N devices at once, each holding one conversation in `realtime` listening
 //!   mode and streaming synthetic 60 ms Opus frames that carry their index, so every
 //!   echoed frame can be matched to when it was sent. Prints hello latency, audio round
@@ -15,6 +18,7 @@
 pub mod audio;
 pub mod demo;
 pub mod device;
+pub mod firmware;
 pub mod mcp;
 pub mod quic;
 pub mod turns;
@@ -29,7 +33,8 @@ use serde_json::json;
 use tokio::sync::Semaphore;
 
 use self::audio::{ServerHello, SimLink, Transport, frame_index, synthetic_frame};
-use self::device::{DeviceCredentials, SimDevice};
+use self::device::{DeviceCredentials, SimDevice, SimDeviceOptions};
+use self::firmware::Firmware;
 
 /// What to simulate.
 #[derive(Debug, Clone)]
@@ -56,6 +61,8 @@ pub struct SimConfig {
     pub udp_bind: SocketAddr,
     /// The audio transport devices ask for.
     pub transport: Transport,
+    /// The firmware devices run (2.4: strict; a refused server message is an error).
+    pub firmware: Firmware,
 }
 
 impl Default for SimConfig {
@@ -72,6 +79,7 @@ impl Default for SimConfig {
             first_device: 0,
             udp_bind: ([127, 0, 0, 1], 0).into(),
             transport: Transport::Ctr,
+            firmware: Firmware::default(),
         }
     }
 }
@@ -266,6 +274,7 @@ async fn one_device(
                 udp_bind: config.udp_bind,
                 mode: "realtime",
                 transport: config.transport,
+                firmware: config.firmware,
             },
             n,
             handshakes,
@@ -289,6 +298,12 @@ async fn one_device(
         let (mut device, hello, mut audio) = (opened.device, opened.hello, opened.audio);
         let outcome = stream.run(config, &mut device, &mut audio, result).await;
         result.rejected += audio.rejected();
+        if let Some(why) = device.violations().first() {
+            return Err(format!(
+                "firmware {} would refuse a server message: {why}",
+                config.firmware.label()
+            ));
+        }
         match outcome {
             Streamed::Done => {
                 result.sent = stream.sent_at.len() as u64;
@@ -404,6 +419,8 @@ pub(crate) struct ConversationTarget<'a> {
     pub mode: &'a str,
     /// The audio transport it asks for.
     pub transport: Transport,
+    /// The firmware it runs.
+    pub firmware: Firmware,
 }
 
 /// A conversation a simulated device has opened.
@@ -430,13 +447,17 @@ pub(crate) async fn open_conversation(
         target.signature_key.map(str::as_bytes),
     );
     let permit = handshakes.acquire().await.map_err(|e| e.to_string())?;
-    let mut device = SimDevice::connect(target.mqtt, creds)
+    let options = SimDeviceOptions {
+        firmware: target.firmware,
+        ..SimDeviceOptions::default()
+    };
+    let mut device = SimDevice::connect_with(target.mqtt, creds, options)
         .await
         .map_err(|e| format!("connect: {e}"))?;
     *connected = true;
     let t0 = Instant::now();
     device
-        .publish_json(&target.transport.hello())
+        .publish_json(&target.transport.hello_for(target.firmware))
         .await
         .map_err(|e| e.to_string())?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
@@ -454,6 +475,13 @@ pub(crate) async fn open_conversation(
     };
     let hello_latency = t0.elapsed();
     drop(permit);
+    // A strict firmware ignores a hello it does not like and gives up after 10 s.
+    if let Some(why) = device.violations().first() {
+        return Err(format!(
+            "firmware {} would ignore the server hello: {why}",
+            target.firmware.label()
+        ));
+    }
     let hello = ServerHello::parse(&hello).map_err(|e| e.to_string())?;
     if hello.transport() != target.transport {
         return Err(format!(

@@ -291,6 +291,7 @@ async fn one_device(
             udp_bind: ([127, 0, 0, 1], 0).into(),
             mode: "auto",
             transport: config.transport,
+            firmware: crate::simulator::firmware::Firmware::default(),
         },
         n,
         handshakes,

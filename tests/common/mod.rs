@@ -85,6 +85,13 @@ pub async fn conversation(dev: &mut SimDevice) -> (ServerHello, SimAudio) {
         .recv_type("hello", Duration::from_secs(10))
         .await
         .expect("server hello");
+    // The device runs firmware 2.4 by default, which ignores a hello it does not like.
+    assert!(
+        dev.violations().is_empty(),
+        "firmware {} would refuse: {:?}",
+        dev.firmware().label(),
+        dev.violations()
+    );
     let hello = ServerHello::parse(&hello).expect("valid server hello");
     let audio = SimAudio::open(&hello, "127.0.0.1:0".parse().unwrap())
         .await
