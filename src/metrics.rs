@@ -154,8 +154,10 @@ counters! {
     calls_ended_caller_gone,
     /// Conversations of this node that are call legs now (gauge).
     call_legs,
-    /// Call audio frames: handed to a leg on this node, answered with silence (ringing),
-    /// sent to and received from legs on other nodes.
+    /// Call audio frames: sealed by the UDP socket straight into the peer's channel (both
+    /// devices on this node over UDP), handed to a leg on this node, answered with silence
+    /// (ringing), sent to and received from legs on other nodes.
+    call_frames_spliced,
     call_frames_local,
     call_frames_silence,
     call_frames_remote_out,

@@ -345,7 +345,10 @@ async fn ring_accept_talk_both_ways_and_hang_up() {
         ),
         (1, 1, 1)
     );
-    assert!(m.call_frames_local >= 80, "{}", m.call_frames_local);
+    // Both devices on this node over UDP: the socket seals each frame straight into the
+    // other's channel (a frame or two go through the legs' tasks until the splice is set).
+    assert!(m.call_frames_spliced >= 75, "{m:?}");
+    assert!(m.call_frames_spliced + m.call_frames_local >= 80, "{m:?}");
     assert!(m.call_frames_silence >= 5);
     assert_eq!(m.call_legs, 0);
     gw.shutdown().await;
@@ -696,4 +699,85 @@ async fn a_call_between_devices_on_two_nodes() {
     assert!(frame_index(&synthetic_frame(7, 10)) == Some(7));
     gw_a.shutdown().await;
     gw_b.shutdown().await;
+}
+
+/// A device on the QUIC extension calls one on AES-GCM over UDP: no splice is possible
+/// (the QUIC channel's downlink is not the UDP socket's), so the audio goes through the
+/// two legs' tasks, and still arrives byte-exact both ways under each transport's rules.
+#[tokio::test]
+async fn a_quic_device_and_a_gcm_device_talk_through_their_legs() {
+    use xiaozhi_gateway::simulator::audio::{SimLink, Transport};
+    let upstream = upstream().await;
+    let mut config = config_with(&upstream);
+    config.quic.enabled = true;
+    config.quic.listen = ([127, 0, 0, 1], 0).into();
+    let gw = common::start_with(config).await;
+    let api = ManagerApi::of(gw.addrs.http);
+    let (a, b) = (common::mac(61), common::mac(62));
+    let mut caller = callable_device(gw.addrs.mqtt, 61).await;
+    let mut target = callable_device(gw.addrs.mqtt, 62).await;
+    let open = async |dev: &mut SimDevice, transport: Transport| {
+        dev.publish_json(&transport.hello()).await.unwrap();
+        let raw = dev
+            .recv_type("hello", Duration::from_secs(5))
+            .await
+            .unwrap();
+        let hello = ServerHello::parse(&raw).unwrap();
+        assert_eq!(hello.transport(), transport);
+        SimLink::open(&hello, ([127, 0, 0, 1], 0).into())
+            .await
+            .unwrap()
+    };
+    let mut caller_link = open(&mut caller, Transport::Quic).await;
+    let mut target_link = open(&mut target, Transport::Gcm).await;
+    assert_eq!(api.request(a, b).await["status"], "pending");
+    assert_eq!(api.accept(b).await["status"], "bridged");
+    assert!(
+        common::eventually(Duration::from_secs(3), || gw
+            .presence
+            .local(&b.colon())
+            .and_then(|r| r.call_bridged)
+            == Some(true))
+        .await
+    );
+    // The GCM side speaks first (its address becomes known), then both ways.
+    let first = synthetic_frame(5_000, 30);
+    target_link.send(0, &first).await.unwrap();
+    loop {
+        let heard = caller_link
+            .recv(Duration::from_secs(3))
+            .await
+            .unwrap()
+            .expect("the target's first words");
+        if heard.opus == first {
+            break;
+        }
+        assert_eq!(heard.opus, SILENCE_FRAME, "only silence before it");
+    }
+    for (from, to, base) in [(0, 1, 600u32), (1, 0, 700)] {
+        for i in base..base + 20 {
+            let frame = synthetic_frame(i, 25 + (i as usize % 40));
+            let (tx, rx) = if from == 0 {
+                (&mut caller_link, &mut target_link)
+            } else {
+                (&mut target_link, &mut caller_link)
+            };
+            tx.send(i * 60, &frame).await.unwrap();
+            let got = rx
+                .recv(Duration::from_secs(3))
+                .await
+                .unwrap()
+                .unwrap_or_else(|| panic!("frame {i} ({from} -> {to})"));
+            assert_eq!(got.opus, frame);
+        }
+    }
+    assert_eq!(caller_link.rejected(), 0);
+    assert_eq!(target_link.rejected(), 0);
+    let m = gw.metrics.snapshot();
+    assert_eq!(
+        m.call_frames_spliced, 0,
+        "nothing to splice into a QUIC channel"
+    );
+    assert!(m.call_frames_local >= 41, "{m:?}");
+    gw.shutdown().await;
 }

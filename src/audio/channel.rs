@@ -183,7 +183,28 @@ pub struct AudioChannel {
     pub(crate) lease: Lease,
 }
 
+/// A UDP channel another channel's uplink can be spliced into (a device call between two
+/// devices of this node): its connection id, and its shared state, held weakly so that a
+/// later channel reusing the id is never mistaken for it.
+#[derive(Debug, Clone)]
+pub struct SpliceTarget {
+    pub(crate) connection_id: u32,
+    pub(crate) shared: std::sync::Weak<ChannelShared>,
+}
+
 impl AudioChannel {
+    /// What another channel's uplink can be spliced into: UDP channels only (a QUIC
+    /// channel's downlink is not the UDP socket's).
+    pub fn splice_target(&self) -> Option<SpliceTarget> {
+        match &self.attach {
+            Attach::Udp { connection_id, .. } => Some(SpliceTarget {
+                connection_id: *connection_id,
+                shared: Arc::downgrade(&self.shared),
+            }),
+            Attach::Quic { .. } => None,
+        }
+    }
+
     /// Time since the last audio in either direction.
     pub fn idle_for(&self) -> std::time::Duration {
         let last = self.shared.last_activity_ms.load(Ordering::Relaxed);

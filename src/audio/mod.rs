@@ -10,6 +10,11 @@
 //! * [`channel`] is what a session holds: the lease on a connection id, the uplink
 //!   receiver and the downlink sender (sealer + the device's current address).
 //!
+//! Two channels of a device-to-device call on this node are *spliced*: the receive task
+//! seals each accepted frame of one straight into the other's downlink, in the batch it
+//! arrived in, so call audio takes no task hop and no allocation, and no frame is held
+//! decrypted beyond its re-sealing.
+//!
 //! Architecture invariant: the audio path never parses JSON, and every drop on it is
 //! counted by reason.
 
@@ -17,5 +22,5 @@ pub mod batch;
 pub mod channel;
 pub mod socket;
 
-pub use channel::{AudioChannel, Downlink, UplinkFrame};
+pub use channel::{AudioChannel, Downlink, SpliceTarget, UplinkFrame};
 pub use socket::{AudioSocket, AudioSocketHandle};

@@ -28,7 +28,7 @@ use tracing::{debug, warn};
 use super::batch::{BATCH, RecvBatch, SendBatch, SendQueue};
 use super::channel::{
     Attach, AudioChannel, ChannelCounters, ChannelShared, Downlink, DownlinkPath, Lease,
-    UplinkFrame,
+    SpliceTarget, UplinkFrame,
 };
 use crate::limits::TokenBucket;
 use crate::metrics::Metrics;
@@ -56,14 +56,29 @@ struct Route {
     warned_rate: bool,
     uplink_tx: mpsc::Sender<UplinkFrame>,
     shared: Arc<ChannelShared>,
-    /// The conversation's downlink sealer, for reflect mode.
+    /// The conversation's downlink sealer, for reflect mode and for splices into it.
     sealer: Arc<Mutex<ChannelSealer>>,
+    /// A device call with a device of this node: accepted frames go to that channel's
+    /// downlink (see [`AudioSocketHandle::splice`]).
+    splice: Option<Splice>,
+}
+
+/// Where a spliced channel's frames go.
+struct Splice {
+    connection_id: u32,
+    /// The target's shared state: compared by address with the route found under
+    /// `connection_id`, and held weakly so the address cannot be reused meanwhile.
+    shared: std::sync::Weak<ChannelShared>,
 }
 
 enum Command {
     Register {
         connection_id: u32,
         route: Box<Route>,
+    },
+    Splice {
+        connection_id: u32,
+        into: Option<SpliceTarget>,
     },
 }
 
@@ -176,6 +191,11 @@ impl AudioSocket {
                 _ = shutdown.cancelled() => break,
                 Some(cmd) = self.commands.recv() => match cmd {
                     Command::Register { connection_id, route } => { routes.insert(connection_id, *route); }
+                    Command::Splice { connection_id, into } => {
+                        if let Some(route) = routes.get_mut(&connection_id) {
+                            route.splice = into.map(|t| Splice { connection_id: t.connection_id, shared: t.shared });
+                        }
+                    }
                 },
                 () = queue.ready() => self.flush(&mut sender).await,
                 _ = sweep.tick() => routes.retain(|_, r| !r.is_closed()),
@@ -288,6 +308,11 @@ impl AudioSocket {
                 ChannelCounters::add(&stats.uplink_packets, 1);
                 ChannelCounters::add(&stats.uplink_bytes, datagram.len() as u64);
                 let opus = &datagram[HEADER_LEN..HEADER_LEN + opus_len];
+                if let Some(splice) = &route.splice {
+                    let (to, shared) = (splice.connection_id, splice.shared.as_ptr());
+                    self.splice(routes, to, shared, header.timestamp, opus, scratch);
+                    return;
+                }
                 if route.shared.reflect.load(Ordering::Relaxed) {
                     let to = route.channel.peer().unwrap_or(from);
                     self.reflect(route, header.timestamp, opus, to, scratch);
@@ -343,6 +368,55 @@ impl Route {
 }
 
 impl AudioSocket {
+    /// A spliced frame: sealed into the downlink of channel `to` (if it is still the
+    /// channel the splice was made for, and its device has an address) and queued for
+    /// this task's next flush.
+    fn splice(
+        &self,
+        routes: &HashMap<u32, Route>,
+        to: u32,
+        expected: *const ChannelShared,
+        timestamp: u32,
+        opus: &[u8],
+        scratch: &mut Vec<u8>,
+    ) {
+        let m = &self.metrics;
+        let Some(peer) = routes
+            .get(&to)
+            .filter(|r| std::ptr::eq(Arc::as_ptr(&r.shared), expected) && !r.is_closed())
+        else {
+            Metrics::inc(&m.call_frames_dropped_no_peer);
+            return;
+        };
+        let Some(addr) = *peer.shared.peer.lock().unwrap_or_else(|p| p.into_inner()) else {
+            Metrics::inc(&m.call_frames_dropped_no_peer);
+            return;
+        };
+        let stats = &peer.shared.stats;
+        let sealed = peer
+            .sealer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .seal(timestamp, opus, scratch);
+        if sealed.is_err() {
+            Metrics::inc(&m.udp_drop_downlink_oversized);
+            ChannelCounters::add(&stats.dropped, 1);
+            return;
+        }
+        peer.shared.touch();
+        match self.send_queue.push(addr, scratch) {
+            Ok(()) => {
+                Metrics::inc(&m.call_frames_spliced);
+                ChannelCounters::add(&stats.downlink_packets, 1);
+                ChannelCounters::add(&stats.downlink_bytes, scratch.len() as u64);
+            }
+            Err(_) => {
+                Metrics::inc(&m.udp_drop_send_queue_full);
+                ChannelCounters::add(&stats.dropped, 1);
+            }
+        }
+    }
+
     /// Reflect mode: seals the frame back to the device and queues it for this task's
     /// next flush, exactly as the conversation's `Downlink::send` would have.
     fn reflect(
@@ -393,6 +467,19 @@ impl AudioSocketHandle {
         self.local_addr
     }
 
+    /// Splices channel `connection_id`'s accepted uplink into `into`'s downlink (`None`:
+    /// back to its conversation). Takes effect before the next datagram the receive task
+    /// handles.
+    pub async fn splice(&self, connection_id: u32, into: Option<SpliceTarget>) {
+        let _ = self
+            .commands
+            .send(Command::Splice {
+                connection_id,
+                into,
+            })
+            .await;
+    }
+
     /// Reserves a fresh connection id and key for a channel of the given suite, and makes
     /// it routable before returning (so the hello that announces it can be sent right
     /// after).
@@ -441,6 +528,7 @@ impl AudioSocketHandle {
             uplink_tx,
             shared,
             sealer,
+            splice: None,
         });
         self.commands
             .send(Command::Register {

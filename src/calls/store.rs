@@ -18,7 +18,12 @@ use redis::{Client, Script};
 use crate::protocol::call_book::CallBook;
 
 /// Attempts of one change before it gives up (each lost race costs one round trip).
-const CAS_ATTEMPTS: usize = 16;
+/// Changes on one node are serialized, so a race is only ever lost to another node.
+const CAS_ATTEMPTS: usize = 32;
+
+/// The longest pause after a lost race (a random part of it, so that nodes that keep
+/// colliding drift apart).
+const CAS_BACKOFF_MAX: Duration = Duration::from_millis(8);
 
 /// Writes the book if its stored version is still the one read. KEYS: the hash. ARGV:
 /// version read (`0` when absent), new version, new book. Returns 1 if written.
@@ -56,6 +61,9 @@ pub struct RedisBook {
     key: String,
     timeout: Duration,
     cas: Script,
+    /// One change at a time from this node: concurrent requests here would otherwise
+    /// only take turns losing the compare-and-set to each other.
+    local: tokio::sync::Mutex<()>,
 }
 
 impl CallStore {
@@ -82,6 +90,7 @@ impl CallStore {
             key: format!("{key_prefix}calls"),
             timeout,
             cas: Script::new(CAS_LUA),
+            local: tokio::sync::Mutex::new(()),
         }))
     }
 
@@ -98,6 +107,7 @@ impl CallStore {
                 Ok(change(&mut book))
             }
             CallStore::Redis(redis) => {
+                let _turn = redis.local.lock().await;
                 for _ in 0..CAS_ATTEMPTS {
                     let (version, mut book) = redis.read().await?;
                     let before = book.version();
@@ -108,6 +118,8 @@ impl CallStore {
                     if redis.write(version, &book).await? {
                         return Ok(result);
                     }
+                    let pause = rand::random_range(Duration::ZERO..CAS_BACKOFF_MAX);
+                    tokio::time::sleep(pause).await;
                 }
                 Err(CallStoreError::Contended(CAS_ATTEMPTS))
             }

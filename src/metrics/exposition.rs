@@ -264,8 +264,9 @@ static FAMILIES: &[Family] = &[
         "Conversations of this node that carry a device call (a ringing caller or a bridged party).",
         call_legs),
     family!(counter "xiaozhi_call_frames_total",
-    "Call audio frames: to a leg on this node (local), answered with silence while ringing (silence), to and from legs on other nodes over the bus (remote_out, remote_in).",
+    "Call audio frames: sealed by the UDP socket straight into the peer's channel (spliced: both devices on this node over UDP), to a leg on this node through its task (local), answered with silence while ringing (silence), to and from legs on other nodes over the bus (remote_out, remote_in).",
     "path" {
+        "spliced" => call_frames_spliced,
         "local" => call_frames_local,
         "silence" => call_frames_silence,
         "remote_out" => call_frames_remote_out,

@@ -25,7 +25,7 @@ use std::sync::{Mutex, OnceLock};
 use bytes::{BufMut, Bytes, BytesMut};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::audio::UplinkFrame;
+use crate::audio::{SpliceTarget, UplinkFrame};
 use crate::broker::bus::Bus;
 use crate::broker::topics;
 use crate::metrics::Metrics;
@@ -94,6 +94,8 @@ pub enum CallEvent {
 struct Leg {
     call: CallId,
     inbound: mpsc::Sender<UplinkFrame>,
+    /// Its channel, when it is a UDP one a peer's uplink can be spliced into.
+    splice: Option<SpliceTarget>,
 }
 
 #[derive(Default)]
@@ -135,11 +137,23 @@ impl CallLegs {
         self.cluster.get().map(|(_, node)| node.as_str())
     }
 
-    /// A conversation became a leg of `call`; frames for it go to `inbound`.
-    pub fn register(&self, mac: Mac, call: CallId, inbound: mpsc::Sender<UplinkFrame>) {
+    /// A conversation became a leg of `call`; frames for it go to `inbound` (or straight
+    /// into `splice`, its UDP channel).
+    pub fn register(
+        &self,
+        mac: Mac,
+        call: CallId,
+        inbound: mpsc::Sender<UplinkFrame>,
+        splice: Option<SpliceTarget>,
+    ) {
         let mut table = self.lock();
         table.ringing.remove(&mac);
-        if table.legs.insert(mac, Leg { call, inbound }).is_none() {
+        let leg = Leg {
+            call,
+            inbound,
+            splice,
+        };
+        if table.legs.insert(mac, leg).is_none() {
             Metrics::inc(&self.metrics.call_legs);
         }
     }
@@ -165,6 +179,15 @@ impl CallLegs {
             .get(&mac)
             .filter(|l| l.call == call)
             .map(|l| l.inbound.clone())
+    }
+
+    /// The UDP channel of `mac`'s leg of `call`, to splice a peer's uplink into.
+    pub fn splice_target(&self, mac: Mac, call: CallId) -> Option<SpliceTarget> {
+        self.lock()
+            .legs
+            .get(&mac)
+            .filter(|l| l.call == call)
+            .and_then(|l| l.splice.clone())
     }
 
     /// Hands a frame from another node to `mac`'s leg of `call`; dropped and counted if
@@ -268,7 +291,8 @@ mod tests {
     fn legs_are_found_by_device_and_call_only() {
         let legs = CallLegs::new(Default::default());
         let (tx, mut rx) = mpsc::channel(LEG_QUEUE);
-        legs.register(mac(1), 7, tx);
+        legs.register(mac(1), 7, tx, None);
+        assert!(legs.splice_target(mac(1), 7).is_none());
         assert_eq!(legs.leg_call(mac(1)), Some(7));
         assert!(legs.inbound(mac(1), 8).is_none(), "another call");
         let frame = UplinkFrame {
@@ -297,7 +321,7 @@ mod tests {
         legs.set_ringing(mac(2), 3);
         legs.set_ringing(mac(3), 4);
         let (tx, _rx) = mpsc::channel(1);
-        legs.register(mac(4), 5, tx);
+        legs.register(mac(4), 5, tx, None);
         let hang_up = legs.reconcile(|m, c| (m, c) == (mac(3), 4));
         assert_eq!(hang_up, vec![(mac(4), 5)]);
         assert_eq!(legs.take_ringing(mac(2)), None);

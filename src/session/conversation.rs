@@ -375,9 +375,14 @@ async fn run_leg(
 ) -> (EndReason, CallId) {
     let metrics = &deps.metrics;
     let (inbound_tx, mut inbound) = mpsc::channel::<UplinkFrame>(super::call_leg::LEG_QUEUE);
-    deps.call_legs.register(mac, call, inbound_tx.clone());
+    let own = channel.splice_target();
+    deps.call_legs
+        .register(mac, call, inbound_tx.clone(), own.clone());
     // The peer leg's queue, once it has registered (a local peer only).
     let mut local_peer: Option<mpsc::Sender<UplinkFrame>> = None;
+    // Whether the socket seals this channel's uplink straight into the peer's channel
+    // (both on this node over UDP): frames then no longer come here.
+    let mut spliced = false;
     let mut tick = tokio::time::interval(IDLE_CHECK);
     let mut commands_open = true;
     let reason = loop {
@@ -387,12 +392,16 @@ async fn run_leg(
                 Some(LegCommand::Join { call: joined, peer: route }) => {
                     if joined != call {
                         deps.call_legs.unregister(mac, call);
-                        deps.call_legs.register(mac, joined, inbound_tx.clone());
+                        deps.call_legs.register(mac, joined, inbound_tx.clone(), own.clone());
                         call = joined;
                     }
                     if route != peer {
                         info!(call, peer = ?route, "call leg bridged");
                         deps.directory.set_call(&mac, ends.serial, Some((call, route.clone())));
+                        if spliced && let Some(own) = &own {
+                            deps.audio.splice(own.connection_id, None).await;
+                            spliced = false;
+                        }
                     }
                     peer = route;
                     local_peer = None;
@@ -408,6 +417,15 @@ async fn run_leg(
                         io.downlink.send(frame.timestamp, SILENCE_FRAME).await;
                     }
                     PeerRoute::Local(peer_mac) => {
+                        // Both channels UDP on this node: from the next datagram on, the
+                        // socket seals this uplink straight into the peer's downlink.
+                        if !spliced
+                            && let Some(own) = &own
+                            && let Some(target) = deps.call_legs.splice_target(*peer_mac, call)
+                        {
+                            deps.audio.splice(own.connection_id, Some(target)).await;
+                            spliced = true;
+                        }
                         if local_peer.as_ref().is_none_or(|tx| tx.is_closed()) {
                             local_peer = deps.call_legs.inbound(*peer_mac, call);
                         }
