@@ -166,6 +166,9 @@ counters! {
     /// leg's queue was full.
     call_frames_dropped_no_peer,
     call_frames_dropped_queue_full,
+    /// Call audio from another node that did not authenticate under the call's key
+    /// (forged, replayed, or from an earlier call), dropped.
+    call_frames_dropped_auth,
     /// Targets woken for a call (MCP `self.remote_wakeup`), and wake-ups the device did
     /// not take (no such tool, no answer, not connected).
     call_wakes_sent,

@@ -645,6 +645,24 @@ async fn a_call_between_devices_on_two_nodes() {
         assert!(found, "{mac} in Redis");
     }
 
+    // A client of the bus that listens to the call audio between the nodes.
+    let mut opts = rumqttc::MqttOptions::new("eavesdropper", "127.0.0.1", broker_port);
+    opts.set_max_packet_size(1 << 16, 1 << 16);
+    let (eavesdropper, mut bus_events) = rumqttc::AsyncClient::new(opts, 100);
+    eavesdropper
+        .subscribe("xiaozhi/nodes/+/call-audio/#", rumqttc::QoS::AtMostOnce)
+        .await
+        .unwrap();
+    let overheard = std::sync::Arc::new(std::sync::Mutex::new(Vec::<Vec<u8>>::new()));
+    let sink = overheard.clone();
+    let listener = tokio::spawn(async move {
+        while let Ok(event) = bus_events.poll().await {
+            if let rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)) = event {
+                sink.lock().unwrap().push(p.payload.to_vec());
+            }
+        }
+    });
+
     let (caller_hello, mut caller_audio) = open_conversation(&mut caller).await;
     // Posted to the target's node, which holds neither the caller nor its conversation.
     let via_b = ManagerApi::of(gw_b.addrs.http);
@@ -685,6 +703,19 @@ async fn a_call_between_devices_on_two_nodes() {
     talk(&mut target_audio, &mut caller_audio, 400, 30).await;
     assert!(gw_a.metrics.snapshot().call_frames_remote_out >= 30);
     assert!(gw_b.metrics.snapshot().call_frames_remote_in >= 30);
+    // On the bus the audio is sealed under the call's key: no frame travels in clear.
+    let heard = overheard.lock().unwrap().clone();
+    assert!(heard.len() >= 60, "{} frames overheard", heard.len());
+    for i in (300..330).chain(400..430) {
+        let frame = synthetic_frame(i, 20 + (i as usize % 60));
+        assert!(
+            !heard
+                .iter()
+                .any(|p| p.windows(frame.len()).any(|w| w == frame)),
+            "frame {i} crossed the bus in clear"
+        );
+    }
+    listener.abort();
 
     // The target hangs up on its node; the caller on the other hears goodbye.
     target

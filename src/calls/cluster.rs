@@ -1,8 +1,10 @@
 //! Calling across the nodes of a cluster: the actions the call book plans go to the node
 //! that holds each device (`xiaozhi/nodes/<node>/calls`), and the audio of a call whose
 //! devices are on two nodes travels between their legs on
-//! `xiaozhi/nodes/<node>/call-audio/<call>/<mac_>` (the sender's timestamp, then the
-//! Opus packet; QoS 0 like the device's own UDP).
+//! `xiaozhi/nodes/<node>/call-audio/<call>/<mac_>` as `udp_aead` datagrams sealed with
+//! AES-128-GCM under the call's own key (QoS 0 like the device's own UDP): the key is in
+//! the call book only, never in these messages, so the broker and its other clients see
+//! ciphertext.
 //!
 //! manager-api's own multi-backend router gives up on such calls
 //! (`CROSS_BACKEND_CALL_UNSUPPORTED`); here they are ordinary calls, because the book is
@@ -18,7 +20,7 @@ use crate::broker::inbound::CallTraffic;
 use crate::metrics::Metrics;
 use crate::protocol::call_book::{CallAction, CallId};
 use crate::protocol::mac::Mac;
-use crate::session::call_leg::{CallLegs, parse_remote_frame};
+use crate::session::call_leg::CallLegs;
 
 /// An action on its way to the device's node.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -150,10 +152,8 @@ impl CallTraffic for ClusterInbound {
     }
 
     fn audio(&self, call: u64, mac: Mac, payload: Bytes) {
-        match parse_remote_frame(&payload) {
-            Some(frame) => self.legs.deliver_remote(mac, call, frame),
-            None => Metrics::inc(&self.metrics.call_frames_dropped_no_peer),
-        }
+        // Opened (authenticated) by the leg, which holds the call's key.
+        self.legs.deliver_remote(mac, call, payload);
     }
 }
 

@@ -39,7 +39,7 @@ use crate::history::record::now_ms;
 use crate::metrics::Metrics;
 use crate::presence::tracker::PresenceTracker;
 use crate::protocol::call_book::{
-    self, AcceptOutcome, Call, CallAction, CallId, EndCause, Ended, RequestOutcome,
+    self, AcceptOutcome, Call, CallAction, CallId, EndCause, Ended, MediaKey, RequestOutcome,
 };
 use crate::protocol::mac::Mac;
 use crate::session::call_leg::{CallEvent, CallLegs, LegCommand, PeerRoute};
@@ -222,9 +222,10 @@ impl CallService {
         }
         let now = now_ms();
         let max = self.settings.max_calls;
+        let media_key = MediaKey(rand::random());
         let outcome = match self
             .store
-            .update(|book| book.request(caller, target, nickname, now, max))
+            .update(|book| book.request(caller, target, nickname, now, max, media_key))
             .await
         {
             Ok(outcome) => outcome,
@@ -502,9 +503,28 @@ impl CallService {
             return Some(PeerRoute::Ringing(*peer));
         }
         Some(match self.locate(*peer).await {
-            Location::Node(node) => PeerRoute::Remote { mac: *peer, node },
+            Location::Node(node) => self.remote_route(action, node).await?,
             // A peer that is nowhere: its own leg fails and ends the call.
             Location::Here | Location::Nowhere => PeerRoute::Local(*peer),
+        })
+    }
+
+    /// The route to a leg's peer on `node`: sealed under the call's key, which only the
+    /// book has (never the messages between nodes). `None` when the call is gone.
+    async fn remote_route(&self, action: &CallAction, node: String) -> Option<PeerRoute> {
+        let CallAction::Leg {
+            device, call, peer, ..
+        } = action
+        else {
+            return None;
+        };
+        let book = self.store.snapshot().await.ok()?;
+        let found = book.get(*call)?;
+        Some(PeerRoute::Remote {
+            mac: *peer,
+            node,
+            key: found.media_key,
+            caller: found.caller == *device,
         })
     }
 
@@ -541,7 +561,10 @@ impl CallService {
                 Ok(())
             }
             CallAction::Leg { device, call, .. } => {
-                let peer = route.expect("a leg action has a route");
+                // No route: the call ended meanwhile (its book entry is gone).
+                let Some(peer) = route else {
+                    return Err(());
+                };
                 self.sessions
                     .leg(device, LegCommand::Join { call, peer })
                     .await
@@ -580,11 +603,11 @@ impl CallService {
             }
         };
         let route = match &action {
-            CallAction::Leg { peer, bridged, .. } => Some(match (bridged, peer_node) {
-                (false, _) => PeerRoute::Ringing(*peer),
-                (true, Some(node)) if node != self.node => PeerRoute::Remote { mac: *peer, node },
-                (true, _) => PeerRoute::Local(*peer),
-            }),
+            CallAction::Leg { peer, bridged, .. } => match (bridged, peer_node) {
+                (false, _) => Some(PeerRoute::Ringing(*peer)),
+                (true, Some(node)) if node != self.node => self.remote_route(&action, node).await,
+                (true, _) => Some(PeerRoute::Local(*peer)),
+            },
             _ => None,
         };
         let device = action_device(&action);

@@ -273,10 +273,11 @@ static FAMILIES: &[Family] = &[
         "remote_in" => call_frames_remote_in,
     }),
     family!(counter "xiaozhi_call_frames_dropped_total",
-    "Call audio frames dropped: no leg to take them yet or any more (no_peer), the leg's queue was full (queue_full).",
+    "Call audio frames dropped: no leg to take them yet or any more (no_peer), the leg's queue was full (queue_full), a frame from another node did not authenticate under the call's key (auth).",
     "reason" {
         "no_peer" => call_frames_dropped_no_peer,
         "queue_full" => call_frames_dropped_queue_full,
+        "auth" => call_frames_dropped_auth,
     }),
     family!(counter "xiaozhi_call_wakes_total",
     "Call targets woken with MCP self.remote_wakeup: sent, and failed (the device has no such tool, did not answer, or is gone).",

@@ -35,6 +35,36 @@ use super::mac::Mac;
 /// Identifies one call for its whole life (ringing, then bridged).
 pub type CallId = u64;
 
+/// The AES-128-GCM key of a call's audio between two nodes of a cluster: fresh per call
+/// (chosen by whoever asks the book, which holds no randomness), so that frames crossing
+/// the bus are sealed and a bus client sees only ciphertext. Kept in the book, never in
+/// the messages between nodes; never printed.
+#[derive(Clone, Copy, PartialEq, Eq, Default)]
+pub struct MediaKey(pub [u8; 16]);
+
+impl std::fmt::Debug for MediaKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MediaKey(<redacted>)")
+    }
+}
+
+impl Serialize for MediaKey {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&hex::encode(self.0))
+    }
+}
+
+impl<'de> Deserialize<'de> for MediaKey {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
+        let bytes = hex::decode(s.as_ref()).map_err(serde::de::Error::custom)?;
+        let key = bytes
+            .try_into()
+            .map_err(|_| serde::de::Error::custom("a media key is 16 bytes"))?;
+        Ok(MediaKey(key))
+    }
+}
+
 /// Calls that ended while ringing are remembered this long, so that a late accept is
 /// told `caller_gone` rather than `no_pending`.
 pub const ENDED_RINGING_TTL_MS: i64 = 5 * 60 * 1000;
@@ -77,6 +107,8 @@ pub struct Call {
     /// Unix ms the call was bridged.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bridged_ms: Option<i64>,
+    /// Seals the call's audio between nodes.
+    pub media_key: MediaKey,
 }
 
 impl Call {
@@ -417,7 +449,7 @@ impl CallBook {
 
     /// `caller` asks to talk to `target`. Both are known to be connected (the caller of
     /// this function checks; an offline target is answered `offline` before the book is
-    /// asked). `max_calls` bounds the book.
+    /// asked). `max_calls` bounds the book; `media_key` is the new call's, if one rings.
     pub fn request(
         &mut self,
         caller: Mac,
@@ -425,6 +457,7 @@ impl CallBook {
         caller_nickname: &str,
         now_ms: i64,
         max_calls: usize,
+        media_key: MediaKey,
     ) -> RequestOutcome {
         if caller == target {
             return RequestOutcome::Refused(Refusal::SameDevice);
@@ -458,6 +491,7 @@ impl CallBook {
             state: CallState::Ringing,
             requested_ms: now_ms,
             bridged_ms: None,
+            media_key,
         };
         self.next_id = call.id + 1;
         self.by_device.insert(caller, call.id);
@@ -619,13 +653,14 @@ mod tests {
     use super::*;
 
     const MAX: usize = 100;
+    const KEY: MediaKey = MediaKey([7; 16]);
 
     fn mac(n: u8) -> Mac {
         Mac::from_octets([0xaa, 0, 0, 0, 0, n])
     }
 
     fn ringing(book: &mut CallBook, caller: u8, target: u8, now: i64) -> Call {
-        match book.request(mac(caller), mac(target), "奶奶", now, MAX) {
+        match book.request(mac(caller), mac(target), "奶奶", now, MAX, KEY) {
             RequestOutcome::Ringing(call) => call,
             other => panic!("{other:?}"),
         }
@@ -701,7 +736,8 @@ mod tests {
     fn crossing_requests_bridge_at_once() {
         let mut book = CallBook::new();
         let call = ringing(&mut book, 1, 2, 1_000);
-        let RequestOutcome::Bridged(bridged) = book.request(mac(2), mac(1), "", 1_500, MAX) else {
+        let RequestOutcome::Bridged(bridged) = book.request(mac(2), mac(1), "", 1_500, MAX, KEY)
+        else {
             panic!()
         };
         assert_eq!(
@@ -726,26 +762,26 @@ mod tests {
         // The caller, or the ringing target, asked again or asked for by someone else.
         for (caller, target) in [(1, 3), (3, 1), (2, 3), (3, 2)] {
             assert_eq!(
-                book.request(mac(caller), mac(target), "", 1, MAX),
+                book.request(mac(caller), mac(target), "", 1, MAX, KEY),
                 RequestOutcome::Refused(Refusal::PendingExists),
                 "{caller} -> {target}"
             );
         }
         // The same request twice is not a crossing.
         assert_eq!(
-            book.request(mac(1), mac(2), "", 1, MAX),
+            book.request(mac(1), mac(2), "", 1, MAX, KEY),
             RequestOutcome::Refused(Refusal::PendingExists)
         );
         book.accept(mac(2), true, 2);
         for (caller, target) in [(1, 3), (3, 1), (2, 3), (3, 2), (2, 1)] {
             assert_eq!(
-                book.request(mac(caller), mac(target), "", 3, MAX),
+                book.request(mac(caller), mac(target), "", 3, MAX, KEY),
                 RequestOutcome::Refused(Refusal::AlreadyInCall),
                 "{caller} -> {target}"
             );
         }
         assert_eq!(
-            book.request(mac(4), mac(4), "", 3, MAX),
+            book.request(mac(4), mac(4), "", 3, MAX, KEY),
             RequestOutcome::Refused(Refusal::SameDevice)
         );
         assert!(book.is_consistent());
@@ -758,7 +794,7 @@ mod tests {
             ringing(&mut book, 2 * n, 2 * n + 1, 0);
         }
         assert_eq!(
-            book.request(mac(10), mac(11), "", 0, 3),
+            book.request(mac(10), mac(11), "", 0, 3, KEY),
             RequestOutcome::Refused(Refusal::Full)
         );
     }
@@ -912,6 +948,16 @@ mod tests {
     }
 
     #[test]
+    fn the_media_key_is_kept_and_never_printed() {
+        let mut book = CallBook::new();
+        let call = ringing(&mut book, 1, 2, 0);
+        assert_eq!(call.media_key, KEY);
+        assert!(!format!("{call:?}").contains("07070707"), "{call:?}");
+        let copy = CallBook::from_json(&book.to_json()).unwrap();
+        assert_eq!(copy.get(call.id).unwrap().media_key, KEY);
+    }
+
+    #[test]
     fn versions_change_with_every_change_only() {
         let mut book = CallBook::new();
         let v0 = book.version();
@@ -920,7 +966,7 @@ mod tests {
         let call = ringing(&mut book, 1, 2, 0);
         let v1 = book.version();
         assert!(v1 > v0);
-        book.request(mac(1), mac(3), "", 0, MAX);
+        book.request(mac(1), mac(3), "", 0, MAX, KEY);
         assert_eq!(book.version(), v1, "a refusal changes nothing");
         book.leave(mac(1), call.id, 0);
         assert!(book.version() > v1);
@@ -959,7 +1005,7 @@ mod tests {
                     now += 1_000;
                     let ended: Vec<Ended> = match op {
                         Op::Request(a, b) => {
-                            let outcome = book.request(mac(a), mac(b), "n", now, 4);
+                            let outcome = book.request(mac(a), mac(b), "n", now, 4, KEY);
                             for action in plan_request(&outcome) {
                                 if let CallAction::Leg { device, call, .. } = action {
                                     prop_assert_eq!(book.call_of(device).map(|c| c.id), Some(call));

@@ -17,19 +17,25 @@
 //!
 //! Audio is never held decrypted for longer than it takes to re-seal one frame: a frame
 //! waits at most in the peer leg's small queue ([`LEG_QUEUE`], about a second; full:
-//! dropped and counted) and is sealed as soon as the leg takes it.
+//! dropped and counted) and is sealed as soon as the leg takes it. Between nodes a frame
+//! crosses the bus sealed with AES-128-GCM under the call's own key ([`RemoteSeal`]), so
+//! the broker and its other clients see only ciphertext.
 
 use std::collections::HashMap;
 use std::sync::{Mutex, OnceLock};
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::audio::{SpliceTarget, UplinkFrame};
 use crate::broker::bus::Bus;
 use crate::broker::topics;
 use crate::metrics::Metrics;
+use crate::protocol::audio_channel::Verdict;
 use crate::protocol::call_book::CallId;
+use crate::protocol::call_book::MediaKey;
+use crate::protocol::datagram::HEADER_LEN;
+use crate::protocol::gcm_channel::{GcmCipher, GcmReceiver, GcmSealer};
 use crate::protocol::mac::Mac;
 
 /// Frames queued for a leg's downlink before further ones are dropped (about a second
@@ -52,8 +58,80 @@ pub enum PeerRoute {
     Ringing(Mac),
     /// The peer device is on this node.
     Local(Mac),
-    /// The peer device is on another node, reached over the bus.
-    Remote { mac: Mac, node: String },
+    /// The peer device is on another node, reached over the bus; frames are sealed under
+    /// the call's key, in the caller's direction if `caller` (this leg is the caller).
+    Remote {
+        mac: Mac,
+        node: String,
+        key: MediaKey,
+        caller: bool,
+    },
+}
+
+/// A frame for a leg: plain from a leg of this node, sealed from another node.
+#[derive(Debug)]
+pub enum LegFrame {
+    Plain(UplinkFrame),
+    Sealed(Bytes),
+}
+
+/// The AES-128-GCM of a leg's frames to and from another node: the call's key, the two
+/// directions told apart (the caller's frames and the target's), a sequence from 1 per
+/// sender that never wraps and a replay window per receiver, exactly the `udp_aead`
+/// datagram format (`protocol::gcm_channel`). A leg keeps one for its call, so no
+/// sequence (nonce) is ever used twice under a key.
+pub struct RemoteSeal {
+    sealer: GcmSealer,
+    receiver: GcmReceiver,
+    /// Sealed or opened in place; one frame at a time.
+    buf: Vec<u8>,
+}
+
+impl RemoteSeal {
+    pub fn new(call: CallId, key: &MediaKey, caller: bool) -> RemoteSeal {
+        let cipher = GcmCipher::new(&key.0);
+        // The low 32 bits of the call id stand where a channel's connection id would.
+        let id = call as u32;
+        let (sealer, receiver) = if caller {
+            (
+                GcmSealer::uplink(cipher.clone(), id),
+                GcmReceiver::downlink(cipher, id),
+            )
+        } else {
+            (
+                GcmSealer::downlink(cipher.clone(), id),
+                GcmReceiver::uplink(cipher, id),
+            )
+        };
+        RemoteSeal {
+            sealer,
+            receiver,
+            buf: Vec::with_capacity(256),
+        }
+    }
+
+    /// Seals one frame; the datagram to publish.
+    pub fn seal(&mut self, timestamp: u32, opus: &[u8]) -> Option<&[u8]> {
+        self.sealer.seal(timestamp, opus, &mut self.buf).ok()?;
+        Some(&self.buf)
+    }
+
+    /// Authenticates and opens one datagram from the peer: its timestamp and Opus frame,
+    /// or `None` (forged, replayed, malformed).
+    pub fn open(&mut self, datagram: &[u8]) -> Option<(u32, &[u8])> {
+        self.buf.clear();
+        self.buf.extend_from_slice(datagram);
+        let from = std::net::SocketAddr::from(([0, 0, 0, 0], 0));
+        match self.receiver.on_datagram(&mut self.buf, from) {
+            Verdict::Accept {
+                header, opus_len, ..
+            } => Some((
+                header.timestamp,
+                &self.buf[HEADER_LEN..HEADER_LEN + opus_len],
+            )),
+            Verdict::Drop(_) => None,
+        }
+    }
 }
 
 impl PeerRoute {
@@ -93,7 +171,7 @@ pub enum CallEvent {
 /// One leg on this node.
 struct Leg {
     call: CallId,
-    inbound: mpsc::Sender<UplinkFrame>,
+    inbound: mpsc::Sender<LegFrame>,
     /// Its channel, when it is a UDP one a peer's uplink can be spliced into.
     splice: Option<SpliceTarget>,
 }
@@ -143,7 +221,7 @@ impl CallLegs {
         &self,
         mac: Mac,
         call: CallId,
-        inbound: mpsc::Sender<UplinkFrame>,
+        inbound: mpsc::Sender<LegFrame>,
         splice: Option<SpliceTarget>,
     ) {
         let mut table = self.lock();
@@ -173,7 +251,7 @@ impl CallLegs {
     }
 
     /// The inbound queue of `mac`'s leg of `call`, if it has registered.
-    pub fn inbound(&self, mac: Mac, call: CallId) -> Option<mpsc::Sender<UplinkFrame>> {
+    pub fn inbound(&self, mac: Mac, call: CallId) -> Option<mpsc::Sender<LegFrame>> {
         self.lock()
             .legs
             .get(&mac)
@@ -190,13 +268,13 @@ impl CallLegs {
             .and_then(|l| l.splice.clone())
     }
 
-    /// Hands a frame from another node to `mac`'s leg of `call`; dropped and counted if
-    /// there is none or its queue is full.
-    pub fn deliver_remote(&self, mac: Mac, call: CallId, frame: UplinkFrame) {
+    /// Hands a sealed frame from another node to `mac`'s leg of `call`; dropped and
+    /// counted if there is none or its queue is full.
+    pub fn deliver_remote(&self, mac: Mac, call: CallId, sealed: Bytes) {
         Metrics::inc(&self.metrics.call_frames_remote_in);
         match self.inbound(mac, call) {
             Some(tx) => {
-                if tx.try_send(frame).is_err() {
+                if tx.try_send(LegFrame::Sealed(sealed)).is_err() {
                     Metrics::inc(&self.metrics.call_frames_dropped_queue_full);
                 }
             }
@@ -204,22 +282,16 @@ impl CallLegs {
         }
     }
 
-    /// Publishes a frame for `mac`'s leg of `call` on `node`. False without a cluster.
-    pub fn send_remote(
-        &self,
-        node: &str,
-        mac: Mac,
-        call: CallId,
-        timestamp: u32,
-        opus: &[u8],
-    ) -> bool {
+    /// Publishes a sealed frame for `mac`'s leg of `call` on `node`. False without a
+    /// cluster.
+    pub fn send_remote(&self, node: &str, mac: Mac, call: CallId, sealed: &[u8]) -> bool {
         let Some((bus, _)) = self.cluster.get() else {
             return false;
         };
-        let mut payload = BytesMut::with_capacity(4 + opus.len());
-        payload.put_u32(timestamp);
-        payload.put_slice(opus);
-        bus.publish(topics::node_call_audio(node, call, &mac), payload.freeze());
+        bus.publish(
+            topics::node_call_audio(node, call, &mac),
+            Bytes::copy_from_slice(sealed),
+        );
         Metrics::inc(&self.metrics.call_frames_remote_out);
         true
     }
@@ -254,19 +326,6 @@ impl CallLegs {
     }
 }
 
-/// A frame of call audio on the bus: the sender's timestamp, then the Opus packet.
-pub fn parse_remote_frame(payload: &Bytes) -> Option<UplinkFrame> {
-    if payload.len() < 4 {
-        return None;
-    }
-    let timestamp = u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]]);
-    Some(UplinkFrame {
-        timestamp,
-        sequence: 0,
-        opus: payload.slice(4..),
-    })
-}
-
 /// A command the dispatcher could not hand to a conversation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum JoinError {
@@ -295,13 +354,9 @@ mod tests {
         assert!(legs.splice_target(mac(1), 7).is_none());
         assert_eq!(legs.leg_call(mac(1)), Some(7));
         assert!(legs.inbound(mac(1), 8).is_none(), "another call");
-        let frame = UplinkFrame {
-            timestamp: 1,
-            sequence: 0,
-            opus: Bytes::from_static(b"x"),
-        };
+        let frame = Bytes::from_static(b"sealed");
         legs.deliver_remote(mac(1), 7, frame.clone());
-        assert_eq!(rx.try_recv().unwrap().opus, frame.opus);
+        assert!(matches!(rx.try_recv().unwrap(), LegFrame::Sealed(b) if b == frame));
         legs.deliver_remote(mac(1), 8, frame.clone());
         assert!(rx.try_recv().is_err());
         assert_eq!(legs.metrics.snapshot().call_frames_dropped_no_peer, 1);
@@ -349,13 +404,29 @@ mod tests {
     }
 
     #[test]
-    fn remote_frames_carry_their_timestamp() {
-        let mut payload = BytesMut::new();
-        payload.put_u32(0x0102_0304);
-        payload.put_slice(b"opus");
-        let frame = parse_remote_frame(&payload.freeze()).unwrap();
-        assert_eq!(frame.timestamp, 0x0102_0304);
-        assert_eq!(&frame.opus[..], b"opus");
-        assert!(parse_remote_frame(&Bytes::from_static(b"abc")).is_none());
+    fn remote_frames_are_sealed_per_direction_and_open_once() {
+        let key = MediaKey([9; 16]);
+        let (mut caller, mut target) = (
+            RemoteSeal::new(77, &key, true),
+            RemoteSeal::new(77, &key, false),
+        );
+        let sealed = caller.seal(960, b"opus frame").unwrap().to_vec();
+        assert!(
+            !sealed.windows(10).any(|w| w == b"opus frame"),
+            "ciphertext on the bus"
+        );
+        assert_eq!(target.open(&sealed), Some((960, &b"opus frame"[..])));
+        assert_eq!(target.open(&sealed), None, "a replay is refused");
+        // The caller cannot open its own direction, nor a forged or foreign datagram.
+        let again = caller.seal(1020, b"next").unwrap().to_vec();
+        assert_eq!(caller.open(&again), None);
+        let mut forged = again.clone();
+        forged[20] ^= 1;
+        assert_eq!(target.open(&forged), None);
+        let mut other = RemoteSeal::new(77, &MediaKey([8; 16]), false);
+        assert_eq!(other.open(&again), None, "another call's key");
+        assert_eq!(target.open(&again), Some((1020, &b"next"[..])));
+        let back = target.seal(0, b"reply").unwrap().to_vec();
+        assert_eq!(caller.open(&back), Some((0, &b"reply"[..])));
     }
 }

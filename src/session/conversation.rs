@@ -13,9 +13,8 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::call_leg::{CallEvent, LegCommand, PeerRoute, SILENCE_FRAME};
+use super::call_leg::{CallEvent, LegCommand, LegFrame, PeerRoute, RemoteSeal, SILENCE_FRAME};
 use super::{DeviceOut, EndReason, SessionDeps};
-use crate::audio::UplinkFrame;
 use crate::audio::channel::{Attach, AudioChannel};
 use crate::metrics::Metrics;
 use crate::pipeline::{ControlMessage, ConversationEnd, ConversationIo, OpenRequest};
@@ -374,12 +373,15 @@ async fn run_leg(
     mut peer: PeerRoute,
 ) -> (EndReason, CallId) {
     let metrics = &deps.metrics;
-    let (inbound_tx, mut inbound) = mpsc::channel::<UplinkFrame>(super::call_leg::LEG_QUEUE);
+    let (inbound_tx, mut inbound) = mpsc::channel::<LegFrame>(super::call_leg::LEG_QUEUE);
     let own = channel.splice_target();
     deps.call_legs
         .register(mac, call, inbound_tx.clone(), own.clone());
     // The peer leg's queue, once it has registered (a local peer only).
-    let mut local_peer: Option<mpsc::Sender<UplinkFrame>> = None;
+    let mut local_peer: Option<mpsc::Sender<LegFrame>> = None;
+    // Sealing to and from a peer on another node, kept for the call (its sequence must
+    // never restart under the call's key).
+    let mut remote: Option<RemoteSeal> = None;
     // Whether the socket seals this channel's uplink straight into the peer's channel
     // (both on this node over UDP): frames then no longer come here.
     let mut spliced = false;
@@ -429,7 +431,7 @@ async fn run_leg(
                         if local_peer.as_ref().is_none_or(|tx| tx.is_closed()) {
                             local_peer = deps.call_legs.inbound(*peer_mac, call);
                         }
-                        match local_peer.as_ref().map(|tx| tx.try_send(frame)) {
+                        match local_peer.as_ref().map(|tx| tx.try_send(LegFrame::Plain(frame))) {
                             Some(Ok(())) => Metrics::inc(&metrics.call_frames_local),
                             Some(Err(mpsc::error::TrySendError::Full(_))) => {
                                 Metrics::inc(&metrics.call_frames_dropped_queue_full);
@@ -437,17 +439,37 @@ async fn run_leg(
                             _ => Metrics::inc(&metrics.call_frames_dropped_no_peer),
                         }
                     }
-                    PeerRoute::Remote { mac: peer_mac, node } => {
-                        if !deps.call_legs.send_remote(node, *peer_mac, call, frame.timestamp, &frame.opus) {
+                    PeerRoute::Remote { mac: peer_mac, node, key, caller } => {
+                        let seal = remote.get_or_insert_with(|| RemoteSeal::new(call, key, *caller));
+                        let sent = seal
+                            .seal(frame.timestamp, &frame.opus)
+                            .is_some_and(|sealed| deps.call_legs.send_remote(node, *peer_mac, call, sealed));
+                        if !sent {
                             Metrics::inc(&metrics.call_frames_dropped_no_peer);
                         }
                     }
                 },
                 None => break EndReason::DeviceClosedTransport,
             },
-            Some(frame) = inbound.recv() => {
-                io.downlink.send(frame.timestamp, &frame.opus).await;
-            }
+            Some(frame) = inbound.recv() => match frame {
+                LegFrame::Plain(frame) => {
+                    io.downlink.send(frame.timestamp, &frame.opus).await;
+                }
+                LegFrame::Sealed(sealed) => {
+                    let opened = match (&peer, &mut remote) {
+                        (PeerRoute::Remote { key, caller, .. }, remote) => remote
+                            .get_or_insert_with(|| RemoteSeal::new(call, key, *caller))
+                            .open(&sealed),
+                        _ => None,
+                    };
+                    match opened {
+                        Some((timestamp, opus)) => {
+                            io.downlink.send(timestamp, opus).await;
+                        }
+                        None => Metrics::inc(&metrics.call_frames_dropped_auth),
+                    }
+                }
+            },
             Some(_) = io.control.recv() => Metrics::inc(&metrics.call_control_ignored),
             _ = tick.tick() => {
                 if channel.idle_for() >= ends.idle_timeout {
