@@ -188,6 +188,40 @@ async fn talk(from: &mut SimAudio, to: &mut SimAudio, first: u32, n: u32) {
     );
 }
 
+/// Every event on `xiaozhi/events/calls`, as an admin of the embedded broker sees them.
+async fn watch_call_events(gw: &Gateway) -> std::sync::Arc<std::sync::Mutex<Vec<Value>>> {
+    let mut opts =
+        rumqttc::MqttOptions::new("call-events", "127.0.0.1", gw.addrs.broker.unwrap().port());
+    opts.set_credentials(common::ADMIN_USER, common::ADMIN_PASS);
+    let (client, mut eventloop) = rumqttc::AsyncClient::new(opts, 100);
+    client
+        .subscribe("xiaozhi/events/calls", rumqttc::QoS::AtMostOnce)
+        .await
+        .unwrap();
+    loop {
+        let ev = tokio::time::timeout(Duration::from_secs(5), eventloop.poll())
+            .await
+            .expect("admin connects")
+            .expect("admin connection");
+        if matches!(ev, rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_))) {
+            break;
+        }
+    }
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = seen.clone();
+    tokio::spawn(async move {
+        let _client = client;
+        while let Ok(ev) = eventloop.poll().await {
+            if let rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)) = ev
+                && let Ok(v) = serde_json::from_slice::<Value>(&p.payload)
+            {
+                sink.lock().unwrap().push(v);
+            }
+        }
+    });
+    seen
+}
+
 fn presence(gw: &Gateway, mac: Mac) -> Option<PresenceState> {
     gw.presence.local(&mac.colon()).map(|r| r.state)
 }
@@ -200,6 +234,7 @@ async fn ring_accept_talk_both_ways_and_hang_up() {
     let (a, b) = (common::mac(1), common::mac(2));
     let mut caller = callable_device(gw.addrs.mqtt, 1).await;
     let mut target = callable_device(gw.addrs.mqtt, 2).await;
+    let events = watch_call_events(&gw).await;
 
     // The caller talks to its speech server, which asks manager-api to call "奶奶".
     let (caller_hello, mut caller_audio) = open_conversation(&mut caller).await;
@@ -345,6 +380,23 @@ async fn ring_accept_talk_both_ways_and_hang_up() {
         ),
         (1, 1, 1)
     );
+    // The call's life on the bus, for admins and integrations.
+    assert!(common::eventually(Duration::from_secs(3), || events.lock().unwrap().len() >= 3).await);
+    let events = events.lock().unwrap().clone();
+    let kinds: Vec<&str> = events
+        .iter()
+        .map(|e| e["event"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["call_ringing", "call_bridged", "call_ended"]);
+    for e in &events {
+        assert_eq!(
+            (e["caller"].as_str(), e["target"].as_str()),
+            (Some(a.colon().as_str()), Some(b.colon().as_str()))
+        );
+        assert_eq!(e["call_id"], events[0]["call_id"]);
+    }
+    assert_eq!(events[2]["cause"], "party_left");
+    assert_eq!(events[2]["left"], a.colon());
     // Both devices on this node over UDP: the socket seals each frame straight into the
     // other's channel (a frame or two go through the legs' tasks until the splice is set).
     assert!(m.call_frames_spliced >= 75, "{m:?}");
