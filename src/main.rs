@@ -11,6 +11,7 @@ use figment::providers::Serialized;
 use tracing_subscriber::EnvFilter;
 use xiaozhi_gateway::admin::client::AdminClient;
 use xiaozhi_gateway::bench::command::BenchCommand;
+use xiaozhi_gateway::bench::command::print_report;
 use xiaozhi_gateway::config::{Config, LogFormat};
 use xiaozhi_gateway::http::ota;
 use xiaozhi_gateway::protocol::mac::Mac;
@@ -463,18 +464,6 @@ fn main() -> ExitCode {
                 ExitCode::SUCCESS
             }
         }
-    }
-}
-
-/// Prints a tool's report as text, or as pretty JSON with `--json`.
-fn print_report<R: serde::Serialize + std::fmt::Display>(report: &R, json: bool) {
-    if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(report).unwrap_or_default()
-        );
-    } else {
-        println!("{report}");
     }
 }
 

@@ -17,7 +17,7 @@ use xiaozhi_gateway::presence::PresenceState;
 use xiaozhi_gateway::protocol::mac::Mac;
 use xiaozhi_gateway::server::Gateway;
 use xiaozhi_gateway::session::call_leg::SILENCE_FRAME;
-use xiaozhi_gateway::simulator::audio::{ServerHello, SimAudio, frame_index, synthetic_frame};
+use xiaozhi_gateway::simulator::audio::{ServerHello, SimAudio, synthetic_frame};
 use xiaozhi_gateway::simulator::device::SimDevice;
 use xiaozhi_gateway::simulator::mcp::{SimProperty, SimTool, ToolAction};
 use xiaozhi_gateway::simulator::upstream::{MockUpstream, MockUpstreamConfig};
@@ -163,6 +163,30 @@ async fn first_words(caller: &mut SimAudio, callee: &mut SimAudio) {
     assert_eq!(heard.opus, hello);
 }
 
+/// `leaving` says goodbye; `other` must hear its own goodbye (with its own session id)
+/// within 5 s: `why` names the case.
+async fn hang_up(
+    leaving: &mut SimDevice,
+    leaving_hello: &ServerHello,
+    other: &mut SimDevice,
+    other_hello: &ServerHello,
+    why: &str,
+) {
+    leaving
+        .publish_json(&json!({"session_id": leaving_hello.session_id, "type": "goodbye"}))
+        .await
+        .unwrap();
+    let goodbye = other
+        .recv_type("goodbye", Duration::from_secs(5))
+        .await
+        .unwrap_or_else(|e| panic!("{why}: {e}"));
+    assert_eq!(
+        goodbye["session_id"],
+        other_hello.session_id.as_str(),
+        "{why}"
+    );
+}
+
 /// Sends frames `first..first + n` from `from` and checks that `to` receives exactly
 /// those packets, in order, each accepted by the firmware's downlink checks.
 async fn talk(from: &mut SimAudio, to: &mut SimAudio, first: u32, n: u32) {
@@ -188,21 +212,28 @@ async fn talk(from: &mut SimAudio, to: &mut SimAudio, first: u32, n: u32) {
     );
 }
 
-/// Every event on `xiaozhi/events/calls`, as an admin of the embedded broker sees them.
-async fn watch_call_events(gw: &Gateway) -> std::sync::Arc<std::sync::Mutex<Vec<Value>>> {
-    let mut opts =
-        rumqttc::MqttOptions::new("call-events", "127.0.0.1", gw.addrs.broker.unwrap().port());
-    opts.set_credentials(common::ADMIN_USER, common::ADMIN_PASS);
+/// Everything published on `filter`, as a client of the broker on `port` sees it
+/// (with `credentials` for the embedded broker's listener).
+async fn listen_on_bus(
+    port: u16,
+    credentials: Option<(&str, &str)>,
+    filter: &str,
+) -> std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>> {
+    let mut opts = rumqttc::MqttOptions::new(format!("listener-{port}"), "127.0.0.1", port);
+    if let Some((user, password)) = credentials {
+        opts.set_credentials(user, password);
+    }
+    opts.set_max_packet_size(1 << 16, 1 << 16);
     let (client, mut eventloop) = rumqttc::AsyncClient::new(opts, 100);
     client
-        .subscribe("xiaozhi/events/calls", rumqttc::QoS::AtMostOnce)
+        .subscribe(filter, rumqttc::QoS::AtMostOnce)
         .await
         .unwrap();
     loop {
         let ev = tokio::time::timeout(Duration::from_secs(5), eventloop.poll())
             .await
-            .expect("admin connects")
-            .expect("admin connection");
+            .expect("bus client connects")
+            .expect("bus connection");
         if matches!(ev, rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_))) {
             break;
         }
@@ -212,10 +243,8 @@ async fn watch_call_events(gw: &Gateway) -> std::sync::Arc<std::sync::Mutex<Vec<
     tokio::spawn(async move {
         let _client = client;
         while let Ok(ev) = eventloop.poll().await {
-            if let rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)) = ev
-                && let Ok(v) = serde_json::from_slice::<Value>(&p.payload)
-            {
-                sink.lock().unwrap().push(v);
+            if let rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)) = ev {
+                sink.lock().unwrap().push(p.payload.to_vec());
             }
         }
     });
@@ -234,7 +263,12 @@ async fn ring_accept_talk_both_ways_and_hang_up() {
     let (a, b) = (common::mac(1), common::mac(2));
     let mut caller = callable_device(gw.addrs.mqtt, 1).await;
     let mut target = callable_device(gw.addrs.mqtt, 2).await;
-    let events = watch_call_events(&gw).await;
+    let events = listen_on_bus(
+        gw.addrs.broker.unwrap().port(),
+        Some((common::ADMIN_USER, common::ADMIN_PASS)),
+        "xiaozhi/events/calls",
+    )
+    .await;
 
     // The caller talks to its speech server, which asks manager-api to call "奶奶".
     let (caller_hello, mut caller_audio) = open_conversation(&mut caller).await;
@@ -242,11 +276,7 @@ async fn ring_accept_talk_both_ways_and_hang_up() {
 
     // The caller's speech-server conversation is closed without a goodbye to the device.
     assert!(
-        common::eventually(Duration::from_secs(3), || upstream
-            .observed()
-            .closes_by_gateway
-            == 1)
-        .await,
+        common::upstream_closed(&upstream, 1).await,
         "the caller's upstream is closed"
     );
     assert!(hears_no(&mut caller, "goodbye", Duration::from_millis(300)).await);
@@ -319,11 +349,7 @@ async fn ring_accept_talk_both_ways_and_hang_up() {
         .expect("the caller is told");
     assert_eq!(accepted["from"], b.colon());
     assert!(
-        common::eventually(Duration::from_secs(3), || upstream
-            .observed()
-            .closes_by_gateway
-            == 2)
-        .await,
+        common::upstream_closed(&upstream, 2).await,
         "the target's upstream is closed too"
     );
     assert!(hears_no(&mut target, "goodbye", Duration::from_millis(200)).await);
@@ -355,15 +381,14 @@ async fn ring_accept_talk_both_ways_and_hang_up() {
     }
 
     // The caller hangs up: the target hears goodbye with its own session id.
-    caller
-        .publish_json(&json!({"session_id": caller_hello.session_id, "type": "goodbye"}))
-        .await
-        .unwrap();
-    let goodbye = target
-        .recv_type("goodbye", Duration::from_secs(3))
-        .await
-        .expect("the target is hung up");
-    assert_eq!(goodbye["session_id"], target_hello.session_id.as_str());
+    hang_up(
+        &mut caller,
+        &caller_hello,
+        &mut target,
+        &target_hello,
+        "the target is hung up",
+    )
+    .await;
     assert!(hears_no(&mut caller, "goodbye", Duration::from_millis(300)).await);
     assert!(
         common::eventually(Duration::from_secs(3), || presence(&gw, a)
@@ -382,7 +407,12 @@ async fn ring_accept_talk_both_ways_and_hang_up() {
     );
     // The call's life on the bus, for admins and integrations.
     assert!(common::eventually(Duration::from_secs(3), || events.lock().unwrap().len() >= 3).await);
-    let events = events.lock().unwrap().clone();
+    let events: Vec<Value> = events
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|p| serde_json::from_slice(p).unwrap())
+        .collect();
     let kinds: Vec<&str> = events
         .iter()
         .map(|e| e["event"].as_str().unwrap())
@@ -422,15 +452,14 @@ async fn either_side_ends_the_call() {
     assert_eq!(api.request(a, b).await["status"], "pending");
     let (target_hello, _target_audio) = open_conversation(&mut target).await;
     assert_eq!(api.accept(b).await["status"], "bridged");
-    target
-        .publish_json(&json!({"session_id": target_hello.session_id, "type": "goodbye"}))
-        .await
-        .unwrap();
-    let goodbye = caller
-        .recv_type("goodbye", Duration::from_secs(3))
-        .await
-        .expect("the caller is hung up");
-    assert_eq!(goodbye["session_id"], caller_hello.session_id.as_str());
+    hang_up(
+        &mut target,
+        &target_hello,
+        &mut caller,
+        &caller_hello,
+        "the caller is hung up",
+    )
+    .await;
 
     // 2. The target disconnects.
     let (caller_hello, _caller_audio) = open_conversation(&mut caller).await;
@@ -450,15 +479,14 @@ async fn either_side_ends_the_call() {
     assert_eq!(api.request(a, b).await["status"], "pending");
     assert!(wake_up(&target, Duration::from_secs(3)).await.is_some());
     let (target_hello, _target_audio) = open_conversation(&mut target).await;
-    target
-        .publish_json(&json!({"session_id": target_hello.session_id, "type": "goodbye"}))
-        .await
-        .unwrap();
-    let goodbye = caller
-        .recv_type("goodbye", Duration::from_secs(3))
-        .await
-        .expect("the caller is told the call is over");
-    assert_eq!(goodbye["session_id"], caller_hello.session_id.as_str());
+    hang_up(
+        &mut target,
+        &target_hello,
+        &mut caller,
+        &caller_hello,
+        "the caller is told the call is over",
+    )
+    .await;
     assert_eq!(
         api.accept(b).await,
         json!({"status": "caller_gone", "message": "主叫方已离开或通话已超时"})
@@ -698,22 +726,7 @@ async fn a_call_between_devices_on_two_nodes() {
     }
 
     // A client of the bus that listens to the call audio between the nodes.
-    let mut opts = rumqttc::MqttOptions::new("eavesdropper", "127.0.0.1", broker_port);
-    opts.set_max_packet_size(1 << 16, 1 << 16);
-    let (eavesdropper, mut bus_events) = rumqttc::AsyncClient::new(opts, 100);
-    eavesdropper
-        .subscribe("xiaozhi/nodes/+/call-audio/#", rumqttc::QoS::AtMostOnce)
-        .await
-        .unwrap();
-    let overheard = std::sync::Arc::new(std::sync::Mutex::new(Vec::<Vec<u8>>::new()));
-    let sink = overheard.clone();
-    let listener = tokio::spawn(async move {
-        while let Ok(event) = bus_events.poll().await {
-            if let rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)) = event {
-                sink.lock().unwrap().push(p.payload.to_vec());
-            }
-        }
-    });
+    let overheard = listen_on_bus(broker_port, None, "xiaozhi/nodes/+/call-audio/#").await;
 
     let (caller_hello, mut caller_audio) = open_conversation(&mut caller).await;
     // Posted to the target's node, which holds neither the caller nor its conversation.
@@ -767,19 +780,16 @@ async fn a_call_between_devices_on_two_nodes() {
             "frame {i} crossed the bus in clear"
         );
     }
-    listener.abort();
 
     // The target hangs up on its node; the caller on the other hears goodbye.
-    target
-        .publish_json(&json!({"session_id": target_hello.session_id, "type": "goodbye"}))
-        .await
-        .unwrap();
-    let goodbye = caller
-        .recv_type("goodbye", Duration::from_secs(5))
-        .await
-        .expect("hung up across nodes");
-    assert_eq!(goodbye["session_id"], caller_hello.session_id.as_str());
-    assert!(frame_index(&synthetic_frame(7, 10)) == Some(7));
+    hang_up(
+        &mut target,
+        &target_hello,
+        &mut caller,
+        &caller_hello,
+        "hung up across nodes",
+    )
+    .await;
     gw_a.shutdown().await;
     gw_b.shutdown().await;
 }

@@ -144,11 +144,7 @@ async fn a_device_holds_several_turns_through_xiaozhi_server() {
         .await
         .unwrap();
     assert!(
-        common::eventually(Duration::from_secs(3), || upstream
-            .observed()
-            .closes_by_gateway
-            == 1)
-        .await,
+        common::upstream_closed(&upstream, 1).await,
         "gateway closed the upstream"
     );
     assert_eq!(gw.metrics.snapshot().upstream_connects, 1);
@@ -543,11 +539,7 @@ async fn shutdown_says_goodbye_and_closes_the_upstream() {
         .expect("shutdown is bounded")
         .unwrap();
     assert!(
-        common::eventually(Duration::from_secs(2), || upstream
-            .observed()
-            .closes_by_gateway
-            == 1)
-        .await,
+        common::upstream_closed(&upstream, 1).await,
         "the upstream got a close"
     );
 }
@@ -570,11 +562,7 @@ async fn a_device_udp_timeout_closes_the_upstream_and_says_goodbye() {
         .expect("the device is told");
     assert_eq!(goodbye["session_id"], hello.session_id.as_str());
     assert!(
-        common::eventually(Duration::from_secs(3), || upstream
-            .observed()
-            .closes_by_gateway
-            == 1)
-        .await,
+        common::upstream_closed(&upstream, 1).await,
         "the upstream got a close"
     );
     assert!(

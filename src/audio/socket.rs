@@ -392,29 +392,8 @@ impl AudioSocket {
             Metrics::inc(&m.call_frames_dropped_no_peer);
             return;
         };
-        let stats = &peer.shared.stats;
-        let sealed = peer
-            .sealer
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .seal(timestamp, opus, scratch);
-        if sealed.is_err() {
-            Metrics::inc(&m.udp_drop_downlink_oversized);
-            ChannelCounters::add(&stats.dropped, 1);
-            return;
-        }
         peer.shared.touch();
-        match self.send_queue.push(addr, scratch) {
-            Ok(()) => {
-                Metrics::inc(&m.call_frames_spliced);
-                ChannelCounters::add(&stats.downlink_packets, 1);
-                ChannelCounters::add(&stats.downlink_bytes, scratch.len() as u64);
-            }
-            Err(_) => {
-                Metrics::inc(&m.udp_drop_send_queue_full);
-                ChannelCounters::add(&stats.dropped, 1);
-            }
-        }
+        self.seal_and_queue(peer, addr, timestamp, opus, scratch, &m.call_frames_spliced);
     }
 
     /// Reflect mode: seals the frame back to the device and queues it for this task's
@@ -426,6 +405,28 @@ impl AudioSocket {
         opus: &[u8],
         to: SocketAddr,
         scratch: &mut Vec<u8>,
+    ) {
+        let m = &self.metrics;
+        self.seal_and_queue(
+            route,
+            to,
+            timestamp,
+            opus,
+            scratch,
+            &m.echo_frames_reflected,
+        );
+    }
+
+    /// Seals a frame with `route`'s downlink sealer and queues it for `to`, counting it
+    /// in `sent` and in the channel's traffic, or its drop.
+    fn seal_and_queue(
+        &self,
+        route: &Route,
+        to: SocketAddr,
+        timestamp: u32,
+        opus: &[u8],
+        scratch: &mut Vec<u8>,
+        sent: &std::sync::atomic::AtomicU64,
     ) {
         let m = &self.metrics;
         let stats = &route.shared.stats;
@@ -442,7 +443,7 @@ impl AudioSocket {
         }
         match self.send_queue.push(to, scratch) {
             Ok(()) => {
-                Metrics::inc(&m.echo_frames_reflected);
+                Metrics::inc(sent);
                 ChannelCounters::add(&stats.downlink_packets, 1);
                 ChannelCounters::add(&stats.downlink_bytes, scratch.len() as u64);
             }

@@ -203,10 +203,7 @@ pub fn run(command: BenchCommand) -> ExitCode {
 fn run_calls(args: CallsArgs) -> ExitCode {
     let rt = match runtime(args.threads) {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     let config = super::calls::CallsConfig {
         caller_mqtt: args.mqtt,
@@ -222,14 +219,7 @@ fn run_calls(args: CallsArgs) -> ExitCode {
         first_device: args.first_device,
     };
     let report = rt.block_on(super::calls::run(config));
-    if args.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&report).unwrap_or_default()
-        );
-    } else {
-        println!("{report}");
-    }
+    print_report(&report, args.json);
     let failed = report.bridged < report.pairs
         || report.frames_received == 0
         // A frame in flight at each end of the window may land on either side of it.
@@ -250,8 +240,22 @@ fn run_calls(args: CallsArgs) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
-    if threads <= 1 {
+/// Prints a tool's report as text, or as pretty JSON with `--json`.
+pub fn print_report<R: serde::Serialize + std::fmt::Display>(report: &R, json: bool) {
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(report).unwrap_or_default()
+        );
+    } else {
+        println!("{report}");
+    }
+}
+
+/// A runtime for a tool (1 thread: the cheapest, a current-thread runtime), or the exit
+/// code after saying why there is none.
+fn runtime(threads: usize) -> Result<tokio::runtime::Runtime, ExitCode> {
+    let built = if threads <= 1 {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -260,16 +264,17 @@ fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
             .worker_threads(threads)
             .enable_all()
             .build()
-    }
+    };
+    built.map_err(|e| {
+        eprintln!("error: cannot start the runtime: {e}");
+        ExitCode::FAILURE
+    })
 }
 
 fn run_load(args: LoadArgs) -> ExitCode {
     let rt = match runtime(args.threads) {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     let config = LoadConfig {
         mqtt: args.mqtt,
@@ -289,14 +294,7 @@ fn run_load(args: LoadArgs) -> ExitCode {
         ..LoadConfig::default()
     };
     let report = rt.block_on(load::run(config));
-    if args.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&report).unwrap_or_default()
-        );
-    } else {
-        println!("{report}");
-    }
+    print_report(&report, args.json);
     let failures = report.functional_failures();
     if args.check && !failures.is_empty() {
         for f in &failures {
@@ -339,10 +337,7 @@ fn run_floor(args: FloorArgs) -> ExitCode {
 fn run_upstream(args: UpstreamArgs) -> ExitCode {
     let rt = match runtime(1) {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     rt.block_on(async {
         let upstream = match EchoUpstream::start(args.listen).await {
@@ -380,10 +375,7 @@ fn run_commands(args: CommandsArgs) -> ExitCode {
     }
     let rt = match runtime(2) {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     let config = CommandsConfig {
         broker: (host, port),
@@ -400,14 +392,7 @@ fn run_commands(args: CommandsArgs) -> ExitCode {
     };
     match rt.block_on(commands::run(config)) {
         Ok(report) => {
-            if args.json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&report).unwrap_or_default()
-                );
-            } else {
-                println!("{report}");
-            }
+            print_report(&report, args.json);
             if report.ok == 0 {
                 return ExitCode::FAILURE;
             }

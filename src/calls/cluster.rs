@@ -18,73 +18,25 @@ use tokio::sync::mpsc;
 
 use crate::broker::inbound::CallTraffic;
 use crate::metrics::Metrics;
-use crate::protocol::call_book::{CallAction, CallId};
+use crate::protocol::call_book::CallAction;
 use crate::protocol::mac::Mac;
 use crate::session::call_leg::CallLegs;
 
-/// An action on its way to the device's node.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "action", rename_all = "snake_case")]
-enum Envelope {
-    Ring {
-        device: Mac,
-        call: CallId,
-        caller_nickname: String,
-    },
-    Leg {
-        device: Mac,
-        call: CallId,
-        peer: Mac,
-        bridged: bool,
-        /// The node holding the peer, when bridged and known.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        peer_node: Option<String>,
-    },
-    Accepted {
-        device: Mac,
-        callee: Mac,
-        call: CallId,
-    },
-    HangUp {
-        device: Mac,
-        call: CallId,
-    },
+/// An action on its way to the device's node: the action itself (tagged by `action`),
+/// and for a bridged leg the node that holds its peer.
+#[derive(Debug, Serialize, Deserialize)]
+struct Envelope {
+    #[serde(flatten)]
+    action: CallAction,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    peer_node: Option<String>,
 }
 
 /// The envelope of `action` (with the peer's node for a bridged leg).
 pub fn encode(action: &CallAction, peer_node: Option<&str>) -> Bytes {
-    let envelope = match action.clone() {
-        CallAction::Ring {
-            target,
-            call,
-            caller_nickname,
-        } => Envelope::Ring {
-            device: target,
-            call,
-            caller_nickname,
-        },
-        CallAction::Leg {
-            device,
-            call,
-            peer,
-            bridged,
-        } => Envelope::Leg {
-            device,
-            call,
-            peer,
-            bridged,
-            peer_node: peer_node.map(str::to_owned),
-        },
-        CallAction::Accepted {
-            caller,
-            callee,
-            call,
-        } => Envelope::Accepted {
-            device: caller,
-            callee,
-            call,
-        },
-        CallAction::HangUp { device, call } => Envelope::HangUp { device, call },
+    let envelope = Envelope {
+        action: action.clone(),
+        peer_node: peer_node.map(str::to_owned),
     };
     // Plain values always serialize.
     Bytes::from(serde_json::to_vec(&envelope).unwrap_or_default())
@@ -92,48 +44,8 @@ pub fn encode(action: &CallAction, peer_node: Option<&str>) -> Bytes {
 
 /// The action an envelope carries, and the peer's node for a bridged leg.
 pub fn decode(payload: &[u8]) -> Result<(CallAction, Option<String>), serde_json::Error> {
-    Ok(match serde_json::from_slice(payload)? {
-        Envelope::Ring {
-            device,
-            call,
-            caller_nickname,
-        } => (
-            CallAction::Ring {
-                target: device,
-                call,
-                caller_nickname,
-            },
-            None,
-        ),
-        Envelope::Leg {
-            device,
-            call,
-            peer,
-            bridged,
-            peer_node,
-        } => (
-            CallAction::Leg {
-                device,
-                call,
-                peer,
-                bridged,
-            },
-            peer_node,
-        ),
-        Envelope::Accepted {
-            device,
-            callee,
-            call,
-        } => (
-            CallAction::Accepted {
-                caller: device,
-                callee,
-                call,
-            },
-            None,
-        ),
-        Envelope::HangUp { device, call } => (CallAction::HangUp { device, call }, None),
-    })
+    let envelope: Envelope = serde_json::from_slice(payload)?;
+    Ok((envelope.action, envelope.peer_node))
 }
 
 /// What the bus delivers to this node about calls: actions go to the calling service's

@@ -12,8 +12,8 @@
 use std::sync::Mutex;
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{Client, Script};
+use redis::Script;
+use redis::aio::ConnectionManager;
 
 use crate::protocol::call_book::CallBook;
 
@@ -79,14 +79,8 @@ impl CallStore {
         key_prefix: &str,
         timeout: Duration,
     ) -> Result<CallStore, CallStoreError> {
-        let client = Client::open(url)?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(timeout))
-            .set_response_timeout(Some(timeout))
-            .set_number_of_retries(1)
-            .set_max_delay(timeout);
         Ok(CallStore::Redis(RedisBook {
-            manager: ConnectionManager::new_lazy_with_config(client, config)?,
+            manager: crate::presence::redis::lazy_connection(url, timeout)?,
             key: format!("{key_prefix}calls"),
             timeout,
             cas: Script::new(CAS_LUA),

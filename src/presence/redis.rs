@@ -129,6 +129,20 @@ const LIST_CHUNK: usize = 1000;
 const RETRIES: usize = 1;
 const RETRY_DELAY: Duration = Duration::from_millis(50);
 
+/// A connection to the Redis at `url` that is made on first use and remade after
+/// failures, every call bounded by `timeout`: a gateway starts with Redis down. Fails
+/// only on a malformed URL. Presence and the call book (`crate::calls::store`) share it.
+pub fn lazy_connection(url: &str, timeout: Duration) -> redis::RedisResult<ConnectionManager> {
+    let client = Client::open(url)?;
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(timeout))
+        .set_response_timeout(Some(timeout))
+        .set_number_of_retries(RETRIES)
+        .set_min_delay(RETRY_DELAY)
+        .set_max_delay(timeout);
+    ConnectionManager::new_lazy_with_config(client, config)
+}
+
 /// Presence in Redis (see the module docs for the key layout).
 pub struct RedisPresence {
     manager: ConnectionManager,
@@ -162,14 +176,7 @@ impl RedisPresence {
         key_prefix: &str,
         timeout: Duration,
     ) -> Result<RedisPresence, PresenceError> {
-        let client = Client::open(url)?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(timeout))
-            .set_response_timeout(Some(timeout))
-            .set_number_of_retries(RETRIES)
-            .set_min_delay(RETRY_DELAY)
-            .set_max_delay(timeout);
-        let manager = ConnectionManager::new_lazy_with_config(client, config)?;
+        let manager = lazy_connection(url, timeout)?;
         Ok(RedisPresence {
             manager,
             prefix: key_prefix.to_owned(),

@@ -250,8 +250,9 @@ impl Ended {
 }
 
 /// What the gateway must do for a decision, device by device. Executed on the node that
-/// holds each device.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// holds each device (in JSON, tagged by `action`, when it is sent to another node).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "action", rename_all = "snake_case")]
 pub enum CallAction {
     /// Wake the target: MCP `tools/call` `self.remote_wakeup` with the announcement.
     Ring {

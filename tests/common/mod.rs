@@ -156,6 +156,18 @@ pub async fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool 
     f()
 }
 
+/// Whether the mock speech server has seen `n` of its connections closed by the gateway
+/// within 3 s.
+pub async fn upstream_closed(
+    upstream: &xiaozhi_gateway::simulator::upstream::MockUpstream,
+    n: u32,
+) -> bool {
+    eventually(Duration::from_secs(3), || {
+        upstream.observed().closes_by_gateway == n
+    })
+    .await
+}
+
 /// A free loopback TCP port (for services a test starts and stops itself).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
