@@ -688,7 +688,13 @@ async fn devices(config: &Config, args: DevicesArgs) -> ExitCode {
         );
     }
     let in_session = all.iter().filter(|d| d["state"] == "in_session").count();
-    println!("{} connected, {} in a conversation", all.len(), in_session);
+    let in_call = all.iter().filter(|d| d["state"] == "in_call").count();
+    println!(
+        "{} connected, {} in a conversation, {} in a device call",
+        all.len(),
+        in_session,
+        in_call
+    );
     ExitCode::SUCCESS
 }
 
