@@ -638,8 +638,8 @@ impl CallService {
     }
 
     /// Brings this node's legs and the book back in line: legs of calls the book no
-    /// longer has are hung up; calls whose party is gone, or whose leg on this node never
-    /// appeared, end.
+    /// longer has are hung up; calls with a party here whose other party is gone, or
+    /// whose leg on this node never appeared, end.
     async fn reconcile(&self) {
         let book = match self.store.snapshot().await {
             Ok(book) => book,
@@ -657,7 +657,13 @@ impl CallService {
         }
         let now = now_ms();
         for call in book.calls() {
-            if now - call.requested_ms < LEG_GRACE_MS {
+            // Each node looks after the calls it holds a party of (so a cluster asks Redis
+            // about a call's other party from one node, not from all); a device that
+            // lost its node and came back elsewhere is found there.
+            let holds_a_party = [call.caller, call.target]
+                .iter()
+                .any(|m| self.directory.get(m).is_some());
+            if now - call.requested_ms < LEG_GRACE_MS || !holds_a_party {
                 continue;
             }
             for (device, must_be_leg) in [
