@@ -4,7 +4,7 @@
 //!
 //! The file is shared: the fuzz crate compiles it as `xiaozhi_fuzz::harness` (the
 //! targets in `fuzz_targets/` are one-line wrappers), and the main crate's
-//! `tests/fuzz_regressions.rs` includes it with `#[path]` to replay every seed and every
+//! `tests/it/fuzz_regressions.rs` includes it with `#[path]` to replay every seed and every
 //! saved crash under plain `cargo test`, without libFuzzer. So it may use only crates the
 //! main crate depends on, and nothing that needs nightly.
 //!
@@ -49,7 +49,7 @@ use xiaozhi_gateway::protocol::gcm_channel::{GcmCipher, GcmReceiver, GcmSealer};
 use xiaozhi_gateway::protocol::mcp::{DeviceReply, McpRouter};
 use xiaozhi_gateway::protocol::{opus, upstream};
 
-/// The signature key the integration tests use (`tests/common`), and so the seeds.
+/// The signature key the integration tests use (`tests/it/common`), and so the seeds.
 pub const SIGNATURE_KEY: &str = "test-signature-key";
 /// The uplink topic (the config default).
 pub const UPLINK_TOPIC: &str = "device-server";

@@ -4,7 +4,7 @@
 //! frame layouts), so that the fuzzer starts from the states that matter: an
 //! authenticated device, a bound audio channel, a running conversation.
 //!
-//! `tests/fuzz_regressions.rs` checks that the committed files match this list, and
+//! `tests/it/fuzz_regressions.rs` checks that the committed files match this list, and
 //! rewrites them when run with `XZ_WRITE_SEEDS=1`. Hand-written seeds (the config files,
 //! for instance) live beside these and are not checked against anything.
 

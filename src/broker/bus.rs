@@ -15,7 +15,7 @@
 //!   clients against `broker.users` only (device credentials never work there) and checks
 //!   every publish and subscription against the user's role ([`super::acl`]).
 //!
-//! What rumqttd 0.20's router does with what we send it (checked by tests/broker_acl.rs):
+//! What rumqttd 0.20's router does with what we send it (checked by tests/it/broker_acl.rs):
 //! MQTT 5 publish properties (response topic, correlation data, user properties) are kept
 //! in its commit log and reach every subscriber, local links included; retained publishes
 //! are stored (an empty payload clears them) and sent, with the retain flag, to every new

@@ -1,7 +1,7 @@
 //! Bad input from devices: it is dropped and counted, and never takes down the
 //! connection that sent it (when framing survives) or the process.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -6,19 +6,16 @@
 //!
 //! It also checks that the generated seeds (`fuzz/src/seeds.rs`) are the committed ones
 //! and that they reach the states they were written for (an authenticated device, a
-//! bound and rebound audio channel). `XZ_WRITE_SEEDS=1 cargo test --test
-//! fuzz_regressions` rewrites them after a protocol change.
-
-#[allow(dead_code)]
-#[path = "../fuzz/src/harness.rs"]
-mod harness;
-#[allow(dead_code)]
-#[path = "../fuzz/src/seeds.rs"]
-mod seeds;
+//! bound and rebound audio channel). `XZ_WRITE_SEEDS=1 cargo test --release --test it
+//! fuzz_regressions::` rewrites them after a protocol change.
+//!
+//! The harness and the seeds are modules of the test crate's root (`main.rs`), where the
+//! fuzz crate has them too, so their own `crate::` paths hold.
 
 use std::path::{Path, PathBuf};
 
-use harness::{MqttRun, TARGETS, UdpRun};
+use crate::harness::{self, MqttRun, TARGETS, UdpRun};
+use crate::seeds;
 use xiaozhi_gateway::protocol::credentials::AuthError;
 use xiaozhi_gateway::protocol::device_mqtt::CloseReason;
 
@@ -145,7 +142,7 @@ fn generated_seeds_are_committed() {
         }
         let committed = std::fs::read(&path).unwrap_or_else(|e| {
             panic!(
-                "{}: {e} (XZ_WRITE_SEEDS=1 cargo test --test fuzz_regressions writes it)",
+                "{}: {e} (XZ_WRITE_SEEDS=1 cargo test --release --test it fuzz_regressions:: writes it)",
                 path.display()
             )
         });

@@ -1,7 +1,7 @@
 //! The UDP channel's defences, over real sockets: hijack, replay and malformed datagrams
 //! are dropped and counted, and never move the downlink.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -3,7 +3,7 @@
 //! broker listener, a real Redis (127.0.0.1:6379, and private redis-server processes for
 //! outages), and gateway processes that are killed.
 
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 use std::process::Stdio;

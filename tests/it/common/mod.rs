@@ -41,7 +41,7 @@ pub fn test_config() -> Config {
     c.shutdown.grace_secs = 3;
     // The functional tests send far faster than firmware does (thousands of frames at
     // once, hundreds of admin round trips a second) and connect from one address; the
-    // per-peer rate limits are tested with their own settings in tests/limits.rs.
+    // per-peer rate limits are tested with their own settings in tests/it/limits.rs.
     c.mqtt.message_rate = 0;
     c.udp.channel_rate = 0;
     c.mqtt.connect_rate_per_source = 0;

@@ -1,7 +1,7 @@
 //! Device credentials on the device port and the separation between device and broker
 //! credentials.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -4,7 +4,7 @@
 //! inserted, streaming export of 100,000 rows, and per-day statistics of a device and of
 //! the fleet.
 
-mod common;
+use crate::common;
 
 use common::scratch_db::ScratchDb;
 

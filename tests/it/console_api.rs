@@ -3,7 +3,7 @@
 //! token, and the upstream-failure alerts on `/ws/admin`. The page itself is tested in
 //! a browser by `console_browser.rs`.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -6,7 +6,7 @@
 //! rejected), never timings. The runs are serialised: each measures this process (the
 //! gateway runs in-process), and the machine may have as few as two cores.
 
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 use std::time::Duration;

@@ -1,6 +1,6 @@
 //! Conversations with the echo pipeline over real MQTT and UDP sockets.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

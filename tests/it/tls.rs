@@ -2,7 +2,7 @@
 //! TLS listener, and a client that opens TCP and never sends a ClientHello neither
 //! delays other devices nor stays connected past the handshake timeout.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -1,6 +1,6 @@
 //! Graceful shutdown: live conversations get a goodbye before the gateway stops.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

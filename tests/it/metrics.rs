@@ -1,7 +1,7 @@
 //! `GET /metrics`: Prometheus text that parses strictly, and counters that move by
 //! exactly what a simulated conversation did.
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;

@@ -3,7 +3,7 @@
 //! clients. Each is refused or dropped and counted, while well-behaved peers carry on and
 //! the process stays within a stated memory bound.
 
-mod common;
+use crate::common;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};

@@ -2,7 +2,7 @@
 //! publish and subscription, retained messages, admin commands with MQTT 5 request /
 //! response properties, wills, reconnects, and slow-loris resistance.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -64,7 +64,7 @@ async fn broker(tune: impl FnOnce(String) -> String) -> Broker {
         .try_init();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("router.toml");
-    let toml = tune(include_str!("../broker-config/router.toml").to_owned());
+    let toml = tune(include_str!("../../broker-config/router.toml").to_owned());
     std::fs::write(&path, toml).unwrap();
     let config = BrokerConfig {
         listen: ([127, 0, 0, 1], 0).into(),

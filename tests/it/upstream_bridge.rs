@@ -2,7 +2,7 @@
 //! headers and token, hello translation, turns with JSON over MQTT and audio over UDP,
 //! every failure mode ending in alert + goodbye, and device MCP through the cache.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

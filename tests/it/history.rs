@@ -2,7 +2,7 @@
 //! in SQLite and in real MariaDB (127.0.0.1:3306, root, no password), with WAV audio,
 //! per-agent policies, and no loss or duplicates across a database outage and a restart.
 
-mod common;
+use crate::common;
 
 use common::scratch_db::ScratchDb;
 

@@ -2,7 +2,7 @@
 //! and a shared Redis (127.0.0.1:6379, one key prefix per test). Admin clients talk only
 //! to Mosquitto; devices talk only to their own node.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

@@ -9,7 +9,7 @@
 //! or `CHROMIUM`); `.ci/run` installs them. Screenshots of every view land in
 //! `target/console-e2e/`.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;

@@ -2,7 +2,7 @@
 //! device status (looked up by MAC, whatever board manager-api puts in the client id) and
 //! MCP commands answered by firmware-exact simulated devices.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

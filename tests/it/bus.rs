@@ -1,7 +1,7 @@
 //! The bus: admin clients on the broker listener reach devices through
 //! `devices/p2p/<mac_>` and see device traffic on identity-bearing topics.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

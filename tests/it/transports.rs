@@ -2,7 +2,7 @@
 //! over the UDP port and QUIC on its own port, negotiated in the hello; and stock
 //! firmware, which announces neither, still getting AES-CTR.
 
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 use std::time::Duration;

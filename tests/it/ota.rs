@@ -1,7 +1,7 @@
 //! The OTA endpoint and the `credentials` command: the MQTT settings they hand out must
 //! be accepted by the gateway's own device port, as a real device would use them.
 
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 use std::process::{Output, Stdio};

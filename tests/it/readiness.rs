@@ -1,7 +1,7 @@
 //! `/readyz` against real dependencies that we stop and start: a private redis-server, a
 //! TCP proxy in front of MariaDB that we cut, and a mock xiaozhi-server that goes away.
 
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

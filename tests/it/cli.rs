@@ -1,7 +1,7 @@
 //! The `xiaozhi-gateway` binary as an operator runs it: exit codes, error messages that
 //! name the setting to change, signals, and the shipped example config.
 
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 use std::process::{Output, Stdio};
