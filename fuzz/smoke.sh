@@ -15,6 +15,8 @@
 #   FUZZ_SANITIZER cargo fuzz's sanitizer (default none: see docs/fuzzing.md, "Build
 #                  time"; "address" is cargo-fuzz's own default)
 #   FUZZ_RSS_MB    memory limit per target in MB (default 2048)
+#   FUZZ_TARGET_DIR where cargo builds the targets (default fuzz/target; .ci/run keeps it
+#                  in its build cache, outside the clone)
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -27,6 +29,13 @@ rss_mb="${FUZZ_RSS_MB:-2048}"
 all_targets="device_mqtt device_json udp_datagram upstream_frames config history_query"
 targets="${FUZZ_TARGETS:-$all_targets}"
 export RUSTC_BOOTSTRAP=1
+# The fuzz build has flags of its own (coverage instrumentation): it needs a target
+# directory of its own, never the main build's.
+target_dir=()
+if [ -n "${FUZZ_TARGET_DIR:-}" ]; then
+    target_dir=(--target-dir "$FUZZ_TARGET_DIR")
+fi
+unset CARGO_TARGET_DIR
 
 if ! cargo fuzz --version >/dev/null 2>&1; then
     echo "fuzz/smoke.sh: installing cargo-fuzz"
@@ -35,7 +44,7 @@ fi
 
 echo "fuzz/smoke.sh: building all fuzz targets (sanitizer: $sanitizer)"
 build_start=$(date +%s)
-cargo fuzz build --sanitizer "$sanitizer"
+cargo fuzz build "${target_dir[@]}" --sanitizer "$sanitizer"
 build_end=$(date +%s)
 echo "fuzz/smoke.sh: build took $((build_end - build_start)) s"
 
@@ -56,7 +65,7 @@ run_one() {
     local target="$1"
     mkdir -p "corpus/$target" "artifacts/$target"
     # The first corpus folder receives what the fuzzer finds; the seeds are only read.
-    nice cargo fuzz run --sanitizer "$sanitizer" "$target" \
+    nice cargo fuzz run "${target_dir[@]}" --sanitizer "$sanitizer" "$target" \
         "corpus/$target" "seeds/$target" -- \
         -max_total_time="$seconds" -timeout=10 -rss_limit_mb="$rss_mb" \
         -max_len="$(max_len "$target")" -print_final_stats=1 \
