@@ -550,6 +550,15 @@ impl Default for CallsConfig {
     }
 }
 
+/// What is recorded for devices manager-api does not manage (`history.mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RecordMode {
+    Off,
+    Text,
+    Audio,
+}
+
 /// Chat history: what is recorded and where it is stored.
 #[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -564,7 +573,7 @@ pub struct HistoryConfig {
     /// For devices manager-api does not manage (no `ai_device`/`ai_agent` tables):
     /// `off`, `text` or `audio` (text and audio). Managed devices follow their agent's
     /// `chat_history_conf`.
-    pub mode: crate::history::writer::RecordMode,
+    pub mode: RecordMode,
     /// Time zone of `created_at`, minutes east of UTC (manager-api deployments usually
     /// run in Asia/Shanghai: 480).
     pub utc_offset_minutes: i32,
@@ -672,7 +681,7 @@ impl Default for HistoryConfig {
             enabled: true,
             database_url: "sqlite://data/history.db".into(),
             journal_dir: PathBuf::from("data"),
-            mode: crate::history::writer::RecordMode::Audio,
+            mode: RecordMode::Audio,
             utc_offset_minutes: 480,
             queue: 10_000,
             batch: 256,

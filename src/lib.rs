@@ -1,12 +1,12 @@
 //! xiaozhi-gateway: the device edge for ESP32 voice assistants running xiaozhi firmware.
 //!
 //! How data flows:
-//! * Devices hold an MQTT connection to the **device front end** ([`broker::front_end`]),
+//! * Devices hold an MQTT connection to the **device front end** ([`front_end`]),
 //!   which authenticates them, frames their JSON and maps it onto the **bus**
 //!   ([`broker::bus`], an embedded rumqttd router) on identity-bearing topics.
 //! * Device JSON also goes to the **session manager** ([`session`]): a `hello` opens a
 //!   conversation, which gets an encrypted UDP **audio channel** ([`audio`], or QUIC:
-//!   [`quic`]) and a **speech pipeline** ([`pipeline`]: echo, or a xiaozhi-server
+//!   [`audio::quic`]) and a **speech pipeline** ([`pipeline`]: echo, or a xiaozhi-server
 //!   upstream). A conversation may become a leg of a device-to-device call ([`calls`]),
 //!   its audio then going to the other device instead.
 //! * Uplink audio flows device -> UDP socket -> channel table -> pipeline; downlink
@@ -31,14 +31,17 @@ pub mod bench;
 pub mod broker;
 pub mod calls;
 pub mod config;
+pub mod device_link;
+pub mod events;
+pub mod front_end;
 pub mod history;
 pub mod http;
 pub mod limits;
 pub mod metrics;
+pub mod net;
 pub mod pipeline;
 pub mod presence;
 pub mod protocol;
-pub mod quic;
 pub mod server;
 pub mod session;
 pub mod simulator;

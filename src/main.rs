@@ -375,7 +375,7 @@ fn main() -> ExitCode {
                 .with_env_filter(EnvFilter::new("warn"))
                 .init();
             if args.fill {
-                let config = xiaozhi_gateway::history::bench::FillConfig {
+                let config = xiaozhi_gateway::bench::history::FillConfig {
                     database_url: args.database_url,
                     rows: args.records,
                     devices: args.devices,
@@ -384,18 +384,18 @@ fn main() -> ExitCode {
                     seed: args.seed,
                 };
                 return report_result(
-                    runtime.block_on(xiaozhi_gateway::history::bench::fill(config)),
+                    runtime.block_on(xiaozhi_gateway::bench::history::fill(config)),
                     args.json,
                 );
             }
-            let config = xiaozhi_gateway::history::bench::BenchConfig {
+            let config = xiaozhi_gateway::bench::history::BenchConfig {
                 database_url: args.database_url,
                 records: args.records,
                 batch: args.batch,
                 audio_frames: args.audio_frames,
             };
             report_result(
-                runtime.block_on(xiaozhi_gateway::history::bench::run(config)),
+                runtime.block_on(xiaozhi_gateway::bench::history::run(config)),
                 args.json,
             )
         }

@@ -8,7 +8,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -18,10 +17,12 @@ use tracing::{info, warn};
 use crate::audio::AudioSocket;
 use crate::broker::backend::BusBackend;
 use crate::broker::bus::BrokerError;
-use crate::broker::front_end::FrontEnd;
 use crate::broker::registry::DeviceRegistry;
 use crate::config::{Config, PipelineKind};
+use crate::device_link::mcp::McpSettings;
+use crate::front_end::FrontEnd;
 use crate::metrics::Metrics;
+use crate::net::{BindError, bind_tcp};
 use crate::pipeline::Pipeline;
 use crate::pipeline::echo::EchoPipeline;
 use crate::pipeline::xiaozhi::XiaozhiPipeline;
@@ -29,29 +30,8 @@ use crate::presence::hints::DeviceHints;
 use crate::presence::tracker::{PresenceTracker, TrackerSettings, TrackerTask};
 use crate::presence::{PresenceStore, Ttls};
 use crate::protocol::device_mqtt::DeviceMqttSettings;
-use crate::session::device_mcp::McpSettings;
 use crate::session::directory::DeviceDirectory;
 use crate::session::{SessionDeps, SessionManager};
-
-/// A listener could not be bound.
-#[derive(Debug, thiserror::Error)]
-#[error("cannot listen for {what} on {addr}: {source}; change {setting} (environment: {env})", env = env_name(setting))]
-pub struct BindError {
-    pub what: &'static str,
-    pub addr: SocketAddr,
-    pub setting: &'static str,
-    #[source]
-    pub source: std::io::Error,
-}
-
-/// `udp.listen` -> `XZ_UDP__LISTEN`.
-fn env_name(setting: &str) -> String {
-    format!(
-        "{}{}",
-        crate::config::ENV_PREFIX,
-        setting.to_uppercase().replace('.', "__")
-    )
-}
 
 /// Binds the QUIC audio endpoint with the configured or a self-signed certificate.
 fn bind_quic(
@@ -59,13 +39,13 @@ fn bind_quic(
     metrics: Arc<Metrics>,
 ) -> Result<
     (
-        crate::quic::QuicEndpoint,
-        crate::quic::QuicHandle,
+        crate::audio::quic::QuicEndpoint,
+        crate::audio::quic::QuicHandle,
         Option<Arc<crate::tls::ReloadingCert>>,
     ),
     StartError,
 > {
-    use crate::quic::cert::ServerIdentity;
+    use crate::audio::quic::cert::ServerIdentity;
     let (identity, reloading) = match (&config.quic.cert_path, &config.quic.key_path) {
         (Some(cert), Some(key)) => {
             let reloading = crate::tls::ReloadingCert::load(cert, key)
@@ -78,8 +58,8 @@ fn bind_quic(
             None,
         ),
     };
-    let (endpoint, handle) = crate::quic::QuicEndpoint::bind(
-        crate::quic::endpoint::QuicSettings {
+    let (endpoint, handle) = crate::audio::quic::QuicEndpoint::bind(
+        crate::audio::quic::endpoint::QuicSettings {
             listen: config.quic.listen,
             public_port: config.quic.public_port,
             identity,
@@ -97,38 +77,6 @@ fn bind_quic(
     )?;
     Ok((endpoint, handle, reloading))
 }
-
-/// Binds a TCP listener, with an error that says which setting to change.
-pub async fn bind_tcp(
-    addr: SocketAddr,
-    what: &'static str,
-    setting: &'static str,
-) -> Result<TcpListener, BindError> {
-    let err = |source| BindError {
-        what,
-        addr,
-        setting,
-        source,
-    };
-    let socket = if addr.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()
-    } else {
-        tokio::net::TcpSocket::new_v6()
-    }
-    .map_err(err)?;
-    // As `TcpListener::bind` does: a restarted gateway can bind while old connections
-    // linger in TIME_WAIT.
-    #[cfg(unix)]
-    socket.set_reuseaddr(true).map_err(err)?;
-    socket.bind(addr).map_err(err)?;
-    socket.listen(LISTEN_BACKLOG).map_err(err)
-}
-
-/// Accept queue of every TCP listener (the kernel caps it at `net.core.somaxconn`). A
-/// fleet reconnecting after a restart, or a connect storm, must not overflow it while the
-/// accept loop catches up: an overflowing queue drops handshakes from every address
-/// alike, the well-behaved ones included.
-pub const LISTEN_BACKLOG: u32 = 4096;
 
 /// Checks that a TCP address can be bound (for listeners that bind it themselves) and
 /// resolves port 0 to a concrete free port.
@@ -317,8 +265,7 @@ impl Gateway {
         )
         .await?;
         let directory = Arc::new(DeviceDirectory::new(Some(presence.clone())));
-        let events =
-            crate::admin::events::EventPublisher::new(broker.bus().clone(), &config.node.id);
+        let events = crate::events::EventPublisher::new(broker.bus().clone(), &config.node.id);
         let sessions = SessionManager::start(SessionDeps {
             pipeline,
             audio,

@@ -144,7 +144,8 @@ impl MqttObserver {
                             "accepted a password that is not the signature"
                         );
                     }
-                    self.authenticated = Some(xiaozhi_gateway::broker::topics::p2p(&identity.mac));
+                    self.authenticated =
+                        Some(xiaozhi_gateway::protocol::topics::p2p(&identity.mac));
                     self.expect_connack = true;
                 }
                 Action::Send(packet) => {

@@ -99,7 +99,7 @@ fn device_mqtt() -> Vec<Seed> {
         Packet::PingReq,
         Packet::Subscribe(Subscribe::new_many([
             SubscribeFilter::new(
-                xiaozhi_gateway::broker::topics::p2p(&creds.mac),
+                xiaozhi_gateway::protocol::topics::p2p(&creds.mac),
                 QoS::AtLeastOnce,
             ),
             SubscribeFilter::new("#".into(), QoS::AtMostOnce),

@@ -17,8 +17,8 @@ use serde_json::Value;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-use crate::broker::topics;
 use crate::protocol::mac::Mac;
+use crate::protocol::topics;
 
 /// Why a command could not be sent or answered.
 #[derive(Debug, thiserror::Error)]

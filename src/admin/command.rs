@@ -31,7 +31,7 @@ use crate::presence::PresenceQuery;
 use crate::protocol::mac::Mac;
 
 /// Topic of fleet commands (no device).
-pub const FLEET_TOPIC: &str = crate::broker::topics::ADMIN_COMMANDS;
+pub const FLEET_TOPIC: &str = crate::protocol::topics::ADMIN_COMMANDS;
 /// Longest request id accepted (it becomes a topic level).
 pub const MAX_REQUEST_ID: usize = 128;
 /// Longest timeout a command may ask for.
@@ -177,7 +177,7 @@ pub fn valid_request_id(id: &str) -> bool {
 
 /// Parses a command published on `topic`.
 pub fn parse(topic: &str, payload: &[u8]) -> Result<AdminRequest, Rejected> {
-    let device = match crate::broker::topics::parse_admin_command(topic) {
+    let device = match crate::protocol::topics::parse_admin_command(topic) {
         Some(device) => device,
         None => {
             return Err(Rejected {

@@ -30,15 +30,15 @@ use super::forward::{CallError, Forwarder};
 use crate::broker::acl;
 use crate::broker::bus::{Bus, BusCommand};
 use crate::broker::registry::DeviceRegistry;
-use crate::broker::topics;
 use crate::config::BrokerRole;
+use crate::device_link::mcp::McpCallError;
 use crate::metrics::Metrics;
 use crate::presence::tracker::PresenceTracker;
 use crate::presence::{PresenceRecord, PresenceState};
 use crate::protocol::mac::Mac;
 use crate::protocol::mcp::McpError;
+use crate::protocol::topics;
 use crate::session::SessionManager;
-use crate::session::device_mcp::McpCallError;
 use crate::session::directory::DeviceDirectory;
 
 /// What commands act on.

@@ -1,10 +1,10 @@
-//! Operating the fleet over MQTT: admin commands in, one reply each out, and the
-//! gateway's events.
+//! Operating the fleet over MQTT: admin commands in, one reply each out (the gateway's
+//! events on the bus are `crate::events`, a layer down, since conversations publish
+//! them).
 //!
 //! * [`command`]: the command and reply formats (sans-IO).
 //! * [`executor`]: takes commands from the bus, acts on devices (MCP calls, ending a
 //!   conversation, disconnecting, presence queries) and publishes replies.
-//! * [`events`]: session, chat and upstream events on the bus.
 //! * [`forward`]: scale-out: commands sent on to the node that holds the device.
 //!
 //! Who may send commands is decided at the broker listener (roles, see
@@ -12,6 +12,5 @@
 
 pub mod client;
 pub mod command;
-pub mod events;
 pub mod executor;
 pub mod forward;

@@ -15,10 +15,18 @@ use tokio::sync::mpsc;
 use tracing::debug;
 
 use super::batch::SendQueue;
+use crate::audio::quic::QuicDownlink;
 use crate::metrics::Metrics;
 use crate::protocol::cipher::KEY_LEN;
 use crate::protocol::encryption::{ChannelSealer, Encryption};
-use crate::quic::QuicDownlink;
+
+/// A conversation's own control stream to the device (QUIC), preferred over MQTT while
+/// it is open: the JSON side of a channel that has one.
+pub trait ControlStream: Send + Sync + 'static {
+    /// Queues a message on the stream; false if the stream is not (or no longer) there,
+    /// and the message should go by MQTT.
+    fn try_send(&self, payload: &Bytes) -> bool;
+}
 
 /// One decrypted uplink Opus frame.
 #[derive(Debug, Clone)]
@@ -127,8 +135,8 @@ pub enum Attach {
     },
     /// A QUIC connection to the QUIC port that presents this one-time token.
     Quic {
-        token: [u8; crate::quic::TOKEN_LEN],
-        offer: crate::quic::endpoint::QuicOffer,
+        token: [u8; crate::audio::quic::TOKEN_LEN],
+        offer: crate::audio::quic::endpoint::QuicOffer,
     },
 }
 
@@ -168,7 +176,7 @@ pub(crate) enum Lease {
         live_ids: Arc<Mutex<std::collections::HashSet<u32>>>,
         connection_id: u32,
     },
-    Quic(crate::quic::QuicLease),
+    Quic(crate::audio::quic::QuicLease),
 }
 
 /// A conversation's audio channel.
@@ -227,7 +235,7 @@ impl AudioChannel {
     }
 
     /// The channel's own control stream, for a QUIC device that asked for one.
-    pub fn control_stream(&self) -> Option<Arc<dyn crate::session::ControlStream>> {
+    pub fn control_stream(&self) -> Option<Arc<dyn ControlStream>> {
         match &self.lease {
             Lease::Udp { .. } => None,
             Lease::Quic(lease) => Some(lease.control_stream()),

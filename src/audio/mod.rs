@@ -9,6 +9,8 @@
 //!   queues sealed downlink datagrams for the socket task.
 //! * [`channel`] is what a session holds: the lease on a connection id, the uplink
 //!   receiver and the downlink sender (sealer + the device's current address).
+//! * [`quic`] is the other transport a channel can have (the `quic` extension): its own
+//!   endpoint and port, plugged into the same [`AudioChannel`] and `Downlink`.
 //!
 //! Two channels of a device-to-device call on this node are *spliced*: the receive task
 //! seals each accepted frame of one straight into the other's downlink, in the batch it
@@ -20,6 +22,7 @@
 
 pub mod batch;
 pub mod channel;
+pub mod quic;
 pub mod socket;
 
 pub use channel::{AudioChannel, Downlink, SpliceTarget, UplinkFrame};

@@ -32,11 +32,11 @@ use super::channel::{
 };
 use crate::limits::TokenBucket;
 use crate::metrics::Metrics;
+use crate::net::{BindError, bind_udp};
 use crate::protocol::audio_channel::{DropReason, Verdict};
 use crate::protocol::cipher::KEY_LEN;
 use crate::protocol::datagram::{HEADER_LEN, Header};
 use crate::protocol::encryption::{ChannelReceiver, ChannelSealer, Encryption};
-use crate::server::BindError;
 
 /// How often closed channels are swept from the table even if no datagram names them.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(5);
@@ -111,29 +111,6 @@ pub struct AudioSocket {
     send_queue: Arc<SendQueue>,
     commands: mpsc::Receiver<Command>,
     metrics: Arc<Metrics>,
-}
-
-/// A non-blocking UDP socket bound to `addr` with the requested kernel buffers: audio lost
-/// to a full buffer is lost for good, and the default (about 200 KB) overflows at a
-/// thousand talking devices whenever the reader is a few milliseconds late. The sizes are
-/// requests; the kernel caps them (`net.core.rmem_max` / `wmem_max`). Used by the UDP
-/// audio socket, the QUIC endpoint and the load tool's QUIC clients.
-pub fn bind_udp(
-    addr: SocketAddr,
-    recv_buffer: usize,
-    send_buffer: usize,
-) -> std::io::Result<std::net::UdpSocket> {
-    let domain = if addr.is_ipv4() {
-        socket2::Domain::IPV4
-    } else {
-        socket2::Domain::IPV6
-    };
-    let sock = socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
-    let _ = sock.set_recv_buffer_size(recv_buffer);
-    let _ = sock.set_send_buffer_size(send_buffer);
-    sock.set_nonblocking(true)?;
-    sock.bind(&addr.into())?;
-    Ok(sock.into())
 }
 
 impl AudioSocket {

@@ -884,7 +884,7 @@ impl DeviceContext {
             return Ok(e.clone());
         }
         // Large kernel buffers, as the server has: the tool must not lose what it measures.
-        let endpoint = crate::audio::socket::bind_udp(SocketAddr::new(source, 0), 8 << 20, 4 << 20)
+        let endpoint = crate::net::bind_udp(SocketAddr::new(source, 0), 8 << 20, 4 << 20)
             .and_then(|socket| {
                 quinn::Endpoint::new(
                     quinn::EndpointConfig::default(),

@@ -16,6 +16,8 @@
 //!   between nodes.
 //! * [`calls`]: device-to-device calls: pairs connected through the management API,
 //!   talking both ways; device-to-device latency and the gateways' CPU per call.
+//! * [`history`]: the chat-history writer's sustained throughput against a real
+//!   database, and `--fill` for a big realistic history to measure the API against.
 
 pub mod calls;
 pub mod command;
@@ -23,5 +25,6 @@ pub mod commands;
 pub mod echo_upstream;
 pub mod floor;
 pub mod histogram;
+pub mod history;
 pub mod load;
 pub mod procstat;

@@ -19,8 +19,8 @@
 //!   `xiaozhi/events` (so `#`, `xiaozhi/#`, `xiaozhi/+/...` and `xiaozhi/admin/...` are
 //!   refused).
 
-use super::topics;
 use crate::config::BrokerRole;
+use crate::protocol::topics;
 
 /// Why a publish or subscription was refused: a message for logs and a stable label for
 /// metrics.

@@ -10,9 +10,9 @@ use tokio::sync::mpsc;
 
 use super::bus::{BrokerError, Bus, BusCommand, EmbeddedBroker};
 use super::external::ExternalBus;
+use super::forwarding::PendingCalls;
 use super::inbound::{CallTraffic, Inbound, NodeRole};
 use super::registry::DeviceRegistry;
-use crate::admin::forward::PendingCalls;
 use crate::config::{BusMode, Config};
 use crate::metrics::Metrics;
 

@@ -42,10 +42,10 @@ use tracing::{info, warn};
 
 use super::clients::{BrokerListener, ListenerSettings, MAX_CLIENTS, RouterPort};
 use super::inbound::Inbound;
-use super::topics;
 use crate::config::BrokerConfig;
 use crate::metrics::Metrics;
-use crate::server::{BindError, bind_tcp};
+use crate::net::{BindError, bind_tcp};
+use crate::protocol::topics;
 
 /// The built-in router tunables (`broker-config/router.toml`).
 const DEFAULT_ROUTER_TOML: &str = include_str!("../../broker-config/router.toml");

@@ -32,9 +32,9 @@ use tracing::{info, warn};
 
 use super::bus::{Bus, BusMessage};
 use super::inbound::Inbound;
-use super::topics;
 use crate::config::{BusConfig, BusProtocol};
 use crate::metrics::Metrics;
+use crate::protocol::topics;
 
 /// Requests rumqttc buffers between the pump and the connection.
 const CLIENT_CHANNEL: usize = 256;

@@ -8,7 +8,7 @@
 //! * `xiaozhi/admin/commands[/<mac_>]`: to the admin executor's bounded queue as a
 //!   [`BusCommand`].
 //! * `xiaozhi/nodes/<this node>/commands` (scale-out): a command another node forwarded
-//!   ([`crate::admin::forward`]), queued like the others but marked forwarded.
+//!   ([`super::forwarding`]), queued like the others but marked forwarded.
 //! * `xiaozhi/nodes/<this node>/replies/<call>` (scale-out): the answer to a call this
 //!   node's management API forwarded, handed to the waiting call.
 //! * `xiaozhi/nodes/<this node>/calls` and `.../call-audio/<call>/<mac_>` (scale-out):
@@ -23,10 +23,10 @@ use tokio::sync::mpsc;
 use tracing::warn;
 
 use super::bus::BusCommand;
+use super::forwarding::{self, PendingCalls};
 use super::registry::DeviceRegistry;
-use super::topics::{self, NodeTopic};
-use crate::admin::forward::{self, PendingCalls};
 use crate::metrics::Metrics;
+use crate::protocol::topics::{self, NodeTopic};
 
 /// Admin commands waiting for the executor before further ones are dropped (and counted).
 pub const COMMAND_QUEUE: usize = 1024;
@@ -104,7 +104,7 @@ impl Inbound {
         }
         let Some(cluster) = &self.cluster else { return };
         match topics::parse_node_topic(&cluster.node, topic) {
-            Some(NodeTopic::Commands) => match forward::decode(&payload) {
+            Some(NodeTopic::Commands) => match forwarding::decode(&payload) {
                 Ok(command) => self.queue(command),
                 Err(e) => {
                     Metrics::inc(&self.metrics.bus_forward_malformed);

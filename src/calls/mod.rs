@@ -34,7 +34,6 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::broker::bus::Bus;
-use crate::broker::topics;
 use crate::history::record::now_ms;
 use crate::metrics::Metrics;
 use crate::presence::tracker::PresenceTracker;
@@ -42,6 +41,7 @@ use crate::protocol::call_book::{
     self, AcceptOutcome, Call, CallAction, CallId, EndCause, Ended, MediaKey, RequestOutcome,
 };
 use crate::protocol::mac::Mac;
+use crate::protocol::topics;
 use crate::session::call_leg::{CallEvent, CallLegs, LegCommand, PeerRoute};
 use crate::session::directory::DeviceDirectory;
 use crate::session::{DeviceSink, SessionManager};

@@ -517,9 +517,13 @@ mod tests {
                 p
             })
             .collect();
-        // What the project's simulator sends (SILK WB 60 ms).
-        let sim: Vec<Vec<u8>> = (0..20)
-            .map(|i| crate::simulator::audio::synthetic_frame(i, 40))
+        // TOC 0x58: SILK WB 60 ms, the kind of frame the project's simulator sends.
+        let sim: Vec<Vec<u8>> = (0..20u8)
+            .map(|i| {
+                let mut p = noise(u64::from(i) + 91, 40);
+                p[0] = 0x58;
+                p
+            })
             .collect();
         for packets in [nb, sim] {
             let wav = opus_to_wav(&packets, 16_000).unwrap();

@@ -9,7 +9,6 @@
 //! * [`query`]: reading it back for the history API (keyset-paged, both backends).
 
 pub mod audio;
-pub mod bench;
 pub mod journal;
 pub mod query;
 pub mod record;

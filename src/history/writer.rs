@@ -26,14 +26,7 @@ use super::record::{ChatRecord, OpusAudio};
 use super::store::{DevicePolicy, Store, StoreError, StoredRecord};
 use crate::metrics::Metrics;
 
-/// What is recorded for devices manager-api does not manage.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum RecordMode {
-    Off,
-    Text,
-    Audio,
-}
+pub use crate::config::RecordMode;
 
 /// Writer settings (from `history.*`).
 #[derive(Debug, Clone)]

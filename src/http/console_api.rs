@@ -36,8 +36,8 @@ use serde_json::{Value, json};
 use super::HttpState;
 use super::history::{self, Params};
 use crate::admin::command::{self, ErrorCode};
-use crate::broker::topics;
 use crate::protocol::mac::Mac;
+use crate::protocol::topics;
 
 /// How long the presence store may take for one console call.
 pub const PRESENCE_TIMEOUT: Duration = Duration::from_secs(5);

@@ -923,7 +923,7 @@ async fn feed(
     mut socket: WebSocket,
     mut events: broadcast::Receiver<StoredEvent>,
     mut presence: broadcast::Receiver<crate::session::directory::PresenceEvent>,
-    mut failures: broadcast::Receiver<crate::admin::events::UpstreamFailure>,
+    mut failures: broadcast::Receiver<crate::events::UpstreamFailure>,
     metrics: std::sync::Arc<crate::metrics::Metrics>,
 ) {
     debug!("admin feed: consumer connected");

@@ -38,9 +38,9 @@ use time::{Date, OffsetDateTime};
 use tracing::{info, warn};
 
 use super::HttpState;
+use crate::device_link::mcp::McpCallError;
 use crate::presence::PresenceState;
 use crate::protocol::mac::Mac;
-use crate::session::device_mcp::McpCallError;
 
 /// Most client ids one status request may ask about.
 pub const MAX_STATUS_IDS: usize = 10_000;
@@ -327,7 +327,8 @@ async fn on_another_node(
     });
     let command = serde_json::to_vec(&command).unwrap_or_default();
     let request =
-        match crate::admin::command::parse(&crate::broker::topics::admin_command(&mac), &command) {
+        match crate::admin::command::parse(&crate::protocol::topics::admin_command(&mac), &command)
+        {
             Ok(r) => r,
             Err(rejected) => return command_error(&rejected.error.message),
         };

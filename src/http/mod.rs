@@ -51,7 +51,7 @@ pub struct HttpState {
     /// Runs admin commands for the console API (the same executor as the bus's).
     pub admin: Arc<crate::admin::executor::AdminDeps>,
     /// Upstream failures, for `/ws/admin`.
-    pub events: crate::admin::events::EventPublisher,
+    pub events: crate::events::EventPublisher,
     /// Export downloads waiting for their browser.
     pub tickets: Arc<console_api::ExportTickets>,
     /// Device-to-device calling (none: `calls.enabled = false`).

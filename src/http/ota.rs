@@ -21,10 +21,10 @@ use serde_json::{Value, json};
 use tracing::info;
 
 use super::HttpState;
-use crate::broker::topics;
 use crate::config::Config;
 use crate::protocol::credentials::{sign, username_for_ip};
 use crate::protocol::mac::Mac;
+use crate::protocol::topics;
 
 /// Largest request body (the device's system info) accepted; larger ones get HTTP 413.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;

@@ -26,10 +26,10 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::audio::{Downlink, UplinkFrame};
+use crate::device_link::DeviceOut;
+use crate::device_link::mcp::DeviceMcp;
 use crate::protocol::control::{AudioParams, DeviceMessage, HelloRequest};
 use crate::protocol::credentials::DeviceIdentity;
-use crate::session::DeviceOut;
-use crate::session::device_mcp::DeviceMcp;
 
 /// What a pipeline is told when a device says hello.
 #[derive(Debug, Clone)]

@@ -33,11 +33,11 @@ use tracing::{info, warn};
 use super::hints::DeviceHints;
 use super::{PresenceRecord, PresenceState, PresenceStore, Ttls};
 use crate::broker::bus::Bus;
-use crate::broker::topics;
 use crate::history::record::now_ms;
 use crate::history::store::Store;
 use crate::metrics::Metrics;
 use crate::protocol::credentials::DeviceIdentity;
+use crate::protocol::topics;
 
 /// Records per store round trip at most.
 const BATCH: usize = 500;

@@ -1,6 +1,6 @@
 //! The state machine of one device's MQTT 3.1.1 connection, without the socket.
 //!
-//! The driver ([`crate::broker::front_end`]) frames packets with `rumqttc::mqttbytes`,
+//! The driver ([`crate::front_end`]) frames packets with `rumqttc::mqttbytes`,
 //! feeds them here with the current time, performs the returned [`Action`]s in order,
 //! and sleeps until [`DeviceMqttConnection::deadline`]. Everything the firmware relies on,
 //! and everything a hostile client might try, is decided here:
@@ -160,7 +160,7 @@ impl DeviceMqttConnection {
                                 0 => settings.default_keep_alive,
                                 secs => Duration::from_secs(u64::from(secs)),
                             };
-                            let own_topic = crate::broker::topics::p2p(&identity.mac);
+                            let own_topic = crate::protocol::topics::p2p(&identity.mac);
                             self.state = State::Connected {
                                 own_topic,
                                 keep_alive,

@@ -25,4 +25,5 @@ pub mod negotiation;
 pub mod opus;
 pub mod quic_framing;
 pub mod replay_window;
+pub mod topics;
 pub mod upstream;

@@ -29,7 +29,6 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::audio::{SpliceTarget, UplinkFrame};
 use crate::broker::bus::Bus;
-use crate::broker::topics;
 use crate::metrics::Metrics;
 use crate::protocol::audio_channel::Verdict;
 use crate::protocol::call_book::CallId;
@@ -37,6 +36,7 @@ use crate::protocol::call_book::MediaKey;
 use crate::protocol::datagram::HEADER_LEN;
 use crate::protocol::gcm_channel::{GcmCipher, GcmReceiver, GcmSealer};
 use crate::protocol::mac::Mac;
+use crate::protocol::topics;
 
 /// Frames queued for a leg's downlink before further ones are dropped (about a second
 /// of 60 ms frames).

@@ -38,7 +38,7 @@ pub(crate) struct ConversationStart {
     pub control: mpsc::Receiver<ControlMessage>,
     pub end: oneshot::Receiver<EndReason>,
     /// Where control JSON from a QUIC control stream goes (the manager's queue).
-    pub control_in: crate::quic::ControlIn,
+    pub control_in: crate::audio::quic::ControlIn,
     /// What the calling service asks of this conversation (become a call leg, hang up).
     pub legs: mpsc::Receiver<LegCommand>,
 }
@@ -287,7 +287,7 @@ pub(crate) async fn run(deps: Arc<SessionDeps>, start: ConversationStart) -> End
     if let Some(events) = &deps.events {
         events.session_ended(
             &device.mac,
-            &crate::admin::events::SessionEnd {
+            &crate::events::SessionEnd {
                 session_id: &session_id,
                 reason: reason.label(),
                 duration_ms,
@@ -302,7 +302,7 @@ pub(crate) async fn run(deps: Arc<SessionDeps>, start: ConversationStart) -> End
 async fn open_channel(
     deps: &SessionDeps,
     transport: AudioTransport,
-    control_in: crate::quic::ControlIn,
+    control_in: crate::audio::quic::ControlIn,
 ) -> Result<AudioChannel, String> {
     match (transport, &deps.quic) {
         (AudioTransport::Udp(encryption), _) => deps

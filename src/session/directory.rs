@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use super::call_leg::PeerRoute;
-use super::device_mcp::DeviceMcp;
+use crate::device_link::mcp::DeviceMcp;
 use crate::presence::PresenceState;
 use crate::presence::tracker::{PresenceTracker, Transition};
 use crate::protocol::call_book::CallId;

@@ -18,10 +18,10 @@ use tracing::{Instrument, debug, info_span, warn};
 
 use super::call_leg::{CallEvent, CallLegs, JoinError, LegCommand};
 use super::conversation::{self, ConversationStart};
-use super::device_mcp::{DeviceMcp, McpSettings};
 use super::directory::{DeviceDirectory, DeviceEntry};
 use super::{DeviceOut, DeviceSink, EndReason};
 use crate::audio::AudioSocketHandle;
+use crate::device_link::mcp::{DeviceMcp, McpSettings};
 use crate::metrics::Metrics;
 use crate::pipeline::{ControlMessage, Pipeline};
 use crate::protocol::control::{self, DeviceMessage, HELLO_VERSION, parse_device_message};
@@ -38,7 +38,7 @@ pub struct SessionDeps {
     pub pipeline: Arc<dyn Pipeline>,
     pub audio: AudioSocketHandle,
     /// The QUIC endpoint, when enabled.
-    pub quic: Option<crate::quic::QuicHandle>,
+    pub quic: Option<crate::audio::quic::QuicHandle>,
     /// Which audio transports conversations may get.
     pub transports: super::TransportPolicy,
     pub sink: Arc<dyn DeviceSink>,
@@ -55,7 +55,7 @@ pub struct SessionDeps {
     /// Most Opus packets recorded per utterance.
     pub history_max_packets: usize,
     /// Where session and upstream events are published (none: not published).
-    pub events: Option<crate::admin::events::EventPublisher>,
+    pub events: Option<crate::events::EventPublisher>,
     /// This node's call legs and rung devices.
     pub call_legs: Arc<CallLegs>,
     /// Where departures from calls are reported (none: calling is off).
@@ -507,7 +507,7 @@ impl Dispatcher {
         let events = self.events.clone();
         // Control JSON the device sends on a QUIC control stream takes the same way as
         // its MQTT messages.
-        let control_in: crate::quic::ControlIn = {
+        let control_in: crate::audio::quic::ControlIn = {
             let events = self.events.clone();
             let device = device.clone();
             let metrics = self.deps.metrics.clone();

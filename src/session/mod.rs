@@ -14,76 +14,11 @@
 
 pub mod call_leg;
 pub mod conversation;
-pub mod device_mcp;
 pub mod directory;
 pub mod manager;
 
-use std::sync::Arc;
-
-use bytes::Bytes;
-
-use crate::broker::registry::DeviceRegistry;
-use crate::protocol::mac::Mac;
-
+pub use crate::device_link::{DeviceOut, DeviceSink};
 pub use manager::{SessionDeps, SessionManager};
-
-/// Where JSON for devices goes: the local registry here; an external broker when the
-/// gateway runs behind one.
-pub trait DeviceSink: Send + Sync + 'static {
-    /// Queues a message for the device; false if it was dropped (and counted).
-    fn send_to_device(&self, mac: &Mac, payload: Bytes) -> bool;
-}
-
-impl DeviceSink for DeviceRegistry {
-    fn send_to_device(&self, mac: &Mac, payload: Bytes) -> bool {
-        self.send(mac, payload).is_ok()
-    }
-}
-
-/// A conversation's own control stream to the device (QUIC), preferred over MQTT while
-/// it is open.
-pub trait ControlStream: Send + Sync + 'static {
-    /// Queues a message on the stream; false if the stream is not (or no longer) there,
-    /// and the message should go by MQTT.
-    fn try_send(&self, payload: &Bytes) -> bool;
-}
-
-/// Sends JSON to one device.
-#[derive(Clone)]
-pub struct DeviceOut {
-    pub mac: Mac,
-    sink: Arc<dyn DeviceSink>,
-    stream: Option<Arc<dyn ControlStream>>,
-}
-
-impl DeviceOut {
-    pub fn new(mac: Mac, sink: Arc<dyn DeviceSink>) -> Self {
-        DeviceOut {
-            mac,
-            sink,
-            stream: None,
-        }
-    }
-
-    /// The same device, preferring `stream` whenever it is open.
-    pub fn with_stream(&self, stream: Arc<dyn ControlStream>) -> Self {
-        DeviceOut {
-            stream: Some(stream),
-            ..self.clone()
-        }
-    }
-
-    /// Queues a JSON message for the device.
-    pub fn send_json(&self, json: String) -> bool {
-        let payload = Bytes::from(json);
-        if let Some(stream) = &self.stream
-            && stream.try_send(&payload)
-        {
-            return true;
-        }
-        self.sink.send_to_device(&self.mac, payload)
-    }
-}
 
 /// Which audio transports conversations may get (`transport.*`, `quic.enabled`).
 #[derive(Debug, Clone, Default)]

@@ -15,10 +15,10 @@ use serde_json::Value;
 
 use super::audio::{DownlinkFrame, QuicHello};
 use super::device::SimError;
+use crate::audio::quic::cert::PinnedCert;
 use crate::protocol::quic_framing::{
     self, ALPN, AudioDatagram, attach_json, control_frame, control_frame_len,
 };
-use crate::quic::cert::PinnedCert;
 
 /// How long the client waits for the handshake and the `attached` answer.
 const ATTACH_WAIT: Duration = Duration::from_secs(5);

@@ -15,9 +15,9 @@ use tokio::task::JoinHandle;
 use xiaozhi_gateway::broker::bus::{BusCommand, EmbeddedBroker};
 use xiaozhi_gateway::broker::inbound::Inbound;
 use xiaozhi_gateway::broker::registry::DeviceRegistry;
-use xiaozhi_gateway::broker::topics;
 use xiaozhi_gateway::config::{BrokerConfig, BrokerRole, BrokerUser};
 use xiaozhi_gateway::metrics::Metrics;
+use xiaozhi_gateway::protocol::topics;
 
 const OBSERVER_USER: &str = "watcher";
 const OBSERVER_PASS: &str = "watcher-secret";

@@ -18,6 +18,7 @@ mod harness;
 #[path = "../../fuzz/src/seeds.rs"]
 mod seeds;
 
+mod architecture;
 mod bench_smoke;
 mod broker_acl;
 mod bus;

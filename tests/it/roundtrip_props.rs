@@ -7,13 +7,13 @@
 use proptest::prelude::*;
 use serde_json::Value;
 
-use xiaozhi_gateway::broker::topics;
 use xiaozhi_gateway::history::query::SessionCursor;
 use xiaozhi_gateway::http::history::parse_date;
 use xiaozhi_gateway::protocol::control::{self, AudioParams, UdpOffer};
 use xiaozhi_gateway::protocol::credentials::Verifier;
 use xiaozhi_gateway::protocol::datagram::nonce_template;
 use xiaozhi_gateway::protocol::mac::Mac;
+use xiaozhi_gateway::protocol::topics;
 use xiaozhi_gateway::protocol::upstream;
 use xiaozhi_gateway::simulator::audio::ServerHello;
 use xiaozhi_gateway::simulator::device::DeviceCredentials;

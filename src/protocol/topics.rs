@@ -1,4 +1,6 @@
-//! The topic map: every MQTT topic the gateway reads or writes, in one place.
+//! The topic map: every MQTT topic the gateway reads or writes, in one place. Pure string
+//! building and parsing (here in the protocol core because the device state machine
+//! checks a device's own topic too); the bus and the broker listener use it.
 //!
 //! | topic | who publishes | what |
 //! | --- | --- | --- |
@@ -18,7 +20,7 @@
 //! | `xiaozhi/nodes/<node>/replies/<n>` | gateway nodes (scale-out) | the answer to a command a node's management API forwarded |
 //!
 //! The map is the same on the embedded broker and on an external one. On an external
-//! broker (scale-out, [`super::external`]) every node subscribes to `devices/p2p/+`
+//! broker (scale-out, `crate::broker::external`) every node subscribes to `devices/p2p/+`
 //! (and delivers what is for its own devices), to the command topics through the shared
 //! subscription `$share/<bus.share_group>/...` (each command reaches one node), and to its
 //! own `xiaozhi/nodes/<node>/...` topics.
@@ -27,7 +29,7 @@
 //! (`xiaozhi/devices/<mac_>/...`), built from the MAC the device authenticated with.
 //!
 //! Who may publish and subscribe where on the broker listener is decided in
-//! [`super::acl`]: the gateway owns `xiaozhi/devices/`, `xiaozhi/events/`,
+//! `crate::broker::acl`: the gateway owns `xiaozhi/devices/`, `xiaozhi/events/`,
 //! `xiaozhi/admin/replies/`, `xiaozhi/admin/errors` and `device-server`; admins may publish
 //! only the command topics and `devices/p2p/<mac_>` inside the reserved namespaces.
 

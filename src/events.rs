@@ -19,11 +19,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::audio::channel::ChannelStats;
 use crate::broker::bus::Bus;
-use crate::broker::topics;
 use crate::history::record::now_ms;
 use crate::history::writer::StoredEvent;
 use crate::metrics::Metrics;
 use crate::protocol::mac::Mac;
+use crate::protocol::topics;
 
 /// Publishes this node's events.
 #[derive(Clone)]

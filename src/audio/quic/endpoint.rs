@@ -29,10 +29,10 @@ use crate::audio::channel::{
 };
 use crate::limits::TokenBucket;
 use crate::metrics::Metrics;
+use crate::net::BindError;
 use crate::protocol::quic_framing::{
     self, ALPN, AudioDatagram, close_code, control_frame, control_frame_len,
 };
-use crate::server::BindError;
 
 /// How long a client has, after its handshake, to present its token.
 pub const ATTACH_TIMEOUT: Duration = Duration::from_secs(5);
@@ -58,7 +58,7 @@ pub struct QuicSettings {
     /// Uplink frames queued per conversation (`udp.uplink_queue`).
     pub uplink_queue: usize,
     /// Kernel socket buffers to ask for (`udp.recv_buffer_bytes`, `udp.send_buffer_bytes`;
-    /// see [`crate::audio::socket::bind_udp`]).
+    /// see [`crate::net::bind_udp`]).
     pub recv_buffer_bytes: usize,
     pub send_buffer_bytes: usize,
     /// Connections open at once; further ones are refused.
@@ -137,7 +137,7 @@ impl QuicEndpoint {
             .datagram_send_buffer_size(64 * 1024);
         server.transport_config(Arc::new(transport));
         server.migration(true);
-        let socket = crate::audio::socket::bind_udp(
+        let socket = crate::net::bind_udp(
             settings.listen,
             settings.recv_buffer_bytes,
             settings.send_buffer_bytes,

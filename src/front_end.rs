@@ -33,15 +33,15 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use super::bus::Bus;
-use super::registry::{DeviceHandle, DeviceRegistry, Outbound};
-use super::topics;
+use crate::broker::bus::Bus;
+use crate::broker::registry::{DeviceHandle, DeviceRegistry, Outbound};
 use crate::limits::TokenBucket;
 use crate::limits::admission::{Refusal, SharedAdmission};
 use crate::metrics::Metrics;
 use crate::protocol::control;
 use crate::protocol::credentials::{AuthError, Verifier};
 use crate::protocol::device_mqtt::{Action, CloseReason, DeviceMqttConnection, DeviceMqttSettings};
+use crate::protocol::topics;
 use crate::session::SessionManager;
 
 /// Read buffer of a connection between packets (control messages fit; an MCP tool list

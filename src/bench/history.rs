@@ -13,10 +13,10 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use super::journal::Journal;
-use super::record::{ChatRecord, ChatType, OpusAudio, now_ms};
-use super::store::{Store, StoreError};
-use super::writer::{HistoryWriter, RecordMode, WriterSettings, format_time};
+use crate::history::journal::Journal;
+use crate::history::record::{ChatRecord, ChatType, OpusAudio, now_ms};
+use crate::history::store::{Store, StoreError};
+use crate::history::writer::{HistoryWriter, RecordMode, WriterSettings, format_time};
 use crate::metrics::Metrics;
 
 /// What to write.

@@ -151,7 +151,7 @@ impl QuicLease {
     }
 
     /// The channel's control stream as a conversation sees it.
-    pub(crate) fn control_stream(&self) -> Arc<dyn crate::session::ControlStream> {
+    pub(crate) fn control_stream(&self) -> Arc<dyn crate::audio::channel::ControlStream> {
         Arc::new(ControlStreamOut(self.slot.clone()))
     }
 }
@@ -160,7 +160,7 @@ impl QuicLease {
 /// and the connection is up; MQTT otherwise.
 struct ControlStreamOut(Arc<Slot>);
 
-impl crate::session::ControlStream for ControlStreamOut {
+impl crate::audio::channel::ControlStream for ControlStreamOut {
     fn try_send(&self, payload: &Bytes) -> bool {
         let slot = &self.0;
         if slot.ended.is_cancelled()
