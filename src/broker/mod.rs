@@ -8,7 +8,8 @@
 //! device messages to the session layer), which registers each device here
 //! ([`registry`]), and the rumqttd router ([`bus`]) carries their traffic on
 //! identity-bearing topics (`crate::protocol::topics`) to admin and integration clients.
-//! Those connect to our own broker listener ([`clients`]), which bridges each to the
+//! Those connect to our own broker listener ([`clients`]; its rules, sans-IO, in
+//! `client_rules`), which bridges each to the
 //! router through a local link and checks every publish and subscription against the
 //! user's role ([`acl`]): rumqttd's own listener has no ACLs.
 //!
@@ -19,6 +20,7 @@
 pub mod acl;
 pub mod backend;
 pub mod bus;
+mod client_rules;
 pub mod clients;
 pub mod external;
 pub mod forwarding;
