@@ -10,10 +10,13 @@ RUN apt-get update \
 WORKDIR /src
 # Dependencies first, so source edits do not rebuild them.
 COPY Cargo.toml Cargo.lock ./
-RUN mkdir src && echo 'fn main() {}' > src/main.rs && touch src/lib.rs \
+COPY crates/xiaozhi-proto/Cargo.toml crates/xiaozhi-proto/
+RUN mkdir -p src crates/xiaozhi-proto/src && echo 'fn main() {}' > src/main.rs \
+    && touch src/lib.rs crates/xiaozhi-proto/src/lib.rs \
     && cargo build --release --locked || true
 COPY . .
-RUN touch src/main.rs src/lib.rs && cargo build --release --locked --bin xiaozhi-gateway
+RUN touch src/main.rs src/lib.rs crates/xiaozhi-proto/src/lib.rs \
+    && cargo build --release --locked --bin xiaozhi-gateway
 
 FROM debian:bookworm-slim
 RUN apt-get update \

@@ -23,7 +23,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use rumqttc::mqttbytes::v4::{Packet, Publish};
+use rumqttc::mqttbytes::v4::{
+    ConnAck, ConnectReturnCode, Packet, PubAck, Publish, SubAck, SubscribeReasonCode, UnsubAck,
+};
 use rumqttc::mqttbytes::{Error as FrameError, QoS};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -40,7 +42,10 @@ use crate::limits::admission::{Refusal, SharedAdmission};
 use crate::metrics::Metrics;
 use crate::protocol::control;
 use crate::protocol::credentials::{AuthError, Verifier};
-use crate::protocol::device_mqtt::{Action, CloseReason, DeviceMqttConnection, DeviceMqttSettings};
+use crate::protocol::device_mqtt::{
+    Action, CloseReason, ConnAckCode, DeviceMqttConnection, DeviceMqttSettings, DevicePacket, Qos,
+    Reply,
+};
 use crate::protocol::topics;
 use crate::session::SessionManager;
 
@@ -219,7 +224,7 @@ impl FrontEnd {
             loop {
                 match Packet::read(&mut rbuf, max_packet) {
                     Ok(packet) => conn.handle_packet(
-                        packet,
+                        device_packet(packet),
                         Instant::now(),
                         &self.settings,
                         &self.verifier,
@@ -351,8 +356,8 @@ impl FrontEnd {
         let mut end = None;
         for action in actions.drain(..) {
             match action {
-                Action::Send(packet) => {
-                    let _ = packet.write(wbuf, usize::MAX);
+                Action::Send(reply) => {
+                    let _ = wire_packet(reply).write(wbuf, usize::MAX);
                 }
                 Action::Authenticated {
                     identity,
@@ -457,5 +462,175 @@ async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d).await,
         None => std::future::pending().await,
+    }
+}
+
+/// What the state machine reads of a framed packet (strings and payload moved, not
+/// copied). Public for the fuzz harness, which drives the rules through the same glue.
+pub fn device_packet(packet: Packet) -> DevicePacket {
+    match packet {
+        Packet::Connect(connect) => {
+            let (username, password) = match connect.login {
+                Some(login) => (Some(login.username), Some(login.password)),
+                None => (None, None),
+            };
+            DevicePacket::Connect {
+                client_id: connect.client_id,
+                username,
+                password,
+                keep_alive: connect.keep_alive,
+            }
+        }
+        Packet::Publish(publish) => DevicePacket::Publish {
+            topic: publish.topic,
+            qos: match publish.qos {
+                QoS::AtMostOnce => Qos::AtMostOnce,
+                QoS::AtLeastOnce => Qos::AtLeastOnce,
+                QoS::ExactlyOnce => Qos::ExactlyOnce,
+            },
+            pkid: publish.pkid,
+            payload: publish.payload,
+        },
+        Packet::Subscribe(subscribe) => DevicePacket::Subscribe {
+            pkid: subscribe.pkid,
+            filters: subscribe.filters.into_iter().map(|f| f.path).collect(),
+        },
+        Packet::Unsubscribe(unsubscribe) => DevicePacket::Unsubscribe {
+            pkid: unsubscribe.pkid,
+        },
+        Packet::PingReq => DevicePacket::PingReq,
+        Packet::Disconnect => DevicePacket::Disconnect,
+        Packet::PubAck(_) | Packet::PubRec(_) | Packet::PubRel(_) | Packet::PubComp(_) => {
+            DevicePacket::Acknowledgement
+        }
+        Packet::ConnAck(_) | Packet::SubAck(_) | Packet::UnsubAck(_) | Packet::PingResp => {
+            DevicePacket::ServerOnly
+        }
+    }
+}
+
+/// The packet a reply of the state machine is written as.
+pub fn wire_packet(reply: Reply) -> Packet {
+    match reply {
+        Reply::ConnAck(code) => Packet::ConnAck(ConnAck::new(
+            match code {
+                ConnAckCode::Accepted => ConnectReturnCode::Success,
+                ConnAckCode::BadClientId => ConnectReturnCode::BadClientId,
+                ConnAckCode::BadUserNamePassword => ConnectReturnCode::BadUserNamePassword,
+            },
+            false,
+        )),
+        Reply::PubAck(pkid) => Packet::PubAck(PubAck::new(pkid)),
+        Reply::SubAck { pkid, granted } => Packet::SubAck(SubAck::new(
+            pkid,
+            granted
+                .into_iter()
+                .map(|ok| match ok {
+                    true => SubscribeReasonCode::Success(QoS::AtMostOnce),
+                    false => SubscribeReasonCode::Failure,
+                })
+                .collect(),
+        )),
+        Reply::UnsubAck(pkid) => Packet::UnsubAck(UnsubAck::new(pkid)),
+        Reply::PingResp => Packet::PingResp,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rumqttc::mqttbytes::v4::{
+        Connect, Login, PubComp, Subscribe, SubscribeFilter, Unsubscribe,
+    };
+
+    #[test]
+    fn framed_packets_reach_the_rules_with_what_they_carry() {
+        let mut connect = Connect::new("GID@@@aa_bb_cc_dd_ee_ff@@@u");
+        connect.keep_alive = 90;
+        connect.login = Some(Login::new("user", "pass"));
+        assert_eq!(
+            device_packet(Packet::Connect(connect)),
+            DevicePacket::Connect {
+                client_id: "GID@@@aa_bb_cc_dd_ee_ff@@@u".into(),
+                username: Some("user".into()),
+                password: Some("pass".into()),
+                keep_alive: 90,
+            }
+        );
+        assert!(matches!(
+            device_packet(Packet::Connect(Connect::new("x"))),
+            DevicePacket::Connect {
+                username: None,
+                password: None,
+                ..
+            }
+        ));
+        let mut publish = Publish::new("device-server", QoS::AtLeastOnce, b"{}".to_vec());
+        publish.pkid = 7;
+        assert_eq!(
+            device_packet(Packet::Publish(publish)),
+            DevicePacket::Publish {
+                topic: "device-server".into(),
+                qos: Qos::AtLeastOnce,
+                pkid: 7,
+                payload: Bytes::from_static(b"{}"),
+            }
+        );
+        let mut subscribe = Subscribe::new_many([
+            SubscribeFilter::new("a".into(), QoS::AtMostOnce),
+            SubscribeFilter::new("b".into(), QoS::ExactlyOnce),
+        ]);
+        subscribe.pkid = 3;
+        assert_eq!(
+            device_packet(Packet::Subscribe(subscribe)),
+            DevicePacket::Subscribe {
+                pkid: 3,
+                filters: vec!["a".into(), "b".into()]
+            }
+        );
+        let mut unsubscribe = Unsubscribe::new("a");
+        unsubscribe.pkid = 4;
+        assert_eq!(
+            device_packet(Packet::Unsubscribe(unsubscribe)),
+            DevicePacket::Unsubscribe { pkid: 4 }
+        );
+        assert_eq!(device_packet(Packet::PingReq), DevicePacket::PingReq);
+        assert_eq!(device_packet(Packet::Disconnect), DevicePacket::Disconnect);
+        assert_eq!(
+            device_packet(Packet::PubComp(PubComp::new(1))),
+            DevicePacket::Acknowledgement
+        );
+        assert_eq!(device_packet(Packet::PingResp), DevicePacket::ServerOnly);
+    }
+
+    #[test]
+    fn replies_are_written_as_the_packets_they_name() {
+        let bytes = |reply| {
+            let mut out = BytesMut::new();
+            wire_packet(reply).write(&mut out, usize::MAX).unwrap();
+            out.to_vec()
+        };
+        assert_eq!(
+            bytes(Reply::ConnAck(ConnAckCode::Accepted)),
+            [0x20, 2, 0, 0]
+        );
+        assert_eq!(
+            bytes(Reply::ConnAck(ConnAckCode::BadClientId)),
+            [0x20, 2, 0, 2]
+        );
+        assert_eq!(
+            bytes(Reply::ConnAck(ConnAckCode::BadUserNamePassword)),
+            [0x20, 2, 0, 4]
+        );
+        assert_eq!(bytes(Reply::PubAck(9)), [0x40, 2, 0, 9]);
+        assert_eq!(
+            bytes(Reply::SubAck {
+                pkid: 3,
+                granted: vec![true, false]
+            }),
+            [0x90, 4, 0, 3, 0x00, 0x80]
+        );
+        assert_eq!(bytes(Reply::UnsubAck(4)), [0xb0, 2, 0, 4]);
+        assert_eq!(bytes(Reply::PingResp), [0xd0, 0]);
     }
 }

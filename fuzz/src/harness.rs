@@ -31,10 +31,11 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use rumqttc::mqttbytes::v4::{ConnAck, ConnectReturnCode, Packet, SubscribeReasonCode};
+use rumqttc::mqttbytes::v4::{ConnectReturnCode, Packet, SubscribeReasonCode};
 use rumqttc::mqttbytes::{Error as FrameError, QoS};
 use serde_json::{Value, json};
 
+use xiaozhi_gateway::front_end::{device_packet, wire_packet};
 use xiaozhi_gateway::protocol::audio_channel::{
     DownlinkSealer, DropReason, FIRST_BIND_MAX_SEQUENCE, REBIND_WINDOW, UplinkChannel, Verdict,
 };
@@ -43,7 +44,7 @@ use xiaozhi_gateway::protocol::control::{self, AudioParams, DeviceMessage, UdpOf
 use xiaozhi_gateway::protocol::credentials::{self, Verifier};
 use xiaozhi_gateway::protocol::datagram::{DatagramError, HEADER_LEN, Header, MAX_DATAGRAM_LEN};
 use xiaozhi_gateway::protocol::device_mqtt::{
-    Action, CloseReason, DeviceMqttConnection, DeviceMqttSettings,
+    Action, CloseReason, ConnAckCode, DeviceMqttConnection, DeviceMqttSettings, DevicePacket, Reply,
 };
 use xiaozhi_gateway::protocol::gcm_channel::{GcmCipher, GcmReceiver, GcmSealer};
 use xiaozhi_gateway::protocol::mcp::{DeviceReply, McpRouter};
@@ -105,10 +106,7 @@ impl MqttObserver {
             if self.expect_connack {
                 assert_eq!(
                     action,
-                    &Action::Send(Packet::ConnAck(ConnAck::new(
-                        ConnectReturnCode::Success,
-                        false
-                    ))),
+                    &Action::Send(Reply::ConnAck(ConnAckCode::Accepted)),
                     "Authenticated must be followed by CONNACK 0"
                 );
                 self.expect_connack = false;
@@ -148,7 +146,9 @@ impl MqttObserver {
                         Some(xiaozhi_gateway::protocol::topics::p2p(&identity.mac));
                     self.expect_connack = true;
                 }
-                Action::Send(packet) => {
+                Action::Send(reply) => {
+                    // Written as the front end writes it.
+                    let packet = &wire_packet(reply.clone());
                     check_writes_and_reads_back(packet);
                     match packet {
                         Packet::ConnAck(ack) => {
@@ -340,7 +340,13 @@ pub fn device_mqtt_run(data: &[u8]) -> MqttRun {
             let input = match Packet::read(&mut rbuf, max_packet) {
                 Ok(packet) => {
                     framed.push(Framed::Packet(packet.clone()));
-                    conn.handle_packet(packet.clone(), now, &settings, &verifier, &mut actions);
+                    conn.handle_packet(
+                        device_packet(packet.clone()),
+                        now,
+                        &settings,
+                        &verifier,
+                        &mut actions,
+                    );
                     Some(packet)
                 }
                 Err(FrameError::InsufficientBytes(_)) => break,
@@ -391,7 +397,7 @@ pub fn device_mqtt_run(data: &[u8]) -> MqttRun {
     // A closed connection ignores everything.
     if conn.is_closed() {
         let mut out = Vec::new();
-        conn.handle_packet(Packet::PingReq, now, &settings, &verifier, &mut out);
+        conn.handle_packet(DevicePacket::PingReq, now, &settings, &verifier, &mut out);
         conn.handle_malformed(&mut out);
         conn.handle_timeout(now + Duration::from_secs(100_000), &mut out);
         assert!(out.is_empty(), "closed connection acted: {out:?}");
@@ -1044,7 +1050,7 @@ pub fn config(data: &[u8]) {
     connect.keep_alive = 0;
     connect.login = Some(rumqttc::mqttbytes::v4::Login::new(username, password));
     conn.handle_packet(
-        Packet::Connect(connect),
+        device_packet(Packet::Connect(connect)),
         now,
         &settings,
         &verifier,
@@ -1054,7 +1060,7 @@ pub fn config(data: &[u8]) {
         matches!(out.first(), Some(Action::Authenticated { .. })),
         "a device with valid credentials is refused: {out:?}"
     );
-    conn.handle_packet(Packet::PingReq, now, &settings, &verifier, &mut out);
+    conn.handle_packet(DevicePacket::PingReq, now, &settings, &verifier, &mut out);
     let _ = conn.deadline();
 }
 

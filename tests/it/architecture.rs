@@ -444,3 +444,192 @@ fn a_loop_is_found() {
     add("d", "e");
     assert_eq!(loops(&edges), vec![vec!["a", "b", "c"]]);
 }
+
+/// Crates `xiaozhi-proto` may never depend on, directly or through another crate: async
+/// runtimes, event loops, socket and network-client crates.
+const NOT_IN_PROTO: &[&str] = &[
+    "tokio",
+    "mio",
+    "socket2",
+    "async-io",
+    "async-std",
+    "smol",
+    "polling",
+    "hyper",
+    "reqwest",
+    "rumqttc",
+    "rumqttd",
+    "quinn",
+    "sqlx",
+    "redis",
+];
+
+/// The normal dependencies of a `[package]` in Cargo.lock, keyed by `name version`.
+fn lock_graph(lock: &str) -> BTreeMap<String, Vec<String>> {
+    let mut graph = BTreeMap::new();
+    let mut versions: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut raw = Vec::new();
+    for block in lock.split("[[package]]").skip(1) {
+        let field = |key: &str| {
+            block
+                .lines()
+                .find_map(|l| l.strip_prefix(&format!("{key} = \"")))
+                .map(|v| v.trim_end_matches('"').to_string())
+        };
+        let (name, version) = (field("name").unwrap(), field("version").unwrap());
+        let deps: Vec<String> = block
+            .split("dependencies = [")
+            .nth(1)
+            .map(|d| d.split(']').next().unwrap())
+            .unwrap_or("")
+            .lines()
+            .map(|l| l.trim().trim_end_matches(',').trim_matches('"').to_string())
+            .filter(|l| !l.is_empty())
+            .collect();
+        versions
+            .entry(name.clone())
+            .or_default()
+            .push(version.clone());
+        raw.push((format!("{name} {version}"), deps));
+    }
+    // A dependency is written `name` when only one version is locked, else `name version`.
+    for (key, deps) in raw {
+        let deps = deps
+            .iter()
+            .map(|d| {
+                let mut parts = d.split(' ');
+                let name = parts.next().unwrap();
+                match parts.next() {
+                    Some(version) => format!("{name} {version}"),
+                    None => format!("{name} {}", versions[name][0]),
+                }
+            })
+            .collect();
+        graph.insert(key, deps);
+    }
+    graph
+}
+
+/// The `[dependencies]` (not dev-dependencies) of a crate's manifest, by name.
+fn normal_dependencies(manifest: &str) -> Vec<String> {
+    manifest
+        .split("\n[dependencies]\n")
+        .nth(1)
+        .expect("the manifest has a [dependencies] table")
+        .split("\n[")
+        .next()
+        .unwrap()
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#') && !l.trim().is_empty())
+        .map(|l| l.split(['.', ' ', '=']).next().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn the_protocol_crate_brings_in_no_runtime_and_no_network_crate() {
+    let proto = root().join("crates/xiaozhi-proto");
+    let manifest = std::fs::read_to_string(proto.join("Cargo.toml")).unwrap();
+    let lock = std::fs::read_to_string(root().join("Cargo.lock")).unwrap();
+    let graph = lock_graph(&lock);
+    let direct = normal_dependencies(&manifest);
+    assert!(
+        direct.contains(&"thiserror".to_string()),
+        "read the manifest wrong: {direct:?}"
+    );
+    let proto_key = graph
+        .keys()
+        .find(|k| k.starts_with("xiaozhi-proto "))
+        .expect("xiaozhi-proto is in Cargo.lock")
+        .clone();
+    // Start from the manifest's normal dependencies (the lock lists dev-dependencies of
+    // workspace crates too), as they are locked for xiaozhi-proto, then follow the lock.
+    let mut stack: Vec<(String, String)> = graph[&proto_key]
+        .iter()
+        .filter(|d| direct.iter().any(|n| d.split(' ').next() == Some(n)))
+        .map(|d| (d.clone(), "xiaozhi-proto".to_string()))
+        .collect();
+    assert_eq!(
+        stack.len(),
+        direct.len(),
+        "every direct dependency is locked"
+    );
+    let mut seen = BTreeSet::new();
+    let mut bad = Vec::new();
+    while let Some((key, via)) = stack.pop() {
+        if !seen.insert(key.clone()) {
+            continue;
+        }
+        let name = key.split(' ').next().unwrap().to_string();
+        if NOT_IN_PROTO.contains(&name.as_str()) {
+            bad.push(format!("{key} (through {via})"));
+        }
+        for dep in graph.get(&key).into_iter().flatten() {
+            stack.push((dep.clone(), name.clone()));
+        }
+    }
+    assert!(
+        seen.iter().any(|k| k.starts_with("serde ")),
+        "walked the lock wrong: {seen:?}"
+    );
+    assert!(
+        bad.is_empty(),
+        "xiaozhi-proto must stay sans-IO, yet it depends on: {bad:?}"
+    );
+}
+
+/// What code in `xiaozhi-proto` may not do outside its tests.
+const NOT_IN_PROTO_CODE: &[(&str, &str)] = &[
+    (
+        "Instant::now",
+        "reads the clock (take `now` as an argument)",
+    ),
+    (
+        "SystemTime::now",
+        "reads the clock (take `now` as an argument)",
+    ),
+    ("sleep(", "sleeps"),
+    ("spawn", "spawns"),
+    ("std::thread", "uses threads"),
+    // Addresses are values (`SocketAddr`, `IpAddr`); sockets and name lookups are I/O.
+    ("UdpSocket", "opens sockets"),
+    ("TcpStream", "opens sockets"),
+    ("TcpListener", "opens sockets"),
+    ("to_socket_addrs", "looks names up"),
+    ("std::fs", "touches files"),
+    ("std::process", "runs processes"),
+    ("tokio", "uses an async runtime"),
+    (
+        "thread_rng",
+        "draws randomness of its own (take it as an argument)",
+    ),
+    (
+        "OsRng",
+        "draws randomness of its own (take it as an argument)",
+    ),
+];
+
+#[test]
+fn the_protocol_crate_reads_no_clock_and_does_no_io() {
+    let src = root().join("crates/xiaozhi-proto/src");
+    let mut files = Vec::new();
+    rust_files(&src, &mut files);
+    assert!(files.len() > 10, "found the crate's files: {files:?}");
+    let mut found = Vec::new();
+    for file in files {
+        let code = code_only(&std::fs::read_to_string(&file).unwrap());
+        let before_tests = code.split("#[cfg(test)]").next().unwrap();
+        for (line_no, line) in before_tests.lines().enumerate() {
+            for (pattern, what) in NOT_IN_PROTO_CODE {
+                if line.contains(pattern) {
+                    found.push(format!(
+                        "{}:{} {what}: {}",
+                        file.strip_prefix(root()).unwrap().display(),
+                        line_no + 1,
+                        line.trim()
+                    ));
+                }
+            }
+        }
+    }
+    assert!(found.is_empty(), "{}", found.join("\n"));
+}

@@ -2,7 +2,7 @@
 //! modules: what the gateway writes against what the other side (the firmware, the
 //! speech server, the manager-api, a bus client, the history API's own client) reads,
 //! using the simulators' parsers as that other side. Pairs inside one protocol module
-//! are tested in that module (`src/protocol/*.rs`, `mod props`).
+//! are tested in that module (`crates/xiaozhi-proto/src/*.rs`, `mod props`).
 
 use proptest::prelude::*;
 use serde_json::Value;

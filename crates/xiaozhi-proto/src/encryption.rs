@@ -118,8 +118,8 @@ impl ChannelSealer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::audio_channel::DropReason;
-    use crate::protocol::datagram::HEADER_LEN;
+    use crate::audio_channel::DropReason;
+    use crate::datagram::HEADER_LEN;
 
     #[test]
     fn wire_names_round_trip() {

@@ -1,9 +1,10 @@
 //! The state machine of one device's MQTT 3.1.1 connection, without the socket.
 //!
-//! The driver ([`crate::front_end`]) frames packets with `rumqttc::mqttbytes`,
-//! feeds them here with the current time, performs the returned [`Action`]s in order,
-//! and sleeps until [`DeviceMqttConnection::deadline`]. Everything the firmware relies on,
-//! and everything a hostile client might try, is decided here:
+//! The driver (`xiaozhi_gateway::front_end`) frames packets with `rumqttc::mqttbytes`,
+//! hands each one here as a [`DevicePacket`] with the current time, performs the returned
+//! [`Action`]s in order (writing each [`Reply`] as the packet it names), and sleeps until
+//! [`DeviceMqttConnection::deadline`]. Everything the firmware relies on, and everything a
+//! hostile client might try, is decided here:
 //! * CONNECT must come first and within the connect timeout; credentials are checked
 //!   before any CONNACK is sent (the Node gateway acknowledges first, then checks);
 //! * keep-alive is enforced at 1.5x the client's value;
@@ -11,16 +12,78 @@
 //!   other topics are dropped and counted, QoS 2 ends the connection;
 //! * SUBSCRIBE succeeds only for the device's own `devices/p2p/<mac_>` (older firmware
 //!   subscribes; newer firmware never does and gets its messages anyway).
+//!
+//! The packet types are this module's own, holding only what the rules read, so the rules
+//! need no MQTT library (and the framing library's runtime stays out of this crate).
 
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use rumqttc::mqttbytes::QoS;
-use rumqttc::mqttbytes::v4::{
-    ConnAck, ConnectReturnCode, Packet, PubAck, SubAck, SubscribeReasonCode, UnsubAck,
-};
 
-use super::credentials::{AuthError, DeviceIdentity, Verifier};
+use crate::credentials::{AuthError, DeviceIdentity, Verifier};
+
+/// MQTT quality of service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Qos {
+    AtMostOnce,
+    AtLeastOnce,
+    ExactlyOnce,
+}
+
+/// A packet from a device, with what the rules read of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DevicePacket {
+    Connect {
+        client_id: String,
+        username: Option<String>,
+        password: Option<String>,
+        /// Seconds; 0 asks for none.
+        keep_alive: u16,
+    },
+    Publish {
+        topic: String,
+        qos: Qos,
+        pkid: u16,
+        payload: Bytes,
+    },
+    Subscribe {
+        pkid: u16,
+        filters: Vec<String>,
+    },
+    Unsubscribe {
+        pkid: u16,
+    },
+    PingReq,
+    Disconnect,
+    /// PUBACK, PUBREC, PUBREL or PUBCOMP: we publish at QoS 0, so they match nothing.
+    Acknowledgement,
+    /// CONNACK, SUBACK, UNSUBACK or PINGRESP: only a server sends those.
+    ServerOnly,
+}
+
+/// The CONNACK return codes the gateway sends (MQTT 3.1.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnAckCode {
+    Accepted,
+    /// 2: identifier rejected.
+    BadClientId,
+    /// 4: bad user name or password.
+    BadUserNamePassword,
+}
+
+/// A packet to write to the device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    ConnAck(ConnAckCode),
+    PubAck(u16),
+    /// One entry per filter: granted (at QoS 0) or refused.
+    SubAck {
+        pkid: u16,
+        granted: Vec<bool>,
+    },
+    UnsubAck(u16),
+    PingResp,
+}
 
 /// Static settings of the device front end that the state machine needs.
 #[derive(Debug, Clone)]
@@ -61,7 +124,7 @@ impl CloseReason {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Action {
     /// Write this packet to the client.
-    Send(Packet),
+    Send(Reply),
     /// The client proved who it is; register it (replacing an older connection)
     /// before the CONNACK that follows is written.
     Authenticated {
@@ -139,7 +202,7 @@ impl DeviceMqttConnection {
     /// Handles one complete packet from the client.
     pub fn handle_packet(
         &mut self,
-        packet: Packet,
+        packet: DevicePacket,
         now: Instant,
         settings: &DeviceMqttSettings,
         verifier: &Verifier,
@@ -148,43 +211,38 @@ impl DeviceMqttConnection {
         match &mut self.state {
             State::Closed => {}
             State::AwaitingConnect { .. } => match packet {
-                Packet::Connect(connect) => {
-                    let login = connect.login.as_ref();
-                    match verifier.verify(
-                        &connect.client_id,
-                        login.map(|l| l.username.as_str()),
-                        login.map(|l| l.password.as_str()),
-                    ) {
-                        Ok(identity) => {
-                            let keep_alive = match connect.keep_alive {
-                                0 => settings.default_keep_alive,
-                                secs => Duration::from_secs(u64::from(secs)),
-                            };
-                            let own_topic = crate::protocol::topics::p2p(&identity.mac);
-                            self.state = State::Connected {
-                                own_topic,
-                                keep_alive,
-                                deadline: after(now, grace(keep_alive)),
-                            };
-                            out.push(Action::Authenticated {
-                                identity,
-                                keep_alive,
-                            });
-                            out.push(Action::Send(Packet::ConnAck(ConnAck::new(
-                                ConnectReturnCode::Success,
-                                false,
-                            ))));
-                        }
-                        Err(e) => {
-                            let code = match e.connack_code() {
-                                0x02 => ConnectReturnCode::BadClientId,
-                                _ => ConnectReturnCode::BadUserNamePassword,
-                            };
-                            out.push(Action::Send(Packet::ConnAck(ConnAck::new(code, false))));
-                            self.close(CloseReason::AuthFailed(e), out);
-                        }
+                DevicePacket::Connect {
+                    client_id,
+                    username,
+                    password,
+                    keep_alive,
+                } => match verifier.verify(&client_id, username.as_deref(), password.as_deref()) {
+                    Ok(identity) => {
+                        let keep_alive = match keep_alive {
+                            0 => settings.default_keep_alive,
+                            secs => Duration::from_secs(u64::from(secs)),
+                        };
+                        let own_topic = crate::topics::p2p(&identity.mac);
+                        self.state = State::Connected {
+                            own_topic,
+                            keep_alive,
+                            deadline: after(now, grace(keep_alive)),
+                        };
+                        out.push(Action::Authenticated {
+                            identity,
+                            keep_alive,
+                        });
+                        out.push(Action::Send(Reply::ConnAck(ConnAckCode::Accepted)));
                     }
-                }
+                    Err(e) => {
+                        let code = match e.connack_code() {
+                            0x02 => ConnAckCode::BadClientId,
+                            _ => ConnAckCode::BadUserNamePassword,
+                        };
+                        out.push(Action::Send(Reply::ConnAck(code)));
+                        self.close(CloseReason::AuthFailed(e), out);
+                    }
+                },
                 _ => self.close(
                     CloseReason::ProtocolViolation("first packet was not CONNECT"),
                     out,
@@ -198,59 +256,42 @@ impl DeviceMqttConnection {
                 // Any control packet from the client counts as keep-alive activity.
                 *deadline = after(now, grace(*keep_alive));
                 match packet {
-                    Packet::Publish(publish) => {
-                        if publish.qos == QoS::ExactlyOnce {
+                    DevicePacket::Publish {
+                        topic,
+                        qos,
+                        pkid,
+                        payload,
+                    } => {
+                        if qos == Qos::ExactlyOnce {
                             self.close(
                                 CloseReason::ProtocolViolation("QoS 2 publish is not supported"),
                                 out,
                             );
                             return;
                         }
-                        if publish.topic == settings.uplink_topic {
-                            out.push(Action::Uplink(publish.payload));
+                        if topic == settings.uplink_topic {
+                            out.push(Action::Uplink(payload));
                         } else {
                             out.push(Action::Dropped("foreign_topic"));
                         }
-                        if publish.qos == QoS::AtLeastOnce {
-                            out.push(Action::Send(Packet::PubAck(PubAck::new(publish.pkid))));
+                        if qos == Qos::AtLeastOnce {
+                            out.push(Action::Send(Reply::PubAck(pkid)));
                         }
                     }
-                    Packet::Subscribe(subscribe) => {
-                        let codes = subscribe
-                            .filters
-                            .iter()
-                            .map(|f| {
-                                if f.path == *own_topic {
-                                    SubscribeReasonCode::Success(QoS::AtMostOnce)
-                                } else {
-                                    SubscribeReasonCode::Failure
-                                }
-                            })
-                            .collect();
-                        out.push(Action::Send(Packet::SubAck(SubAck::new(
-                            subscribe.pkid,
-                            codes,
-                        ))));
+                    DevicePacket::Subscribe { pkid, filters } => {
+                        let granted = filters.iter().map(|f| f == own_topic).collect();
+                        out.push(Action::Send(Reply::SubAck { pkid, granted }));
                     }
-                    Packet::Unsubscribe(unsubscribe) => {
-                        out.push(Action::Send(Packet::UnsubAck(UnsubAck::new(
-                            unsubscribe.pkid,
-                        ))));
+                    DevicePacket::Unsubscribe { pkid } => {
+                        out.push(Action::Send(Reply::UnsubAck(pkid)));
                     }
-                    Packet::PingReq => out.push(Action::Send(Packet::PingResp)),
-                    Packet::Disconnect => self.close(CloseReason::ClientDisconnect, out),
-                    // We publish at QoS 0 only, so acknowledgements have nothing to match.
-                    Packet::PubAck(_)
-                    | Packet::PubRec(_)
-                    | Packet::PubRel(_)
-                    | Packet::PubComp(_) => out.push(Action::Dropped("unexpected_ack")),
-                    Packet::Connect(_) => {
+                    DevicePacket::PingReq => out.push(Action::Send(Reply::PingResp)),
+                    DevicePacket::Disconnect => self.close(CloseReason::ClientDisconnect, out),
+                    DevicePacket::Acknowledgement => out.push(Action::Dropped("unexpected_ack")),
+                    DevicePacket::Connect { .. } => {
                         self.close(CloseReason::ProtocolViolation("second CONNECT"), out)
                     }
-                    Packet::ConnAck(_)
-                    | Packet::SubAck(_)
-                    | Packet::UnsubAck(_)
-                    | Packet::PingResp => self.close(
+                    DevicePacket::ServerOnly => self.close(
                         CloseReason::ProtocolViolation("server-only packet from client"),
                         out,
                     ),
@@ -287,8 +328,7 @@ fn after(now: Instant, timeout: Duration) -> Instant {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::credentials::{sign, username_for_ip};
-    use rumqttc::mqttbytes::v4::{Connect, Login, Publish, Subscribe, SubscribeFilter};
+    use crate::credentials::{sign, username_for_ip};
 
     const KEY: &[u8] = b"k";
     const CLIENT_ID: &str = "GID_test@@@aa_bb_cc_dd_ee_ff@@@uuid-1";
@@ -305,15 +345,23 @@ mod tests {
         Verifier::Signed { key: KEY.to_vec() }
     }
 
-    fn connect(keep_alive: u16, password: Option<String>) -> Packet {
+    fn connect(keep_alive: u16, password: Option<String>) -> DevicePacket {
         let username = username_for_ip("192.0.2.1");
-        let mut c = Connect::new(CLIENT_ID);
-        c.keep_alive = keep_alive;
-        c.login = Some(Login::new(
-            username.clone(),
-            password.unwrap_or_else(|| sign(KEY, CLIENT_ID, &username)),
-        ));
-        Packet::Connect(c)
+        DevicePacket::Connect {
+            client_id: CLIENT_ID.into(),
+            password: Some(password.unwrap_or_else(|| sign(KEY, CLIENT_ID, &username))),
+            username: Some(username),
+            keep_alive,
+        }
+    }
+
+    fn publish(topic: &str, qos: Qos, pkid: u16, payload: &'static [u8]) -> DevicePacket {
+        DevicePacket::Publish {
+            topic: topic.into(),
+            qos,
+            pkid,
+            payload: Bytes::from_static(payload),
+        }
     }
 
     fn connected(now: Instant) -> DeviceMqttConnection {
@@ -321,17 +369,11 @@ mod tests {
         let mut out = vec![];
         c.handle_packet(connect(60, None), now, &settings(), &verifier(), &mut out);
         assert!(matches!(out[0], Action::Authenticated { .. }));
-        assert_eq!(
-            out[1],
-            Action::Send(Packet::ConnAck(ConnAck::new(
-                ConnectReturnCode::Success,
-                false
-            )))
-        );
+        assert_eq!(out[1], Action::Send(Reply::ConnAck(ConnAckCode::Accepted)));
         c
     }
 
-    fn feed(c: &mut DeviceMqttConnection, p: Packet, now: Instant) -> Vec<Action> {
+    fn feed(c: &mut DeviceMqttConnection, p: DevicePacket, now: Instant) -> Vec<Action> {
         let mut out = vec![];
         c.handle_packet(p, now, &settings(), &verifier(), &mut out);
         out
@@ -344,10 +386,7 @@ mod tests {
         let out = feed(&mut c, connect(60, Some("d3Jvbmc=".into())), now);
         assert_eq!(
             out[0],
-            Action::Send(Packet::ConnAck(ConnAck::new(
-                ConnectReturnCode::BadUserNamePassword,
-                false
-            )))
+            Action::Send(Reply::ConnAck(ConnAckCode::BadUserNamePassword))
         );
         assert_eq!(
             out[1],
@@ -361,7 +400,7 @@ mod tests {
         let now = Instant::now();
         let mut c = DeviceMqttConnection::new(&settings(), now);
         assert_eq!(
-            feed(&mut c, Packet::PingReq, now),
+            feed(&mut c, DevicePacket::PingReq, now),
             vec![Action::Close(CloseReason::ProtocolViolation(
                 "first packet was not CONNECT"
             ))]
@@ -381,8 +420,8 @@ mod tests {
         assert_eq!(c.deadline(), Some(now + Duration::from_secs(90)));
         let later = now + Duration::from_secs(50);
         assert_eq!(
-            feed(&mut c, Packet::PingReq, later),
-            vec![Action::Send(Packet::PingResp)]
+            feed(&mut c, DevicePacket::PingReq, later),
+            vec![Action::Send(Reply::PingResp)]
         );
         assert_eq!(c.deadline(), Some(later + Duration::from_secs(90)));
         let mut out = vec![];
@@ -396,37 +435,33 @@ mod tests {
         let mut c = connected(now);
         let out = feed(
             &mut c,
-            Packet::Publish(Publish::new(
-                "device-server",
-                QoS::AtMostOnce,
-                b"{}".to_vec(),
-            )),
+            publish("device-server", Qos::AtMostOnce, 0, b"{}"),
             now,
         );
         assert_eq!(out, vec![Action::Uplink(Bytes::from_static(b"{}"))]);
-        let mut p1 = Publish::new("device-server", QoS::AtLeastOnce, b"x".to_vec());
-        p1.pkid = 9;
         assert_eq!(
-            feed(&mut c, Packet::Publish(p1), now),
+            feed(
+                &mut c,
+                publish("device-server", Qos::AtLeastOnce, 9, b"x"),
+                now
+            ),
             vec![
                 Action::Uplink(Bytes::from_static(b"x")),
-                Action::Send(Packet::PubAck(PubAck::new(9)))
+                Action::Send(Reply::PubAck(9))
             ]
         );
         let out = feed(
             &mut c,
-            Packet::Publish(Publish::new(
-                "devices/p2p/other",
-                QoS::AtMostOnce,
-                b"x".to_vec(),
-            )),
+            publish("devices/p2p/other", Qos::AtMostOnce, 0, b"x"),
             now,
         );
         assert_eq!(out, vec![Action::Dropped("foreign_topic")]);
-        let mut p2 = Publish::new("device-server", QoS::ExactlyOnce, b"x".to_vec());
-        p2.pkid = 1;
         assert!(matches!(
-            feed(&mut c, Packet::Publish(p2), now)[..],
+            feed(
+                &mut c,
+                publish("device-server", Qos::ExactlyOnce, 1, b"x"),
+                now
+            )[..],
             [Action::Close(CloseReason::ProtocolViolation(_))]
         ));
     }
@@ -435,23 +470,53 @@ mod tests {
     fn subscribe_only_to_own_topic() {
         let now = Instant::now();
         let mut c = connected(now);
-        let mut s = Subscribe::new_many([
-            SubscribeFilter::new("devices/p2p/aa_bb_cc_dd_ee_ff".into(), QoS::AtLeastOnce),
-            SubscribeFilter::new("devices/p2p/11_22_33_44_55_66".into(), QoS::AtMostOnce),
-            SubscribeFilter::new("#".into(), QoS::AtMostOnce),
-        ]);
-        s.pkid = 3;
-        let out = feed(&mut c, Packet::Subscribe(s), now);
+        let s = DevicePacket::Subscribe {
+            pkid: 3,
+            filters: vec![
+                "devices/p2p/aa_bb_cc_dd_ee_ff".into(),
+                "devices/p2p/11_22_33_44_55_66".into(),
+                "#".into(),
+            ],
+        };
         assert_eq!(
-            out,
-            vec![Action::Send(Packet::SubAck(SubAck::new(
-                3,
-                vec![
-                    SubscribeReasonCode::Success(QoS::AtMostOnce),
-                    SubscribeReasonCode::Failure,
-                    SubscribeReasonCode::Failure
-                ]
-            )))]
+            feed(&mut c, s, now),
+            vec![Action::Send(Reply::SubAck {
+                pkid: 3,
+                granted: vec![true, false, false]
+            })]
+        );
+        assert_eq!(
+            feed(&mut c, DevicePacket::Unsubscribe { pkid: 4 }, now),
+            vec![Action::Send(Reply::UnsubAck(4))]
+        );
+    }
+
+    #[test]
+    fn stray_acknowledgements_are_dropped_and_server_packets_close() {
+        let now = Instant::now();
+        let mut c = connected(now);
+        assert_eq!(
+            feed(&mut c, DevicePacket::Acknowledgement, now),
+            vec![Action::Dropped("unexpected_ack")]
+        );
+        assert!(matches!(
+            feed(&mut c, connect(60, None), now)[..],
+            [Action::Close(CloseReason::ProtocolViolation(
+                "second CONNECT"
+            ))]
+        ));
+        let mut c = connected(now);
+        assert!(matches!(
+            feed(&mut c, DevicePacket::ServerOnly, now)[..],
+            [Action::Close(CloseReason::ProtocolViolation(_))]
+        ));
+        assert!(c.is_closed());
+        // A closed connection ignores everything after.
+        assert!(feed(&mut c, DevicePacket::PingReq, now).is_empty());
+        let mut c = connected(now);
+        assert_eq!(
+            feed(&mut c, DevicePacket::Disconnect, now),
+            vec![Action::Close(CloseReason::ClientDisconnect)]
         );
     }
 

@@ -20,7 +20,7 @@
 //! | `xiaozhi/nodes/<node>/replies/<n>` | gateway nodes (scale-out) | the answer to a command a node's management API forwarded |
 //!
 //! The map is the same on the embedded broker and on an external one. On an external
-//! broker (scale-out, `crate::broker::external`) every node subscribes to `devices/p2p/+`
+//! broker (scale-out, `xiaozhi_gateway::broker::external`) every node subscribes to `devices/p2p/+`
 //! (and delivers what is for its own devices), to the command topics through the shared
 //! subscription `$share/<bus.share_group>/...` (each command reaches one node), and to its
 //! own `xiaozhi/nodes/<node>/...` topics.
@@ -29,11 +29,11 @@
 //! (`xiaozhi/devices/<mac_>/...`), built from the MAC the device authenticated with.
 //!
 //! Who may publish and subscribe where on the broker listener is decided in
-//! `crate::broker::acl`: the gateway owns `xiaozhi/devices/`, `xiaozhi/events/`,
+//! `xiaozhi_gateway::broker::acl`: the gateway owns `xiaozhi/devices/`, `xiaozhi/events/`,
 //! `xiaozhi/admin/replies/`, `xiaozhi/admin/errors` and `device-server`; admins may publish
 //! only the command topics and `devices/p2p/<mac_>` inside the reserved namespaces.
 
-use crate::protocol::mac::Mac;
+use crate::mac::Mac;
 
 /// Prefix of the server-to-device topics.
 pub const P2P_PREFIX: &str = "devices/p2p/";

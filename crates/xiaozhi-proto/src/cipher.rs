@@ -50,7 +50,7 @@ impl PacketCipher {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::datagram::Header;
+    use crate::datagram::Header;
     use proptest::prelude::*;
 
     #[test]

@@ -3,7 +3,7 @@
 //! One WebSocket per conversation, opened to `<url>?from=mqtt_gateway` so the server
 //! expects gateway framing. This module holds the pure parts: the URL, the request
 //! headers and their HMAC token, the hello translation in both directions and the
-//! 16-byte binary audio framing. The I/O lives in [`crate::pipeline::xiaozhi`].
+//! 16-byte binary audio framing. The I/O lives in `xiaozhi_gateway::pipeline::xiaozhi`.
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -252,7 +252,7 @@ impl TurnTracker {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::credentials::parse_client_id;
+    use crate::credentials::parse_client_id;
 
     #[test]
     fn token_matches_the_protocol_vector() {

@@ -504,7 +504,7 @@ mod tests {
 
     mod props {
         use super::*;
-        use crate::protocol::control::{DeviceMessage, parse_device_message};
+        use crate::control::{DeviceMessage, parse_device_message};
         use proptest::prelude::*;
 
         /// JSON values without floats (whose text form is not this module's business).

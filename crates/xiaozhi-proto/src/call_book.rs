@@ -6,7 +6,7 @@
 //! This module holds the decisions and nothing else: who may call whom, when a call
 //! rings, bridges or ends, and which device must be told what. The I/O around it (the
 //! HTTP endpoints, the conversations that become call legs, the audio between them, a
-//! book shared by several nodes) lives in `crate::calls` and never decides anything
+//! book shared by several nodes) lives in `xiaozhi_gateway::calls` and never decides anything
 //! itself.
 //!
 //! A call goes through two states:
