@@ -1,5 +1,10 @@
 //! The session manager: one dispatcher task that owns the table of live conversations.
 //!
+//! The rules (which conversation a message belongs to, when a hello starts or replaces
+//! one, when one ends and why) are `crate::protocol::session`'s, pure and tested there;
+//! this module is their driver: it parses each device message, feeds the rules, and
+//! performs their decisions with the channels of each conversation task.
+//!
 //! Device connections hand it every device message ([`SessionManager::device_message`])
 //! and their end ([`SessionManager::device_gone`]) through one bounded queue, so a flood
 //! of messages slows the devices sending them instead of growing memory. The dispatcher
@@ -24,9 +29,10 @@ use crate::audio::AudioSocketHandle;
 use crate::device_link::mcp::{DeviceMcp, McpSettings};
 use crate::metrics::Metrics;
 use crate::pipeline::{ControlMessage, Pipeline};
-use crate::protocol::control::{self, DeviceMessage, HELLO_VERSION, parse_device_message};
+use crate::protocol::control::{self, DeviceMessage, parse_device_message};
 use crate::protocol::credentials::DeviceIdentity;
 use crate::protocol::mac::Mac;
+use crate::protocol::session::{Conversations, Decision, Via};
 
 /// Control messages queued per conversation before further ones are dropped.
 const CONTROL_QUEUE: usize = 64;
@@ -104,6 +110,13 @@ enum Event {
     },
 }
 
+/// A device message the rules were asked about, kept for the decision that uses it.
+struct Incoming {
+    device: Arc<DeviceIdentity>,
+    generation: u64,
+    message: ControlMessage,
+}
+
 /// Commands queued per conversation from the calling service (a join and a hang-up at
 /// most are ever outstanding).
 const LEG_COMMANDS: usize = 8;
@@ -114,22 +127,12 @@ pub struct SessionManager {
     tx: mpsc::Sender<Event>,
 }
 
+/// What reaches one conversation task.
 struct Live {
-    serial: u64,
-    /// The device connection the conversation belongs to.
-    generation: u64,
     control: mpsc::Sender<ControlMessage>,
     end: Option<oneshot::Sender<EndReason>>,
     /// Calling-service commands (become a call leg, hang up).
     legs: mpsc::Sender<LegCommand>,
-}
-
-impl Live {
-    fn end(&mut self, reason: EndReason) {
-        if let Some(tx) = self.end.take() {
-            let _ = tx.send(reason);
-        }
-    }
 }
 
 impl SessionManager {
@@ -138,8 +141,9 @@ impl SessionManager {
         let (tx, rx) = mpsc::channel(EVENT_QUEUE);
         let dispatcher = Dispatcher {
             deps: Arc::new(deps),
+            conversations: Conversations::new(),
             live: HashMap::new(),
-            next_serial: 1,
+            decisions: Vec::with_capacity(4),
             events: tx.downgrade(),
             tracker: TaskTracker::new(),
             shutting_down: false,
@@ -233,8 +237,12 @@ impl SessionManager {
 
 struct Dispatcher {
     deps: Arc<SessionDeps>,
-    live: HashMap<Mac, Live>,
-    next_serial: u64,
+    /// The rules' view: which conversation is each device's.
+    conversations: Conversations,
+    /// The channels of each running conversation task, by serial.
+    live: HashMap<u64, Live>,
+    /// The rules' decisions, performed as soon as they are made.
+    decisions: Vec<Decision>,
     /// For conversations to report their end; weak so the dispatcher's own handle does
     /// not keep its queue open.
     events: mpsc::WeakSender<Event>,
@@ -258,23 +266,13 @@ impl Dispatcher {
                     device,
                     generation,
                     payload,
-                } => self.on_message(device, generation, payload),
+                } => self.on_message(device, generation, Via::Mqtt, payload),
                 Event::StreamMessage {
                     device,
                     generation,
                     serial,
                     payload,
-                } => {
-                    if self
-                        .live
-                        .get(&device.mac)
-                        .is_some_and(|l| l.serial == serial)
-                    {
-                        self.on_message(device, generation, payload);
-                    } else {
-                        Metrics::inc(&self.deps.metrics.control_without_session);
-                    }
-                }
+                } => self.on_message(device, generation, Via::Stream { serial }, payload),
                 Event::Gone { mac, generation } => {
                     if let Some(entry) = self.deps.directory.gone(&mac, generation) {
                         entry.mcp.close();
@@ -289,25 +287,23 @@ impl Dispatcher {
                             });
                         }
                     }
-                    if let Some(live) = self
-                        .live
-                        .get_mut(&mac)
-                        .filter(|l| l.generation == generation)
-                    {
-                        live.end(EndReason::DeviceDisconnected);
-                    }
+                    let mut decisions = std::mem::take(&mut self.decisions);
+                    self.conversations
+                        .on_disconnected(mac, generation, &mut decisions);
+                    self.perform(&mut decisions, None);
+                    self.decisions = decisions;
                 }
                 Event::Ended { mac, serial } => {
-                    if self.live.get(&mac).is_some_and(|l| l.serial == serial) {
-                        self.live.remove(&mac);
-                    }
+                    self.conversations.on_ended(mac, serial);
+                    self.live.remove(&serial);
                 }
                 Event::Leg {
                     mac,
                     command,
                     taken,
                 } => {
-                    let result = match self.live.get(&mac).filter(|l| l.end.is_some()) {
+                    let running = self.conversations.running(&mac);
+                    let result = match running.and_then(|serial| self.live.get(&serial)) {
                         None => Err(JoinError::NoConversation),
                         Some(live) => live.legs.try_send(command).map_err(|e| match e {
                             mpsc::error::TrySendError::Full(_) => JoinError::Busy,
@@ -317,20 +313,20 @@ impl Dispatcher {
                     let _ = taken.send(result);
                 }
                 Event::EndConversation { mac, ended } => {
-                    let live = self.live.get_mut(&mac).filter(|l| l.end.is_some());
-                    let found = live.is_some();
-                    if let Some(live) = live {
-                        live.end(EndReason::Admin);
-                    }
+                    let mut decisions = std::mem::take(&mut self.decisions);
+                    let found = self.conversations.on_end_requested(mac, &mut decisions);
+                    self.perform(&mut decisions, None);
+                    self.decisions = decisions;
                     let _ = ended.send(found);
                 }
                 Event::Shutdown { done } => {
                     self.shutting_down = true;
                     self.stop_background.cancel();
                     self.background.close();
-                    for live in self.live.values_mut() {
-                        live.end(EndReason::Shutdown);
-                    }
+                    let mut decisions = std::mem::take(&mut self.decisions);
+                    self.conversations.on_shutdown(&mut decisions);
+                    self.perform(&mut decisions, None);
+                    self.decisions = decisions;
                     self.tracker.close();
                     let tracker = self.tracker.clone();
                     let background = self.background.clone();
@@ -371,7 +367,13 @@ impl Dispatcher {
         }
     }
 
-    fn on_message(&mut self, device: Arc<DeviceIdentity>, generation: u64, payload: Bytes) {
+    fn on_message(
+        &mut self,
+        device: Arc<DeviceIdentity>,
+        generation: u64,
+        via: Via,
+        payload: Bytes,
+    ) {
         let m = &self.deps.metrics;
         let (message, json) = match parse_device_message(&payload) {
             Ok(v) => v,
@@ -388,116 +390,139 @@ impl Dispatcher {
                 return;
             }
         };
+        let is_mcp = matches!(&message, DeviceMessage::Other { kind, .. } if kind == "mcp");
         Metrics::inc(match &message {
             DeviceMessage::Hello(_) => &m.device_messages_hello,
             DeviceMessage::Listen { .. } => &m.device_messages_listen,
             DeviceMessage::Abort { .. } => &m.device_messages_abort,
             DeviceMessage::Goodbye { .. } => &m.device_messages_goodbye,
-            DeviceMessage::Other { kind, .. } if kind == "mcp" => &m.device_messages_mcp,
+            DeviceMessage::Other { .. } if is_mcp => &m.device_messages_mcp,
             DeviceMessage::Other { .. } => &m.device_messages_other,
         });
-        match message {
-            DeviceMessage::Hello(hello) => {
-                if hello.version != HELLO_VERSION || hello.transport != "udp" {
-                    Metrics::inc(&m.hellos_refused);
-                    let why = format!(
-                        "unsupported hello (version {}, transport {:?}): this gateway speaks version {HELLO_VERSION} over udp",
-                        hello.version, hello.transport
-                    );
-                    warn!(mac = %device.mac, "{why}");
-                    self.deps
-                        .sink
-                        .send_to_device(&device.mac, Bytes::from(control::alert(None, &why)));
-                    return;
-                }
-                if self.shutting_down {
-                    Metrics::inc(&m.hellos_during_shutdown);
-                    return;
-                }
-                if let Some(mut old) = self.live.remove(&device.mac) {
-                    old.end(EndReason::Replaced);
-                }
-                self.spawn(device, generation, hello);
+        // MCP belongs to the device link first: replies to the gateway's own requests
+        // end there, whether or not a conversation runs; the rest goes on as relayed.
+        let (json, raw) = if is_mcp {
+            match self.relay_mcp(&device.mac, json) {
+                Some(relayed) => relayed,
+                None => return,
             }
-            DeviceMessage::Goodbye { .. } => {
-                if let Some(live) = self.live.get_mut(&device.mac) {
-                    live.end(EndReason::DeviceGoodbye);
-                }
-            }
-            DeviceMessage::Other { ref kind, .. } if kind == control::UDP_TIMEOUT => {
-                match self.live.get_mut(&device.mac) {
-                    Some(live) => live.end(EndReason::DeviceUdpTimeout),
-                    None => Metrics::inc(&m.control_without_session),
-                }
-            }
-            DeviceMessage::Other { ref kind, .. } if kind == "mcp" => {
-                let Some(mcp) = self.deps.directory.mcp(&device.mac) else {
-                    return;
-                };
-                let mut json = json;
-                let inner = json.get_mut("payload").map(serde_json::Value::take);
-                let Some(inner) = inner.filter(serde_json::Value::is_object) else {
-                    Metrics::inc(&m.control_malformed);
-                    return;
-                };
-                if let Some(relay) = mcp.on_device_payload(inner) {
-                    json["payload"] = relay;
-                    let raw = Bytes::from(json.to_string());
-                    self.forward_to_conversation(
-                        &device.mac,
-                        ControlMessage { message, json, raw },
-                    );
-                }
-            }
-            message => self.forward_to_conversation(
-                &device.mac,
-                ControlMessage {
-                    message,
-                    json,
-                    raw: payload,
-                },
-            ),
-        }
+        } else {
+            (json, payload)
+        };
+        let mut decisions = std::mem::take(&mut self.decisions);
+        self.conversations
+            .on_message(device.mac, generation, via, &message, &mut decisions);
+        let incoming = Incoming {
+            device,
+            generation,
+            message: ControlMessage { message, json, raw },
+        };
+        self.perform(&mut decisions, Some(incoming));
+        self.decisions = decisions;
     }
 
-    fn forward_to_conversation(&mut self, mac: &Mac, message: ControlMessage) {
-        let m = &self.deps.metrics;
-        let device = mac;
-        match self.live.get(mac) {
-            Some(live) => match live.control.try_send(message) {
-                Ok(()) => {}
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    Metrics::inc(&m.control_queue_full);
-                    warn!(mac = %device, "conversation control queue full; device message dropped");
+    /// An MCP message from the device, through the device's MCP client: `None` when it
+    /// ends there (or is malformed), else the JSON (and bytes) to relay.
+    fn relay_mcp(
+        &self,
+        mac: &Mac,
+        mut json: serde_json::Value,
+    ) -> Option<(serde_json::Value, Bytes)> {
+        let mcp = self.deps.directory.mcp(mac)?;
+        let inner = json.get_mut("payload").map(serde_json::Value::take);
+        let Some(inner) = inner.filter(serde_json::Value::is_object) else {
+            Metrics::inc(&self.deps.metrics.control_malformed);
+            return None;
+        };
+        let relay = mcp.on_device_payload(inner)?;
+        json["payload"] = relay;
+        let raw = Bytes::from(json.to_string());
+        Some((json, raw))
+    }
+
+    /// Performs the rules' decisions; `incoming` is the device message they were about,
+    /// if any (a hello to start a conversation with, or a message to forward).
+    fn perform(&mut self, decisions: &mut Vec<Decision>, mut incoming: Option<Incoming>) {
+        let deps = self.deps.clone();
+        let m = &deps.metrics;
+        let mac = incoming.as_ref().map(|i| i.device.mac);
+        for decision in decisions.drain(..) {
+            match decision {
+                Decision::Start { serial } => {
+                    let Some(Incoming {
+                        device,
+                        generation,
+                        message:
+                            ControlMessage {
+                                message: DeviceMessage::Hello(hello),
+                                ..
+                            },
+                    }) = incoming.take()
+                    else {
+                        // The rules start conversations for hellos only.
+                        continue;
+                    };
+                    self.spawn(serial, device, generation, hello);
                 }
-                Err(mpsc::error::TrySendError::Closed(_)) => {
-                    Metrics::inc(&m.control_without_session)
+                Decision::End { serial, reason } => {
+                    if let Some(tx) = self.live.get_mut(&serial).and_then(|l| l.end.take()) {
+                        let _ = tx.send(reason);
+                    }
                 }
-            },
-            None => {
-                Metrics::inc(&m.control_without_session);
-                debug!(mac = %device, "device message with no conversation");
+                Decision::Detach { serial } => {
+                    self.live.remove(&serial);
+                }
+                Decision::Forward { serial } => {
+                    let Some(incoming) = incoming.take() else {
+                        continue;
+                    };
+                    let mac = incoming.device.mac;
+                    let Some(live) = self.live.get(&serial) else {
+                        Metrics::inc(&m.control_without_session);
+                        continue;
+                    };
+                    match live.control.try_send(incoming.message) {
+                        Ok(()) => {}
+                        Err(mpsc::error::TrySendError::Full(_)) => {
+                            Metrics::inc(&m.control_queue_full);
+                            warn!(%mac, "conversation control queue full; device message dropped");
+                        }
+                        Err(mpsc::error::TrySendError::Closed(_)) => {
+                            Metrics::inc(&m.control_without_session)
+                        }
+                    }
+                }
+                Decision::RefuseHello { why } => {
+                    Metrics::inc(&m.hellos_refused);
+                    if let Some(mac) = mac {
+                        warn!(%mac, "{why}");
+                        deps.sink
+                            .send_to_device(&mac, Bytes::from(control::alert(None, &why)));
+                    }
+                }
+                Decision::HelloDuringShutdown => Metrics::inc(&m.hellos_during_shutdown),
+                Decision::NoConversation => {
+                    Metrics::inc(&m.control_without_session);
+                    debug!(mac = ?mac, "device message with no conversation");
+                }
             }
         }
     }
 
     fn spawn(
         &mut self,
+        serial: u64,
         device: Arc<DeviceIdentity>,
         generation: u64,
         hello: control::HelloRequest,
     ) {
-        let serial = self.next_serial;
-        self.next_serial += 1;
         let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
         let (end_tx, end_rx) = oneshot::channel();
         let (legs_tx, legs_rx) = mpsc::channel(LEG_COMMANDS);
         let mac = device.mac;
         self.live.insert(
-            mac,
+            serial,
             Live {
-                serial,
-                generation,
                 control: control_tx,
                 end: Some(end_tx),
                 legs: legs_tx,

@@ -30,5 +30,6 @@ pub mod negotiation;
 pub mod opus;
 pub mod quic_framing;
 pub mod replay_window;
+pub mod session;
 pub mod topics;
 pub mod upstream;
