@@ -32,11 +32,11 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::broker::bus::Bus;
 use crate::broker::registry::{DeviceHandle, DeviceRegistry, Outbound};
+use crate::lifecycle::Lifecycle;
 use crate::limits::TokenBucket;
 use crate::limits::admission::{Refusal, SharedAdmission};
 use crate::metrics::Metrics;
@@ -102,14 +102,12 @@ impl FrontEnd {
         self: Arc<Self>,
         listener: TcpListener,
         tls: Option<TlsAcceptor>,
-        stop_accepting: CancellationToken,
-        close_connections: CancellationToken,
-        tracker: TaskTracker,
+        life: Lifecycle,
     ) {
         let mut backoff = Duration::from_millis(5);
         loop {
             let accepted = tokio::select! {
-                _ = stop_accepting.cancelled() => break,
+                _ = life.accepting_stopped() => break,
                 r = listener.accept() => r,
             };
             let (stream, remote) = match accepted {
@@ -146,9 +144,9 @@ impl FrontEnd {
             let _ = stream.set_nodelay(true);
             let this = self.clone();
             let tls = tls.clone();
-            let close = close_connections.clone();
+            let close = life.close_signal();
             let span = info_span!("device", %remote, mac = tracing::field::Empty);
-            tracker.spawn(
+            life.spawn(
                 async move {
                     let _permit = permit;
                     let _slot = slot;

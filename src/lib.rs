@@ -12,8 +12,9 @@
 //! * Uplink audio flows device -> UDP socket -> channel table -> pipeline; downlink
 //!   audio flows pipeline -> sealer -> UDP socket -> device. The audio path never
 //!   parses JSON.
-//! * Everything that decides something about bytes lives in the sans-IO [`protocol`]
-//!   core; the tasks that own sockets are thin drivers around it.
+//! * Everything that decides something about bytes, and the rules of conversations,
+//!   lives in the sans-IO [`protocol`] core (the `xiaozhi-proto` crate); the tasks that
+//!   own sockets are thin drivers around it.
 //! * [`presence`] tells everyone (Redis or memory, and the bus) which devices are
 //!   offline, online or in a conversation; [`admin`] runs admin commands from the bus and
 //!   publishes the gateway's events.
@@ -23,7 +24,8 @@
 //!   [`limits`] and [`tls`] bound and secure what peers may do; [`simulator`] speaks
 //!   exactly as the firmware does, for tests and load; [`bench`] and [`soak`] are the
 //!   measuring tools.
-//! * [`server`] wires it all together and owns shutdown.
+//! * [`server`] wires it all together and owns shutdown; every listener stops the same
+//!   way ([`lifecycle`]), within one grace period.
 
 pub mod admin;
 pub mod audio;
@@ -36,6 +38,7 @@ pub mod events;
 pub mod front_end;
 pub mod history;
 pub mod http;
+pub mod lifecycle;
 pub mod limits;
 pub mod metrics;
 pub mod net;

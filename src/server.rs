@@ -11,7 +11,6 @@ use std::time::Duration;
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::audio::AudioSocket;
@@ -21,6 +20,7 @@ use crate::broker::registry::DeviceRegistry;
 use crate::config::{Config, PipelineKind};
 use crate::device_link::mcp::McpSettings;
 use crate::front_end::FrontEnd;
+use crate::lifecycle::Lifecycle;
 use crate::metrics::Metrics;
 use crate::net::{BindError, bind_tcp};
 use crate::pipeline::Pipeline;
@@ -149,10 +149,11 @@ pub struct Gateway {
     history_task: Option<JoinHandle<()>>,
     sessions: SessionManager,
     broker: BusBackend,
-    stop_accepting: CancellationToken,
-    close_connections: CancellationToken,
+    /// The device MQTT (plain and TLS), QUIC and broker listeners and their connections.
+    listeners: Lifecycle,
+    /// The HTTP listener and its connections, stopped last.
+    http: Lifecycle,
     stop_rest: CancellationToken,
-    connections: TaskTracker,
     background: Vec<JoinHandle<()>>,
     grace: Duration,
 }
@@ -220,8 +221,18 @@ impl Gateway {
                     metrics: metrics.clone(),
                 }) as Arc<dyn crate::broker::inbound::CallTraffic>
             });
-        let (broker, bus_commands, pending_calls) =
-            BusBackend::start(&config, registry.clone(), call_traffic, metrics.clone()).await?;
+        // Every listener stops the same way (crate::lifecycle): the device-facing ones and
+        // the broker listener as one, HTTP last.
+        let listeners = Lifecycle::new();
+        let http_life = Lifecycle::new();
+        let (broker, bus_commands, pending_calls) = BusBackend::start(
+            &config,
+            registry.clone(),
+            call_traffic,
+            metrics.clone(),
+            &listeners,
+        )
+        .await?;
         if external_bus {
             call_legs.connect_cluster(broker.bus().clone(), config.node.id.clone());
         }
@@ -343,10 +354,7 @@ impl Gateway {
             message_burst: config.mqtt.message_burst,
         });
 
-        let stop_accepting = CancellationToken::new();
-        let close_connections = CancellationToken::new();
         let stop_rest = CancellationToken::new();
-        let connections = TaskTracker::new();
         let mut background = Vec::new();
 
         let addrs = BoundAddrs {
@@ -382,26 +390,22 @@ impl Gateway {
             String::new()
         };
 
-        background.push(tokio::spawn(front_end.clone().run_listener(
-            mqtt_listener,
-            None,
-            stop_accepting.clone(),
-            close_connections.clone(),
-            connections.clone(),
-        )));
+        listeners.spawn(
+            front_end
+                .clone()
+                .run_listener(mqtt_listener, None, listeners.clone()),
+        );
         let mut reloadable = Vec::new();
         if let Some(cert) = broker.tls_cert() {
             reloadable.push(("broker listener over TLS", cert));
         }
         if let Some((listener, acceptor, reloading)) = tls {
             reloadable.push(("device MQTT over TLS", reloading));
-            background.push(tokio::spawn(front_end.clone().run_listener(
+            listeners.spawn(front_end.clone().run_listener(
                 listener,
                 Some(acceptor),
-                stop_accepting.clone(),
-                close_connections.clone(),
-                connections.clone(),
-            )));
+                listeners.clone(),
+            ));
         }
         let quic_endpoint = quic.map(|(endpoint, _, cert)| {
             if let Some(cert) = cert {
@@ -417,7 +421,7 @@ impl Gateway {
         )));
         background.push(tokio::spawn(audio_socket.run(stop_rest.clone())));
         if let Some(endpoint) = quic_endpoint {
-            background.push(tokio::spawn(endpoint.run(stop_rest.clone())));
+            listeners.spawn(endpoint.run(listeners.clone()));
         }
         if let Some(store) = &history_store {
             let retention = crate::history::retention::Retention {
@@ -461,7 +465,7 @@ impl Gateway {
             background.push(tokio::spawn(crate::admin::executor::run(
                 admin.clone(),
                 bus_commands,
-                stop_accepting.clone(),
+                listeners.stop_signal(),
             )));
         }
         background.push(tokio::spawn(events.clone().forward_chat(
@@ -474,7 +478,6 @@ impl Gateway {
                 calls.clone().run(call_inputs, stop_rest.clone()),
             ));
         }
-        let http_stop = stop_rest.clone();
         let http_metrics = metrics.clone();
         let http_limits = crate::http::serve::ServeLimits {
             max_connections: config.http.max_connections,
@@ -494,10 +497,13 @@ impl Gateway {
             tickets: Default::default(),
             calls,
         });
-        background.push(tokio::spawn(async move {
-            crate::http::serve::serve(http_listener, app, http_limits, http_metrics, http_stop)
-                .await;
-        }));
+        http_life.spawn(crate::http::serve::serve(
+            http_listener,
+            app,
+            http_limits,
+            http_metrics,
+            http_life.clone(),
+        ));
 
         info!(
             mqtt = %addrs.mqtt,
@@ -523,10 +529,9 @@ impl Gateway {
             history_task,
             sessions,
             broker,
-            stop_accepting,
-            close_connections,
+            listeners,
+            http: http_life,
             stop_rest,
-            connections,
             background,
             grace: Duration::from_secs(config.shutdown.grace_secs),
         })
@@ -542,7 +547,7 @@ impl Gateway {
             .checked_add(self.grace)
             .unwrap_or_else(|| now + Duration::from_secs(365 * 24 * 3600));
         info!("shutting down");
-        self.stop_accepting.cancel();
+        self.listeners.begin_shutdown(deadline);
         self.broker.stop();
         if tokio::time::timeout_at(deadline, self.sessions.shutdown())
             .await
@@ -550,13 +555,9 @@ impl Gateway {
         {
             warn!("conversations did not all end within the grace period");
         }
-        self.close_connections.cancel();
-        self.connections.close();
-        if tokio::time::timeout_at(deadline, self.connections.wait())
-            .await
-            .is_err()
-        {
-            warn!("device connections did not all close within the grace period");
+        self.listeners.close_connections();
+        if !self.listeners.wait().await {
+            warn!("device and broker connections did not all close within the grace period");
         }
         // The devices' offline records are written while the store still answers.
         if let Some(task) = self.presence_task
@@ -575,7 +576,12 @@ impl Gateway {
                 "chat history did not finish writing within the grace period; the journal keeps the rest"
             );
         }
+        self.http.begin_shutdown(deadline);
+        self.http.close_connections();
         self.stop_rest.cancel();
+        if !self.http.wait().await {
+            warn!("HTTP connections did not all close within the grace period");
+        }
         for task in self.background {
             if tokio::time::timeout_at(deadline, task).await.is_err() {
                 break;

@@ -14,6 +14,7 @@ use super::forwarding::PendingCalls;
 use super::inbound::{CallTraffic, Inbound, NodeRole};
 use super::registry::DeviceRegistry;
 use crate::config::{BusMode, Config};
+use crate::lifecycle::Lifecycle;
 use crate::metrics::Metrics;
 
 /// The running bus.
@@ -23,13 +24,15 @@ pub enum BusBackend {
 }
 
 impl BusBackend {
-    /// Starts the configured broker. Returns the admin command queue and, on an
-    /// external broker, the calls waiting for other nodes' replies.
+    /// Starts the configured broker (the embedded one's listener as part of `life`).
+    /// Returns the admin command queue and, on an external broker, the calls waiting for
+    /// other nodes' replies.
     pub async fn start(
         config: &Config,
         registry: Arc<DeviceRegistry>,
         call_traffic: Option<Arc<dyn CallTraffic>>,
         metrics: Arc<Metrics>,
+        life: &Lifecycle,
     ) -> Result<
         (
             BusBackend,
@@ -41,7 +44,7 @@ impl BusBackend {
         match config.bus.mode {
             BusMode::Embedded => {
                 let (inbound, commands) = Inbound::new(registry, None, metrics.clone());
-                let broker = EmbeddedBroker::start(&config.broker, inbound, metrics).await?;
+                let broker = EmbeddedBroker::start(&config.broker, inbound, metrics, life).await?;
                 Ok((BusBackend::Embedded(broker), commands, None))
             }
             BusMode::External => {
@@ -97,7 +100,7 @@ impl BusBackend {
         }
     }
 
-    /// Stops the broker side: no more clients, no more deliveries.
+    /// Stops the broker side's deliveries (its listener stops with its lifecycle).
     pub fn stop(&self) {
         match self {
             BusBackend::Embedded(b) => b.stop(),

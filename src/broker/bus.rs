@@ -21,9 +21,10 @@
 //! are stored (an empty payload clears them) and sent, with the retain flag, to every new
 //! non-shared subscription whatever its v5 retain-handling option.
 //!
-//! rumqttd has no shutdown API: the listener task is owned here and aborted (which ends
-//! every client task), the router thread lives as long as the process (FIELD-NOTES
-//! section 3).
+//! rumqttd has no shutdown API: the broker listener is ours and stops with the gateway's
+//! other listeners ([`crate::lifecycle`]: stop accepting, then each client closes with its
+//! will published); the subscriber task is aborted; the router thread lives as long as
+//! the process (FIELD-NOTES section 3).
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -43,6 +44,7 @@ use tracing::{info, warn};
 use super::clients::{BrokerListener, ListenerSettings, MAX_CLIENTS, RouterPort};
 use super::inbound::Inbound;
 use crate::config::BrokerConfig;
+use crate::lifecycle::Lifecycle;
 use crate::metrics::Metrics;
 use crate::net::{BindError, bind_tcp};
 use crate::protocol::topics;
@@ -190,18 +192,17 @@ pub struct EmbeddedBroker {
     /// Where it accepts them over TLS, when configured, and the certificate it uses.
     pub tls_addr: Option<SocketAddr>,
     pub tls_cert: Option<Arc<crate::tls::ReloadingCert>>,
-    listener: JoinHandle<()>,
-    tls_listener: Option<JoinHandle<()>>,
     subscriber: JoinHandle<()>,
 }
 
 impl EmbeddedBroker {
-    /// Starts the router, the broker listener and the gateway's link; what the bus
-    /// delivers goes to `inbound`.
+    /// Starts the router, the broker listener (as part of `life`) and the gateway's
+    /// link; what the bus delivers goes to `inbound`.
     pub async fn start(
         config: &BrokerConfig,
         inbound: Inbound,
         metrics: Arc<Metrics>,
+        life: &Lifecycle,
     ) -> Result<EmbeddedBroker, BrokerError> {
         let tunables = load_tunables(config.router_config.as_deref())?;
         let listener = bind_tcp(config.listen, "broker listener", "broker.listen").await?;
@@ -286,34 +287,27 @@ impl EmbeddedBroker {
 
         // Clients last, so the gateway's subscriptions exist before their first publish.
         let clients = BrokerListener::new(settings, &config.users, port, metrics.clone());
-        let listener = tokio::spawn(clients.clone().run(listener, None));
+        life.spawn(clients.clone().run(listener, None, life.clone()));
         info!(%listen_addr, "broker listener for admin/integration clients");
-        let (tls_addr, tls_cert, tls_listener) = match tls {
+        let (tls_addr, tls_cert) = match tls {
             Some((l, acceptor, reloading, addr)) => {
                 info!(%addr, "broker listener over TLS");
-                let task = tokio::spawn(clients.run(l, Some(acceptor)));
-                (Some(addr), Some(reloading), Some(task))
+                life.spawn(clients.run(l, Some(acceptor), life.clone()));
+                (Some(addr), Some(reloading))
             }
-            None => (None, None, None),
+            None => (None, None),
         };
         Ok(EmbeddedBroker {
             bus: Bus::new(tx, metrics),
             listen_addr,
             tls_addr,
             tls_cert,
-            listener,
-            tls_listener,
             subscriber,
         })
     }
 
-    /// Stops accepting broker clients (closing the connected ones) and delivering bus
-    /// messages.
+    /// Stops delivering bus messages (the broker listener stops with its lifecycle).
     pub fn stop(&self) {
-        self.listener.abort();
-        if let Some(tls) = &self.tls_listener {
-            tls.abort();
-        }
         self.subscriber.abort();
     }
 }

@@ -13,9 +13,10 @@ use bytes::BytesMut;
 use rumqttd::protocol::v4::V4;
 use rumqttd::protocol::v5::V5;
 use rumqttd::protocol::{
-    self as mqtt, ConnectReturnCode, DisconnectReasonCode, LastWill, LastWillProperties, Packet,
-    PingResp, Protocol, PubAck, PubAckReason, PubComp, PubCompReason, PubRec, PubRecReason,
-    Publish, PublishProperties, SubAck, SubscribeReasonCode, UnsubAck, UnsubAckReason,
+    self as mqtt, ConnectReturnCode, Disconnect, DisconnectProperties, DisconnectReasonCode,
+    LastWill, LastWillProperties, Packet, PingResp, Protocol, PubAck, PubAckReason, PubComp,
+    PubCompReason, PubRec, PubRecReason, Publish, PublishProperties, SubAck, SubscribeReasonCode,
+    UnsubAck, UnsubAckReason,
 };
 use sha2::{Digest, Sha256};
 use subtle::{ConditionallySelectable, ConstantTimeEq};
@@ -261,6 +262,25 @@ pub(super) fn decode(
     }
 }
 
+/// The DISCONNECT an MQTT 5 client is sent when the server ends its connection, with a
+/// reason string. The string is not decoration: rumqttd 0.20's encoder writes a
+/// DISCONNECT that has a reason code and no properties as remaining length 1 followed by
+/// two bytes, and one with an empty property set as `E0 00` (the code lost), so clients
+/// read a broken stream or a normal disconnection. With a property it writes the packet
+/// right.
+pub(super) fn disconnect_v5(reason_code: DisconnectReasonCode, why: &str) -> Packet {
+    let why = if why.is_empty() { "disconnected" } else { why };
+    Packet::Disconnect(
+        Disconnect { reason_code },
+        Some(DisconnectProperties {
+            session_expiry_interval: None,
+            reason_string: Some(why.to_owned()),
+            user_properties: Vec::new(),
+            server_reference: None,
+        }),
+    )
+}
+
 /// The same packet without MQTT 5 properties, for 3.1.1 clients.
 pub(super) fn without_properties(packet: Packet) -> Packet {
     match packet {
@@ -464,7 +484,7 @@ pub(super) fn on_client_packet(state: &mut ClientState, packet: Packet) -> Outco
 mod tests {
     use super::*;
     use bytes::Bytes;
-    use rumqttd::protocol::{ConnAck, Disconnect};
+    use rumqttd::protocol::ConnAck;
     use rumqttd::protocol::{Filter, PubRel, PubRelReason, QoS, RetainForwardRule, Subscribe};
 
     fn connect_bytes(name: &[u8], level: u8) -> Vec<u8> {
@@ -886,6 +906,37 @@ mod tests {
                 buf.extend_from_slice(&[(kind << 4) | flags, body.len() as u8]);
                 buf.extend_from_slice(&body);
                 let _ = decode(&mut c, &mut buf, 1024);
+            }
+        }
+    }
+
+    #[test]
+    fn a_v5_disconnect_carries_its_reason_code_on_the_wire() {
+        for code in [
+            DisconnectReasonCode::ServerShuttingDown,
+            DisconnectReasonCode::KeepAliveTimeout,
+            DisconnectReasonCode::SessionTakenOver,
+            DisconnectReasonCode::ProtocolError,
+        ] {
+            let mut out = BytesMut::new();
+            Codec::V5(V5)
+                .write(disconnect_v5(code, "why"), &mut out)
+                .unwrap();
+            // Fixed header, remaining length, reason code, properties.
+            assert_eq!(out[0], 0xE0);
+            assert_eq!(usize::from(out[1]), out.len() - 2, "{out:?}");
+            let mut codec = Codec::V5(V5);
+            let mut buf = out.clone();
+            // Read back as a client would (the server-side decoder refuses DISCONNECT
+            // from a server only by packet type, which this bypasses).
+            let back = match &mut codec {
+                Codec::V5(c) => c.read_mut(&mut buf, 1024).unwrap(),
+                Codec::V4(_) => unreachable!(),
+            };
+            assert!(buf.is_empty(), "the whole packet is read");
+            match back {
+                Packet::Disconnect(d, _) => assert_eq!(d.reason_code, code),
+                other => panic!("{other:?}"),
             }
         }
     }

@@ -62,17 +62,19 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::acl::{self, Refusal};
 use super::client_rules::{
     ClientState, Codec, ConnectRefusal, Credential, Outcome, Refused, Sniff, Violation,
-    authenticate, client_identity, decode, on_client_packet, sniff_connect, will_publish,
+    authenticate, client_identity, decode, disconnect_v5, on_client_packet, sniff_connect,
+    will_publish,
 };
 use crate::config::BrokerUser;
+use crate::lifecycle::Lifecycle;
 use crate::metrics::Metrics;
 
 /// Broker-listener sockets open at once (before and after CONNECT); more are closed at
@@ -152,12 +154,18 @@ impl BrokerListener {
         })
     }
 
-    /// Accepts clients until the future is dropped (the broker aborts its task), which
-    /// also ends every client task: they live in a `JoinSet` owned by this future.
-    pub async fn run(self: Arc<Self>, listener: TcpListener, tls: Option<TlsAcceptor>) {
-        let mut clients = JoinSet::new();
+    /// Accepts clients until `life` says stop accepting; each client is served in a
+    /// task of `life` and closes when `life` closes connections (its will published,
+    /// an MQTT 5 client told the server is shutting down).
+    pub async fn run(
+        self: Arc<Self>,
+        listener: TcpListener,
+        tls: Option<TlsAcceptor>,
+        life: Lifecycle,
+    ) {
         loop {
             tokio::select! {
+                _ = life.accepting_stopped() => break,
                 accepted = listener.accept() => match accepted {
                     Ok((stream, peer)) => {
                         let Ok(slot) = self.slots.clone().try_acquire_owned() else {
@@ -166,7 +174,7 @@ impl BrokerListener {
                             continue;
                         };
                         let _ = stream.set_nodelay(true);
-                        clients.spawn(self.clone().serve(stream, tls.clone(), peer, slot));
+                        life.spawn(self.clone().serve(stream, tls.clone(), peer, slot, life.close_signal()));
                         if !self.settings.next_connection_delay.is_zero() {
                             tokio::time::sleep(self.settings.next_connection_delay).await;
                         }
@@ -177,7 +185,6 @@ impl BrokerListener {
                         tokio::time::sleep(Duration::from_millis(100)).await;
                     }
                 },
-                Some(_) = clients.join_next(), if !clients.is_empty() => {}
             }
         }
     }
@@ -188,7 +195,34 @@ impl BrokerListener {
         tls: Option<TlsAcceptor>,
         peer: SocketAddr,
         _slot: OwnedSemaphorePermit,
+        close: CancellationToken,
     ) {
+        // Until the client is admitted, closing just drops the socket; the pump itself
+        // ends on `close` with the will and a DISCONNECT.
+        let Some(admitted) = close
+            .run_until_cancelled(self.handshake(stream, tls, peer))
+            .await
+            .flatten()
+        else {
+            return;
+        };
+        let (mut stream, mut rbuf, codec, accepted) = admitted;
+        Metrics::inc(&self.metrics.broker_connects);
+        let _connected = ConnectedGauge::up(&self.metrics);
+        let end = self
+            .pump(&mut stream, &mut rbuf, &codec, peer, accepted, &close)
+            .await;
+        let _ = stream.shutdown().await;
+        debug!(%peer, ?end, "broker client gone");
+    }
+
+    /// TLS (if any), CONNECT and admission; `None` when the client is refused or gone.
+    async fn handshake(
+        self: &Arc<Self>,
+        stream: TcpStream,
+        tls: Option<TlsAcceptor>,
+        peer: SocketAddr,
+    ) -> Option<(ClientIo, BytesMut, Codec, Accepted)> {
         // The handshake runs here, in the client's own task and under a timeout, so a
         // client that never sends a ClientHello delays nobody (rumqttd's own TLS accept
         // loop has neither).
@@ -205,12 +239,12 @@ impl BrokerListener {
                     Ok(Err(e)) => {
                         Metrics::inc(&self.metrics.broker_protocol_errors);
                         debug!(%peer, error = %e, "broker client TLS handshake failed");
-                        return;
+                        return None;
                     }
                     Err(_) => {
                         Metrics::inc(&self.metrics.broker_connections_timed_out);
                         debug!(%peer, "broker client TLS handshake timed out");
-                        return;
+                        return None;
                     }
                 }
             }
@@ -226,9 +260,9 @@ impl BrokerListener {
             Err(_) => {
                 Metrics::inc(&self.metrics.broker_connections_timed_out);
                 debug!(%peer, "broker client sent no CONNECT in time");
-                return;
+                return None;
             }
-            Ok(Err(HandshakeError::Closed)) => return,
+            Ok(Err(HandshakeError::Closed)) => return None,
             Ok(Err(HandshakeError::UnsupportedLevel(level))) => {
                 Metrics::inc(&self.metrics.broker_protocol_errors);
                 info!(%peer, level, "broker client refused: unsupported MQTT version");
@@ -238,19 +272,19 @@ impl BrokerListener {
                 };
                 let _ =
                     write_packets(&mut stream, &Codec::V4(V4), [Packet::ConnAck(ack, None)]).await;
-                return;
+                return None;
             }
             Ok(Err(e)) => {
                 Metrics::inc(&self.metrics.broker_protocol_errors);
                 debug!(%peer, error = %e, "broker client sent no valid CONNECT");
-                return;
+                return None;
             }
         };
         let Packet::Connect(connect, props, will, will_props, login) = connect else {
             Metrics::inc(&self.metrics.broker_protocol_errors);
-            return;
+            return None;
         };
-        let Some(accepted) = self
+        let accepted = self
             .admit(
                 &mut stream,
                 &codec,
@@ -261,17 +295,8 @@ impl BrokerListener {
                 will_props,
                 login,
             )
-            .await
-        else {
-            return;
-        };
-        Metrics::inc(&self.metrics.broker_connects);
-        let _connected = ConnectedGauge::up(&self.metrics);
-        let end = self
-            .pump(&mut stream, &mut rbuf, &codec, peer, accepted)
-            .await;
-        let _ = stream.shutdown().await;
-        debug!(%peer, ?end, "broker client gone");
+            .await?;
+        Some((stream, rbuf, codec, accepted))
     }
 
     /// Authenticates the CONNECT, checks its will, opens the router link and answers.
@@ -423,6 +448,7 @@ impl BrokerListener {
         codec: &Codec,
         peer: SocketAddr,
         mut c: Accepted,
+        close: &CancellationToken,
     ) -> End {
         let mut codec = codec.clone();
         let keep_alive =
@@ -521,7 +547,10 @@ impl BrokerListener {
                             Ok(Some(Notification::Unschedule)) => wake = true,
                             Ok(Some(Notification::Disconnect(d, p))) => {
                                 if codec.is_v5() {
-                                    to_client.push(Packet::Disconnect(d, p));
+                                    to_client.push(match p {
+                                        Some(p) => Packet::Disconnect(d, Some(p)),
+                                        None => disconnect_v5(d.reason_code, "disconnected by the broker"),
+                                    });
                                 }
                                 stop = Some(End::RouterDisconnected);
                                 break;
@@ -555,6 +584,7 @@ impl BrokerListener {
                     }
                 }
                 _ = idle => break End::KeepAliveTimeout,
+                _ = close.cancelled() => break End::Shutdown,
             }
         };
 
@@ -565,22 +595,34 @@ impl BrokerListener {
                 // gone): our connection id may already be someone else's.
                 c.link.abandon();
                 if codec.is_v5() {
-                    let d = Disconnect {
-                        reason_code: DisconnectReasonCode::SessionTakenOver,
-                    };
-                    let _ = write_packets(stream, &codec, [Packet::Disconnect(d, None)]).await;
+                    let bye = disconnect_v5(
+                        DisconnectReasonCode::SessionTakenOver,
+                        "session taken over by a new connection",
+                    );
+                    let _ = write_packets(stream, &codec, [bye]).await;
                 }
             }
             End::RouterDisconnected => c.link.abandon(),
+            End::Shutdown => {
+                // Gone without a DISCONNECT of its own, as far as its subscribers can
+                // tell: the will goes out.
+                c.link.close(true);
+                if codec.is_v5() {
+                    let bye = disconnect_v5(
+                        DisconnectReasonCode::ServerShuttingDown,
+                        "server shutting down",
+                    );
+                    let _ = write_packets(stream, &codec, [bye]).await;
+                }
+            }
             End::Closed => c.link.close(true),
             End::KeepAliveTimeout => {
                 Metrics::inc(&self.metrics.broker_connections_timed_out);
                 c.link.close(true);
                 if codec.is_v5() {
-                    let d = Disconnect {
-                        reason_code: DisconnectReasonCode::KeepAliveTimeout,
-                    };
-                    let _ = write_packets(stream, &codec, [Packet::Disconnect(d, None)]).await;
+                    let bye =
+                        disconnect_v5(DisconnectReasonCode::KeepAliveTimeout, "keep-alive timeout");
+                    let _ = write_packets(stream, &codec, [bye]).await;
                 }
             }
             End::Violation(v) => {
@@ -588,10 +630,8 @@ impl BrokerListener {
                 info!(%peer, username = c.username, client_id = c.client_id, error = %v, "broker client closed for a protocol error");
                 c.link.close(true);
                 if codec.is_v5() {
-                    let d = Disconnect {
-                        reason_code: v.reason_code(),
-                    };
-                    let _ = write_packets(stream, &codec, [Packet::Disconnect(d, None)]).await;
+                    let bye = disconnect_v5(v.reason_code(), &v.to_string());
+                    let _ = write_packets(stream, &codec, [bye]).await;
                 }
             }
         }
@@ -665,10 +705,12 @@ enum End {
     RouterGone,
     /// The router disconnected the client (for example a malformed publish).
     RouterDisconnected,
+    /// The gateway is shutting down.
+    Shutdown,
 }
 
-/// The client's sending half into the router. Dropping it while still open (the task
-/// aborted at shutdown, or a panic) publishes the will and disconnects, so the router
+/// The client's sending half into the router. Dropping it while still open (a client
+/// cancelled mid-admission at shutdown, or a panic) publishes the will and disconnects, so the router
 /// always frees the connection and a reconnect with the same id works.
 struct RouterLink {
     tx: LinkTx,

@@ -28,10 +28,10 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 use tracing::{debug, warn};
 
+use crate::lifecycle::Lifecycle;
 use crate::limits::OffenderLog;
 use crate::metrics::Metrics;
 
@@ -45,21 +45,21 @@ pub struct ServeLimits {
     pub header_timeout: Duration,
 }
 
-/// Serves `app` on `listener` until `stop` fires, then lets open requests finish.
+/// Serves `app` on `listener` until `life` says stop accepting; each connection finishes
+/// its request in flight and closes when `life` closes connections.
 pub async fn serve(
     listener: TcpListener,
     app: Router,
     limits: ServeLimits,
     metrics: Arc<Metrics>,
-    stop: CancellationToken,
+    life: Lifecycle,
 ) {
     let permits = Arc::new(Semaphore::new(limits.max_connections));
-    let tracker = TaskTracker::new();
     let mut warned = OffenderLog::new(Duration::from_secs(600), 4096);
     let mut backoff = Duration::from_millis(5);
     loop {
         let (stream, remote) = tokio::select! {
-            _ = stop.cancelled() => break,
+            _ = life.accepting_stopped() => break,
             accepted = listener.accept() => match accepted {
                 Ok(a) => {
                     backoff = Duration::from_millis(5);
@@ -82,14 +82,12 @@ pub async fn serve(
         };
         let app = app.clone();
         let metrics = metrics.clone();
-        let stop = stop.clone();
-        tracker.spawn(async move {
+        let close = life.close_signal();
+        life.spawn(async move {
             let _permit = permit;
-            serve_connection(stream, remote, app, limits, metrics, stop).await;
+            serve_connection(stream, remote, app, limits, metrics, close).await;
         });
     }
-    tracker.close();
-    tracker.wait().await;
 }
 
 async fn serve_connection(

@@ -16,6 +16,7 @@ use xiaozhi_gateway::broker::bus::{BusCommand, EmbeddedBroker};
 use xiaozhi_gateway::broker::inbound::Inbound;
 use xiaozhi_gateway::broker::registry::DeviceRegistry;
 use xiaozhi_gateway::config::{BrokerConfig, BrokerRole, BrokerUser};
+use xiaozhi_gateway::lifecycle::Lifecycle;
 use xiaozhi_gateway::metrics::Metrics;
 use xiaozhi_gateway::protocol::topics;
 
@@ -54,6 +55,8 @@ struct Broker {
     commands: Option<mpsc::Receiver<BusCommand>>,
     metrics: Arc<Metrics>,
     port: u16,
+    /// The listener's lifecycle, as the gateway holds it.
+    life: Lifecycle,
     _dir: tempfile::TempDir,
 }
 
@@ -75,7 +78,8 @@ async fn broker(tune: impl FnOnce(String) -> String) -> Broker {
     let metrics = Arc::new(Metrics::default());
     let registry = Arc::new(DeviceRegistry::new(16, metrics.clone()));
     let (inbound, commands) = Inbound::new(registry, None, metrics.clone());
-    let broker = EmbeddedBroker::start(&config, inbound, metrics.clone())
+    let life = Lifecycle::new();
+    let broker = EmbeddedBroker::start(&config, inbound, metrics.clone(), &life)
         .await
         .expect("broker starts");
     let port = broker.listen_addr.port();
@@ -84,6 +88,7 @@ async fn broker(tune: impl FnOnce(String) -> String) -> Broker {
         commands: Some(commands),
         metrics,
         port,
+        life,
         _dir: dir,
     }
 }
@@ -232,7 +237,8 @@ mod v5 {
     use super::*;
     pub use rumqttc::v5::mqttbytes::QoS;
     pub use rumqttc::v5::mqttbytes::v5::{
-        ConnectReturnCode, Packet, PubAckReason, PublishProperties, SubscribeReasonCode,
+        ConnectReturnCode, DisconnectReasonCode, Packet, PubAckReason, PublishProperties,
+        SubscribeReasonCode,
     };
     pub use rumqttc::v5::{AsyncClient, ConnectionError, Event, MqttOptions};
 
@@ -936,7 +942,7 @@ async fn a_busy_port_names_the_setting() {
     let metrics = Arc::new(Metrics::default());
     let registry = Arc::new(DeviceRegistry::new(16, metrics.clone()));
     let (inbound, _commands) = Inbound::new(registry, None, metrics.clone());
-    let err = EmbeddedBroker::start(&config, inbound, metrics)
+    let err = EmbeddedBroker::start(&config, inbound, metrics, &Lifecycle::new())
         .await
         .err()
         .expect("the port is taken");
@@ -948,15 +954,61 @@ async fn a_busy_port_names_the_setting() {
 }
 
 #[tokio::test]
-async fn stopping_the_broker_closes_its_clients() {
+async fn shutdown_stops_accepting_then_closes_clients_and_tells_v5_ones_why() {
     let b = broker(|t| t).await;
     let mut c = v4::connect(b.port, "stopped", common::ADMIN_USER, common::ADMIN_PASS).await;
-    let mut c5 = v5::connect(b.port, "stopped5", OBSERVER_USER, OBSERVER_PASS).await;
-    b.broker.stop();
-    assert!(closed(&mut c.events).await, "v4 client closed");
-    assert!(closed(&mut c5.events).await, "v5 client closed");
-    assert!(
-        TcpStream::connect(b.broker.listen_addr).await.is_err(),
-        "no longer listening"
+    // The v5 client's own event loop, to see the error it ends with.
+    let (_c5, mut loop5) = v5::AsyncClient::new(
+        v5::options(b.port, "stopped5", OBSERVER_USER, OBSERVER_PASS),
+        10,
     );
+    loop {
+        let event = tokio::time::timeout(WAIT, loop5.poll()).await;
+        if let v5::Event::Incoming(v5::Packet::ConnAck(_)) = event.expect("in time").unwrap() {
+            break;
+        }
+    }
+    let grace = Duration::from_secs(5);
+    let started = tokio::time::Instant::now();
+    // Step 1: no new clients; the connected ones stay (their conversations' goodbyes
+    // and events are still on their way).
+    b.life.begin_shutdown(started + grace);
+    b.broker.stop();
+    let mut refused = false;
+    for _ in 0..50 {
+        if TcpStream::connect(b.broker.listen_addr).await.is_err() {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(refused, "no longer listening");
+    assert!(quiet(&mut c.events, |_| false).await && !c.events.is_closed());
+    // Step 2: every client closes; an MQTT 5 client hears the reason.
+    b.life.close_connections();
+    assert!(
+        b.life.wait().await,
+        "the listener and its clients end in time"
+    );
+    assert!(started.elapsed() < grace);
+    let ended = loop {
+        match tokio::time::timeout(WAIT, loop5.poll())
+            .await
+            .expect("in time")
+        {
+            Ok(_) => continue,
+            Err(e) => break e,
+        }
+    };
+    assert!(
+        matches!(
+            ended,
+            v5::ConnectionError::MqttState(rumqttc::v5::StateError::ServerDisconnect {
+                reason_code: v5::DisconnectReasonCode::ServerShuttingDown,
+                ..
+            })
+        ),
+        "{ended:?}"
+    );
+    assert!(closed(&mut c.events).await, "v4 client closed");
 }

@@ -27,6 +27,7 @@ use crate::audio::UplinkFrame;
 use crate::audio::channel::{
     Attach, AudioChannel, ChannelCounters, ChannelShared, Downlink, DownlinkPath, Lease,
 };
+use crate::lifecycle::Lifecycle;
 use crate::limits::TokenBucket;
 use crate::metrics::Metrics;
 use crate::net::BindError;
@@ -180,13 +181,17 @@ impl QuicEndpoint {
         ))
     }
 
-    /// Accepts connections until `shutdown` fires, then closes the endpoint.
-    pub async fn run(self, shutdown: CancellationToken) {
+    /// Accepts connections until `life` says stop accepting. Its connections close when
+    /// `life` closes connections; then the endpoint closes, waiting for its connections
+    /// and for peers to acknowledge the close at most until the gateway's deadline (one
+    /// grace period for everything, `shutdown.grace_secs`).
+    pub async fn run(self, life: Lifecycle) {
         let tracker = TaskTracker::new();
+        let close = life.close_signal();
         let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
         loop {
             tokio::select! {
-                _ = shutdown.cancelled() => break,
+                _ = life.accepting_stopped() => break,
                 _ = sweep.tick() => {
                     let expired = self
                         .table
@@ -207,16 +212,18 @@ impl QuicEndpoint {
                         self.table.clone(),
                         self.metrics.clone(),
                         self.limits,
-                        shutdown.clone(),
+                        close.clone(),
                     ));
                 }
             }
         }
+        // Connections close when told (after the conversations they carry said goodbye).
+        close.cancelled().await;
         tracker.close();
-        let _ = tokio::time::timeout(Duration::from_secs(2), tracker.wait()).await;
+        let _ = life.until_deadline(tracker.wait()).await;
         self.endpoint
             .close(close_code::SHUTDOWN.into(), b"server shutting down");
-        let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+        let _ = life.until_deadline(self.endpoint.wait_idle()).await;
     }
 }
 
