@@ -11,11 +11,14 @@ WORKDIR /src
 # Dependencies first, so source edits do not rebuild them.
 COPY Cargo.toml Cargo.lock ./
 COPY crates/xiaozhi-proto/Cargo.toml crates/xiaozhi-proto/
-RUN mkdir -p src crates/xiaozhi-proto/src && echo 'fn main() {}' > src/main.rs \
-    && touch src/lib.rs crates/xiaozhi-proto/src/lib.rs \
+COPY crates/xiaozhi-gateway/Cargo.toml crates/xiaozhi-gateway/
+COPY crates/xiaozhi-tools/Cargo.toml crates/xiaozhi-tools/
+RUN mkdir -p src crates/xiaozhi-proto/src crates/xiaozhi-gateway/src crates/xiaozhi-tools/src \
+    && echo 'fn main() {}' > src/main.rs \
+    && touch crates/xiaozhi-proto/src/lib.rs crates/xiaozhi-gateway/src/lib.rs crates/xiaozhi-tools/src/lib.rs \
     && cargo build --release --locked || true
 COPY . .
-RUN touch src/main.rs src/lib.rs crates/xiaozhi-proto/src/lib.rs \
+RUN touch src/main.rs crates/xiaozhi-proto/src/lib.rs crates/xiaozhi-gateway/src/lib.rs crates/xiaozhi-tools/src/lib.rs \
     && cargo build --release --locked --bin xiaozhi-gateway
 
 FROM debian:bookworm-slim

@@ -10,17 +10,17 @@ use figment::Figment;
 use figment::providers::Serialized;
 use tracing_subscriber::EnvFilter;
 use xiaozhi_gateway::admin::client::AdminClient;
-use xiaozhi_gateway::bench::command::BenchCommand;
-use xiaozhi_gateway::bench::command::print_report;
 use xiaozhi_gateway::config::{Config, LogFormat};
 use xiaozhi_gateway::http::ota;
 use xiaozhi_gateway::protocol::mac::Mac;
 use xiaozhi_gateway::server::Gateway;
-use xiaozhi_gateway::simulator::audio::Transport;
-use xiaozhi_gateway::simulator::firmware::Firmware;
-use xiaozhi_gateway::simulator::turns::{TurnConfig, run_turns};
-use xiaozhi_gateway::simulator::upstream::{MockUpstream, MockUpstreamConfig};
-use xiaozhi_gateway::simulator::{self, SimConfig};
+use xiaozhi_tools::bench::command::BenchCommand;
+use xiaozhi_tools::bench::command::print_report;
+use xiaozhi_tools::simulator::audio::Transport;
+use xiaozhi_tools::simulator::firmware::Firmware;
+use xiaozhi_tools::simulator::turns::{TurnConfig, run_turns};
+use xiaozhi_tools::simulator::upstream::{MockUpstream, MockUpstreamConfig};
+use xiaozhi_tools::simulator::{self, SimConfig};
 
 #[derive(Parser)]
 #[command(
@@ -89,7 +89,7 @@ enum Command {
     /// chosen time while the database, Redis and the upstream are cut and the upstream is
     /// restarted; reports RSS and tasks over time and checks every conversation's chat
     /// history is in the database exactly once. See docs/soak.md.
-    Soak(xiaozhi_gateway::soak::command::SoakArgs),
+    Soak(xiaozhi_tools::soak::command::SoakArgs),
 }
 
 #[derive(Args)]
@@ -375,7 +375,7 @@ fn main() -> ExitCode {
                 .with_env_filter(EnvFilter::new("warn"))
                 .init();
             if args.fill {
-                let config = xiaozhi_gateway::bench::history::FillConfig {
+                let config = xiaozhi_tools::bench::history::FillConfig {
                     database_url: args.database_url,
                     rows: args.records,
                     devices: args.devices,
@@ -384,18 +384,18 @@ fn main() -> ExitCode {
                     seed: args.seed,
                 };
                 return report_result(
-                    runtime.block_on(xiaozhi_gateway::bench::history::fill(config)),
+                    runtime.block_on(xiaozhi_tools::bench::history::fill(config)),
                     args.json,
                 );
             }
-            let config = xiaozhi_gateway::bench::history::BenchConfig {
+            let config = xiaozhi_tools::bench::history::BenchConfig {
                 database_url: args.database_url,
                 records: args.records,
                 batch: args.batch,
                 audio_frames: args.audio_frames,
             };
             report_result(
-                runtime.block_on(xiaozhi_gateway::bench::history::run(config)),
+                runtime.block_on(xiaozhi_tools::bench::history::run(config)),
                 args.json,
             )
         }
@@ -429,7 +429,7 @@ fn main() -> ExitCode {
                 .with_env_filter(EnvFilter::new("warn"))
                 .init();
             drop(runtime);
-            xiaozhi_gateway::bench::command::run(command)
+            xiaozhi_tools::bench::command::run(command)
         }
         Command::Soak(args) => {
             tracing_subscriber::fmt()
@@ -438,7 +438,7 @@ fn main() -> ExitCode {
                 )
                 .init();
             drop(runtime);
-            xiaozhi_gateway::soak::command::main(args)
+            xiaozhi_tools::soak::command::main(args)
         }
         Command::Simulate(args) => {
             tracing_subscriber::fmt()
@@ -822,8 +822,8 @@ async fn wait_for_signal() {
 }
 
 async fn demo(mut config: Config, args: DemoArgs) -> ExitCode {
-    use xiaozhi_gateway::simulator::demo::{DemoDevice, demo_dialogue};
-    use xiaozhi_gateway::simulator::device::DeviceCredentials;
+    use xiaozhi_tools::simulator::demo::{DemoDevice, demo_dialogue};
+    use xiaozhi_tools::simulator::device::DeviceCredentials;
 
     const FRAMES_PER_TURN: u32 = 10;
     let mock = match MockUpstream::start_on(

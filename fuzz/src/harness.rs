@@ -548,7 +548,7 @@ fn check_hello_answers(hello: &control::HelloRequest) {
     let back: AudioParams =
         serde_json::from_value(ours["audio_params"].clone()).expect("audio params read back");
     assert_eq!(back, hello.audio_params);
-    let device_view = xiaozhi_gateway::simulator::audio::ServerHello::parse(&ours)
+    let device_view = xiaozhi_tools::simulator::audio::ServerHello::parse(&ours)
         .expect("the firmware reads our hello");
     assert_eq!(device_view.connection_id(), CONNECTION_ID);
     assert_eq!(device_view.key, UDP_KEY);
@@ -874,7 +874,7 @@ pub fn upstream_frames(data: &[u8]) {
             assert_eq!(decoded.timestamp, timestamp);
             assert_eq!(&out[decoded.payload], opus);
             assert_eq!(
-                xiaozhi_gateway::simulator::upstream::parse_uplink(&out),
+                xiaozhi_tools::simulator::upstream::parse_uplink(&out),
                 Some((timestamp, opus)),
                 "the server reads our frame"
             );
@@ -998,7 +998,7 @@ fn upstream_binary(frame: &[u8]) {
         }) => assert!(declared as usize > available),
     }
     // The mock server's own parser agrees with ours on its frames.
-    if let Some(d) = xiaozhi_gateway::simulator::upstream::parse_downlink(frame) {
+    if let Some(d) = xiaozhi_tools::simulator::upstream::parse_downlink(frame) {
         let ours = upstream::decode_audio(frame).expect("a server frame decodes");
         assert_eq!(ours.timestamp, d.timestamp);
         assert_eq!(&frame[ours.payload], &d.opus[..]);

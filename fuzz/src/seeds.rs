@@ -21,7 +21,7 @@ use xiaozhi_gateway::protocol::datagram::Header;
 use xiaozhi_gateway::protocol::mac::Mac;
 use xiaozhi_gateway::protocol::mcp::{self, McpRouter};
 use xiaozhi_gateway::protocol::upstream;
-use xiaozhi_gateway::simulator::device::{DeviceCredentials, SimDevice};
+use xiaozhi_tools::simulator::device::{DeviceCredentials, SimDevice};
 
 use crate::harness::{
     CONNECTION_ID, SIGNATURE_KEY, UDP_KEY, UPLINK_TOPIC, device_mqtt_input, udp_record,
@@ -457,7 +457,7 @@ fn upstream_frames() -> Vec<Seed> {
         seed(
             "upstream_frames",
             "binary-node-layout",
-            binary(xiaozhi_gateway::simulator::upstream::encode_downlink(
+            binary(xiaozhi_tools::simulator::upstream::encode_downlink(
                 9, 540, &opus,
             )),
         ),

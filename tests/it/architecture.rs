@@ -1,11 +1,14 @@
-//! The import layering of `src/`, checked: ARCHITECTURE.md's "Layers" table names every
+//! The import layering of the service and tools crates (`crates/xiaozhi-gateway/src/`,
+//! `crates/xiaozhi-tools/src/`), checked: ARCHITECTURE.md's "Layers" table names every
 //! top-level module's layer, and this test fails when a module imports from a layer above
 //! its own, when two modules import each other (directly or around a loop), or when a
-//! module is missing from the table.
+//! module is missing from the table. Between crates the compiler keeps the order (the
+//! service cannot name the tools, the protocol core neither); inside a crate, this test.
 //!
 //! Imports are read as text: every `crate::<module>` path outside comments and string
 //! literals (grouped `crate::{a::.., b::..}` included), in code, tests and macro bodies
 //! alike, so nothing escapes by being written inside `tokio::select!` or a test module.
+//! In the tools crate, `xiaozhi_gateway::<module>` paths count too.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -52,13 +55,30 @@ fn layer_table() -> BTreeMap<String, (usize, String)> {
     table
 }
 
-/// Top-level modules, as `lib.rs` declares them.
+/// The crates whose modules the Layers table places, with the prefixes their code names
+/// those modules by.
+const LAYERED_CRATES: [(&str, &[&str]); 2] = [
+    ("crates/xiaozhi-gateway/src", &["crate::"]),
+    (
+        "crates/xiaozhi-tools/src",
+        &["crate::", "xiaozhi_gateway::"],
+    ),
+];
+
+/// Top-level modules, as the layered crates' `lib.rs` declare them.
 fn declared_modules() -> BTreeSet<String> {
-    let lib = std::fs::read_to_string(root().join("src/lib.rs")).unwrap();
-    lib.lines()
-        .filter_map(|l| l.trim().strip_prefix("pub mod "))
-        .map(|m| m.trim_end_matches(';').to_string())
-        .collect()
+    let mut modules = BTreeSet::new();
+    for (dir, _) in LAYERED_CRATES {
+        let lib = std::fs::read_to_string(root().join(dir).join("lib.rs")).unwrap();
+        let before = modules.len();
+        modules.extend(
+            lib.lines()
+                .filter_map(|l| l.trim().strip_prefix("pub mod "))
+                .map(|m| m.trim_end_matches(';').to_string()),
+        );
+        assert!(modules.len() > before, "{dir}/lib.rs declares no modules");
+    }
+    modules
 }
 
 /// `source` with comments, string literals and char literals blanked out (newlines
@@ -168,8 +188,9 @@ fn is_ident(c: char) -> bool {
     c.is_alphanumeric() || c == '_'
 }
 
-/// The top-level modules a piece of code names through `crate::`, with line numbers.
-fn crate_paths(code: &str) -> Vec<(usize, String)> {
+/// The top-level modules a piece of code names through `prefix` (`crate::`), with line
+/// numbers.
+fn crate_paths(code: &str, prefix: &str) -> Vec<(usize, String)> {
     let mut found = Vec::new();
     let chars: Vec<char> = code.chars().collect();
     let line_of = |pos: usize| chars[..pos].iter().filter(|&&c| c == '\n').count() + 1;
@@ -183,7 +204,7 @@ fn crate_paths(code: &str) -> Vec<(usize, String)> {
         }
         (chars[start..j].iter().collect::<String>(), j)
     };
-    let needle: Vec<char> = "crate::".chars().collect();
+    let needle: Vec<char> = prefix.chars().collect();
     let mut i = 0;
     while i + needle.len() <= chars.len() {
         if chars[i..i + needle.len()] != needle[..] || (i > 0 && is_ident(chars[i - 1])) {
@@ -248,45 +269,52 @@ fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
     }
 }
 
-/// Every import of one top-level module by another in `src/`.
+/// Every import of one top-level module by another in the layered crates.
 fn imports(modules: &BTreeSet<String>) -> Vec<Import> {
-    let src = root().join("src");
-    let mut files = Vec::new();
-    rust_files(&src, &mut files);
     let mut found = Vec::new();
-    for file in files {
-        let rel = file
-            .strip_prefix(&src)
-            .unwrap()
-            .to_string_lossy()
-            .to_string();
-        let top = rel
-            .split('/')
-            .next()
-            .unwrap()
-            .trim_end_matches(".rs")
-            .to_string();
-        if top == "lib" || top == "main" {
-            continue;
-        }
-        assert!(modules.contains(&top), "src/{rel} is in no declared module");
-        let code = code_only(&std::fs::read_to_string(&file).unwrap());
-        // In a top-level module's root file, `super::` is the crate root: ask for
-        // `crate::` there so this check sees the import (test modules excepted).
-        if !rel.contains('/') || (rel.matches('/').count() == 1 && rel.ends_with("/mod.rs")) {
-            let before_tests = code.split("#[cfg(test)]").next().unwrap();
+    for (dir, prefixes) in LAYERED_CRATES {
+        let src = root().join(dir);
+        let mut files = Vec::new();
+        rust_files(&src, &mut files);
+        for file in files {
+            let rel = file
+                .strip_prefix(&src)
+                .unwrap()
+                .to_string_lossy()
+                .to_string();
+            let top = rel
+                .split('/')
+                .next()
+                .unwrap()
+                .trim_end_matches(".rs")
+                .to_string();
+            if top == "lib" {
+                continue;
+            }
             assert!(
-                !before_tests.contains("super::"),
-                "src/{rel} names a sibling module through `super::`; write `crate::`"
+                modules.contains(&top),
+                "{dir}/{rel} is in no declared module"
             );
-        }
-        for (line, to) in crate_paths(&code) {
-            if to != top && modules.contains(&to) {
-                found.push(Import {
-                    from: top.clone(),
-                    to,
-                    at: format!("src/{rel}:{line}"),
-                });
+            let code = code_only(&std::fs::read_to_string(&file).unwrap());
+            // In a top-level module's root file, `super::` is the crate root: ask for
+            // `crate::` there so this check sees the import (test modules excepted).
+            if !rel.contains('/') || (rel.matches('/').count() == 1 && rel.ends_with("/mod.rs")) {
+                let before_tests = code.split("#[cfg(test)]").next().unwrap();
+                assert!(
+                    !before_tests.contains("super::"),
+                    "{dir}/{rel} names a sibling module through `super::`; write `crate::`"
+                );
+            }
+            for prefix in prefixes {
+                for (line, to) in crate_paths(&code, prefix) {
+                    if to != top && modules.contains(&to) {
+                        found.push(Import {
+                            from: top.clone(),
+                            to,
+                            at: format!("{dir}/{rel}:{line}"),
+                        });
+                    }
+                }
             }
         }
     }
@@ -422,13 +450,26 @@ use crate::{
 tokio::select! { _ = crate::events::tick() => {} }
 "##,
     );
-    let names: Vec<String> = crate_paths(&code).into_iter().map(|(_, n)| n).collect();
+    let names: Vec<String> = crate_paths(&code, "crate::")
+        .into_iter()
+        .map(|(_, n)| n)
+        .collect();
     assert_eq!(
         names,
         ["audio", "broker", "presence", "session", "config", "events"]
     );
-    let lines: Vec<usize> = crate_paths(&code).into_iter().map(|(l, _)| l).collect();
+    let lines: Vec<usize> = crate_paths(&code, "crate::")
+        .into_iter()
+        .map(|(l, _)| l)
+        .collect();
     assert_eq!(lines, [2, 6, 8, 9, 10, 12]);
+    // The tools crate names the service's modules by the crate's name.
+    let tools = code_only("use xiaozhi_gateway::{config::Config, server};\nmy_xiaozhi_gateway::x;");
+    let names: Vec<String> = crate_paths(&tools, "xiaozhi_gateway::")
+        .into_iter()
+        .map(|(_, n)| n)
+        .collect();
+    assert_eq!(names, ["config", "server"]);
 }
 
 #[test]

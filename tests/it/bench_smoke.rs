@@ -11,9 +11,9 @@ use crate::common;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use xiaozhi_gateway::bench::echo_upstream::EchoUpstream;
-use xiaozhi_gateway::bench::floor::{Floor, FloorConfig};
-use xiaozhi_gateway::bench::load::{self, LoadConfig, LoadReport};
+use xiaozhi_tools::bench::echo_upstream::EchoUpstream;
+use xiaozhi_tools::bench::floor::{Floor, FloorConfig};
+use xiaozhi_tools::bench::load::{self, LoadConfig, LoadReport};
 
 /// One load run at a time in this test binary.
 static RUN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());

@@ -17,10 +17,10 @@ use xiaozhi_gateway::presence::PresenceState;
 use xiaozhi_gateway::protocol::mac::Mac;
 use xiaozhi_gateway::server::Gateway;
 use xiaozhi_gateway::session::call_leg::SILENCE_FRAME;
-use xiaozhi_gateway::simulator::audio::{ServerHello, SimAudio, synthetic_frame};
-use xiaozhi_gateway::simulator::device::SimDevice;
-use xiaozhi_gateway::simulator::mcp::{SimProperty, SimTool, ToolAction};
-use xiaozhi_gateway::simulator::upstream::{MockUpstream, MockUpstreamConfig};
+use xiaozhi_tools::simulator::audio::{ServerHello, SimAudio, synthetic_frame};
+use xiaozhi_tools::simulator::device::SimDevice;
+use xiaozhi_tools::simulator::mcp::{SimProperty, SimTool, ToolAction};
+use xiaozhi_tools::simulator::upstream::{MockUpstream, MockUpstreamConfig};
 
 const RING: &str = "[device_call]您收到来自奶奶的来电，是否接听？";
 
@@ -813,7 +813,7 @@ async fn a_call_between_devices_on_two_nodes() {
 /// two legs' tasks, and still arrives byte-exact both ways under each transport's rules.
 #[tokio::test]
 async fn a_quic_device_and_a_gcm_device_talk_through_their_legs() {
-    use xiaozhi_gateway::simulator::audio::{SimLink, Transport};
+    use xiaozhi_tools::simulator::audio::{SimLink, Transport};
     let upstream = upstream().await;
     let mut config = config_with(&upstream);
     config.quic.enabled = true;

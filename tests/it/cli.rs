@@ -8,8 +8,8 @@ use std::process::{Output, Stdio};
 use std::time::Duration;
 
 use tokio::process::{Child, Command};
-use xiaozhi_gateway::simulator::audio::{ServerHello, SimAudio};
-use xiaozhi_gateway::simulator::device::SimDevice;
+use xiaozhi_tools::simulator::audio::{ServerHello, SimAudio};
+use xiaozhi_tools::simulator::device::SimDevice;
 
 const BIN: &str = env!("CARGO_BIN_EXE_xiaozhi-gateway");
 

@@ -14,8 +14,8 @@ use tokio_tungstenite::tungstenite;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use xiaozhi_gateway::config::Config;
 use xiaozhi_gateway::server::Gateway;
-use xiaozhi_gateway::simulator::demo::{open_conversation, speak_turn};
-use xiaozhi_gateway::simulator::upstream::{MockUpstream, MockUpstreamConfig};
+use xiaozhi_tools::simulator::demo::{open_conversation, speak_turn};
+use xiaozhi_tools::simulator::upstream::{MockUpstream, MockUpstreamConfig};
 
 const TOKEN: &str = "console-api-token";
 
@@ -380,7 +380,7 @@ async fn upstream_failures_reach_the_live_feed() {
     let (mut feed, _) = tokio_tungstenite::client_async(request, tcp).await.unwrap();
 
     let mut dev = common::device(&gw, 41).await;
-    dev.publish_json(&xiaozhi_gateway::simulator::device::SimDevice::firmware_hello())
+    dev.publish_json(&xiaozhi_tools::simulator::device::SimDevice::firmware_hello())
         .await
         .unwrap();
     let alert = dev

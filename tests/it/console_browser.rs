@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use xiaozhi_gateway::simulator::demo::{FRAME_MS, TurnHeard, open_conversation, speak_turn};
-use xiaozhi_gateway::simulator::upstream::{MockUpstream, MockUpstreamConfig};
+use xiaozhi_tools::simulator::demo::{FRAME_MS, TurnHeard, open_conversation, speak_turn};
+use xiaozhi_tools::simulator::upstream::{MockUpstream, MockUpstreamConfig};
 
 const TOKEN: &str = "console-e2e-token";
 /// Frames the device speaks per turn (and the mock answers after).
@@ -70,7 +70,7 @@ async fn console_end_to_end_in_chromium() {
     let mock = MockUpstream::start(MockUpstreamConfig {
         frames_per_turn: FRAMES_PER_TURN,
         reply_frames: 8,
-        dialogue: xiaozhi_gateway::simulator::demo::demo_dialogue(),
+        dialogue: xiaozhi_tools::simulator::demo::demo_dialogue(),
         ..MockUpstreamConfig::default()
     })
     .await

@@ -8,7 +8,7 @@ use std::time::Duration;
 use rumqttc::mqttbytes::v4::ConnectReturnCode;
 use rumqttc::{AsyncClient, ConnectionError, Event, MqttOptions, Packet};
 use xiaozhi_gateway::protocol::credentials::username_for_ip;
-use xiaozhi_gateway::simulator::device::{DeviceCredentials, SimDevice, SimError};
+use xiaozhi_tools::simulator::device::{DeviceCredentials, SimDevice, SimError};
 
 #[tokio::test]
 async fn protocol_vector_credentials_are_accepted() {

@@ -5,7 +5,7 @@ use crate::common;
 use std::time::Duration;
 
 use serde_json::json;
-use xiaozhi_gateway::simulator::audio::{frame_index, synthetic_frame};
+use xiaozhi_tools::simulator::audio::{frame_index, synthetic_frame};
 
 /// A device holds a 10-second realtime conversation and gets every frame back,
 /// decrypted, in order, with no loss, framed as the firmware requires.
@@ -253,9 +253,9 @@ async fn repeated_hello_replaces_the_session_cleanly() {
 /// device as any bus client could, is caught: the strict mode can fail.
 #[tokio::test]
 async fn firmware_2_4_and_1x_devices_both_converse() {
-    use xiaozhi_gateway::simulator::audio::{ServerHello, SimAudio};
-    use xiaozhi_gateway::simulator::device::{SimDevice, SimDeviceOptions};
-    use xiaozhi_gateway::simulator::firmware::Firmware;
+    use xiaozhi_tools::simulator::audio::{ServerHello, SimAudio};
+    use xiaozhi_tools::simulator::device::{SimDevice, SimDeviceOptions};
+    use xiaozhi_tools::simulator::firmware::Firmware;
 
     let gw = common::start().await;
     for (n, firmware) in [(61, Firmware::V2_4), (62, Firmware::V1)] {

@@ -16,7 +16,7 @@ use tokio::net::{TcpListener, TcpStream};
 use xiaozhi_gateway::config::Config;
 use xiaozhi_gateway::history::audio::wav_info;
 use xiaozhi_gateway::history::writer::RecordMode;
-use xiaozhi_gateway::simulator::upstream::{MockUpstream, MockUpstreamConfig};
+use xiaozhi_tools::simulator::upstream::{MockUpstream, MockUpstreamConfig};
 
 fn history_config(
     upstream: &MockUpstream,
@@ -524,7 +524,7 @@ async fn connecting_updates_manager_api_last_connected_at_throttled() {
 async fn glyph_push_is_relayed_intact_and_recorded_without_bitmaps() {
     use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
     use serde_json::{Value, json};
-    use xiaozhi_gateway::simulator::firmware::{TextFont, glyph_push};
+    use xiaozhi_tools::simulator::firmware::{TextFont, glyph_push};
 
     let dir = tempfile::tempdir().unwrap();
     let upstream = MockUpstream::start(MockUpstreamConfig::default())

@@ -26,7 +26,7 @@ use xiaozhi_gateway::history::record::new_id;
 use xiaozhi_gateway::history::store::Store;
 use xiaozhi_gateway::history::writer::{RecordMode, StoredEvent};
 use xiaozhi_gateway::server::Gateway;
-use xiaozhi_gateway::simulator::upstream::{MockUpstream, MockUpstreamConfig};
+use xiaozhi_tools::simulator::upstream::{MockUpstream, MockUpstreamConfig};
 
 const TOKEN: &str = "history-api-test-token";
 

@@ -12,8 +12,8 @@ use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream, UdpSocket};
 use xiaozhi_gateway::protocol::datagram::Header;
-use xiaozhi_gateway::simulator::audio::{frame_index, synthetic_frame};
-use xiaozhi_gateway::simulator::device::{SimDevice, SimDeviceOptions};
+use xiaozhi_tools::simulator::audio::{frame_index, synthetic_frame};
+use xiaozhi_tools::simulator::device::{SimDevice, SimDeviceOptions};
 
 /// The process's resident set, in KiB.
 fn rss_kib() -> u64 {

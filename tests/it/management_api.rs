@@ -13,7 +13,7 @@ use time::{Date, OffsetDateTime};
 use xiaozhi_gateway::config::Config;
 use xiaozhi_gateway::protocol::mac::Mac;
 use xiaozhi_gateway::server::Gateway;
-use xiaozhi_gateway::simulator::device::SimDevice;
+use xiaozhi_tools::simulator::device::SimDevice;
 
 /// The token manager-api computes: `hex(SHA-256("YYYY-MM-DD" + key))`.
 fn token_for(date: Date, key: &str) -> String {

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde_json::json;
 use xiaozhi_gateway::server::Gateway;
-use xiaozhi_gateway::simulator::audio::{frame_index, synthetic_frame};
+use xiaozhi_tools::simulator::audio::{frame_index, synthetic_frame};
 
 /// One parsed exposition: families by name (type and help) and every sample by series.
 #[derive(Debug, Default)]
@@ -461,7 +461,7 @@ async fn a_conversation_moves_the_counters_by_exactly_what_happened() {
 /// and the database writes are timed.
 #[tokio::test]
 async fn upstream_connect_and_history_writes_are_timed() {
-    use xiaozhi_gateway::simulator::upstream::{MockUpstream, MockUpstreamConfig};
+    use xiaozhi_tools::simulator::upstream::{MockUpstream, MockUpstreamConfig};
 
     let dir = tempfile::tempdir().unwrap();
     let upstream = MockUpstream::start(MockUpstreamConfig::default())

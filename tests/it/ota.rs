@@ -16,7 +16,7 @@ use tokio::process::Command;
 use xiaozhi_gateway::config::Config;
 use xiaozhi_gateway::protocol::mac::Mac;
 use xiaozhi_gateway::server::Gateway;
-use xiaozhi_gateway::simulator::device::{DeviceCredentials, SimDevice, SimError};
+use xiaozhi_tools::simulator::device::{DeviceCredentials, SimDevice, SimError};
 
 const BIN: &str = env!("CARGO_BIN_EXE_xiaozhi-gateway");
 

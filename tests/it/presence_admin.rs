@@ -19,7 +19,7 @@ use xiaozhi_gateway::presence::redis::RedisPresence;
 use xiaozhi_gateway::presence::{PresenceQuery, PresenceState, PresenceStore};
 use xiaozhi_gateway::protocol::mac::Mac;
 use xiaozhi_gateway::server::Gateway;
-use xiaozhi_gateway::simulator::device::SimDevice;
+use xiaozhi_tools::simulator::device::SimDevice;
 
 const REDIS: &str = "redis://127.0.0.1:6379";
 const BIN: &str = env!("CARGO_BIN_EXE_xiaozhi-gateway");
@@ -851,7 +851,7 @@ async fn command_round_trip_latency() {
 /// Chat records and upstream failures reach the bus, for observers too.
 #[tokio::test]
 async fn chat_records_and_upstream_failures_are_events() {
-    use xiaozhi_gateway::simulator::upstream::{MockUpstream, MockUpstreamConfig};
+    use xiaozhi_tools::simulator::upstream::{MockUpstream, MockUpstreamConfig};
     let upstream = MockUpstream::start(MockUpstreamConfig::default())
         .await
         .unwrap();

@@ -11,7 +11,7 @@ use serde_json::Value;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Mutex;
 use tokio::task::JoinSet;
-use xiaozhi_gateway::simulator::upstream::{MockUpstream, MockUpstreamConfig};
+use xiaozhi_tools::simulator::upstream::{MockUpstream, MockUpstreamConfig};
 
 const MARIADB: &str = "127.0.0.1:3306";
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use xiaozhi_gateway::simulator::device::SimDevice;
+use xiaozhi_tools::simulator::device::SimDevice;
 
 #[tokio::test]
 async fn malformed_json_and_non_utf8_keep_the_connection() {

@@ -15,9 +15,9 @@ use xiaozhi_gateway::protocol::datagram::nonce_template;
 use xiaozhi_gateway::protocol::mac::Mac;
 use xiaozhi_gateway::protocol::topics;
 use xiaozhi_gateway::protocol::upstream;
-use xiaozhi_gateway::simulator::audio::ServerHello;
-use xiaozhi_gateway::simulator::device::DeviceCredentials;
-use xiaozhi_gateway::simulator::upstream as mock;
+use xiaozhi_tools::simulator::audio::ServerHello;
+use xiaozhi_tools::simulator::device::DeviceCredentials;
+use xiaozhi_tools::simulator::upstream as mock;
 
 proptest! {
     /// Our hello to the device, read the way the firmware reads it.

@@ -17,10 +17,10 @@ use xiaozhi_gateway::config::{BusMode, Config};
 use xiaozhi_gateway::presence::PresenceState;
 use xiaozhi_gateway::protocol::mac::Mac;
 use xiaozhi_gateway::server::Gateway;
-use xiaozhi_gateway::simulator::device::SimDevice;
-use xiaozhi_gateway::simulator::upstream::{MockUpstream, MockUpstreamConfig};
-use xiaozhi_gateway::soak::fault_proxy::FaultProxy;
-use xiaozhi_gateway::soak::gateway::GatewayProcess;
+use xiaozhi_tools::simulator::device::SimDevice;
+use xiaozhi_tools::simulator::upstream::{MockUpstream, MockUpstreamConfig};
+use xiaozhi_tools::soak::fault_proxy::FaultProxy;
+use xiaozhi_tools::soak::gateway::GatewayProcess;
 
 use common::scratch_db::ScratchDb;
 
@@ -564,7 +564,7 @@ async fn a_killed_nodes_devices_carry_on_elsewhere_and_its_journal_replays_once(
         audio
             .send(
                 i * 60,
-                &xiaozhi_gateway::simulator::audio::synthetic_frame(i, 30),
+                &xiaozhi_tools::simulator::audio::synthetic_frame(i, 30),
             )
             .await
             .unwrap();
@@ -678,7 +678,7 @@ async fn the_simulator_reconnects_to_another_node_like_the_firmware() {
     let prefix = unique_prefix("scale-sim");
     let a = common::start_with(node_config("gw-sim-a", port, &prefix)).await;
     let b = common::start_with(node_config("gw-sim-b", port, &prefix)).await;
-    let config = xiaozhi_gateway::simulator::SimConfig {
+    let config = xiaozhi_tools::simulator::SimConfig {
         mqtt: vec![a.addrs.mqtt, b.addrs.mqtt],
         signature_key: Some(common::KEY.into()),
         devices: 6,
@@ -686,7 +686,7 @@ async fn the_simulator_reconnects_to_another_node_like_the_firmware() {
         first_device: 1300,
         ..Default::default()
     };
-    let sim = tokio::spawn(xiaozhi_gateway::simulator::run(config));
+    let sim = tokio::spawn(xiaozhi_tools::simulator::run(config));
     tokio::time::sleep(Duration::from_secs(2)).await;
     a.shutdown().await;
     let report = sim.await.unwrap();

@@ -14,8 +14,8 @@ use tokio_rustls::TlsConnector;
 use tokio_rustls::rustls::pki_types::ServerName;
 use tokio_rustls::rustls::{ClientConfig, RootCertStore};
 use xiaozhi_gateway::server::Gateway;
-use xiaozhi_gateway::simulator::audio::{frame_index, synthetic_frame};
-use xiaozhi_gateway::simulator::device::SimDevice;
+use xiaozhi_tools::simulator::audio::{frame_index, synthetic_frame};
+use xiaozhi_tools::simulator::device::SimDevice;
 
 struct TlsGateway {
     gw: Gateway,

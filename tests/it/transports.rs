@@ -14,12 +14,12 @@ use xiaozhi_gateway::protocol::audio_channel::Verdict;
 use xiaozhi_gateway::protocol::datagram::HEADER_LEN;
 use xiaozhi_gateway::protocol::gcm_channel::{GcmCipher, GcmReceiver, GcmSealer};
 use xiaozhi_gateway::server::Gateway;
-use xiaozhi_gateway::simulator::audio::{
+use xiaozhi_tools::simulator::audio::{
     QuicHello, ServerHello, SimLink, Transport, frame_index, synthetic_frame,
 };
-use xiaozhi_gateway::simulator::device::{DeviceCredentials, SimDevice};
-use xiaozhi_gateway::simulator::quic::SimQuic;
-use xiaozhi_gateway::simulator::upstream::{MockUpstream, MockUpstreamConfig, parse_reply_frame};
+use xiaozhi_tools::simulator::device::{DeviceCredentials, SimDevice};
+use xiaozhi_tools::simulator::quic::SimQuic;
+use xiaozhi_tools::simulator::upstream::{MockUpstream, MockUpstreamConfig, parse_reply_frame};
 
 const WAIT: Duration = Duration::from_secs(5);
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio::net::UdpSocket;
 use xiaozhi_gateway::protocol::cipher::PacketCipher;
 use xiaozhi_gateway::protocol::datagram::Header;
-use xiaozhi_gateway::simulator::audio::{frame_index, synthetic_frame};
+use xiaozhi_tools::simulator::audio::{frame_index, synthetic_frame};
 
 #[tokio::test]
 async fn hijack_attempts_do_not_move_the_downlink() {

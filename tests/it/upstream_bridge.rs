@@ -9,9 +9,9 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use xiaozhi_gateway::config::Config;
 use xiaozhi_gateway::server::Gateway;
-use xiaozhi_gateway::simulator::audio::{SimAudio, synthetic_frame};
-use xiaozhi_gateway::simulator::device::SimDevice;
-use xiaozhi_gateway::simulator::upstream::{
+use xiaozhi_tools::simulator::audio::{SimAudio, synthetic_frame};
+use xiaozhi_tools::simulator::device::SimDevice;
+use xiaozhi_tools::simulator::upstream::{
     Behavior, MockUpstream, MockUpstreamConfig, parse_reply_frame,
 };
 
@@ -452,17 +452,16 @@ async fn the_turns_simulator_measures_the_relay() {
     .await
     .unwrap();
     let gw = gateway_with(&upstream).await;
-    let report = xiaozhi_gateway::simulator::turns::run_turns(
-        xiaozhi_gateway::simulator::turns::TurnConfig {
+    let report =
+        xiaozhi_tools::simulator::turns::run_turns(xiaozhi_tools::simulator::turns::TurnConfig {
             mqtt: gw.addrs.mqtt,
             signature_key: Some(common::KEY.into()),
             devices: 3,
             duration: Duration::from_millis(1200),
             first_device: 120,
             ..Default::default()
-        },
-    )
-    .await;
+        })
+        .await;
     assert!(report.errors.is_empty(), "{:?}", report.errors);
     assert_eq!(report.conversations, 3);
     assert!(report.turns >= 6, "{report}");

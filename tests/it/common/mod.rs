@@ -12,8 +12,8 @@ use serde_json::{Value, json};
 use xiaozhi_gateway::config::{BrokerRole, BrokerUser, Config};
 use xiaozhi_gateway::protocol::mac::Mac;
 use xiaozhi_gateway::server::Gateway;
-use xiaozhi_gateway::simulator::audio::{ServerHello, SimAudio, synthetic_frame};
-use xiaozhi_gateway::simulator::device::{DeviceCredentials, SimDevice};
+use xiaozhi_tools::simulator::audio::{ServerHello, SimAudio, synthetic_frame};
+use xiaozhi_tools::simulator::device::{DeviceCredentials, SimDevice};
 
 pub const KEY: &str = "test-signature-key";
 pub const ADMIN_USER: &str = "admin";
@@ -159,7 +159,7 @@ pub async fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool 
 /// Whether the mock speech server has seen `n` of its connections closed by the gateway
 /// within 3 s.
 pub async fn upstream_closed(
-    upstream: &xiaozhi_gateway::simulator::upstream::MockUpstream,
+    upstream: &xiaozhi_tools::simulator::upstream::MockUpstream,
     n: u32,
 ) -> bool {
     eventually(Duration::from_secs(3), || {

@@ -16,9 +16,9 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 use super::histogram::{LatencyHistogram, LatencySummary};
-use crate::admin::client::AdminClient;
-use crate::protocol::mac::Mac;
 use crate::simulator::device::{DeviceCredentials, SimDevice};
+use xiaozhi_gateway::admin::client::AdminClient;
+use xiaozhi_gateway::protocol::mac::Mac;
 
 /// What to measure.
 #[derive(Debug, Clone)]
@@ -80,7 +80,7 @@ pub enum CommandsError {
         reason: String,
     },
     #[error("admin client: {0}")]
-    Admin(#[from] crate::admin::client::ClientError),
+    Admin(#[from] xiaozhi_gateway::admin::client::ClientError),
     #[error("the devices did not all answer commands within {0:?} (is admin.enabled on?)")]
     NotReady(Duration),
 }

@@ -18,7 +18,7 @@ use serde_json::{Value, json};
 
 /// The largest downlink Opus payload the firmware can receive: its UDP socket reads into
 /// a 1,500-byte buffer, so a longer datagram arrives truncated and fails the length check.
-pub const MAX_DOWNLINK_PAYLOAD: usize = 1500 - crate::protocol::datagram::HEADER_LEN;
+pub const MAX_DOWNLINK_PAYLOAD: usize = 1500 - xiaozhi_gateway::protocol::datagram::HEADER_LEN;
 
 /// Most glyphs in one `glyph_push` payload.
 pub const MAX_GLYPHS: usize = 64;

@@ -37,15 +37,17 @@ use tokio_util::task::TaskTracker;
 
 use super::histogram::{LatencyHistogram, LatencySummary};
 use super::procstat::{self, CpuShare, ProcSample};
-use crate::protocol::audio_channel::Verdict;
-use crate::protocol::cipher::PacketCipher;
-use crate::protocol::datagram::{HEADER_LEN, Header, MAX_DATAGRAM_LEN, PACKET_TYPE_AUDIO};
-use crate::protocol::gcm_channel::{GcmCipher, GcmReceiver, GcmSealer};
-use crate::protocol::quic_framing::{AUDIO_HEADER_LEN, AudioDatagram};
 use crate::simulator::audio::{ServerHello, Transport};
 use crate::simulator::device::{DeviceCredentials, SimDevice, SimError};
 use crate::simulator::firmware::Firmware;
 use crate::simulator::quic::SimQuic;
+use xiaozhi_gateway::protocol::audio_channel::Verdict;
+use xiaozhi_gateway::protocol::cipher::PacketCipher;
+use xiaozhi_gateway::protocol::datagram::{
+    HEADER_LEN, Header, MAX_DATAGRAM_LEN, PACKET_TYPE_AUDIO,
+};
+use xiaozhi_gateway::protocol::gcm_channel::{GcmCipher, GcmReceiver, GcmSealer};
+use xiaozhi_gateway::protocol::quic_framing::{AUDIO_HEADER_LEN, AudioDatagram};
 
 /// How often a pacer wakes. Tokio's timer has millisecond resolution; 2 ms spreads a
 /// 60 ms frame period over 30 slots.
@@ -884,7 +886,7 @@ impl DeviceContext {
             return Ok(e.clone());
         }
         // Large kernel buffers, as the server has: the tool must not lose what it measures.
-        let endpoint = crate::net::bind_udp(SocketAddr::new(source, 0), 8 << 20, 4 << 20)
+        let endpoint = xiaozhi_gateway::net::bind_udp(SocketAddr::new(source, 0), 8 << 20, 4 << 20)
             .and_then(|socket| {
                 quinn::Endpoint::new(
                     quinn::EndpointConfig::default(),
@@ -1231,7 +1233,7 @@ mod tests {
     #[test]
     fn uplink_datagrams_follow_the_firmware_layout() {
         let key = [7u8; 16];
-        let nonce = crate::protocol::datagram::nonce_template(0xdead_beef);
+        let nonce = xiaozhi_gateway::protocol::datagram::nonce_template(0xdead_beef);
         let std_socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         std_socket.set_nonblocking(true).unwrap();
         let rt = tokio::runtime::Builder::new_current_thread()

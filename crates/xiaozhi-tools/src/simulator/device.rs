@@ -29,8 +29,8 @@ use tokio::task::JoinHandle;
 
 use super::firmware::{Firmware, TextFont, check_server_message};
 use super::mcp::{McpOutcome, SimMcpServer};
-use crate::protocol::credentials::{sign, username_for_ip};
-use crate::protocol::mac::Mac;
+use xiaozhi_gateway::protocol::credentials::{sign, username_for_ip};
+use xiaozhi_gateway::protocol::mac::Mac;
 
 /// The keep-alive the firmware asks for.
 pub const FIRMWARE_KEEP_ALIVE_SECS: u16 = 240;

@@ -1,4 +1,9 @@
 //! xiaozhi-gateway: the device edge for ESP32 voice assistants running xiaozhi firmware.
+//! This crate is the service: drivers, stores, pipelines, HTTP and the bus around the
+//! sans-IO core ([`protocol`], the `xiaozhi-proto` crate). The tools (simulator, bench,
+//! soak) are the `xiaozhi-tools` crate, which depends on this one and never the other way
+//! round; the workspace's root package holds the `xiaozhi-gateway` binary and the
+//! end-to-end tests.
 //!
 //! How data flows:
 //! * Devices hold an MQTT connection to the **device front end** ([`front_end`]),
@@ -21,15 +26,12 @@
 //! * [`history`] records relayed conversations as manager-api's chat history.
 //! * [`http`] serves health checks, the management and calling APIs, history and the
 //!   console; [`metrics`] holds every counter; [`config`] is the one typed configuration;
-//!   [`limits`] and [`tls`] bound and secure what peers may do; [`simulator`] speaks
-//!   exactly as the firmware does, for tests and load; [`bench`] and [`soak`] are the
-//!   measuring tools.
+//!   [`limits`] and [`tls`] bound and secure what peers may do.
 //! * [`server`] wires it all together and owns shutdown; every listener stops the same
 //!   way ([`lifecycle`]), within one grace period.
 
 pub mod admin;
 pub mod audio;
-pub mod bench;
 pub mod broker;
 pub mod calls;
 pub mod config;
@@ -47,6 +49,4 @@ pub mod presence;
 pub mod protocol;
 pub mod server;
 pub mod session;
-pub mod simulator;
-pub mod soak;
 pub mod tls;

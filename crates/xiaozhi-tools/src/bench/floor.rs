@@ -25,9 +25,9 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::protocol::cipher::{KEY_LEN, PacketCipher};
-use crate::protocol::credentials::Verifier;
-use crate::protocol::datagram::{HEADER_LEN, Header, MAX_DATAGRAM_LEN, nonce_template};
+use xiaozhi_gateway::protocol::cipher::{KEY_LEN, PacketCipher};
+use xiaozhi_gateway::protocol::credentials::Verifier;
+use xiaozhi_gateway::protocol::datagram::{HEADER_LEN, Header, MAX_DATAGRAM_LEN, nonce_template};
 
 /// Largest MQTT packet the floor reads (hellos and MCP replies are a few KB).
 const MAX_PACKET: usize = 1 << 20;

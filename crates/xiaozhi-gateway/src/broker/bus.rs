@@ -50,7 +50,7 @@ use crate::net::{BindError, bind_tcp};
 use crate::protocol::topics;
 
 /// The built-in router tunables (`broker-config/router.toml`).
-const DEFAULT_ROUTER_TOML: &str = include_str!("../../broker-config/router.toml");
+const DEFAULT_ROUTER_TOML: &str = include_str!("../../../../broker-config/router.toml");
 
 /// Name of the gateway's own link into the router. Broker-listener clients can never
 /// take it over: their router-side ids carry their role (`admin:<id>`).

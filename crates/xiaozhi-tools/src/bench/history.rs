@@ -13,11 +13,11 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::history::journal::Journal;
-use crate::history::record::{ChatRecord, ChatType, OpusAudio, now_ms};
-use crate::history::store::{Store, StoreError};
-use crate::history::writer::{HistoryWriter, RecordMode, WriterSettings, format_time};
-use crate::metrics::Metrics;
+use xiaozhi_gateway::history::journal::Journal;
+use xiaozhi_gateway::history::record::{ChatRecord, ChatType, OpusAudio, now_ms};
+use xiaozhi_gateway::history::store::{Store, StoreError};
+use xiaozhi_gateway::history::writer::{HistoryWriter, RecordMode, WriterSettings, format_time};
+use xiaozhi_gateway::metrics::Metrics;
 
 /// What to write.
 #[derive(Debug, Clone)]

@@ -65,38 +65,38 @@ pub enum Store {
 const MYSQL_MIGRATIONS: &[(&str, &str)] = &[
     (
         "0001_chat_history",
-        include_str!("../../migrations/mysql/0001_chat_history.sql"),
+        include_str!("../../../../migrations/mysql/0001_chat_history.sql"),
     ),
     (
         "0002_gateway_objects",
-        include_str!("../../migrations/mysql/0002_gateway_objects.sql"),
+        include_str!("../../../../migrations/mysql/0002_gateway_objects.sql"),
     ),
     (
         "0003_fleet_stats_index",
-        include_str!("../../migrations/mysql/0003_fleet_stats_index.sql"),
+        include_str!("../../../../migrations/mysql/0003_fleet_stats_index.sql"),
     ),
     (
         "0004_device_activity_index",
-        include_str!("../../migrations/mysql/0004_device_activity_index.sql"),
+        include_str!("../../../../migrations/mysql/0004_device_activity_index.sql"),
     ),
 ];
 
 const SQLITE_MIGRATIONS: &[(&str, &str)] = &[
     (
         "0001_chat_history",
-        include_str!("../../migrations/sqlite/0001_chat_history.sql"),
+        include_str!("../../../../migrations/sqlite/0001_chat_history.sql"),
     ),
     (
         "0002_gateway_objects",
-        include_str!("../../migrations/sqlite/0002_gateway_objects.sql"),
+        include_str!("../../../../migrations/sqlite/0002_gateway_objects.sql"),
     ),
     (
         "0003_fleet_stats_index",
-        include_str!("../../migrations/sqlite/0003_fleet_stats_index.sql"),
+        include_str!("../../../../migrations/sqlite/0003_fleet_stats_index.sql"),
     ),
     (
         "0004_device_activity_index",
-        include_str!("../../migrations/sqlite/0004_device_activity_index.sql"),
+        include_str!("../../../../migrations/sqlite/0004_device_activity_index.sql"),
     ),
 ];
 

@@ -25,7 +25,7 @@ use super::HttpState;
 
 /// The page's files, embedded at compile time (read from disk in debug builds).
 #[derive(rust_embed::Embed)]
-#[folder = "console/"]
+#[folder = "../../console/"]
 #[exclude = "node_modules/*"]
 #[exclude = "tests/*"]
 #[exclude = "scripts/*"]

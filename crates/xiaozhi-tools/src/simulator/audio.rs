@@ -18,11 +18,13 @@ use tokio::net::UdpSocket;
 
 use super::device::SimError;
 use super::quic::SimQuic;
-use crate::protocol::audio_channel::Verdict;
-use crate::protocol::cipher::PacketCipher;
-use crate::protocol::datagram::{HEADER_LEN, Header, MAX_DATAGRAM_LEN, PACKET_TYPE_AUDIO};
-use crate::protocol::encryption::Encryption;
-use crate::protocol::gcm_channel::{GcmCipher, GcmReceiver, GcmSealer};
+use xiaozhi_gateway::protocol::audio_channel::Verdict;
+use xiaozhi_gateway::protocol::cipher::PacketCipher;
+use xiaozhi_gateway::protocol::datagram::{
+    HEADER_LEN, Header, MAX_DATAGRAM_LEN, PACKET_TYPE_AUDIO,
+};
+use xiaozhi_gateway::protocol::encryption::Encryption;
+use xiaozhi_gateway::protocol::gcm_channel::{GcmCipher, GcmReceiver, GcmSealer};
 
 /// Which audio transport a simulated device asks for in its hello.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]

@@ -15,8 +15,8 @@ use serde_json::Value;
 
 use super::audio::{DownlinkFrame, QuicHello};
 use super::device::SimError;
-use crate::audio::quic::cert::PinnedCert;
-use crate::protocol::quic_framing::{
+use xiaozhi_gateway::audio::quic::cert::PinnedCert;
+use xiaozhi_gateway::protocol::quic_framing::{
     self, ALPN, AudioDatagram, attach_json, control_frame, control_frame_len,
 };
 

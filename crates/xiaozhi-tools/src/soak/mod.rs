@@ -263,7 +263,7 @@ pub async fn run(config: SoakConfig) -> Result<Summary, SoakError> {
     let run_id = format!(
         "{}_{}",
         std::process::id(),
-        crate::history::record::now_ms() / 1000
+        xiaozhi_gateway::history::record::now_ms() / 1000
     );
     let db_name = format!("xz_soak_{run_id}");
     let redis_prefix = format!("xz_soak_{run_id}:");
@@ -697,7 +697,8 @@ fn judge(config: &SoakConfig, summary: &mut Summary) {
 /// Renders `soak.csv` to `soak.png` with the console's Chart.js in Chromium
 /// (best effort: a missing Node.js or Chromium is a warning, not a failure).
 fn plot(dir: &std::path::Path, summary: &Summary) {
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("console/scripts/plot-soak.mjs");
+    let script =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../console/scripts/plot-soak.mjs");
     let title = format!(
         "xiaozhi-gateway soak: {} devices, {:.0} min",
         summary.devices, summary.minutes

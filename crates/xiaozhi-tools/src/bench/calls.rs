@@ -246,7 +246,7 @@ async fn talk(
 /// Runs the bench.
 pub async fn run(config: CallsConfig) -> CallsReport {
     let config = Arc::new(config);
-    let token = crate::http::management::daily_token(
+    let token = xiaozhi_gateway::http::management::daily_token(
         time::OffsetDateTime::now_utc().date(),
         &config.signature_key,
     );
@@ -378,6 +378,9 @@ mod tests {
         assert!(stamp >= before && stamp <= now_micros());
         assert_eq!(u32::from_be_bytes(frame[9..13].try_into().unwrap()), 7);
         assert_eq!(stamp_of(&[TOC, 1, 2]), None);
-        assert_eq!(stamp_of(crate::session::call_leg::SILENCE_FRAME), None);
+        assert_eq!(
+            stamp_of(xiaozhi_gateway::session::call_leg::SILENCE_FRAME),
+            None
+        );
     }
 }

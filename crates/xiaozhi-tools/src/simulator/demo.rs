@@ -17,7 +17,7 @@ use tracing::{debug, info};
 
 use super::audio::{ServerHello, SimAudio, synthetic_frame};
 use super::device::{DeviceCredentials, SimDevice, SimError};
-use crate::history::record::now_ms;
+use xiaozhi_gateway::history::record::now_ms;
 
 /// What the demo's speech server says, turn by turn: Chinese and English, short and
 /// long, so the console shows how it wraps and mixes scripts.
