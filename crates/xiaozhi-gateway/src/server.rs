@@ -754,3 +754,27 @@ async fn start_history(
         writer::HistoryWriter::start(store.clone(), journal, settings, metrics, events, stop);
     Ok((handle, task, store))
 }
+
+/// Resolves at the signal that asks the gateway to stop: SIGINT (Ctrl-C) or SIGTERM (what
+/// `docker stop` and systemd send). `serve` and `demo` wait on it, then call
+/// [`Gateway::shutdown`].
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

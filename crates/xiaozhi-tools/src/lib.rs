@@ -9,7 +9,11 @@
 //!   connects, calls, admin commands, the chat-history writer, and the relay floors.
 //! * [`soak`] runs a gateway process for hours under churn and faults and reports its
 //!   memory, latency and errors over time.
+//! * [`cli`] holds the binary's subcommands that drive a gateway from outside (admin
+//!   commands, the demo, the mock speech server, the simulator, the history benchmark),
+//!   so the binary's `main.rs` stays a thin dispatcher.
 
 pub mod bench;
+pub mod cli;
 pub mod simulator;
 pub mod soak;
