@@ -24,6 +24,8 @@
 //! * The device's MQTT connection ending ends the conversation of *that* connection
 //!   only: a device that reconnected before its old connection was found dead keeps the
 //!   conversation it started on the new one.
+//! * A conversation with no audio either way for `udp.idle_timeout_secs` ends
+//!   ([`idle_end`]; the driver reads the clock and the channel's last activity).
 //! * A conversation is told to end once; the first reason wins.
 //! * Serials only grow, so a conversation task's late "ended" never removes its
 //!   successor.
@@ -301,6 +303,14 @@ impl Conversations {
     }
 }
 
+/// The idle rule, with the clock read by the caller: a conversation (or call leg) with no
+/// audio either way for `timeout_ms` ends with [`EndReason::Idle`]. Times are
+/// milliseconds on one monotonic clock; a last activity stamped after `now_ms` was read
+/// counts as no idle time, never as a huge one.
+pub fn idle_end(last_activity_ms: u64, now_ms: u64, timeout_ms: u64) -> Option<EndReason> {
+    (now_ms.saturating_sub(last_activity_ms) >= timeout_ms).then_some(EndReason::Idle)
+}
+
 /// Decides `reason` for `live` unless an end was decided before.
 fn end(live: &mut Live, reason: EndReason, out: &mut Vec<Decision>) {
     if !live.ending {
@@ -505,6 +515,20 @@ mod tests {
             }]
         );
         assert!(EndReason::Admin.tell_device());
+    }
+
+    #[test]
+    fn no_audio_for_the_timeout_ends_a_conversation_as_idle() {
+        // Activity at 1,000 ms, timeout 5,000 ms.
+        assert_eq!(idle_end(1_000, 1_000, 5_000), None);
+        assert_eq!(idle_end(1_000, 5_999, 5_000), None);
+        assert_eq!(idle_end(1_000, 6_000, 5_000), Some(EndReason::Idle));
+        assert_eq!(idle_end(1_000, u64::MAX, 5_000), Some(EndReason::Idle));
+        // Audio stamped after the clock was read: not idle, and no overflow.
+        assert_eq!(idle_end(9_000, 8_000, 5_000), None);
+        // Never any audio: idle once the timeout has passed since the channel's start.
+        assert_eq!(idle_end(0, 4_999, 5_000), None);
+        assert_eq!(idle_end(0, 5_000, 5_000), Some(EndReason::Idle));
     }
 
     #[test]

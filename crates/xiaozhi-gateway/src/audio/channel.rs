@@ -19,6 +19,7 @@ use crate::audio::quic::QuicDownlink;
 use crate::metrics::Metrics;
 use crate::protocol::cipher::KEY_LEN;
 use crate::protocol::encryption::{ChannelSealer, Encryption};
+use crate::protocol::session::EndReason;
 
 /// A conversation's own control stream to the device (QUIC), preferred over MQTT while
 /// it is open: the JSON side of a channel that has one.
@@ -213,11 +214,14 @@ impl AudioChannel {
         }
     }
 
-    /// Time since the last audio in either direction.
-    pub fn idle_for(&self) -> std::time::Duration {
+    /// Whether the channel has been idle (no audio either way) for `timeout`: the idle
+    /// rule (`xiaozhi_proto::session::idle_end`) fed with this channel's last activity
+    /// and its clock.
+    pub fn idle_end(&self, timeout: std::time::Duration) -> Option<EndReason> {
         let last = self.shared.last_activity_ms.load(Ordering::Relaxed);
         let now = u64::try_from(self.shared.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
-        std::time::Duration::from_millis(now.saturating_sub(last))
+        let timeout = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+        crate::protocol::session::idle_end(last, now, timeout)
     }
 
     /// Traffic so far.

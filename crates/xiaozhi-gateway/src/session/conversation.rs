@@ -180,7 +180,7 @@ pub(crate) async fn run(deps: Arc<SessionDeps>, start: ConversationStart) -> End
             let mut tick = tokio::time::interval(IDLE_CHECK);
             loop {
                 tick.tick().await;
-                if channel.idle_for() >= idle_timeout {
+                if channel.idle_end(idle_timeout).is_some() {
                     break;
                 }
             }
@@ -472,8 +472,8 @@ async fn run_leg(
             },
             Some(_) = io.control.recv() => Metrics::inc(&metrics.call_control_ignored),
             _ = tick.tick() => {
-                if channel.idle_for() >= ends.idle_timeout {
-                    break EndReason::Idle;
+                if let Some(reason) = channel.idle_end(ends.idle_timeout) {
+                    break reason;
                 }
             }
             () = channel.device_left() => break EndReason::DeviceClosedTransport,
