@@ -105,11 +105,7 @@ impl FrontEnd {
         life: Lifecycle,
     ) {
         let mut backoff = Duration::from_millis(5);
-        loop {
-            let accepted = tokio::select! {
-                _ = life.accepting_stopped() => break,
-                r = listener.accept() => r,
-            };
+        while let Some(accepted) = life.until_stopped(listener.accept()).await {
             let (stream, remote) = match accepted {
                 Ok(a) => {
                     backoff = Duration::from_millis(5);

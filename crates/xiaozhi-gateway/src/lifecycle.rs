@@ -49,6 +49,12 @@ impl Lifecycle {
         self.stop_accepting.cancelled()
     }
 
+    /// Runs `accept` (a listener's next accept) unless the listener must stop accepting
+    /// first; `None` then. Every accept loop reads `while let Some(accepted) = ...`.
+    pub async fn until_stopped<F: Future>(&self, accept: F) -> Option<F::Output> {
+        self.stop_accepting.run_until_cancelled(accept).await
+    }
+
     /// Whether the listener must stop accepting.
     pub fn is_stopping(&self) -> bool {
         self.stop_accepting.is_cancelled()
@@ -143,6 +149,21 @@ mod tests {
         life.close_connections();
         assert!(life.wait().await);
         assert_eq!(closed_rx.recv().await, Some("connection"));
+    }
+
+    #[tokio::test]
+    async fn an_accept_runs_until_the_listener_must_stop() {
+        let life = Lifecycle::new();
+        assert_eq!(life.until_stopped(async { 7 }).await, Some(7));
+        // An accept that is waiting when the signal comes ends with None.
+        let waiting = life.clone();
+        let accept =
+            tokio::spawn(async move { waiting.until_stopped(std::future::pending::<()>()).await });
+        tokio::task::yield_now().await;
+        life.begin_shutdown(Instant::now() + Duration::from_secs(5));
+        assert_eq!(accept.await.unwrap(), None);
+        // After it, an accept that would succeed is not run.
+        assert_eq!(life.until_stopped(async { 7 }).await, None);
     }
 
     #[tokio::test]

@@ -163,28 +163,31 @@ impl BrokerListener {
         tls: Option<TlsAcceptor>,
         life: Lifecycle,
     ) {
-        loop {
-            tokio::select! {
-                _ = life.accepting_stopped() => break,
-                accepted = listener.accept() => match accepted {
-                    Ok((stream, peer)) => {
-                        let Ok(slot) = self.slots.clone().try_acquire_owned() else {
-                            Metrics::inc(&self.metrics.broker_connections_refused_limit);
-                            debug!(%peer, "broker listener full; socket closed");
-                            continue;
-                        };
-                        let _ = stream.set_nodelay(true);
-                        life.spawn(self.clone().serve(stream, tls.clone(), peer, slot, life.close_signal()));
-                        if !self.settings.next_connection_delay.is_zero() {
-                            tokio::time::sleep(self.settings.next_connection_delay).await;
-                        }
+        while let Some(accepted) = life.until_stopped(listener.accept()).await {
+            match accepted {
+                Ok((stream, peer)) => {
+                    let Ok(slot) = self.slots.clone().try_acquire_owned() else {
+                        Metrics::inc(&self.metrics.broker_connections_refused_limit);
+                        debug!(%peer, "broker listener full; socket closed");
+                        continue;
+                    };
+                    let _ = stream.set_nodelay(true);
+                    life.spawn(self.clone().serve(
+                        stream,
+                        tls.clone(),
+                        peer,
+                        slot,
+                        life.close_signal(),
+                    ));
+                    if !self.settings.next_connection_delay.is_zero() {
+                        tokio::time::sleep(self.settings.next_connection_delay).await;
                     }
-                    Err(e) => {
-                        // Out of file descriptors and the like: do not spin.
-                        warn!(error = %e, "broker listener cannot accept");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                },
+                }
+                Err(e) => {
+                    // Out of file descriptors and the like: do not spin.
+                    warn!(error = %e, "broker listener cannot accept");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
             }
         }
     }
