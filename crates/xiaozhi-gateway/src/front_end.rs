@@ -104,21 +104,7 @@ impl FrontEnd {
         tls: Option<TlsAcceptor>,
         life: Lifecycle,
     ) {
-        let mut backoff = Duration::from_millis(5);
-        while let Some(accepted) = life.until_stopped(listener.accept()).await {
-            let (stream, remote) = match accepted {
-                Ok(a) => {
-                    backoff = Duration::from_millis(5);
-                    a
-                }
-                Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    warn!(error = %e, "accept failed; backing off {backoff:?}");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(1));
-                    continue;
-                }
-            };
+        while let Some((stream, remote)) = life.accept(&listener, "device MQTT").await {
             let slot = match self.admission.admit(remote.ip()) {
                 Ok(slot) => slot,
                 Err((why, first)) => {

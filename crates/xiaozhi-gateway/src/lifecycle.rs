@@ -22,11 +22,16 @@
 //! (health, metrics, readiness saying "shutting down") until the end.
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
 
 use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 use tokio_util::task::TaskTracker;
+use tracing::warn;
 
 /// Shared by a set of listeners and the gateway that stops them; cheap to clone.
 #[derive(Clone, Debug, Default)]
@@ -53,6 +58,28 @@ impl Lifecycle {
     /// first; `None` then. Every accept loop reads `while let Some(accepted) = ...`.
     pub async fn until_stopped<F: Future>(&self, accept: F) -> Option<F::Output> {
         self.stop_accepting.run_until_cancelled(accept).await
+    }
+
+    /// The listener's next connection, or `None` once it must stop accepting. Accept
+    /// errors (out of file descriptors and the like) are logged and retried after a
+    /// backoff that doubles from 5 ms to 1 s, so a listener never spins. `listener_name`
+    /// names it in the log.
+    pub async fn accept(
+        &self,
+        listener: &TcpListener,
+        listener_name: &'static str,
+    ) -> Option<(TcpStream, SocketAddr)> {
+        let mut backoff = Duration::from_millis(5);
+        loop {
+            match self.until_stopped(listener.accept()).await? {
+                Ok(accepted) => return Some(accepted),
+                Err(e) => {
+                    warn!(listener = listener_name, error = %e, "accept failed; backing off {backoff:?}");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+            }
+        }
     }
 
     /// Whether the listener must stop accepting.

@@ -56,20 +56,7 @@ pub async fn serve(
 ) {
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     let mut warned = OffenderLog::new(Duration::from_secs(600), 4096);
-    let mut backoff = Duration::from_millis(5);
-    while let Some(accepted) = life.until_stopped(listener.accept()).await {
-        let (stream, remote) = match accepted {
-            Ok(a) => {
-                backoff = Duration::from_millis(5);
-                a
-            }
-            Err(e) => {
-                warn!(error = %e, "HTTP accept failed; backing off {backoff:?}");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(1));
-                continue;
-            }
-        };
+    while let Some((stream, remote)) = life.accept(&listener, "HTTP").await {
         let Ok(permit) = permits.clone().try_acquire_owned() else {
             Metrics::inc(&metrics.http_rejected_connection_limit);
             if warned.should_warn(remote.ip(), std::time::Instant::now()) {
