@@ -12,7 +12,7 @@ use std::time::Duration;
 use clap::{Args, Subcommand};
 
 use super::commands::{self, CommandsConfig};
-use super::echo_upstream::EchoUpstream;
+use super::echo_upstream::{EchoUpstream, Turns};
 use super::floor::{Floor, FloorConfig};
 use super::load::{self, LoadConfig};
 
@@ -187,6 +187,11 @@ pub struct FloorArgs {
 pub struct UpstreamArgs {
     #[arg(long, default_value = "127.0.0.1:18900")]
     listen: SocketAddr,
+    /// Play conversation turns so chat history records something: `S` or `A-B`
+    /// seconds of uplink per utterance (then `stt`, a new `tts sentence_start`, and the
+    /// echo as that sentence's audio). Off by default: audio is only echoed.
+    #[arg(long, value_name = "SECS")]
+    turn_secs: Option<Turns>,
 }
 
 /// Runs a bench subcommand to completion.
@@ -340,7 +345,7 @@ fn run_upstream(args: UpstreamArgs) -> ExitCode {
         Err(code) => return code,
     };
     rt.block_on(async {
-        let upstream = match EchoUpstream::start(args.listen).await {
+        let upstream = match EchoUpstream::start_with_turns(args.listen, args.turn_secs).await {
             Ok(u) => u,
             Err(e) => {
                 eprintln!("error: cannot listen on {}: {e}", args.listen);

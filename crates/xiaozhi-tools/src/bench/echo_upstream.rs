@@ -18,8 +18,16 @@
 //!   stamps its send time into them). Frames shorter than the header, or whose length
 //!   field runs past the end, are counted as bad and skipped.
 //!
-//! It deliberately does not check tokens or headers, pace its replies, play turns
-//! (`stt`, `tts`, ...), parse binary frames beyond their header, or log per frame.
+//! With [`Turns`] set (`bench upstream --turn-secs 3-6`) it also plays conversation
+//! turns the way xiaozhi-server does in realtime listening, so that chat history has
+//! something to record: after every few seconds of uplink audio (a length drawn per
+//! turn from the range, counted in uplink frames of the hello's `frame_duration`) it
+//! sends `tts stop` (ending the previous turn), `stt` with a text, `tts start` and
+//! `tts sentence_start` with a text, and the echoed audio that follows is that
+//! sentence's audio. Speech is continuous: every uplink frame belongs to an utterance.
+//!
+//! It deliberately does not check tokens or headers, pace its replies, parse binary
+//! frames beyond their header, or log per frame.
 //!
 //! Cost per frame: one task per connection reads every message that is already buffered,
 //! queues a reply for each (one allocation per reply) and flushes once when no further
@@ -71,6 +79,40 @@ pub struct EchoUpstreamStats {
     pub bad_frames: u64,
     /// Text frames received (`hello`, `goodbye` and every ignored one).
     pub text_in: u64,
+    /// Turns played (`stt` + `sentence_start` sent), with [`Turns`] set.
+    pub turns: u64,
+}
+
+/// Conversation turns the upstream plays (see the module documentation).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Turns {
+    /// Shortest utterance, in seconds.
+    pub min_secs: f64,
+    /// Longest utterance, in seconds.
+    pub max_secs: f64,
+}
+
+impl std::str::FromStr for Turns {
+    type Err = String;
+
+    /// `S` (every turn S seconds) or `A-B` (each turn between A and B seconds).
+    fn from_str(s: &str) -> Result<Turns, String> {
+        let (a, b) = s.split_once('-').unwrap_or((s, s));
+        let parse = |v: &str| {
+            v.trim()
+                .parse::<f64>()
+                .ok()
+                .filter(|v| v.is_finite() && *v >= 0.1)
+                .ok_or_else(|| format!("{v:?}: want seconds >= 0.1"))
+        };
+        let (min_secs, max_secs) = (parse(a)?, parse(b)?);
+        if min_secs > max_secs {
+            return Err(format!(
+                "{s:?}: the shortest turn is longer than the longest"
+            ));
+        }
+        Ok(Turns { min_secs, max_secs })
+    }
 }
 
 /// The shared counters behind [`EchoUpstreamStats`].
@@ -82,6 +124,7 @@ struct Counters {
     frames_out: AtomicU64,
     bad_frames: AtomicU64,
     text_in: AtomicU64,
+    turns: AtomicU64,
 }
 
 /// A running echo upstream. Dropping it cancels every task; [`stop`](Self::stop) also
@@ -96,6 +139,14 @@ pub struct EchoUpstream {
 impl EchoUpstream {
     /// Binds and starts serving in the background (tokio::spawn on the current runtime).
     pub async fn start(listen: SocketAddr) -> std::io::Result<EchoUpstream> {
+        Self::start_with_turns(listen, None).await
+    }
+
+    /// Like [`start`](Self::start), playing `turns` on every connection when set.
+    pub async fn start_with_turns(
+        listen: SocketAddr,
+        turns: Option<Turns>,
+    ) -> std::io::Result<EchoUpstream> {
         let listener = TcpListener::bind(listen).await?;
         let addr = listener.local_addr()?;
         let counters = Arc::new(Counters::default());
@@ -103,6 +154,7 @@ impl EchoUpstream {
         let tasks = TaskTracker::new();
         tasks.spawn(accept_loop(
             listener,
+            turns,
             counters.clone(),
             cancel.clone(),
             tasks.clone(),
@@ -136,6 +188,7 @@ impl EchoUpstream {
             frames_out: load(&c.frames_out),
             bad_frames: load(&c.bad_frames),
             text_in: load(&c.text_in),
+            turns: load(&c.turns),
         }
     }
 
@@ -165,6 +218,7 @@ impl Drop for EchoUpstream {
 
 async fn accept_loop(
     listener: TcpListener,
+    turns: Option<Turns>,
     counters: Arc<Counters>,
     cancel: CancellationToken,
     tasks: TaskTracker,
@@ -177,7 +231,7 @@ async fn accept_loop(
         };
         match accepted {
             Ok((tcp, _peer)) => {
-                tasks.spawn(connection(tcp, counters.clone(), cancel.clone()));
+                tasks.spawn(connection(tcp, turns, counters.clone(), cancel.clone()));
             }
             Err(e) => {
                 // Out of file descriptors and the like: back off a little.
@@ -210,7 +264,12 @@ enum End {
     Goodbye,
 }
 
-async fn connection(tcp: TcpStream, counters: Arc<Counters>, cancel: CancellationToken) {
+async fn connection(
+    tcp: TcpStream,
+    turns: Option<Turns>,
+    counters: Arc<Counters>,
+    cancel: CancellationToken,
+) {
     let _ = tcp.set_nodelay(true);
     let config = WebSocketConfig::default()
         .read_buffer_size(BUFFER_SIZE)
@@ -238,7 +297,10 @@ async fn connection(tcp: TcpStream, counters: Arc<Counters>, cancel: Cancellatio
     counters.open.fetch_add(1, Ordering::Relaxed);
     let _open = OpenGuard(&counters.open);
 
-    let mut conn = Conn::default();
+    let mut conn = Conn {
+        turns,
+        ..Conn::default()
+    };
     let end = tokio::select! {
         biased;
         () = cancel.cancelled() => None,
@@ -274,7 +336,23 @@ struct Conn {
     frames_out: u64,
     bad_frames: u64,
     text_in: u64,
+    /// Turns played on this connection.
+    turns_played: u64,
+    /// Turns played since the last publish.
+    turns_new: u64,
+    /// The turns to play, if any.
+    turns: Option<Turns>,
+    /// Uplink frame duration the hello announced, in milliseconds.
+    frame_ms: u32,
+    /// Uplink frames left in the current utterance (0: the first turn starts with the
+    /// next frame).
+    frames_left: u32,
 }
+
+/// Text of every `stt` the upstream sends.
+const STT_TEXT: &str = "今天天气怎么样";
+/// Text of every `sentence_start` the upstream sends.
+const SENTENCE_TEXT: &str = "今天是晴天，气温二十度左右，适合出门散步。";
 
 impl Conn {
     /// Reads and answers until the connection ends or the gateway says goodbye.
@@ -316,6 +394,10 @@ impl Conn {
                     return None;
                 };
                 self.frames_in += 1;
+                if let Err(e) = self.next_turn(ws).await {
+                    tracing::debug!(error = %e, "echo upstream: send failed");
+                    return Some(End::Closed);
+                }
                 if let Err(e) = ws.feed(Message::Binary(reply)).await {
                     tracing::debug!(error = %e, "echo upstream: send failed");
                     return Some(End::Closed);
@@ -330,6 +412,12 @@ impl Conn {
                 };
                 match v.get("type").and_then(Value::as_str) {
                     Some("hello") => {
+                        self.frame_ms = v
+                            .pointer("/audio_params/frame_duration")
+                            .and_then(Value::as_u64)
+                            .and_then(|ms| u32::try_from(ms).ok())
+                            .filter(|ms| *ms > 0)
+                            .unwrap_or(60);
                         let reply = hello_reply(v.get_mut("audio_params").map(Value::take));
                         if let Err(e) = ws.feed(Message::text(reply)).await {
                             tracing::debug!(error = %e, "echo upstream: send failed");
@@ -344,6 +432,46 @@ impl Conn {
             // Pings are answered by tungstenite; after a close frame the stream ends.
             _ => None,
         }
+    }
+
+    /// Counts an uplink frame against the current utterance; when it is the first of a
+    /// new one, queues the turn's messages (previous sentence's end, `stt`, the new
+    /// sentence) ahead of the frame's echo.
+    async fn next_turn(
+        &mut self,
+        ws: &mut Ws,
+    ) -> Result<(), tokio_tungstenite::tungstenite::Error> {
+        let Some(turns) = self.turns else {
+            return Ok(());
+        };
+        if self.frames_left > 0 {
+            self.frames_left -= 1;
+            return Ok(());
+        }
+        let secs = if turns.max_secs > turns.min_secs {
+            rand::random_range(turns.min_secs..=turns.max_secs)
+        } else {
+            turns.min_secs
+        };
+        let frame_ms = f64::from(self.frame_ms.max(1));
+        self.frames_left = ((secs * 1000.0 / frame_ms).round() as u32).max(1) - 1;
+        if self.turns_played > 0 {
+            ws.feed(Message::text(r#"{"type":"tts","state":"stop"}"#))
+                .await?;
+            ws.feed(Message::text(
+                json!({"type": "stt", "text": STT_TEXT}).to_string(),
+            ))
+            .await?;
+        }
+        ws.feed(Message::text(r#"{"type":"tts","state":"start"}"#))
+            .await?;
+        ws.feed(Message::text(
+            json!({"type": "tts", "state": "sentence_start", "text": SENTENCE_TEXT}).to_string(),
+        ))
+        .await?;
+        self.turns_played += 1;
+        self.turns_new += 1;
+        Ok(())
     }
 
     /// The downlink answer to an uplink frame, or `None` if its header is bad.
@@ -370,6 +498,7 @@ impl Conn {
             (&mut self.frames_out, &counters.frames_out),
             (&mut self.bad_frames, &counters.bad_frames),
             (&mut self.text_in, &counters.text_in),
+            (&mut self.turns_new, &counters.turns),
         ] {
             if *local != 0 {
                 shared.fetch_add(std::mem::take(local), Ordering::Relaxed);
@@ -613,5 +742,60 @@ mod tests {
             .expect("stop timed out")
             .expect("stop panicked");
         assert!(started.elapsed() < Duration::from_secs(2));
+    }
+
+    #[tokio::test]
+    async fn turns_interleave_stt_and_sentences_with_the_echo() {
+        let up = EchoUpstream::start_with_turns(
+            ([127, 0, 0, 1], 0).into(),
+            Some("0.12".parse().expect("turns")),
+        )
+        .await
+        .expect("bind");
+        let mut ws = connect(&up).await;
+        hello(&mut ws, json!({"format": "opus", "frame_duration": 60})).await;
+        for i in 0..5u32 {
+            ws.feed(Message::binary(uplink(i, b"opus")))
+                .await
+                .expect("feed");
+        }
+        ws.flush().await.expect("flush");
+        // Two 60 ms frames per turn: each turn opens with its messages.
+        let mut seen = Vec::new();
+        for _ in 0..(5 + 2 + 4 * 2) {
+            seen.push(match recv(&mut ws).await {
+                Message::Text(t) => {
+                    let v: Value = serde_json::from_str(t.as_str()).expect("json");
+                    format!(
+                        "{}{}",
+                        v["type"].as_str().unwrap_or("?"),
+                        v["state"]
+                            .as_str()
+                            .map(|s| format!(" {s}"))
+                            .unwrap_or_default()
+                    )
+                }
+                other => format!("audio {}", downlink(other).1),
+            });
+        }
+        let turn = ["tts stop", "stt", "tts start", "tts sentence_start"];
+        let mut want = vec!["tts start", "tts sentence_start", "audio 0", "audio 1"];
+        want.extend(turn);
+        want.extend(["audio 2", "audio 3"]);
+        want.extend(turn);
+        want.push("audio 4");
+        assert_eq!(seen, want);
+        eventually(&up, |s| s.turns == 3 && s.frames_in == 5).await;
+        assert!("5-3".parse::<Turns>().is_err());
+        assert!("0".parse::<Turns>().is_err());
+        assert_eq!(
+            "3-6".parse::<Turns>(),
+            Ok(Turns {
+                min_secs: 3.0,
+                max_secs: 6.0
+            })
+        );
+        drop(ws);
+        up.stop().await;
     }
 }
