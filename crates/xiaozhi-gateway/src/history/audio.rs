@@ -18,6 +18,8 @@
 
 use opus::{Channels, Decoder};
 
+use super::opus_packets::OpusPackets;
+
 /// Sample rate of the stored WAV files (what manager-api expects).
 pub const WAV_SAMPLE_RATE: u32 = 16_000;
 
@@ -98,7 +100,7 @@ pub fn packet_samples_48k(packet: &[u8]) -> Option<u32> {
 /// is kept is always a contiguous prefix of the utterance.
 #[derive(Debug, Clone)]
 pub struct TurnAudio {
-    packets: Vec<Vec<u8>>,
+    packets: OpusPackets,
     samples_48k: u64,
     bytes: u64,
     last_packet_48k: u32,
@@ -118,7 +120,7 @@ impl TurnAudio {
     /// An empty recording capped at `max_secs` seconds (0 keeps nothing).
     pub fn new(max_secs: u32) -> Self {
         Self {
-            packets: Vec::new(),
+            packets: OpusPackets::default(),
             samples_48k: 0,
             bytes: 0,
             last_packet_48k: DEFAULT_PACKET_SAMPLES_48K,
@@ -144,7 +146,7 @@ impl TurnAudio {
         self.last_packet_48k = samples;
         self.samples_48k += u64::from(samples);
         self.bytes += len;
-        self.packets.push(packet.to_vec());
+        self.packets.push(packet);
     }
 
     /// Duration of the recorded packets, in milliseconds (rounded down); equals the
@@ -169,7 +171,7 @@ impl TurnAudio {
     }
 
     /// Takes the recorded packets and starts over (empty, dropped count reset, same cap).
-    pub fn take(&mut self) -> Vec<Vec<u8>> {
+    pub fn take(&mut self) -> OpusPackets {
         let fresh = Self {
             max_samples_48k: self.max_samples_48k,
             max_bytes: self.max_bytes,
@@ -242,16 +244,18 @@ pub fn encode_wav(pcm: &[i16], sample_rate: u32) -> Vec<u8> {
 /// `input_sample_rate` (the rate the `hello` announced) is only logged. A packet that
 /// does not decode becomes packet-loss concealment (or, failing that, silence) for the
 /// duration its TOC announces, see the module documentation.
-pub fn opus_to_wav<P: AsRef<[u8]>>(
-    packets: &[P],
-    input_sample_rate: u32,
-) -> Result<Wav, AudioError> {
+pub fn opus_to_wav<I>(packets: I, input_sample_rate: u32) -> Result<Wav, AudioError>
+where
+    I: IntoIterator + Clone,
+    I::Item: AsRef<[u8]>,
+{
     let mut decoder = Decoder::new(WAV_SAMPLE_RATE, Channels::Mono)?;
     let mut pcm = [0i16; MAX_PACKET_SAMPLES];
 
     let mut last_packet_48k = DEFAULT_PACKET_SAMPLES_48K;
     let expected_samples: usize = packets
-        .iter()
+        .clone()
+        .into_iter()
         .map(|p| {
             last_packet_48k = packet_samples_48k(p.as_ref()).unwrap_or(last_packet_48k);
             last_packet_48k as usize / 3
@@ -264,6 +268,7 @@ pub fn opus_to_wav<P: AsRef<[u8]>>(
     let mut last_packet_48k = DEFAULT_PACKET_SAMPLES_48K;
     for packet in packets {
         let packet = packet.as_ref();
+        let seen = decoded + concealed;
         let toc_samples = packet_samples_48k(packet);
         let want = toc_samples.unwrap_or(last_packet_48k) as usize / 3;
         last_packet_48k = toc_samples.unwrap_or(last_packet_48k);
@@ -287,7 +292,7 @@ pub fn opus_to_wav<P: AsRef<[u8]>>(
         };
         if bytes.len() - WAV_HEADER_LEN + n * 2 > MAX_WAV_DATA_LEN {
             tracing::warn!(
-                packets = packets.len(),
+                packets = seen,
                 "opus_to_wav: audio exceeds what a WAV file can hold; truncated"
             );
             break;
@@ -302,7 +307,6 @@ pub fn opus_to_wav<P: AsRef<[u8]>>(
     let duration_ms = (data_len / 2) as u64 * 1000 / u64::from(WAV_SAMPLE_RATE);
     tracing::debug!(
         input_sample_rate,
-        packets = packets.len(),
         decoded,
         concealed,
         duration_ms,

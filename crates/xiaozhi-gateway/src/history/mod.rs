@@ -1,5 +1,7 @@
 //! Chat history: recording conversations, storing them, querying them.
 //!
+//! * [`opus_packets`]: an utterance's Opus frames in one buffer (no allocation per
+//!   frame).
 //! * [`recorder`]: per conversation, turns relayed traffic (stt, tts sentences, tool
 //!   calls, uplink and downlink Opus) into [`record::ChatRecord`]s.
 //! * [`writer`]: one task behind a bounded queue that batches records into
@@ -10,6 +12,7 @@
 
 pub mod audio;
 pub mod journal;
+pub mod opus_packets;
 pub mod query;
 pub mod record;
 pub mod recorder;

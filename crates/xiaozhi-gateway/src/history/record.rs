@@ -9,6 +9,8 @@
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
+use super::opus_packets::OpusPackets;
+
 /// `ai_agent_chat_history.chat_type`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(into = "u8", try_from = "u8")]
@@ -45,7 +47,7 @@ pub struct OpusAudio {
     /// Sample rate the sender announced (the decoder outputs 16 kHz whatever it is).
     pub sample_rate: u32,
     /// Opus packets in order.
-    pub packets: Vec<Vec<u8>>,
+    pub packets: OpusPackets,
 }
 
 /// One row to be (with its audio).

@@ -9,12 +9,15 @@
 //!   server sends the device, and one per result the device returns.
 //!
 //! The recorder never blocks the relay: it builds records and hands them to the writer's
-//! queue.
+//! queue. Recording a frame allocates nothing in steady state: each utterance's frames
+//! go into one [`OpusPackets`] buffer, sized from the previous utterance's, so the
+//! buffers are allocated once per utterance, not once per frame.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 
 use serde_json::{Value, json};
 
+use super::opus_packets::OpusPackets;
 use super::record::{ChatRecord, ChatType, OpusAudio, now_ms};
 use super::writer::HistoryHandle;
 
@@ -26,17 +29,29 @@ pub struct ConversationRecorder {
     uplink_rate: u32,
     downlink_rate: u32,
     max_packets: usize,
-    user_audio: VecDeque<Vec<u8>>,
+    user_audio: OpusPackets,
     user_started_ms: Option<i64>,
     sentence: Option<Sentence>,
     /// `tools/call` requests waiting for their result: id -> tool name.
     tool_calls: HashMap<String, String>,
+    /// Buffer sizes (bytes, packets) the last sentence grew to.
+    last_sentence: (usize, usize),
 }
 
 struct Sentence {
     text: String,
     started_ms: i64,
-    packets: Vec<Vec<u8>>,
+    packets: OpusPackets,
+}
+
+/// Most room, in bytes and packets, a new utterance starts with (about 30 s of 60 ms
+/// frames): one long utterance must not keep a conversation's buffers large.
+const MAX_START_ROOM: (usize, usize) = (64 * 1024, 512);
+
+/// Empty packets with room for what `like` held (up to [`MAX_START_ROOM`]), so an
+/// utterance as long as the last one records without growing its buffers.
+fn sized_like((bytes, packets): (usize, usize)) -> OpusPackets {
+    OpusPackets::with_capacity(bytes.min(MAX_START_ROOM.0), packets.min(MAX_START_ROOM.1))
 }
 
 impl ConversationRecorder {
@@ -56,10 +71,11 @@ impl ConversationRecorder {
             uplink_rate,
             downlink_rate,
             max_packets: max_packets.max(1),
-            user_audio: VecDeque::new(),
+            user_audio: OpusPackets::default(),
             user_started_ms: None,
             sentence: None,
             tool_calls: HashMap::new(),
+            last_sentence: (0, 0),
         }
     }
 
@@ -69,7 +85,7 @@ impl ConversationRecorder {
             self.user_audio.pop_front();
         }
         self.user_started_ms.get_or_insert_with(now_ms);
-        self.user_audio.push_back(opus.to_vec());
+        self.user_audio.push(opus);
     }
 
     /// A downlink Opus frame from the speech server.
@@ -77,7 +93,7 @@ impl ConversationRecorder {
         if let Some(sentence) = &mut self.sentence
             && sentence.packets.len() < self.max_packets
         {
-            sentence.packets.push(opus.to_vec());
+            sentence.packets.push(opus);
         }
     }
 
@@ -94,7 +110,8 @@ impl ConversationRecorder {
         match (kind, message.get("state").and_then(Value::as_str)) {
             ("stt", _) => {
                 if let Some(text) = text.filter(|t| !t.trim().is_empty()) {
-                    let packets: Vec<Vec<u8>> = self.user_audio.drain(..).collect();
+                    let next = sized_like(self.user_audio.capacity());
+                    let packets = std::mem::replace(&mut self.user_audio, next);
                     let at = self.user_started_ms.take().unwrap_or_else(now_ms);
                     let audio = (!packets.is_empty()).then_some(OpusAudio {
                         sample_rate: self.uplink_rate,
@@ -109,7 +126,7 @@ impl ConversationRecorder {
                     self.sentence = Some(Sentence {
                         text: text.to_owned(),
                         started_ms: now_ms(),
-                        packets: Vec::new(),
+                        packets: sized_like(self.last_sentence),
                     });
                 }
             }
@@ -167,6 +184,7 @@ impl ConversationRecorder {
 
     fn finish_sentence(&mut self) {
         if let Some(sentence) = self.sentence.take() {
+            self.last_sentence = sentence.packets.capacity();
             let audio = (!sentence.packets.is_empty()).then_some(OpusAudio {
                 sample_rate: self.downlink_rate,
                 packets: sentence.packets,

@@ -89,13 +89,14 @@ pub async fn run(config: BenchConfig) -> Result<BenchReport, String> {
         metrics.clone(),
         events,
         stop.clone(),
-    );
+    )
+    .map_err(|e| e.to_string())?;
     let frame = crate::simulator::audio::synthetic_frame(0, 60);
     let started = Instant::now();
     for i in 0..config.records {
         let audio = (config.audio_frames > 0).then(|| OpusAudio {
             sample_rate: 16_000,
-            packets: vec![frame.clone(); config.audio_frames as usize],
+            packets: std::iter::repeat_n(&frame, config.audio_frames as usize).collect(),
         });
         let record = ChatRecord::new(
             // 100 devices taking turns, as a fleet does.
