@@ -587,6 +587,9 @@ pub struct HistoryConfig {
     pub retry_secs: u64,
     /// Most audio kept per utterance, in seconds.
     pub max_utterance_secs: u64,
+    /// Threads that decode recorded Opus to WAV, at low priority (see
+    /// `history::decoder`); default: half the cores, at least one.
+    pub decode_threads: usize,
     /// Bearer token of the history API and the `/ws/admin` feed; unset: they are off.
     pub api_token: Option<String>,
     /// Delete audio older than this many days (0: keep forever).
@@ -688,6 +691,8 @@ impl Default for HistoryConfig {
             write_timeout_ms: 5_000,
             retry_secs: 5,
             max_utterance_secs: 120,
+            decode_threads: std::thread::available_parallelism()
+                .map_or(1, |n| (n.get() / 2).max(1)),
             api_token: None,
             retention_audio_days: 0,
             retention_text_days: 0,
@@ -1140,6 +1145,7 @@ impl Config {
             ("mcp.max_tools", self.mcp.max_tools),
             ("history.queue", self.history.queue),
             ("history.batch", self.history.batch),
+            ("history.decode_threads", self.history.decode_threads),
             ("mcp.max_pending", self.mcp.max_pending),
             ("admin.max_in_flight", self.admin.max_in_flight),
             ("http.max_body_bytes", self.http.max_body_bytes),

@@ -749,9 +749,11 @@ async fn start_history(
         retry_interval: Duration::from_secs(h.retry_secs),
         mode: h.mode,
         utc_offset_minutes: h.utc_offset_minutes,
+        decode_threads: h.decode_threads,
     };
     let (handle, task) =
-        writer::HistoryWriter::start(store.clone(), journal, settings, metrics, events, stop);
+        writer::HistoryWriter::start(store.clone(), journal, settings, metrics, events, stop)
+            .map_err(|e| StartError::History(format!("cannot start the decoding threads: {e}")))?;
     Ok((handle, task, store))
 }
 

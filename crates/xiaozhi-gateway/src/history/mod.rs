@@ -5,12 +5,14 @@
 //! * [`recorder`]: per conversation, turns relayed traffic (stt, tts sentences, tool
 //!   calls, uplink and downlink Opus) into [`record::ChatRecord`]s.
 //! * [`writer`]: one task behind a bounded queue that batches records into
-//!   transactions, applies each device's `chat_history_conf`, decodes audio
-//!   ([`audio`]) and falls back to the on-disk [`journal`] while the database is away.
+//!   transactions, applies each device's `chat_history_conf`, has audio decoded
+//!   ([`audio`]) on low-priority threads ([`decoder`]) and falls back to the on-disk
+//!   [`journal`] while the database is away.
 //! * [`store`]: manager-api's tables in MySQL/MariaDB, or the same schema in SQLite.
 //! * [`query`]: reading it back for the history API (keyset-paged, both backends).
 
 pub mod audio;
+pub mod decoder;
 pub mod journal;
 pub mod opus_packets;
 pub mod query;

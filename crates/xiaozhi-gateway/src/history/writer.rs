@@ -20,7 +20,8 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::audio::opus_to_wav;
+use super::audio::{WAV_HEADER_LEN, packet_samples_48k};
+use super::decoder::WavDecoder;
 use super::journal::Journal;
 use super::record::{ChatRecord, OpusAudio};
 use super::store::{DevicePolicy, Store, StoreError, StoredRecord};
@@ -39,6 +40,8 @@ pub struct WriterSettings {
     pub mode: RecordMode,
     /// Offset of the time zone `created_at` is written in, minutes east of UTC.
     pub utc_offset_minutes: i32,
+    /// Threads that decode recorded audio to WAV (`history.decode_threads`).
+    pub decode_threads: usize,
 }
 
 impl Default for WriterSettings {
@@ -50,6 +53,7 @@ impl Default for WriterSettings {
             retry_interval: Duration::from_secs(5),
             mode: RecordMode::Audio,
             utc_offset_minutes: 480,
+            decode_threads: 1,
         }
     }
 }
@@ -101,6 +105,7 @@ pub struct HistoryWriter {
     rx: mpsc::Receiver<ChatRecord>,
     store: Store,
     journal: Journal,
+    decoder: WavDecoder,
     settings: WriterSettings,
     metrics: Arc<Metrics>,
     policies: HashMap<String, (Instant, DevicePolicy)>,
@@ -114,13 +119,19 @@ pub struct HistoryWriter {
     managed: Option<(Instant, bool)>,
 }
 
+/// Most WAV bytes one transaction carries (and so the most decoded audio in memory):
+/// a batch of long utterances is written in several transactions rather than holding
+/// tens of megabytes of PCM at once.
+const MAX_WAV_BYTES_IN_FLIGHT: u64 = 4 << 20;
+
 /// Policies are looked up again after this long.
 const POLICY_TTL: Duration = Duration::from_secs(60);
 /// Records moved from the journal per replay step.
 const REPLAY_CHUNK: usize = 512;
 
 impl HistoryWriter {
-    /// Starts the writer; returns the handle for conversations and the task.
+    /// Starts the writer and its decoding threads; returns the handle for conversations
+    /// and the task, or why the threads could not be started.
     pub fn start(
         store: Store,
         journal: Journal,
@@ -128,13 +139,15 @@ impl HistoryWriter {
         metrics: Arc<Metrics>,
         events: broadcast::Sender<StoredEvent>,
         stop: CancellationToken,
-    ) -> (HistoryHandle, JoinHandle<()>) {
+    ) -> std::io::Result<(HistoryHandle, JoinHandle<()>)> {
+        let decoder = WavDecoder::start(settings.decode_threads)?;
         let (tx, rx) = mpsc::channel(settings.queue.max(1));
         Metrics::set(&metrics.history_journal_bytes, journal.len());
         let writer = HistoryWriter {
             rx,
             store,
             journal,
+            decoder,
             settings,
             metrics: metrics.clone(),
             policies: HashMap::new(),
@@ -145,7 +158,7 @@ impl HistoryWriter {
             managed: None,
         };
         let task = tokio::spawn(writer.run(stop));
-        (HistoryHandle { tx, metrics }, task)
+        Ok((HistoryHandle { tx, metrics }, task))
     }
 
     async fn run(mut self, stop: CancellationToken) {
@@ -251,87 +264,113 @@ impl HistoryWriter {
         }
     }
 
-    /// Applies policies, decodes audio and writes one transaction, within the timeout.
+    /// Applies policies, decodes audio and writes the records: in one transaction, or
+    /// in several when their audio would hold more than [`MAX_WAV_BYTES_IN_FLIGHT`] of
+    /// WAV at once. Each database step must finish within the write timeout; decoding
+    /// (on the low-priority decoder threads) is not timed, so a busy audio path slows
+    /// recording down instead of sending it to the journal. A failure after some
+    /// transactions went through journals the whole batch: the store ignores the
+    /// records it already has when the journal is replayed.
     async fn write(&mut self, records: &[ChatRecord]) -> Result<(), StoreError> {
         let timeout = self.settings.write_timeout;
-        let work = async {
-            let content_limit = match self.ready {
-                Some(limit) => limit,
-                None => {
-                    // The database may have been away at start: migrate when it is here.
-                    self.store.migrate().await?;
-                    let limit = self.store.content_limit().await?;
-                    self.ready = Some(limit);
-                    limit
-                }
-            };
-            let mut stored = Vec::with_capacity(records.len());
-            let mut audio_jobs = Vec::new();
-            for record in records {
-                let (agent_id, keep_text, keep_audio) =
-                    match self.policy(&record.mac_address).await? {
-                        DevicePolicy::Unmanaged => match self.settings.mode {
-                            RecordMode::Off => (None, false, false),
-                            RecordMode::Text => (None, true, false),
-                            RecordMode::Audio => (None, true, true),
-                        },
-                        DevicePolicy::Unknown => (None, false, false),
-                        DevicePolicy::Agent { agent_id, conf } => {
-                            (Some(agent_id), conf >= 1, conf >= 2)
-                        }
-                    };
-                if !keep_text {
-                    Metrics::inc(&self.metrics.history_records_skipped);
-                    continue;
-                }
-                if keep_audio && let Some(audio) = &record.audio {
-                    audio_jobs.push((stored.len(), audio.clone()));
-                }
-                stored.push(StoredRecord {
-                    record_id: record.record_id.clone(),
-                    mac_address: record.mac_address.clone(),
-                    agent_id,
-                    session_id: record.session_id.clone(),
-                    chat_type: record.chat_type,
-                    content: match content_limit {
-                        Some(limit) => record.content.chars().take(limit).collect(),
-                        None => record.content.clone(),
-                    },
-                    wav: None,
-                    created_at: format_time(record.created_at_ms, self.settings.utc_offset_minutes),
-                });
-            }
-            if !audio_jobs.is_empty() {
-                let decoded = tokio::task::spawn_blocking(move || decode_all(audio_jobs))
-                    .await
-                    .unwrap_or_default();
-                for (index, wav) in decoded {
-                    stored[index].wav = Some(wav);
-                }
-            }
-            if !stored.is_empty() {
-                let started = Instant::now();
-                let new = self.store.write_batch(&stored).await?;
-                Metrics::observe(&self.metrics.histograms.history_write, started.elapsed());
-                Metrics::add(&self.metrics.history_records_stored, new as u64);
-                for r in &stored {
-                    let _ = self.events.send(StoredEvent {
-                        mac_address: r.mac_address.clone(),
-                        agent_id: r.agent_id.clone(),
-                        session_id: r.session_id.clone(),
-                        chat_type: r.chat_type as u8,
-                        content: r.content.clone(),
-                        has_audio: r.wav.is_some(),
-                        created_at: r.created_at.clone(),
-                    });
-                }
-            }
-            Ok(())
+        let timed = |e: tokio::time::error::Elapsed| {
+            let _ = e;
+            StoreError::Sql(sqlx::Error::PoolTimedOut)
         };
-        match tokio::time::timeout(timeout, work).await {
-            Ok(result) => result,
-            Err(_) => Err(StoreError::Sql(sqlx::Error::PoolTimedOut)),
+        let (mut rows, mut audio) = tokio::time::timeout(timeout, self.prepare(records))
+            .await
+            .map_err(timed)??;
+        let mut done = 0;
+        while done < rows.len() {
+            // The rows of this transaction: up to the WAV budget (at least one).
+            let mut end = done;
+            let mut wav_bytes = 0u64;
+            while end < rows.len() {
+                let next = audio[end].as_ref().map_or(0, |a| wav_size(&a.packets));
+                if end > done && wav_bytes + next > MAX_WAV_BYTES_IN_FLIGHT {
+                    break;
+                }
+                wav_bytes += next;
+                end += 1;
+            }
+            for (row, audio) in rows[done..end].iter_mut().zip(&mut audio[done..end]) {
+                if let Some(audio) = audio.take() {
+                    row.wav = self.decoder.decode(audio).await;
+                }
+            }
+            let chunk = &mut rows[done..end];
+            let started = Instant::now();
+            let new = tokio::time::timeout(timeout, self.store.write_batch(chunk))
+                .await
+                .map_err(timed)??;
+            Metrics::observe(&self.metrics.histograms.history_write, started.elapsed());
+            Metrics::add(&self.metrics.history_records_stored, new as u64);
+            for r in chunk.iter_mut() {
+                let _ = self.events.send(StoredEvent {
+                    mac_address: r.mac_address.clone(),
+                    agent_id: r.agent_id.clone(),
+                    session_id: r.session_id.clone(),
+                    chat_type: r.chat_type as u8,
+                    content: r.content.clone(),
+                    has_audio: r.wav.is_some(),
+                    created_at: r.created_at.clone(),
+                });
+                // Stored: the WAV need not stay in memory until the whole batch is.
+                r.wav = None;
+            }
+            done = end;
         }
+        Ok(())
+    }
+
+    /// The rows to store (each with the audio to decode for it, when its device's policy
+    /// keeps audio), after the schema is in place and each device's policy is known.
+    async fn prepare(
+        &mut self,
+        records: &[ChatRecord],
+    ) -> Result<(Vec<StoredRecord>, Vec<Option<OpusAudio>>), StoreError> {
+        let content_limit = match self.ready {
+            Some(limit) => limit,
+            None => {
+                // The database may have been away at start: migrate when it is here.
+                self.store.migrate().await?;
+                let limit = self.store.content_limit().await?;
+                self.ready = Some(limit);
+                limit
+            }
+        };
+        let mut rows = Vec::with_capacity(records.len());
+        let mut audio = Vec::with_capacity(records.len());
+        for record in records {
+            let (agent_id, keep_text, keep_audio) = match self.policy(&record.mac_address).await? {
+                DevicePolicy::Unmanaged => match self.settings.mode {
+                    RecordMode::Off => (None, false, false),
+                    RecordMode::Text => (None, true, false),
+                    RecordMode::Audio => (None, true, true),
+                },
+                DevicePolicy::Unknown => (None, false, false),
+                DevicePolicy::Agent { agent_id, conf } => (Some(agent_id), conf >= 1, conf >= 2),
+            };
+            if !keep_text {
+                Metrics::inc(&self.metrics.history_records_skipped);
+                continue;
+            }
+            audio.push(record.audio.as_ref().filter(|_| keep_audio).cloned());
+            rows.push(StoredRecord {
+                record_id: record.record_id.clone(),
+                mac_address: record.mac_address.clone(),
+                agent_id,
+                session_id: record.session_id.clone(),
+                chat_type: record.chat_type,
+                content: match content_limit {
+                    Some(limit) => record.content.chars().take(limit).collect(),
+                    None => record.content.clone(),
+                },
+                wav: None,
+                created_at: format_time(record.created_at_ms, self.settings.utc_offset_minutes),
+            });
+        }
+        Ok((rows, audio))
     }
 
     async fn policy(&mut self, mac: &str) -> Result<DevicePolicy, StoreError> {
@@ -361,14 +400,17 @@ impl HistoryWriter {
     }
 }
 
-fn decode_all(jobs: Vec<(usize, OpusAudio)>) -> Vec<(usize, Vec<u8>)> {
-    jobs.into_iter()
-        .filter_map(|(index, audio)| {
-            opus_to_wav(&audio.packets, audio.sample_rate)
-                .ok()
-                .map(|wav| (index, wav.bytes))
+/// Bytes of the WAV file `packets` decode to (16 kHz mono s16 plus the header).
+fn wav_size(packets: &super::opus_packets::OpusPackets) -> u64 {
+    let mut last = 2_880;
+    let samples_48k: u64 = packets
+        .iter()
+        .map(|p| {
+            last = packet_samples_48k(p).unwrap_or(last);
+            u64::from(last)
         })
-        .collect()
+        .sum();
+    samples_48k / 3 * 2 + WAV_HEADER_LEN as u64
 }
 
 /// `YYYY-MM-DD HH:MM:SS.mmm` for unix milliseconds at a UTC offset.
