@@ -9,6 +9,10 @@
 //! beside them.
 
 mod common;
+
+/// Counts allocations per thread, for `allocations` (no allocation per frame).
+#[global_allocator]
+static ALLOCATOR: common::alloc_count::CountingAllocator = common::alloc_count::CountingAllocator;
 // The fuzz targets' harness and seeds, replayed by `fuzz_regressions` (they say `crate::`
 // as the fuzz crate's root sees them).
 #[allow(dead_code)]
@@ -18,6 +22,7 @@ mod harness;
 #[path = "../../fuzz/src/seeds.rs"]
 mod seeds;
 
+mod allocations;
 mod architecture;
 mod bench_smoke;
 mod broker_acl;

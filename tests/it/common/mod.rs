@@ -2,6 +2,7 @@
 //! firmware-exact simulated devices.
 #![allow(dead_code)]
 
+pub mod alloc_count;
 pub mod scratch_db;
 
 use std::time::Duration;

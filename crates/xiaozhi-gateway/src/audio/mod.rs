@@ -9,6 +9,8 @@
 //!   queues sealed downlink datagrams for the socket task.
 //! * [`channel`] is what a session holds: the lease on a connection id, the uplink
 //!   receiver and the downlink sender (sealer + the device's current address).
+//! * [`frame_slab`] gives frames that leave their task an owner without an allocation
+//!   per frame.
 //! * [`quic`] is the other transport a channel can have (the `quic` extension): its own
 //!   endpoint and port, plugged into the same [`AudioChannel`] and `Downlink`.
 //!
@@ -22,6 +24,7 @@
 
 pub mod batch;
 pub mod channel;
+pub mod frame_slab;
 pub mod quic;
 pub mod socket;
 

@@ -18,7 +18,6 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use rand::Rng;
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
@@ -30,6 +29,7 @@ use super::channel::{
     Attach, AudioChannel, ChannelCounters, ChannelShared, Downlink, DownlinkPath, Lease,
     SpliceTarget, UplinkFrame,
 };
+use super::frame_slab::FrameSlab;
 use crate::limits::TokenBucket;
 use crate::metrics::Metrics;
 use crate::net::{BindError, bind_udp};
@@ -48,6 +48,10 @@ const BATCHES_PER_TURN: usize = 8;
 /// 500 talking devices); beyond it frames are dropped and counted.
 const SEND_QUEUE_CAPACITY: usize = 8192;
 
+/// Bytes of uplink frames a channel's slab holds before it starts over: about 20
+/// frames of 60 ms, far more than a conversation that keeps up leaves unread.
+const UPLINK_SLAB_BYTES: usize = 2048;
+
 struct Route {
     channel: ChannelReceiver,
     /// The channel's datagram rate (`udp.channel_rate`), checked before decryption.
@@ -61,6 +65,8 @@ struct Route {
     /// A device call with a device of this node: accepted frames go to that channel's
     /// downlink (see [`AudioSocketHandle::splice`]).
     splice: Option<Splice>,
+    /// Where accepted frames are copied for the conversation (no allocation per frame).
+    frames: FrameSlab,
 }
 
 /// Where a spliced channel's frames go.
@@ -298,7 +304,7 @@ impl AudioSocket {
                 let frame = UplinkFrame {
                     timestamp: header.timestamp,
                     sequence: header.sequence,
-                    opus: Bytes::copy_from_slice(opus),
+                    opus: route.frames.copy(opus),
                 };
                 match route.uplink_tx.try_send(frame) {
                     Ok(()) => {}
@@ -507,6 +513,7 @@ impl AudioSocketHandle {
             shared,
             sealer,
             splice: None,
+            frames: FrameSlab::new(UPLINK_SLAB_BYTES),
         });
         self.commands
             .send(Command::Register {

@@ -27,10 +27,15 @@ use tracing::debug;
 
 use super::UpstreamSocket;
 use super::audio_queue::{DropOldest, Next};
+use crate::audio::frame_slab::FrameSlab;
 use crate::metrics::Metrics;
 use crate::pipeline::{Conversation, ConversationEnd, ConversationIo};
 use crate::protocol::control::{DeviceMessage, ListenState};
 use crate::protocol::upstream::{self, TurnTracker, UplinkClock};
+
+/// Bytes of encoded uplink frames the relay's slab holds before it starts over (the
+/// writer normally sends each before the next arrives).
+const UPLINK_SLAB_BYTES: usize = 4096;
 
 /// Device JSON messages waiting for a slow upstream.
 const TEXT_QUEUE: usize = 64;
@@ -88,6 +93,8 @@ impl Conversation for XiaozhiConversation {
         let mut clock = UplinkClock::default();
         let mut turn = TurnTracker::default();
         let mut frame_buf = Vec::new();
+        // Owned copies for the writer, without an allocation per frame.
+        let mut frames = FrameSlab::new(UPLINK_SLAB_BYTES);
         // End of the user's speech, while the reply's first audio is awaited.
         let mut awaiting_reply: Option<std::time::Instant> = None;
         // A finished JoinHandle must not be polled again (tokio panics): remember it.
@@ -185,7 +192,7 @@ impl Conversation for XiaozhiConversation {
                         let timestamp = clock.timestamp(frame.sequence, frame_ms);
                         upstream::encode_audio(timestamp, &frame.opus, &mut frame_buf);
                         // If the writer has stopped, the loop learns it from `writer`.
-                        audio_tx.push(Bytes::copy_from_slice(&frame_buf));
+                        audio_tx.push(frames.copy(&frame_buf));
                     }
                     None => break ConversationEnd::Finished,
                 },
