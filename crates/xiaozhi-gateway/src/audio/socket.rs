@@ -48,9 +48,10 @@ const BATCHES_PER_TURN: usize = 8;
 /// 500 talking devices); beyond it frames are dropped and counted.
 const SEND_QUEUE_CAPACITY: usize = 8192;
 
-/// Bytes of uplink frames a channel's slab holds before it starts over: about 20
-/// frames of 60 ms, far more than a conversation that keeps up leaves unread.
-const UPLINK_SLAB_BYTES: usize = 2048;
+/// Bytes of uplink frames a channel's slab holds before it starts over: 8-15 frames of
+/// 60 ms, more than a conversation that keeps up leaves unread (the slab is reclaimed
+/// whenever it has consumed them all, see `FrameSlab`).
+const UPLINK_SLAB_BYTES: usize = 1024;
 
 struct Route {
     channel: ChannelReceiver,

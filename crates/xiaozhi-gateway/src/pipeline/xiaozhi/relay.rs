@@ -35,7 +35,7 @@ use crate::protocol::upstream::{self, TurnTracker, UplinkClock};
 
 /// Bytes of encoded uplink frames the relay's slab holds before it starts over (the
 /// writer normally sends each before the next arrives).
-const UPLINK_SLAB_BYTES: usize = 4096;
+const UPLINK_SLAB_BYTES: usize = 1024;
 
 /// Device JSON messages waiting for a slow upstream.
 const TEXT_QUEUE: usize = 64;
