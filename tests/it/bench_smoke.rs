@@ -139,6 +139,43 @@ async fn bench_load_against_the_floor() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_load_against_the_relay_floor() {
+    let _one = RUN.lock().await;
+    let upstream = EchoUpstream::start(([127, 0, 0, 1], 0).into())
+        .await
+        .expect("echo upstream");
+    let floor = Floor::start(FloorConfig {
+        upstream: Some(upstream.url()),
+        ..FloorConfig::default()
+    })
+    .expect("relay floor starts");
+    let report = run(talk_config(floor.mqtt_addr(), None, 100)).await;
+    assert_talk_ok(&report, 100);
+    // One WebSocket per conversation, every frame through it both ways.
+    let stats = upstream.stats();
+    assert_eq!((stats.connections, stats.bad_frames), (100, 0), "{stats:?}");
+    assert!(stats.frames_in >= report.frames_sent, "{stats:?}");
+    let relayed = tokio::task::spawn_blocking(move || floor.stop())
+        .await
+        .unwrap();
+    assert!(
+        relayed >= report.frames_sent + report.frames_received,
+        "the relay floor relayed {relayed} frames; the devices sent {} and got {}",
+        report.frames_sent,
+        report.frames_received
+    );
+    upstream.stop().await;
+    // Not a WebSocket URL: refused with a clear error.
+    let err = Floor::start(FloorConfig {
+        upstream: Some("http://127.0.0.1:1/".into()),
+        ..FloorConfig::default()
+    })
+    .err()
+    .expect("refused");
+    assert!(err.to_string().contains("ws://"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bench_load_idle_devices() {
     let _one = RUN.lock().await;
     let gw = common::start().await;

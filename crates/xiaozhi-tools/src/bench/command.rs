@@ -181,6 +181,10 @@ pub struct FloorArgs {
     /// Check device passwords against this key (as the gateway does).
     #[arg(long, env = "XZ_AUTH__SIGNATURE_KEY", hide_env_values = true)]
     key: Option<String>,
+    /// Be the relay floor: relay audio to this xiaozhi-server (`ws://host:port/path`,
+    /// one WebSocket per conversation) instead of echoing it.
+    #[arg(long, value_name = "URL")]
+    upstream: Option<String>,
 }
 
 #[derive(Args)]
@@ -318,6 +322,7 @@ fn run_floor(args: FloorArgs) -> ExitCode {
         mqtt: args.mqtt,
         udp: args.udp,
         signature_key: args.key,
+        upstream: args.upstream.clone(),
         ..FloorConfig::default()
     }) {
         Ok(f) => f,
@@ -329,8 +334,12 @@ fn run_floor(args: FloorArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let what = match &args.upstream {
+        Some(url) => format!("relay floor to {url}"),
+        None => "floor echo server".to_owned(),
+    };
     println!(
-        "floor echo server: MQTT {} UDP {} (pid {})",
+        "{what}: MQTT {} UDP {} (pid {})",
         floor.mqtt_addr(),
         floor.udp_addr(),
         std::process::id()

@@ -8,12 +8,16 @@
 //! `send_to`. No batching, no queues, no tasks, no metrics, no locks: the kernel's cost
 //! per datagram plus the cipher work, which is what the gateway's audio path cannot avoid.
 //! A benchmark reports the gateway's CPU per talking device next to this server's.
+//!
+//! With [`FloorConfig::upstream`] set it is the *relay* floor instead: the same MQTT
+//! side, and audio relayed to a xiaozhi-server over one WebSocket per conversation
+//! ([`super::relay_floor`]).
 
 use std::collections::HashMap;
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, mpsc};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -24,10 +28,13 @@ use rumqttc::mqttbytes::v4::{ConnAck, ConnectReturnCode, Packet, Publish};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
 
 use xiaozhi_gateway::protocol::cipher::{KEY_LEN, PacketCipher};
 use xiaozhi_gateway::protocol::credentials::Verifier;
 use xiaozhi_gateway::protocol::datagram::{HEADER_LEN, Header, MAX_DATAGRAM_LEN, nonce_template};
+
+use super::relay_floor;
 
 /// Largest MQTT packet the floor reads (hellos and MCP replies are a few KB).
 const MAX_PACKET: usize = 1 << 20;
@@ -45,6 +52,8 @@ pub struct FloorConfig {
     pub signature_key: Option<String>,
     /// Socket receive and send buffer request, bytes.
     pub socket_buffer: usize,
+    /// Relay to this xiaozhi-server (`ws://host:port/path`) instead of echoing.
+    pub upstream: Option<String>,
 }
 
 impl Default for FloorConfig {
@@ -54,20 +63,21 @@ impl Default for FloorConfig {
             udp: ([127, 0, 0, 1], 0).into(),
             signature_key: None,
             socket_buffer: 4 << 20,
+            upstream: None,
         }
     }
 }
 
 /// A registration from the MQTT side to the UDP thread.
-enum Registration {
+pub(super) enum Registration {
     Open(u32, Box<FloorChannel>),
     Close(u32),
 }
 
-struct FloorChannel {
-    cipher: PacketCipher,
-    last_uplink_sequence: u32,
-    downlink_sequence: u32,
+pub(super) struct FloorChannel {
+    pub(super) cipher: PacketCipher,
+    pub(super) last_uplink_sequence: u32,
+    pub(super) downlink_sequence: u32,
 }
 
 /// A running floor server.
@@ -83,19 +93,27 @@ pub struct Floor {
 impl Floor {
     /// Binds both sockets and starts the UDP thread and the MQTT thread.
     pub fn start(config: FloorConfig) -> io::Result<Floor> {
+        if let Some(url) = &config.upstream {
+            relay_floor::check_url(url)?;
+        }
         let udp = bind_udp(config.udp, config.socket_buffer)?;
         udp.set_read_timeout(Some(STOP_POLL))?;
         let udp_addr = udp.local_addr()?;
         let std_listener = std::net::TcpListener::bind(config.mqtt)?;
         std_listener.set_nonblocking(true)?;
         let mqtt_addr = std_listener.local_addr()?;
-        let (reg_tx, reg_rx) = mpsc::channel();
+        let (reg_tx, reg_rx) = mpsc::unbounded_channel();
         let stop = Arc::new(AtomicBool::new(false));
         let udp_thread = {
             let stop = stop.clone();
-            std::thread::Builder::new()
-                .name("floor-udp".into())
-                .spawn(move || udp_loop(&udp, &reg_rx, &stop))?
+            match config.upstream {
+                Some(url) => std::thread::Builder::new()
+                    .name("floor-relay".into())
+                    .spawn(move || relay_floor::run(udp, reg_rx, stop, url))?,
+                None => std::thread::Builder::new()
+                    .name("floor-udp".into())
+                    .spawn(move || udp_loop(&udp, reg_rx, &stop))?,
+            }
         };
         let verifier = match config.signature_key {
             Some(key) => Verifier::Signed {
@@ -154,7 +172,8 @@ impl Floor {
         self.udp_addr
     }
 
-    /// Stops both threads; returns the number of datagrams echoed.
+    /// Stops both threads; returns the number of datagrams echoed (relayed, up and
+    /// down, for the relay floor).
     pub fn stop(mut self) -> u64 {
         self.shutdown()
     }
@@ -202,7 +221,7 @@ fn bind_udp(addr: SocketAddr, buffer: usize) -> io::Result<UdpSocket> {
 /// The hot loop. Returns the number of datagrams echoed.
 fn udp_loop(
     socket: &UdpSocket,
-    registrations: &mpsc::Receiver<Registration>,
+    mut registrations: mpsc::UnboundedReceiver<Registration>,
     stop: &AtomicBool,
 ) -> u64 {
     let mut channels: HashMap<u32, FloorChannel> = HashMap::new();
@@ -274,7 +293,7 @@ fn udp_loop(
 struct HelloContext {
     udp: SocketAddr,
     verifier: Verifier,
-    registrations: mpsc::Sender<Registration>,
+    registrations: mpsc::UnboundedSender<Registration>,
 }
 
 async fn accept_loop(listener: TcpListener, hello: Arc<HelloContext>) {

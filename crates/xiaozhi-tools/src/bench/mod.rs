@@ -9,6 +9,8 @@
 //!   per datagram; it reports its own lateness next to the target's figures.
 //! * [`floor`]: the least any server can do for this protocol (one thread, one socket,
 //!   the same socket calls and cipher work per datagram as the gateway and nothing else).
+//! * [`relay_floor`]: the least a relay of this protocol to xiaozhi-server can do (the
+//!   floor's MQTT side, one WebSocket per conversation, no queues between tasks).
 //! * [`echo_upstream`]: a lean xiaozhi-server stand-in that echoes audio, so the gateway
 //!   (or the Node.js gateway) can be measured through an upstream.
 //! * [`procstat`]: CPU (user and kernel) and RSS of any process, from `/proc`.
@@ -28,3 +30,4 @@ pub mod histogram;
 pub mod history;
 pub mod load;
 pub mod procstat;
+pub mod relay_floor;
