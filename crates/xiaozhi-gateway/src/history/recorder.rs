@@ -9,9 +9,10 @@
 //!   server sends the device, and one per result the device returns.
 //!
 //! The recorder never blocks the relay: it builds records and hands them to the writer's
-//! queue. Recording a frame allocates nothing in steady state: each utterance's frames
-//! go into one [`OpusPackets`] buffer, sized from the previous utterance's, so the
-//! buffers are allocated once per utterance, not once per frame.
+//! queue. Recording a frame allocates nothing per frame: each utterance's frames go into
+//! one [`OpusPackets`] buffer that grows by doubling, a dozen or so allocations per
+//! utterance. (Sizing each utterance's buffer from the last one saved those and cost
+//! ~15 KB of RSS per talking device, measured: docs/benchmarks.md, Round 2.)
 
 use std::collections::HashMap;
 
@@ -34,24 +35,12 @@ pub struct ConversationRecorder {
     sentence: Option<Sentence>,
     /// `tools/call` requests waiting for their result: id -> tool name.
     tool_calls: HashMap<String, String>,
-    /// Buffer sizes (bytes, packets) the last sentence grew to.
-    last_sentence: (usize, usize),
 }
 
 struct Sentence {
     text: String,
     started_ms: i64,
     packets: OpusPackets,
-}
-
-/// Most room, in bytes and packets, a new utterance starts with (about 30 s of 60 ms
-/// frames): one long utterance must not keep a conversation's buffers large.
-const MAX_START_ROOM: (usize, usize) = (64 * 1024, 512);
-
-/// Empty packets with room for what `like` held (up to [`MAX_START_ROOM`]), so an
-/// utterance as long as the last one records without growing its buffers.
-fn sized_like((bytes, packets): (usize, usize)) -> OpusPackets {
-    OpusPackets::with_capacity(bytes.min(MAX_START_ROOM.0), packets.min(MAX_START_ROOM.1))
 }
 
 impl ConversationRecorder {
@@ -75,7 +64,6 @@ impl ConversationRecorder {
             user_started_ms: None,
             sentence: None,
             tool_calls: HashMap::new(),
-            last_sentence: (0, 0),
         }
     }
 
@@ -110,8 +98,7 @@ impl ConversationRecorder {
         match (kind, message.get("state").and_then(Value::as_str)) {
             ("stt", _) => {
                 if let Some(text) = text.filter(|t| !t.trim().is_empty()) {
-                    let next = sized_like(self.user_audio.capacity());
-                    let packets = std::mem::replace(&mut self.user_audio, next);
+                    let packets = std::mem::take(&mut self.user_audio);
                     let at = self.user_started_ms.take().unwrap_or_else(now_ms);
                     let audio = (!packets.is_empty()).then_some(OpusAudio {
                         sample_rate: self.uplink_rate,
@@ -126,7 +113,7 @@ impl ConversationRecorder {
                     self.sentence = Some(Sentence {
                         text: text.to_owned(),
                         started_ms: now_ms(),
-                        packets: sized_like(self.last_sentence),
+                        packets: OpusPackets::default(),
                     });
                 }
             }
@@ -184,7 +171,6 @@ impl ConversationRecorder {
 
     fn finish_sentence(&mut self) {
         if let Some(sentence) = self.sentence.take() {
-            self.last_sentence = sentence.packets.capacity();
             let audio = (!sentence.packets.is_empty()).then_some(OpusAudio {
                 sample_rate: self.downlink_rate,
                 packets: sentence.packets,
