@@ -301,7 +301,7 @@ impl Gateway {
             idle_timeout: config.udp_idle_timeout(),
             directory: directory.clone(),
             history,
-            history_max_packets: (config.history.max_utterance_secs * 1000 / 20) as usize,
+            history_max_utterance_ms: config.history.max_utterance_secs.saturating_mul(1000),
             events: Some(events.clone()),
             call_legs: call_legs.clone(),
             call_events: config.calls.enabled.then_some(call_events),

@@ -21,6 +21,7 @@ use serde_json::{Value, json};
 use super::opus_packets::OpusPackets;
 use super::record::{ChatRecord, ChatType, OpusAudio, now_ms};
 use super::writer::HistoryHandle;
+use crate::protocol::control::AudioParams;
 
 /// Records one conversation.
 pub struct ConversationRecorder {
@@ -29,7 +30,10 @@ pub struct ConversationRecorder {
     session_id: String,
     uplink_rate: u32,
     downlink_rate: u32,
-    max_packets: usize,
+    /// Most uplink packets kept per utterance (the most recent ones).
+    max_user_packets: usize,
+    /// Most downlink packets kept per sentence (the first ones).
+    max_sentence_packets: usize,
     user_audio: OpusPackets,
     user_started_ms: Option<i64>,
     sentence: Option<Sentence>,
@@ -44,22 +48,25 @@ struct Sentence {
 }
 
 impl ConversationRecorder {
-    /// `max_packets`: the most Opus packets kept per utterance.
+    /// `uplink` and `downlink`: each direction's audio (the device's hello, the
+    /// server's); `max_utterance_ms`: the most audio kept per utterance, turned into
+    /// packets with each direction's frame duration.
     pub fn new(
         history: HistoryHandle,
         mac_address: String,
         session_id: String,
-        uplink_rate: u32,
-        downlink_rate: u32,
-        max_packets: usize,
+        uplink: &AudioParams,
+        downlink: &AudioParams,
+        max_utterance_ms: u64,
     ) -> Self {
         ConversationRecorder {
             history,
             mac_address,
             session_id,
-            uplink_rate,
-            downlink_rate,
-            max_packets: max_packets.max(1),
+            uplink_rate: uplink.sample_rate,
+            downlink_rate: downlink.sample_rate,
+            max_user_packets: packets_for(max_utterance_ms, uplink.frame_duration),
+            max_sentence_packets: packets_for(max_utterance_ms, downlink.frame_duration),
             user_audio: OpusPackets::default(),
             user_started_ms: None,
             sentence: None,
@@ -69,7 +76,7 @@ impl ConversationRecorder {
 
     /// An uplink Opus frame from the device.
     pub fn uplink(&mut self, opus: &[u8]) {
-        if self.user_audio.len() == self.max_packets {
+        if self.user_audio.len() >= self.max_user_packets {
             self.user_audio.pop_front();
         }
         self.user_started_ms.get_or_insert_with(now_ms);
@@ -79,7 +86,7 @@ impl ConversationRecorder {
     /// A downlink Opus frame from the speech server.
     pub fn downlink(&mut self, opus: &[u8]) {
         if let Some(sentence) = &mut self.sentence
-            && sentence.packets.len() < self.max_packets
+            && sentence.packets.len() < self.max_sentence_packets
         {
             sentence.packets.push(opus);
         }
@@ -203,9 +210,30 @@ impl Drop for ConversationRecorder {
     }
 }
 
+/// Packets of `frame_ms` that hold `max_ms` of audio (at least one).
+fn packets_for(max_ms: u64, frame_ms: u32) -> usize {
+    usize::try_from(max_ms / u64::from(frame_ms.max(1)))
+        .unwrap_or(usize::MAX)
+        .max(1)
+}
+
 fn id_key(id: &Value) -> String {
     match id {
         Value::String(s) => s.clone(),
         other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cap_is_the_configured_duration_in_each_directions_frames() {
+        // 120 s of the firmware's 60 ms frames, and of a server's 20 ms ones.
+        assert_eq!(packets_for(120_000, 60), 2_000);
+        assert_eq!(packets_for(120_000, 20), 6_000);
+        assert_eq!(packets_for(0, 60), 1);
+        assert_eq!(packets_for(120_000, 0), 120_000);
     }
 }

@@ -165,9 +165,9 @@ pub(crate) async fn run(deps: Arc<SessionDeps>, start: ConversationStart) -> End
                 history,
                 device.mac.colon(),
                 session_id.clone(),
-                hello.audio_params.sample_rate,
-                opened.downlink_audio.sample_rate,
-                deps.history_max_packets,
+                &hello.audio_params,
+                &opened.downlink_audio,
+                deps.history_max_utterance_ms,
             )
         }),
     };

@@ -58,8 +58,8 @@ pub struct SessionDeps {
     pub mcp: McpSettings,
     /// Where conversations record chat history (none: not recorded).
     pub history: Option<crate::history::writer::HistoryHandle>,
-    /// Most Opus packets recorded per utterance.
-    pub history_max_packets: usize,
+    /// Most audio recorded per utterance, in milliseconds (`history.max_utterance_secs`).
+    pub history_max_utterance_ms: u64,
     /// Where session and upstream events are published (none: not published).
     pub events: Option<crate::events::EventPublisher>,
     /// This node's call legs and rung devices.
