@@ -19,6 +19,7 @@ export XZ_MQTT__LISTEN=127.0.0.1:18830 XZ_UDP__LISTEN=127.0.0.1:18840 \
        XZ_LOG__LEVEL=warn XZ_AUTH__SIGNATURE_KEY=bench-key \
        XZ_PIPELINE__XIAOZHI__URLS='["ws://127.0.0.1:18900/xiaozhi/v1/"]'
 OUT=$(mktemp -d)
+FAILED=0
 records() { # records FILE OUTCOME: xiaozhi_history_records_total{outcome=...}, or 0
     awk -v s="xiaozhi_history_records_total{outcome=\"$2\"}" '$1 == s { v = $2 } END { print v + 0 }' "$1"
 }
@@ -39,14 +40,15 @@ for mode in $MODES; do
     GW=$!
     for _ in $(seq 100); do curl -sf 127.0.0.1:18007/healthz > /dev/null && break; sleep 0.1; done
     taskset -c 1 "$B" bench load --mqtt 127.0.0.1:18830 --key bench-key --devices "$DEVICES" \
-        --connect-rate 200 --warmup 5 --seconds "$SECONDS_" --pid $GW --json \
-        > "$dir/load.json" || true
+        --connect-rate 200 --warmup 5 --seconds "$SECONDS_" --pid $GW --json --check \
+        > "$dir/load.json" || { FAILED=1; echo "$mode: bench load failed (its report: $dir/load.json)" >&2; }
     sleep 2 # let the writer finish the last batch
     curl -sf 127.0.0.1:18007/metrics > "$dir/metrics.txt" || : > "$dir/metrics.txt"
     kill -TERM $GW; wait $GW || true
     kill -TERM $UP; wait $UP || true
     stored=$(records "$dir/metrics.txt" stored)
     lost=$(records "$dir/metrics.txt" lost)
+    if [ "$lost" != 0 ]; then FAILED=1; echo "$mode: $lost chat-history records lost" >&2; fi
     python3 - "$dir/load.json" "$mode" "$stored" "$lost" "$OUT/cpu-$mode" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))
@@ -68,3 +70,4 @@ if [ -f "$OUT/cpu-on" ] && [ -f "$OUT/cpu-off" ]; then
         "$OUT/cpu-on" "$OUT/cpu-off"
 fi
 echo "reports: $OUT"
+exit $FAILED

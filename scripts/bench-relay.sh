@@ -19,6 +19,7 @@ export XZ_MQTT__LISTEN=127.0.0.1:18830 XZ_UDP__LISTEN=127.0.0.1:18840 \
        XZ_LOG__LEVEL=warn XZ_AUTH__SIGNATURE_KEY=bench-key
 URL=ws://127.0.0.1:18900/xiaozhi/v1/
 OUT=$(mktemp -d)
+FAILED=0
 printf '%-6s %8s %22s %10s %10s %9s %6s\n' server devices "CPU% (user + kernel)" "p50 ms" "p99 ms" "RSS MB" lost
 for mode in $MODES; do
     dir="$OUT/$mode"; mkdir -p "$dir"
@@ -41,8 +42,8 @@ for mode in $MODES; do
         (echo > /dev/tcp/${MQTT%:*}/${MQTT#*:}) 2> /dev/null && break; sleep 0.1
     done
     taskset -c 1 "$B" bench load --mqtt "$MQTT" --key bench-key --devices "$DEVICES" \
-        --connect-rate 200 --warmup 5 --seconds "$SECONDS_" --pid $SRV --json \
-        > "$dir/load.json" || true
+        --connect-rate 200 --warmup 5 --seconds "$SECONDS_" --pid $SRV --json --check \
+        > "$dir/load.json" || { FAILED=1; echo "$mode: bench load failed (its report: $dir/load.json)" >&2; }
     kill -TERM $SRV; wait $SRV || true
     kill -TERM $UP; wait $UP || true
     python3 - "$dir/load.json" "$mode" "$OUT/cpu-$mode" <<'PY'
@@ -66,3 +67,4 @@ for mode in off on; do
     fi
 done
 echo "reports: $OUT"
+exit $FAILED

@@ -5,8 +5,7 @@
 //! `Vec<u8>` cost an allocation per frame on the relay's hot path and ~40 bytes of
 //! bookkeeping per 60-120 byte frame. [`OpusPackets`] appends the frames' bytes to one
 //! buffer and their ends to a second one, so recording a frame allocates nothing once
-//! the buffers have grown to the utterance's size (the recorder sizes the next
-//! utterance's buffers from the last one's), and dropping the oldest frames (a cap on
+//! the buffers have grown to the utterance's size (they grow by doubling), and dropping the oldest frames (a cap on
 //! the most recent ones) is amortised O(1).
 //!
 //! In the journal the packets keep the shape they always had (a JSON array of byte
@@ -30,15 +29,6 @@ pub struct OpusPackets {
 }
 
 impl OpusPackets {
-    /// Empty, with room for `bytes` bytes in `packets` packets before it allocates.
-    pub fn with_capacity(bytes: usize, packets: usize) -> Self {
-        OpusPackets {
-            bytes: Vec::with_capacity(bytes),
-            ends: Vec::with_capacity(packets),
-            first: 0,
-        }
-    }
-
     /// Appends a packet. A packet that would take the buffer beyond 4 GiB is dropped
     /// (an utterance is capped at minutes, far below it).
     pub fn push(&mut self, packet: &[u8]) {
@@ -83,7 +73,7 @@ impl OpusPackets {
         self.bytes.len() - self.start_of(self.first)
     }
 
-    /// Bytes the buffers have room for (what the next utterance is sized from).
+    /// Room the buffers have: (bytes, packets).
     pub fn capacity(&self) -> (usize, usize) {
         (self.bytes.capacity(), self.ends.capacity())
     }

@@ -273,10 +273,7 @@ impl HistoryWriter {
     /// records it already has when the journal is replayed.
     async fn write(&mut self, records: &[ChatRecord]) -> Result<(), StoreError> {
         let timeout = self.settings.write_timeout;
-        let timed = |e: tokio::time::error::Elapsed| {
-            let _ = e;
-            StoreError::Sql(sqlx::Error::PoolTimedOut)
-        };
+        let timed = |_: tokio::time::error::Elapsed| StoreError::Sql(sqlx::Error::PoolTimedOut);
         let (mut rows, mut audio) = tokio::time::timeout(timeout, self.prepare(records))
             .await
             .map_err(timed)??;
