@@ -90,6 +90,9 @@ impl ManagerApi {
 fn config_with(upstream: &MockUpstream) -> Config {
     let mut c = common::test_config();
     c.pipeline.xiaozhi.urls = vec![upstream.url.clone()];
+    // Two audio shards whatever the machine's cores: channels go to them in turn, so the
+    // two legs of a call sit on different shards and each splice crosses them.
+    c.udp.shards = 2;
     c
 }
 

@@ -51,4 +51,5 @@ mod shutdown;
 mod tls;
 mod transports;
 mod udp_rules;
+mod udp_shards;
 mod upstream_bridge;

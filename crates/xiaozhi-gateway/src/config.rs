@@ -327,6 +327,26 @@ pub struct UdpConfig {
     /// decryption and counted; 0 = no limit.
     pub channel_rate: u32,
     pub channel_burst: u32,
+    /// Sockets and receive tasks serving the audio port (`SO_REUSEPORT`, steered by
+    /// connection id; Linux only, elsewhere always 1). 0: one per core the process may
+    /// run on.
+    pub shards: usize,
+}
+
+/// The most UDP shards: far beyond any core count that helps, and it bounds what a typo
+/// can open.
+pub const MAX_UDP_SHARDS: usize = 256;
+
+impl UdpConfig {
+    /// How many shards to bind: `shards`, or one per core the process may run on (its
+    /// CPU affinity, as `taskset` sets it).
+    pub fn effective_shards(&self) -> usize {
+        match self.shards {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        }
+        .min(MAX_UDP_SHARDS)
+    }
 }
 
 /// Which audio transports are offered to devices that announce them in their hello
@@ -849,6 +869,7 @@ impl Default for UdpConfig {
             uplink_queue: 64,
             channel_rate: 100,
             channel_burst: 250,
+            shards: 0,
         }
     }
 }
@@ -1155,6 +1176,13 @@ impl Config {
             if value == 0 {
                 return Err(invalid(key, &value, "must be greater than 0"));
             }
+        }
+        if self.udp.shards > MAX_UDP_SHARDS {
+            return Err(invalid(
+                "udp.shards",
+                &self.udp.shards,
+                "at most 256 (0: one per core)",
+            ));
         }
         if self.mqtt.max_packet_bytes > 16 * 1024 * 1024 {
             return Err(invalid(

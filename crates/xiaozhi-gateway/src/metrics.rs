@@ -15,7 +15,7 @@ pub mod exposition;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
-use prometheus::{Histogram, HistogramOpts};
+use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGaugeVec, Opts};
 
 macro_rules! counters {
     ($( $(#[$doc:meta])* $name:ident ),* $(,)?) => {
@@ -25,6 +25,9 @@ macro_rules! counters {
             $( $(#[$doc])* pub $name: AtomicU64, )*
             /// Latency and duration histograms (not counters: not in the snapshot).
             pub histograms: Histograms,
+            /// The UDP audio path's work per shard (labelled by shard, not in the
+            /// snapshot).
+            pub udp_shards: UdpShardMetrics,
         }
 
         /// A point-in-time copy of [`Metrics`], for tests and status output.
@@ -396,6 +399,52 @@ impl Default for Histograms {
                  first) to the first reply audio sent to the device.",
                 &[0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0],
             ),
+        }
+    }
+}
+
+/// How the UDP audio path's work is spread over its shards (`udp.shards`): datagrams
+/// each shard's socket received, and channels each holds. A shard takes its handles once
+/// at start-up, so counting costs what any other counter does.
+#[derive(Debug)]
+pub struct UdpShardMetrics {
+    /// `xiaozhi_udp_shard_datagrams_total{shard}`.
+    pub datagrams: IntCounterVec,
+    /// `xiaozhi_udp_shard_channels{shard}`, refreshed by each shard's sweep.
+    pub channels: IntGaugeVec,
+}
+
+impl UdpShardMetrics {
+    /// Both families, for the exposition.
+    pub fn collectors(&self) -> [Box<dyn prometheus::core::Collector>; 2] {
+        [
+            Box::new(self.datagrams.clone()),
+            Box::new(self.channels.clone()),
+        ]
+    }
+}
+
+impl Default for UdpShardMetrics {
+    fn default() -> Self {
+        UdpShardMetrics {
+            datagrams: IntCounterVec::new(
+                Opts::new(
+                    "xiaozhi_udp_shard_datagrams_total",
+                    "UDP audio datagrams received, by the shard (socket and receive task, \
+                     udp.shards) that received them: how the audio work is spread over cores.",
+                ),
+                &["shard"],
+            )
+            // A constant, valid name and label; checked by the unit tests.
+            .expect("valid counter options"),
+            channels: IntGaugeVec::new(
+                Opts::new(
+                    "xiaozhi_udp_shard_channels",
+                    "UDP audio channels routed by each shard (refreshed every few seconds).",
+                ),
+                &["shard"],
+            )
+            .expect("valid gauge options"),
         }
     }
 }

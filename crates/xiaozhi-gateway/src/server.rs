@@ -193,9 +193,12 @@ impl Gateway {
             None => None,
         };
         let (audio_socket, audio) = AudioSocket::bind(
-            config.udp.listen,
-            config.udp.recv_buffer_bytes,
-            config.udp.send_buffer_bytes,
+            crate::audio::socket::SocketOptions {
+                listen: config.udp.listen,
+                shards: config.udp.effective_shards(),
+                recv_buffer: config.udp.recv_buffer_bytes,
+                send_buffer: config.udp.send_buffer_bytes,
+            },
             crate::audio::socket::ChannelLimits {
                 uplink_queue: config.udp.uplink_queue,
                 rate: config.udp.channel_rate,

@@ -14,6 +14,9 @@
 
 /// Length of the header in bytes.
 pub const HEADER_LEN: usize = 16;
+/// Where the big-endian connection id sits in a datagram: the kernel steers datagrams
+/// to the audio path's shards by it, before any of our code sees them.
+pub const CONNECTION_ID_OFFSET: usize = 4;
 /// The only datagram type the firmware speaks.
 pub const PACKET_TYPE_AUDIO: u8 = 0x01;
 /// The largest datagram we ever accept or build; Opus frames are 20-400 bytes, so this
@@ -118,7 +121,7 @@ impl Header {
     /// other check: the socket driver routes on it before the channel validates the rest.
     pub fn peek_connection_id(datagram: &[u8]) -> Option<u32> {
         datagram
-            .get(4..8)
+            .get(CONNECTION_ID_OFFSET..CONNECTION_ID_OFFSET + 4)
             .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
     }
 }

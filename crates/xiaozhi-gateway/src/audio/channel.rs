@@ -193,24 +193,28 @@ pub struct AudioChannel {
 }
 
 /// A UDP channel another channel's uplink can be spliced into (a device call between two
-/// devices of this node): its connection id, and its shared state, held weakly so that a
-/// later channel reusing the id is never mistaken for it.
+/// devices of this node): its connection id, its shared state and its downlink sealer,
+/// held weakly so that holding a target keeps nothing of a channel that has gone.
 #[derive(Debug, Clone)]
 pub struct SpliceTarget {
     pub(crate) connection_id: u32,
     pub(crate) shared: std::sync::Weak<ChannelShared>,
+    pub(crate) sealer: std::sync::Weak<Mutex<ChannelSealer>>,
 }
 
 impl AudioChannel {
     /// What another channel's uplink can be spliced into: UDP channels only (a QUIC
     /// channel's downlink is not the UDP socket's).
     pub fn splice_target(&self) -> Option<SpliceTarget> {
-        match &self.attach {
-            Attach::Udp { connection_id, .. } => Some(SpliceTarget {
-                connection_id: *connection_id,
-                shared: Arc::downgrade(&self.shared),
-            }),
-            Attach::Quic { .. } => None,
+        match (&self.attach, &self.downlink.path) {
+            (Attach::Udp { connection_id, .. }, DownlinkPath::Udp { sealer, .. }) => {
+                Some(SpliceTarget {
+                    connection_id: *connection_id,
+                    shared: Arc::downgrade(&self.shared),
+                    sealer: Arc::downgrade(sealer),
+                })
+            }
+            _ => None,
         }
     }
 

@@ -1,20 +1,30 @@
-//! The UDP socket driver: one receive task for every channel on this node.
+//! The UDP socket driver: the receive and send tasks of the audio path, one per shard.
 //!
-//! The task owns the routing table (connection id -> channel) outright, so the hot path
-//! takes no lock: sessions register channels through a bounded command queue that the
-//! task always drains before the next datagram (`biased` select), which guarantees a
-//! channel is routable before its hello reaches the device. Entries whose conversation
-//! has ended are removed lazily (when their uplink receiver is found closed) and by a
-//! periodic sweep.
+//! The audio port is served by `udp.shards` sockets bound together (`SO_REUSEPORT`),
+//! one per core by default. A classic BPF program on the group hands each datagram to
+//! the socket whose index is its connection id modulo the shard count, and a channel's
+//! connection id is chosen so that this is the shard that holds it
+//! ([`crate::net::bind_udp_steered`]). So each shard's task owns its part of the
+//! routing table outright and the shards share nothing per datagram: no lock, no
+//! cross-core wake-up, and a device whose NAT moves it to a new address or port stays
+//! on its shard (the kernel's default 4-tuple hashing would move it). Elsewhere than
+//! Linux there is one shard.
 //!
-//! The same task sends every downlink datagram: conversations seal their frames into a
-//! bounded [`SendQueue`] and the task sends what has gathered with one `sendmmsg`, just
-//! as it receives with one `recvmmsg` ([`super::batch`]). Per datagram that leaves the
-//! kernel's unavoidable work and the cipher, not a system call and a wake-up each.
+//! Each shard's task takes no lock on its hot path: sessions register channels through
+//! a bounded command queue that the task always drains before the next datagram
+//! (`biased` select), which guarantees a channel is routable before its hello reaches
+//! the device. Entries whose conversation has ended are removed lazily (when their
+//! uplink receiver is found closed) and by a periodic sweep.
+//!
+//! The same task sends its channels' downlink datagrams: conversations seal their frames
+//! into the shard's bounded [`SendQueue`] and the task sends what has gathered with one
+//! `sendmmsg`, just as it receives with one `recvmmsg` ([`super::batch`]). Per datagram
+//! that leaves the kernel's unavoidable work and the cipher, not a system call and a
+//! wake-up each.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -32,10 +42,10 @@ use super::channel::{
 use super::frame_slab::FrameSlab;
 use crate::limits::TokenBucket;
 use crate::metrics::Metrics;
-use crate::net::{BindError, bind_udp};
+use crate::net::{BindError, bind_udp_steered};
 use crate::protocol::audio_channel::{DropReason, Verdict};
 use crate::protocol::cipher::KEY_LEN;
-use crate::protocol::datagram::{HEADER_LEN, Header};
+use crate::protocol::datagram::{CONNECTION_ID_OFFSET, HEADER_LEN, Header};
 use crate::protocol::encryption::{ChannelReceiver, ChannelSealer, Encryption};
 
 /// How often closed channels are swept from the table even if no datagram names them.
@@ -64,18 +74,18 @@ struct Route {
     /// The conversation's downlink sealer, for reflect mode and for splices into it.
     sealer: Arc<Mutex<ChannelSealer>>,
     /// A device call with a device of this node: accepted frames go to that channel's
-    /// downlink (see [`AudioSocketHandle::splice`]).
+    /// downlink (see [`AudioSocketHandle::splice`]), whichever shard holds it.
     splice: Option<Splice>,
     /// Where accepted frames are copied for the conversation (no allocation per frame).
     frames: FrameSlab,
 }
 
-/// Where a spliced channel's frames go.
+/// Where a spliced channel's frames go: the target channel's state and downlink sealer,
+/// held for as long as the splice lasts (its `closed` flag says when the target has
+/// gone), so no routing table is consulted and the target may be on any shard.
 struct Splice {
-    connection_id: u32,
-    /// The target's shared state: compared by address with the route found under
-    /// `connection_id`, and held weakly so the address cannot be reused meanwhile.
-    shared: std::sync::Weak<ChannelShared>,
+    shared: Arc<ChannelShared>,
+    sealer: Arc<Mutex<ChannelSealer>>,
 }
 
 enum Command {
@@ -92,8 +102,9 @@ enum Command {
 /// Handle for opening channels; cheap to clone.
 #[derive(Clone)]
 pub struct AudioSocketHandle {
-    send_queue: Arc<SendQueue>,
-    commands: mpsc::Sender<Command>,
+    shards: Arc<[ShardHandle]>,
+    /// Where the next channel goes (round robin).
+    next_shard: Arc<AtomicUsize>,
     live_ids: Arc<Mutex<HashSet<u32>>>,
     limits: ChannelLimits,
     metrics: Arc<Metrics>,
@@ -101,7 +112,12 @@ pub struct AudioSocketHandle {
     local_addr: SocketAddr,
 }
 
-/// The receive side, to be run as one task.
+/// What a session needs of one shard: its send queue and its command queue.
+struct ShardHandle {
+    send_queue: Arc<SendQueue>,
+    commands: mpsc::Sender<Command>,
+}
+
 /// What each channel may use: its uplink queue and its datagram rate.
 #[derive(Debug, Clone, Copy)]
 pub struct ChannelLimits {
@@ -113,7 +129,24 @@ pub struct ChannelLimits {
     pub burst: u32,
 }
 
+/// How the audio socket is bound.
+#[derive(Debug, Clone, Copy)]
+pub struct SocketOptions {
+    pub listen: SocketAddr,
+    /// Sockets and receive tasks (`udp.shards`; at least 1).
+    pub shards: usize,
+    pub recv_buffer: usize,
+    pub send_buffer: usize,
+}
+
+/// The receive side: every shard, to be run by [`AudioSocket::run`].
 pub struct AudioSocket {
+    shards: Vec<Shard>,
+}
+
+/// One socket of the group, its part of the routing table and its send queue.
+struct Shard {
+    index: usize,
     socket: Arc<UdpSocket>,
     send_queue: Arc<SendQueue>,
     commands: mpsc::Receiver<Command>,
@@ -121,47 +154,76 @@ pub struct AudioSocket {
 }
 
 impl AudioSocket {
-    /// Binds the audio socket with the requested kernel buffer sizes.
+    /// Binds the audio socket's shards with the requested kernel buffer sizes.
     pub fn bind(
-        listen: SocketAddr,
-        recv_buffer: usize,
-        send_buffer: usize,
+        options: SocketOptions,
         limits: ChannelLimits,
         metrics: Arc<Metrics>,
     ) -> Result<(AudioSocket, AudioSocketHandle), BindError> {
         let bind_err = |source| BindError {
             what: "UDP audio",
-            addr: listen,
+            addr: options.listen,
             setting: "udp.listen",
             source,
         };
-        let std_sock = bind_udp(listen, recv_buffer, send_buffer).map_err(bind_err)?;
-        let socket = Arc::new(UdpSocket::from_std(std_sock).map_err(bind_err)?);
-        let local_addr = socket.local_addr().map_err(bind_err)?;
-        let (tx, rx) = mpsc::channel(1024);
-        let send_queue = Arc::new(SendQueue::new(SEND_QUEUE_CAPACITY));
-        let handle = AudioSocketHandle {
-            send_queue: send_queue.clone(),
-            commands: tx,
-            live_ids: Arc::new(Mutex::new(HashSet::new())),
-            limits,
-            metrics: metrics.clone(),
-            epoch: Instant::now(),
-            local_addr,
-        };
-        Ok((
-            AudioSocket {
+        let sockets = bind_udp_steered(
+            options.listen,
+            options.shards.max(1),
+            CONNECTION_ID_OFFSET as u32,
+            options.recv_buffer,
+            options.send_buffer,
+        )
+        .map_err(bind_err)?;
+        let mut shards = Vec::with_capacity(sockets.len());
+        let mut handles = Vec::with_capacity(sockets.len());
+        let mut local_addr = options.listen;
+        for (index, std_sock) in sockets.into_iter().enumerate() {
+            let socket = Arc::new(UdpSocket::from_std(std_sock).map_err(bind_err)?);
+            local_addr = socket.local_addr().map_err(bind_err)?;
+            let (tx, rx) = mpsc::channel(1024);
+            let send_queue = Arc::new(SendQueue::new(SEND_QUEUE_CAPACITY));
+            handles.push(ShardHandle {
+                send_queue: send_queue.clone(),
+                commands: tx,
+            });
+            shards.push(Shard {
+                index,
                 socket,
                 send_queue,
                 commands: rx,
-                metrics,
-            },
-            handle,
-        ))
+                metrics: metrics.clone(),
+            });
+        }
+        let handle = AudioSocketHandle {
+            shards: handles.into(),
+            next_shard: Arc::new(AtomicUsize::new(0)),
+            live_ids: Arc::new(Mutex::new(HashSet::new())),
+            limits,
+            metrics,
+            epoch: Instant::now(),
+            local_addr,
+        };
+        Ok((AudioSocket { shards }, handle))
     }
 
+    /// Runs every shard as its own task until `shutdown` fires and each has sent what
+    /// was queued.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let mut tasks = tokio::task::JoinSet::new();
+        for shard in self.shards {
+            tasks.spawn(shard.run(shutdown.clone()));
+        }
+        while let Some(done) = tasks.join_next().await {
+            if let Err(e) = done {
+                warn!(error = %e, "UDP audio shard task failed");
+            }
+        }
+    }
+}
+
+impl Shard {
     /// Receives and routes datagrams until `shutdown` fires.
-    pub async fn run(mut self, shutdown: CancellationToken) {
+    async fn run(mut self, shutdown: CancellationToken) {
         let mut routes: HashMap<u32, Route> = HashMap::new();
         let mut received = RecvBatch::new();
         let mut scratch = Vec::with_capacity(256);
@@ -169,6 +231,17 @@ impl AudioSocket {
         let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
         let socket = self.socket.clone();
         let queue = self.send_queue.clone();
+        let label = self.index.to_string();
+        let datagrams = self
+            .metrics
+            .udp_shards
+            .datagrams
+            .with_label_values(&[label.as_str()]);
+        let channels = self
+            .metrics
+            .udp_shards
+            .channels
+            .with_label_values(&[label.as_str()]);
         loop {
             tokio::select! {
                 biased;
@@ -177,18 +250,25 @@ impl AudioSocket {
                     Command::Register { connection_id, route } => { routes.insert(connection_id, *route); }
                     Command::Splice { connection_id, into } => {
                         if let Some(route) = routes.get_mut(&connection_id) {
-                            route.splice = into.map(|t| Splice { connection_id: t.connection_id, shared: t.shared });
+                            route.splice = into.and_then(|t| Some(Splice {
+                                shared: t.shared.upgrade()?,
+                                sealer: t.sealer.upgrade()?,
+                            }));
                         }
                     }
                 },
                 () = queue.ready() => self.flush(&mut sender).await,
-                _ = sweep.tick() => routes.retain(|_, r| !r.is_closed()),
+                _ = sweep.tick() => {
+                    routes.retain(|_, r| !r.is_closed());
+                    channels.set(i64::try_from(routes.len()).unwrap_or(i64::MAX));
+                }
                 ready = socket.readable() => {
                     if let Err(e) = ready {
                         debug!(error = %e, "UDP socket not readable");
                         continue;
                     }
-                    self.receive(&mut received, &mut routes, &mut scratch);
+                    let n = self.receive(&mut received, &mut routes, &mut scratch);
+                    datagrams.inc_by(n);
                 }
             }
         }
@@ -197,31 +277,35 @@ impl AudioSocket {
     }
 
     /// Takes up to [`BATCHES_PER_TURN`] batches of waiting datagrams.
+    /// Returns how many datagrams it took.
     fn receive(
         &self,
         batch: &mut RecvBatch,
         routes: &mut HashMap<u32, Route>,
         scratch: &mut Vec<u8>,
-    ) {
+    ) -> u64 {
+        let mut taken = 0;
         for _ in 0..BATCHES_PER_TURN {
             let n = match batch.recv(&self.socket) {
                 Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                 // ICMP errors surface here on some platforms; they are not fatal.
                 Err(e) => {
                     debug!(error = %e, "UDP receive error");
-                    return;
+                    break;
                 }
             };
+            taken += n as u64;
             for i in 0..n {
                 if let (datagram, Some(from)) = batch.datagram(i) {
                     self.on_datagram(routes, datagram, from, scratch);
                 }
             }
             if n < BATCH {
-                return;
+                break;
             }
         }
+        taken
     }
 
     async fn flush(&self, sender: &mut SendBatch) {
@@ -293,13 +377,23 @@ impl AudioSocket {
                 ChannelCounters::add(&stats.uplink_bytes, datagram.len() as u64);
                 let opus = &datagram[HEADER_LEN..HEADER_LEN + opus_len];
                 if let Some(splice) = &route.splice {
-                    let (to, shared) = (splice.connection_id, splice.shared.as_ptr());
-                    self.splice(routes, to, shared, header.timestamp, opus, scratch);
+                    self.splice(splice, header.timestamp, opus, scratch);
                     return;
                 }
                 if route.shared.reflect.load(Ordering::Relaxed) {
                     let to = route.channel.peer().unwrap_or(from);
-                    self.reflect(route, header.timestamp, opus, to, scratch);
+                    let m = &self.metrics;
+                    let (sealer, shared) = (&route.sealer, &route.shared);
+                    let reflected = &m.echo_frames_reflected;
+                    self.seal_and_queue(
+                        sealer,
+                        shared,
+                        to,
+                        header.timestamp,
+                        opus,
+                        scratch,
+                        reflected,
+                    );
                     return;
                 }
                 let frame = UplinkFrame {
@@ -351,61 +445,43 @@ impl Route {
     }
 }
 
-impl AudioSocket {
-    /// A spliced frame: sealed into the downlink of channel `to` (if it is still the
-    /// channel the splice was made for, and its device has an address) and queued for
-    /// this task's next flush.
-    fn splice(
-        &self,
-        routes: &HashMap<u32, Route>,
-        to: u32,
-        expected: *const ChannelShared,
-        timestamp: u32,
-        opus: &[u8],
-        scratch: &mut Vec<u8>,
-    ) {
+impl Shard {
+    /// A spliced frame: sealed into the target channel's downlink (if it is still open
+    /// and its device has an address) and queued for this task's next flush. Every
+    /// socket of the group has the same address, so the device cannot tell which one
+    /// sent it.
+    fn splice(&self, target: &Splice, timestamp: u32, opus: &[u8], scratch: &mut Vec<u8>) {
         let m = &self.metrics;
-        let Some(peer) = routes
-            .get(&to)
-            .filter(|r| std::ptr::eq(Arc::as_ptr(&r.shared), expected) && !r.is_closed())
-        else {
+        if target.shared.closed.load(Ordering::Relaxed) {
+            Metrics::inc(&m.call_frames_dropped_no_peer);
+            return;
+        }
+        let Some(addr) = *target.shared.peer.lock().unwrap_or_else(|p| p.into_inner()) else {
             Metrics::inc(&m.call_frames_dropped_no_peer);
             return;
         };
-        let Some(addr) = *peer.shared.peer.lock().unwrap_or_else(|p| p.into_inner()) else {
-            Metrics::inc(&m.call_frames_dropped_no_peer);
-            return;
-        };
-        peer.shared.touch();
-        self.seal_and_queue(peer, addr, timestamp, opus, scratch, &m.call_frames_spliced);
-    }
-
-    /// Reflect mode: seals the frame back to the device and queues it for this task's
-    /// next flush, exactly as the conversation's `Downlink::send` would have.
-    fn reflect(
-        &self,
-        route: &Route,
-        timestamp: u32,
-        opus: &[u8],
-        to: SocketAddr,
-        scratch: &mut Vec<u8>,
-    ) {
-        let m = &self.metrics;
+        target.shared.touch();
+        let (sealer, shared) = (&target.sealer, &target.shared);
         self.seal_and_queue(
-            route,
-            to,
+            sealer,
+            shared,
+            addr,
             timestamp,
             opus,
             scratch,
-            &m.echo_frames_reflected,
+            &m.call_frames_spliced,
         );
     }
 
-    /// Seals a frame with `route`'s downlink sealer and queues it for `to`, counting it
-    /// in `sent` and in the channel's traffic, or its drop.
+    /// Seals a frame with a channel's downlink sealer and queues it for `to`, counting
+    /// it in `sent` and in the channel's traffic, or its drop. Reflect mode (realtime
+    /// echo) and splices send this way, exactly as the conversation's `Downlink::send`
+    /// would have.
+    #[allow(clippy::too_many_arguments)]
     fn seal_and_queue(
         &self,
-        route: &Route,
+        sealer: &Mutex<ChannelSealer>,
+        shared: &ChannelShared,
         to: SocketAddr,
         timestamp: u32,
         opus: &[u8],
@@ -413,9 +489,8 @@ impl AudioSocket {
         sent: &std::sync::atomic::AtomicU64,
     ) {
         let m = &self.metrics;
-        let stats = &route.shared.stats;
-        let sealed = route
-            .sealer
+        let stats = &shared.stats;
+        let sealed = sealer
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .seal(timestamp, opus, scratch);
@@ -452,11 +527,22 @@ impl AudioSocketHandle {
         self.local_addr
     }
 
+    /// How many shards serve the audio port.
+    pub fn shard_count(&self) -> usize {
+        self.shards.len()
+    }
+
+    /// The shard whose socket receives `connection_id`'s datagrams.
+    fn shard_of(&self, connection_id: u32) -> &ShardHandle {
+        &self.shards[(connection_id % self.shards.len() as u32) as usize]
+    }
+
     /// Splices channel `connection_id`'s accepted uplink into `into`'s downlink (`None`:
     /// back to its conversation). Takes effect before the next datagram the receive task
     /// handles.
     pub async fn splice(&self, connection_id: u32, into: Option<SpliceTarget>) {
         let _ = self
+            .shard_of(connection_id)
             .commands
             .send(Command::Splice {
                 connection_id,
@@ -468,18 +554,27 @@ impl AudioSocketHandle {
     /// Reserves a fresh connection id and key for a channel of the given suite, and makes
     /// it routable before returning (so the hello that announces it can be sent right
     /// after).
+    ///
+    /// Channels go to the shards in turn; the connection id is drawn at random among
+    /// those that steer to the channel's shard.
     pub async fn open_channel(&self, encryption: Encryption) -> Result<AudioChannel, OpenError> {
+        let shards = self.shards.len() as u32;
+        let shard = (self.next_shard.fetch_add(1, Ordering::Relaxed) % self.shards.len()) as u32;
         let (key, connection_id) = {
             let mut rng = rand::rng();
             let key: [u8; KEY_LEN] = rng.random();
             let mut live = self.live_ids.lock().unwrap_or_else(|p| p.into_inner());
             loop {
-                let id: u32 = rng.random();
+                let drawn: u32 = rng.random();
+                let Some(id) = (drawn - drawn % shards).checked_add(shard) else {
+                    continue;
+                };
                 if id != 0 && live.insert(id) {
                     break (key, id);
                 }
             }
         };
+        let shard = &self.shards[shard as usize];
         let (receiver, sealer) = encryption.server_channel(&key, connection_id);
         let shared = Arc::new(ChannelShared::new(self.epoch));
         shared.touch();
@@ -495,7 +590,7 @@ impl AudioSocketHandle {
             downlink: Downlink::new(
                 DownlinkPath::Udp {
                     sealer: sealer.clone(),
-                    queue: self.send_queue.clone(),
+                    queue: shard.send_queue.clone(),
                 },
                 shared.clone(),
                 self.metrics.clone(),
@@ -516,7 +611,8 @@ impl AudioSocketHandle {
             splice: None,
             frames: FrameSlab::new(UPLINK_SLAB_BYTES),
         });
-        self.commands
+        shard
+            .commands
             .send(Command::Register {
                 connection_id,
                 route,

@@ -483,6 +483,11 @@ fn registry(metrics: &Metrics, families: &[Family]) -> (Registry, Vec<String>) {
             errors.push(format!("histogram: {e}"));
         }
     }
+    for shards in metrics.udp_shards.collectors() {
+        if let Err(e) = registry.register(shards) {
+            errors.push(format!("UDP shards: {e}"));
+        }
+    }
     #[cfg(target_os = "linux")]
     if let Err(e) = registry.register(Box::new(process::Process)) {
         errors.push(format!("process metrics: {e}"));

@@ -137,7 +137,13 @@ pub struct TargetFigures {
     /// `(rss_end - rss_before) / devices`.
     pub rss_per_device_bytes: f64,
     pub threads: u64,
+    /// Threads that used at least [`BUSY_THREAD_PERCENT`] of a core, busiest first: how
+    /// the target spread its work (its runtime's workers, its decoder threads).
+    pub busy_threads: Vec<procstat::ThreadShare>,
 }
+
+/// Threads below this share of a core are left out of [`TargetFigures::busy_threads`].
+pub const BUSY_THREAD_PERCENT: f64 = 0.5;
 
 /// The tool's own health: if it was late, the figures above are the tool's, not the
 /// server's.
@@ -278,6 +284,14 @@ impl std::fmt::Display for LoadReport {
                 t.rss_per_device_bytes,
                 t.threads
             )?;
+            if !t.busy_threads.is_empty() {
+                let threads: Vec<String> = t
+                    .busy_threads
+                    .iter()
+                    .map(|s| format!("{} {} {:.1}%", s.name, s.tid, s.total_percent))
+                    .collect();
+                writeln!(f, "target threads: {}", threads.join(", "))?;
+            }
         }
         writeln!(
             f,
@@ -530,12 +544,18 @@ pub async fn run(config: LoadConfig) -> LoadReport {
     let target_a = config
         .target_pid
         .and_then(|p| procstat::sample(Some(p)).ok());
+    let threads_a = config
+        .target_pid
+        .and_then(|p| procstat::sample_threads(p).ok());
     let window_start = Instant::now();
     tokio::time::sleep(config.measure).await;
     let tool_b = procstat::sample(None).ok();
     let target_b = config
         .target_pid
         .and_then(|p| procstat::sample(Some(p)).ok());
+    let threads_b = config
+        .target_pid
+        .and_then(|p| procstat::sample_threads(p).ok());
     let window_secs = window_start.elapsed().as_secs_f64();
 
     // Stop sending, let the last frames come back, then stop receiving.
@@ -602,13 +622,15 @@ pub async fn run(config: LoadConfig) -> LoadReport {
     }
     .max(1);
     let target = match (config.target_pid, &target_a, &target_b) {
-        (Some(pid), Some(a), Some(b)) => Some(target_figures(
-            pid,
-            target_before.as_ref(),
-            a,
-            b,
-            per_device,
-        )),
+        (Some(pid), Some(a), Some(b)) => Some(TargetFigures {
+            busy_threads: match (&threads_a, &threads_b) {
+                (Some(ta), Some(tb)) => {
+                    procstat::thread_shares(ta, tb, window_secs, BUSY_THREAD_PERCENT)
+                }
+                _ => Vec::new(),
+            },
+            ..target_figures(pid, target_before.as_ref(), a, b, per_device)
+        }),
         _ => None,
     };
     let pacer_lateness = lateness.summary();
@@ -679,6 +701,7 @@ fn target_figures(
         rss_end_bytes: b.rss_bytes,
         rss_per_device_bytes: b.rss_bytes.saturating_sub(rss_before) as f64 / f64::from(devices),
         threads: b.threads,
+        busy_threads: Vec::new(),
     }
 }
 

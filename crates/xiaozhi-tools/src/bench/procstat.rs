@@ -66,6 +66,86 @@ pub fn sample(pid: Option<u32>) -> Result<ProcSample, ProcError> {
     })
 }
 
+/// One thread's CPU time so far, from `/proc/<pid>/task/<tid>/stat`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ThreadSample {
+    pub tid: u32,
+    /// The thread's name (`comm`), e.g. `tokio-runtime-w`.
+    pub name: String,
+    /// User plus kernel time, in clock ticks.
+    pub ticks: u64,
+}
+
+/// One thread's share of a core over a window.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct ThreadShare {
+    pub tid: u32,
+    pub name: String,
+    pub total_percent: f64,
+}
+
+/// Every thread of process `pid`. Threads that exit while they are read are skipped.
+pub fn sample_threads(pid: u32) -> Result<Vec<ThreadSample>, ProcError> {
+    let dir = format!("/proc/{pid}/task");
+    let entries = std::fs::read_dir(&dir).map_err(|source| ProcError::Read {
+        pid: pid.to_string(),
+        file: "task",
+        source,
+    })?;
+    let mut threads = Vec::new();
+    for entry in entries.flatten() {
+        let Some(tid) = entry.file_name().to_str().and_then(|t| t.parse().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        let (Some(name), Some((user, system, _))) = (parse_comm(&stat), parse_stat(&stat)) else {
+            continue;
+        };
+        threads.push(ThreadSample {
+            tid,
+            name,
+            ticks: user + system,
+        });
+    }
+    threads.sort_by_key(|t| t.tid);
+    Ok(threads)
+}
+
+/// Each thread's share of a core between two readings `wall_secs` apart, busiest first;
+/// threads below `min_percent` are left out.
+pub fn thread_shares(
+    a: &[ThreadSample],
+    b: &[ThreadSample],
+    wall_secs: f64,
+    min_percent: f64,
+) -> Vec<ThreadShare> {
+    if wall_secs <= 0.0 {
+        return Vec::new();
+    }
+    let hz = ticks_per_second();
+    let mut shares: Vec<ThreadShare> = b
+        .iter()
+        .map(|t| {
+            let before = a.iter().find(|x| x.tid == t.tid).map_or(0, |x| x.ticks);
+            ThreadShare {
+                tid: t.tid,
+                name: t.name.clone(),
+                total_percent: t.ticks.saturating_sub(before) as f64 / hz / wall_secs * 100.0,
+            }
+        })
+        .filter(|s| s.total_percent >= min_percent)
+        .collect();
+    shares.sort_by(|x, y| y.total_percent.total_cmp(&x.total_percent));
+    shares
+}
+
+/// The command name (field 2, between the first `(` and the last `)`).
+fn parse_comm(stat: &str) -> Option<String> {
+    Some(stat[stat.find('(')? + 1..stat.rfind(')')?].to_owned())
+}
+
 /// `(utime, stime, num_threads)` from the text of `/proc/<pid>/stat`. The command name
 /// (field 2) may hold spaces and parentheses, so fields are counted after its last `)`.
 fn parse_stat(stat: &str) -> Option<(u64, u64, u64)> {
@@ -116,6 +196,58 @@ mod tests {
         let stat = "1234 (my (odd) name) S 1 1234 1234 0 -1 4194560 100 0 0 0 250 75 0 0 20 0 7 0 12345 1000000 500 18446744073709551615";
         assert_eq!(parse_stat(stat), Some((250, 75, 7)));
         assert_eq!(parse_stat("garbage"), None);
+    }
+
+    #[test]
+    fn thread_names_keep_their_spaces_and_parentheses() {
+        let stat = "1234 (my (odd) name) S 1 1234 1234 0 -1 4194560 100 0 0 0 250 75 0 0 20 0 7 0";
+        assert_eq!(parse_comm(stat).as_deref(), Some("my (odd) name"));
+    }
+
+    #[test]
+    fn a_busy_thread_is_seen_busier_than_an_idle_one() {
+        let pid = std::process::id();
+        let busy = std::thread::Builder::new()
+            .name("xz-busy-test".into())
+            .spawn(|| {
+                let until = Instant::now() + std::time::Duration::from_millis(300);
+                let mut x = 0u64;
+                while Instant::now() < until {
+                    x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
+                }
+            })
+            .unwrap();
+        let a = sample_threads(pid).unwrap();
+        let started = Instant::now();
+        busy.join().unwrap();
+        let b = sample_threads(pid).unwrap();
+        let shares = thread_shares(&a, &b, started.elapsed().as_secs_f64(), 0.0);
+        // The finished thread is gone from `b`; this one, which waited, is there.
+        assert!(shares.iter().any(|s| s.tid == a[0].tid), "{shares:?}");
+        assert!(a.iter().any(|t| t.name == "xz-busy-test"), "{a:?}");
+    }
+
+    #[test]
+    fn shares_are_per_thread_and_busiest_first() {
+        let t = |tid, ticks| ThreadSample {
+            tid,
+            name: format!("t{tid}"),
+            ticks,
+        };
+        let hz = ticks_per_second();
+        let a = [t(1, 0), t(2, 0), t(3, 0)];
+        let b = [
+            t(1, hz as u64 / 10),
+            t(2, hz as u64),
+            t(3, 0),
+            t(4, hz as u64 / 2),
+        ];
+        let shares = thread_shares(&a, &b, 1.0, 1.0);
+        let got: Vec<(u32, i64)> = shares
+            .iter()
+            .map(|s| (s.tid, s.total_percent.round() as i64))
+            .collect();
+        assert_eq!(got, vec![(2, 100), (4, 50), (1, 10)]);
     }
 
     #[test]
