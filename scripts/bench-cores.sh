@@ -57,7 +57,7 @@ r = json.load(open(f"{d}/load.json"))
 t = r.get("target") or {}
 c = t.get("cpu", {})
 n = max(r["in_conversation"], 1)
-workers = [x["total_percent"] for x in t.get("busy_threads", []) if x["name"].startswith("tokio-runtime")]
+workers = [x["total_percent"] for x in t.get("busy_threads", []) if x["name"].startswith("tokio-r")]
 split = ""
 if len(workers) > 1:
     split = "workers " + " / ".join(f"{100 * w / sum(workers):.0f}%" for w in workers)

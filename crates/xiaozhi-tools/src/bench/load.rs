@@ -172,6 +172,14 @@ pub struct LoadReport {
     pub mqtt_dropped: u64,
     pub errors: u64,
     pub first_errors: Vec<String>,
+    /// TCP connect to CONNACK, per device.
+    pub connect: LatencySummary,
+    /// Devices connected per second over the ramp (first launch to last CONNACK).
+    pub connects_per_sec: f64,
+    /// The target's CPU from the start of the run to the start of the measured window
+    /// (the ramp and the warm-up: MQTT, authentication, MCP setup, and for talking
+    /// devices the hello), in milliseconds per connected device.
+    pub target_cpu_ms_per_connect: f64,
     pub hello: LatencySummary,
     pub round_trip: LatencySummary,
     pub frames_sent: u64,
@@ -247,6 +255,20 @@ impl std::fmt::Display for LoadReport {
             f,
             "devices:      {} ({} mode): {} connected, {} in conversation, {} completed",
             self.devices, self.mode, self.connected, self.in_conversation, self.completed
+        )?;
+        writeln!(
+            f,
+            "connect:      {} ({:.0} connects/s{})",
+            self.connect,
+            self.connects_per_sec,
+            if self.target_cpu_ms_per_connect > 0.0 {
+                format!(
+                    "; target CPU {:.3} ms per device to set up",
+                    self.target_cpu_ms_per_connect
+                )
+            } else {
+                String::new()
+            }
         )?;
         if self.mode == "talk" {
             writeln!(f, "hello:        {}", self.hello)?;
@@ -496,6 +518,7 @@ pub async fn run(config: LoadConfig) -> LoadReport {
     let (keep_tx, keep_rx) = mpsc::unbounded_channel();
     let keeper = tokio::spawn(keep(keep_rx, stop_keeping.clone(), errors.clone()));
     let hellos: Arc<Mutex<LatencyHistogram>> = Arc::default();
+    let connects: Arc<Mutex<LatencyHistogram>> = Arc::default();
     let connected = Arc::new(AtomicU64::new(0));
     let in_conversation = Arc::new(AtomicU64::new(0));
     let completed = Arc::new(AtomicU64::new(0));
@@ -517,6 +540,7 @@ pub async fn run(config: LoadConfig) -> LoadReport {
                 handshakes: handshakes.clone(),
                 keeper: keep_tx.clone(),
                 hellos: hellos.clone(),
+                connects: connects.clone(),
                 connected: connected.clone(),
                 in_conversation: in_conversation.clone(),
                 completed: completed.clone(),
@@ -536,6 +560,7 @@ pub async fn run(config: LoadConfig) -> LoadReport {
     for t in device_tasks.iter_mut() {
         let _ = (&mut *t).await;
     }
+    let ramp_secs = ramp_start.elapsed().as_secs_f64();
     drop(pacer_inputs);
     tokio::time::sleep(config.warmup).await;
 
@@ -652,6 +677,19 @@ pub async fn run(config: LoadConfig) -> LoadReport {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone(),
+        connect: connects
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .summary(),
+        connects_per_sec: f64::from(connected) / ramp_secs.max(1e-9),
+        target_cpu_ms_per_connect: match (&target_before, &target_a) {
+            (Some(before), Some(a)) if connected > 0 => {
+                let ticks = (a.user_ticks + a.system_ticks)
+                    .saturating_sub(before.user_ticks + before.system_ticks);
+                ticks as f64 / procstat::ticks_per_second() * 1000.0 / f64::from(connected)
+            }
+            _ => 0.0,
+        },
         hello: hellos
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -885,6 +923,7 @@ struct DeviceContext {
     handshakes: Arc<Semaphore>,
     keeper: mpsc::UnboundedSender<SimDevice>,
     hellos: Arc<Mutex<LatencyHistogram>>,
+    connects: Arc<Mutex<LatencyHistogram>>,
     connected: Arc<AtomicU64>,
     in_conversation: Arc<AtomicU64>,
     completed: Arc<AtomicU64>,
@@ -961,6 +1000,7 @@ async fn open(ctx: &DeviceContext) -> Result<Option<(Talker, Downlink)>, String>
         config.signature_key.as_deref().map(str::as_bytes),
     );
     let permit = ctx.handshakes.acquire().await.map_err(|e| e.to_string())?;
+    let connect_start = Instant::now();
     let tcp = connect_tcp(source, config.mqtt)
         .await
         .map_err(|e| format!("connect: {e}"))?;
@@ -971,6 +1011,10 @@ async fn open(ctx: &DeviceContext) -> Result<Option<(Talker, Downlink)>, String>
     let mut device = SimDevice::connect_over_with(Box::new(tcp), creds, options)
         .await
         .map_err(|e| format!("MQTT connect: {e}"))?;
+    ctx.connects
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .record(connect_start.elapsed());
     ctx.connected.fetch_add(1, Ordering::Relaxed);
     if !config.talk {
         drop(permit);
