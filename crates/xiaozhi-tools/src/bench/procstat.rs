@@ -206,25 +206,55 @@ mod tests {
 
     #[test]
     fn a_busy_thread_is_seen_busier_than_an_idle_one() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::{Arc, mpsc};
+
         let pid = std::process::id();
-        let busy = std::thread::Builder::new()
-            .name("xz-busy-test".into())
-            .spawn(|| {
-                let until = Instant::now() + std::time::Duration::from_millis(300);
-                let mut x = 0u64;
-                while Instant::now() < until {
-                    x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
-                }
-            })
-            .unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (started_tx, started_rx) = mpsc::channel();
+        let busy = {
+            let stop = stop.clone();
+            std::thread::Builder::new()
+                .name("xz-busy-test".into())
+                .spawn(move || {
+                    let _ = started_tx.send(());
+                    let mut x = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
+                    }
+                })
+                .unwrap()
+        };
+        // The thread has named itself before it signals.
+        started_rx.recv().unwrap();
         let a = sample_threads(pid).unwrap();
         let started = Instant::now();
-        busy.join().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(400));
         let b = sample_threads(pid).unwrap();
-        let shares = thread_shares(&a, &b, started.elapsed().as_secs_f64(), 0.0);
-        // The finished thread is gone from `b`; this one, which waited, is there.
-        assert!(shares.iter().any(|s| s.tid == a[0].tid), "{shares:?}");
-        assert!(a.iter().any(|t| t.name == "xz-busy-test"), "{a:?}");
+        let wall = started.elapsed().as_secs_f64();
+        stop.store(true, Ordering::Relaxed);
+        busy.join().unwrap();
+        let shares = thread_shares(&a, &b, wall, 0.0);
+        let busy = shares
+            .iter()
+            .find(|s| s.name == "xz-busy-test")
+            .unwrap_or_else(|| panic!("the busy thread is listed: {shares:?}"));
+        assert!(busy.total_percent > 30.0, "{shares:?}");
+        // Busiest first, and this thread (asleep) well below it.
+        assert_eq!(shares[0].name, "xz-busy-test", "{shares:?}");
+        let me = own_thread_id();
+        let mine = shares
+            .iter()
+            .find(|s| s.tid == me)
+            .map_or(0.0, |s| s.total_percent);
+        assert!(mine < busy.total_percent / 2.0, "{shares:?}");
+    }
+
+    /// This thread's id, as `/proc/<pid>/task` names it.
+    fn own_thread_id() -> u32 {
+        // `/proc/thread-self` links to `<pid>/task/<tid>`.
+        let link = std::fs::read_link("/proc/thread-self").unwrap();
+        link.file_name().unwrap().to_str().unwrap().parse().unwrap()
     }
 
     #[test]
