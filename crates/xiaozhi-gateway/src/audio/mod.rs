@@ -1,7 +1,8 @@
-//! The UDP audio channel: one socket for all conversations, a table of channels keyed by
-//! connection id, and the per-conversation handles sessions use.
+//! The UDP audio channel: one port served by a socket per core (shards, steered by
+//! connection id), each with its table of channels keyed by connection id, and the
+//! per-conversation handles sessions use.
 //!
-//! * [`socket`] owns the socket's receive side: it routes each datagram by connection id
+//! * [`socket`] owns each shard's receive side: it routes each datagram by connection id
 //!   to its [`crate::protocol::audio_channel::UplinkChannel`], which applies the sequence
 //!   and address rules and decrypts; accepted frames go to the conversation's bounded
 //!   uplink queue.
