@@ -71,6 +71,17 @@ pub fn bind_udp(
     recv_buffer: usize,
     send_buffer: usize,
 ) -> std::io::Result<std::net::UdpSocket> {
+    let sock = udp_socket(addr, recv_buffer, send_buffer)?;
+    sock.bind(&addr.into())?;
+    Ok(sock.into())
+}
+
+/// An unbound non-blocking UDP socket of `addr`'s family with the requested buffers.
+fn udp_socket(
+    addr: SocketAddr,
+    recv_buffer: usize,
+    send_buffer: usize,
+) -> std::io::Result<socket2::Socket> {
     let domain = if addr.is_ipv4() {
         socket2::Domain::IPV4
     } else {
@@ -80,8 +91,7 @@ pub fn bind_udp(
     let _ = sock.set_recv_buffer_size(recv_buffer);
     let _ = sock.set_send_buffer_size(send_buffer);
     sock.set_nonblocking(true)?;
-    sock.bind(&addr.into())?;
-    Ok(sock.into())
+    Ok(sock)
 }
 
 /// `count` UDP sockets on one address (`SO_REUSEPORT`), each datagram delivered to the
@@ -116,16 +126,7 @@ pub fn bind_udp_steered(
     let addr = std::net::UdpSocket::bind(addr)?.local_addr()?;
     let mut sockets = Vec::with_capacity(count);
     for _ in 0..count {
-        let domain = if addr.is_ipv4() {
-            socket2::Domain::IPV4
-        } else {
-            socket2::Domain::IPV6
-        };
-        let sock =
-            socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
-        let _ = sock.set_recv_buffer_size(recv_buffer);
-        let _ = sock.set_send_buffer_size(send_buffer);
-        sock.set_nonblocking(true)?;
+        let sock = udp_socket(addr, recv_buffer, send_buffer)?;
         setsockopt(&sock, sockopt::ReusePort, &true).map_err(std::io::Error::from)?;
         sock.bind(&addr.into())?;
         sockets.push(std::net::UdpSocket::from(sock));
