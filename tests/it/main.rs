@@ -43,6 +43,7 @@ mod metrics;
 mod ota;
 mod presence_admin;
 mod presence_store;
+mod push;
 mod readiness;
 mod robustness;
 mod roundtrip_props;

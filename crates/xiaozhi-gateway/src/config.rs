@@ -33,6 +33,7 @@ pub struct Config {
     pub mcp: McpConfig,
     pub management: ManagementConfig,
     pub calls: CallsConfig,
+    pub push: PushConfig,
     pub ota: OtaConfig,
     pub history: HistoryConfig,
     pub presence: PresenceConfig,
@@ -566,6 +567,61 @@ impl Default for CallsConfig {
             max_call_secs: 3600,
             max_calls: 10_000,
             wake_timeout_secs: 5,
+        }
+    }
+}
+
+/// Pushes to devices (`push/`): notify, wake, custom, alert, reboot, kept until the
+/// device is connected and idle.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PushConfig {
+    /// Take pushes (HTTP API, MQTT admin command, CLI) and deliver them.
+    pub enabled: bool,
+    /// How long a push waits for its device when the request does not say, in seconds.
+    pub default_ttl_secs: u64,
+    /// Longest time to live a request may ask for, in seconds.
+    pub max_ttl_secs: u64,
+    /// Most pushes waiting for one device; a request that would go beyond is refused.
+    pub max_per_device: u64,
+    /// Most pushes waiting across the fleet; a request that would go beyond is refused.
+    pub max_queued: u64,
+    /// Most devices one request may list in `to` (use `group` or `fleet` beyond).
+    pub max_devices_per_request: usize,
+    /// Pushes this node sends per second at most (a fleet push is paced by it, so it
+    /// never crowds out conversations).
+    pub rate_per_sec: u32,
+    /// Wait this long after a device connects before delivering (the firmware takes its
+    /// first seconds to start up and ignores a notify until it is idle), in ms.
+    pub settle_ms: u64,
+    /// After a notify, the device's next notify or wake waits this long (the firmware
+    /// ignores a notify while it is playing one and does not say when it is done), in
+    /// seconds.
+    pub notify_gap_secs: u64,
+    /// How long a wake waits for the device's acknowledgement, in ms.
+    pub wake_timeout_ms: u64,
+    /// Largest message sent to a device, in bytes.
+    pub max_message_bytes: usize,
+    /// How often every node looks for waiting pushes of its idle devices and expires
+    /// those past `expires_at`, in seconds.
+    pub sweep_secs: u64,
+}
+
+impl Default for PushConfig {
+    fn default() -> Self {
+        PushConfig {
+            enabled: true,
+            default_ttl_secs: 24 * 3600,
+            max_ttl_secs: 30 * 24 * 3600,
+            max_per_device: 32,
+            max_queued: 100_000,
+            max_devices_per_request: 10_000,
+            rate_per_sec: 500,
+            settle_ms: 1_500,
+            notify_gap_secs: 15,
+            wake_timeout_ms: 5_000,
+            max_message_bytes: 16 * 1024,
+            sweep_secs: 5,
         }
     }
 }
@@ -1132,6 +1188,13 @@ impl Config {
             ("bus.reconnect_max_secs", self.bus.reconnect_max_secs),
             ("calls.ring_timeout_secs", self.calls.ring_timeout_secs),
             ("calls.wake_timeout_secs", self.calls.wake_timeout_secs),
+            ("push.default_ttl_secs", self.push.default_ttl_secs),
+            ("push.max_ttl_secs", self.push.max_ttl_secs),
+            ("push.wake_timeout_ms", self.push.wake_timeout_ms),
+            ("push.sweep_secs", self.push.sweep_secs),
+            ("push.max_per_device", self.push.max_per_device),
+            ("push.max_queued", self.push.max_queued),
+            ("push.rate_per_sec", u64::from(self.push.rate_per_sec)),
         ] {
             if value == 0 {
                 return Err(invalid(key, &value, "must be greater than 0"));
@@ -1155,6 +1218,11 @@ impl Config {
             ("udp.uplink_queue", self.udp.uplink_queue),
             ("quic.max_connections", self.quic.max_connections),
             ("calls.max_calls", self.calls.max_calls),
+            (
+                "push.max_devices_per_request",
+                self.push.max_devices_per_request,
+            ),
+            ("push.max_message_bytes", self.push.max_message_bytes),
             (
                 "pipeline.xiaozhi.audio_buffer_frames",
                 self.pipeline.xiaozhi.audio_buffer_frames,

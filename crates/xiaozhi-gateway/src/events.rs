@@ -6,6 +6,8 @@
 //! | `xiaozhi/devices/<mac_>/session` | `session_started` / `session_ended` (duration, bytes, drops, reason) |
 //! | `xiaozhi/devices/<mac_>/chat` | each stored chat record, the same payload as `/ws/admin`'s `chat_update` |
 //! | `xiaozhi/events/upstream` | `upstream_failed`: a conversation could not be opened upstream |
+//! | `xiaozhi/devices/<mac_>/push` | `push_state`: a push to the device changed state ([`PushEvent`]) |
+//! | `xiaozhi/events/push` | `push_queued`: a push request was queued (batch id, device count); nodes deliver from it |
 //!
 //! Presence is published by the tracker; this module builds the rest. Publishing never
 //! blocks (the bus drops and counts when its queue is full).
@@ -32,7 +34,30 @@ pub struct EventPublisher {
     node: Arc<str>,
     /// Upstream failures for live consumers on this node (`/ws/admin`).
     upstream_failures: broadcast::Sender<UpstreamFailure>,
+    /// Push state changes for live consumers on this node (`/ws/admin`).
+    push_states: broadcast::Sender<PushEvent>,
 }
+
+/// A push changed state (`queued`, `sending`, `sent`, `delivered`, `expired`, `failed`).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PushEvent {
+    pub id: String,
+    pub batch_id: String,
+    /// Colon form.
+    pub mac_address: String,
+    pub kind: String,
+    pub state: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The node that made the change.
+    pub node: String,
+    /// Unix milliseconds.
+    pub at_ms: i64,
+}
+
+/// Push state changes buffered for a slow live consumer before it misses some (a fleet
+/// push makes one per device).
+const PUSH_EVENT_BUFFER: usize = 4096;
 
 /// A conversation could not reach (or lost) xiaozhi-server.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -61,12 +86,46 @@ impl EventPublisher {
             bus,
             node: node.into(),
             upstream_failures: broadcast::channel(UPSTREAM_FAILURE_BUFFER).0,
+            push_states: broadcast::channel(PUSH_EVENT_BUFFER).0,
         }
     }
 
     /// Upstream failures from now on (for `/ws/admin`).
     pub fn subscribe_upstream_failures(&self) -> broadcast::Receiver<UpstreamFailure> {
         self.upstream_failures.subscribe()
+    }
+
+    /// Push state changes from now on (for `/ws/admin`).
+    pub fn subscribe_push(&self) -> broadcast::Receiver<PushEvent> {
+        self.push_states.subscribe()
+    }
+
+    /// This node's id, as events name it.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// A push changed state: on the device's `push` topic and to live consumers.
+    pub fn push_state(&self, mac: &Mac, event: PushEvent) {
+        if let Ok(Value::Object(mut body)) = serde_json::to_value(&event) {
+            body.insert("event".into(), Value::from("push_state"));
+            self.publish(topics::device_push(mac), Value::Object(body));
+        }
+        let _ = self.push_states.send(event);
+    }
+
+    /// A push request was queued: every node delivers its batch to the devices it holds.
+    pub fn push_queued(&self, batch_id: &str, devices: usize) {
+        self.publish(
+            topics::EVENTS_PUSH.to_owned(),
+            json!({
+                "event": "push_queued",
+                "batch_id": batch_id,
+                "devices": devices,
+                "node": &*self.node,
+                "at_ms": now_ms(),
+            }),
+        );
     }
 
     fn publish(&self, topic: String, event: Value) {

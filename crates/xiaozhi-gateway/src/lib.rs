@@ -47,6 +47,7 @@ pub mod net;
 pub mod pipeline;
 pub mod presence;
 pub mod protocol;
+pub mod push;
 pub mod server;
 pub mod session;
 pub mod tls;

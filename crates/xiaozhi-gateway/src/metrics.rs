@@ -157,6 +157,21 @@ counters! {
     calls_ended_caller_gone,
     /// Conversations of this node that are call legs now (gauge).
     call_legs,
+    /// Pushes queued (one per device), sent (written to the device's connection),
+    /// delivered (acknowledged: wake), expired before they could be sent, failed.
+    push_queued,
+    push_sent,
+    push_delivered,
+    push_expired,
+    push_failed,
+    /// Push requests refused, by reason: bad input, a device nobody knows, a queue at
+    /// its bound (`push.max_per_device`, `push.max_queued`), the database away.
+    push_refused_invalid,
+    push_refused_unknown_device,
+    push_refused_queue_full,
+    push_refused_unavailable,
+    /// Pushes waiting for their devices, across the fleet (gauge, as of the last sweep).
+    push_waiting,
     /// Call audio frames: sealed by the UDP socket straight into the peer's channel (both
     /// devices on this node over UDP), handed to a leg on this node, answered with silence
     /// (ringing), sent to and received from legs on other nodes.
@@ -355,16 +370,20 @@ pub struct Histograms {
     /// stop` or the server's `stt`, whichever comes first) to the first reply audio the
     /// gateway sends the device.
     pub first_audio: Histogram,
+    /// `xiaozhi_push_delivery_seconds`: a push queued to written to its device (or, for
+    /// wake, acknowledged), for pushes whose device was connected and idle.
+    pub push_delivery: Histogram,
 }
 
 impl Histograms {
     /// Every histogram, for the exposition.
-    pub fn all(&self) -> [&Histogram; 4] {
+    pub fn all(&self) -> [&Histogram; 5] {
         [
             &self.session_duration,
             &self.upstream_connect,
             &self.history_write,
             &self.first_audio,
+            &self.push_delivery,
         ]
     }
 }
@@ -398,6 +417,14 @@ impl Default for Histograms {
                 "End of the user's speech (device listen stop or server stt, whichever \
                  first) to the first reply audio sent to the device.",
                 &[0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0],
+            ),
+            push_delivery: histogram(
+                "xiaozhi_push_delivery_seconds",
+                "A push queued to written to its device (wake: to the device's \
+                 acknowledgement), for pushes whose device was connected and idle when queued.",
+                &[
+                    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                ],
             ),
         }
     }

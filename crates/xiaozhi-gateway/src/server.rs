@@ -142,6 +142,8 @@ pub struct Gateway {
     pub directory: Arc<DeviceDirectory>,
     /// This node's presence writer (and the store readers use).
     pub presence: PresenceTracker,
+    /// Pushes to devices (`push.enabled`).
+    pub push: Option<Arc<crate::push::PushService>>,
     presence_task: Option<TrackerTask>,
     /// Every stored chat-history record, for live consumers.
     pub history_events: tokio::sync::broadcast::Sender<crate::history::writer::StoredEvent>,
@@ -439,8 +441,26 @@ impl Gateway {
                 stop_rest.clone(),
             )));
         }
+        let push = match config.push.enabled {
+            true => {
+                let (service, delivery, hints) = start_push(
+                    &config,
+                    history_store.clone(),
+                    directory.clone(),
+                    registry.clone(),
+                    presence.clone(),
+                    events.clone(),
+                    metrics.clone(),
+                )
+                .await?;
+                background.push(tokio::spawn(delivery.run(hints, stop_rest.clone())));
+                Some(service)
+            }
+            false => None,
+        };
         // Admin commands run the same way from the bus and from the HTTP API.
         let admin = Arc::new(crate::admin::executor::AdminDeps {
+            push: push.clone(),
             bus: broker.bus().clone(),
             directory: directory.clone(),
             registry: registry.clone(),
@@ -499,6 +519,7 @@ impl Gateway {
             events: events.clone(),
             tickets: Default::default(),
             calls,
+            push: push.clone(),
         });
         http_life.spawn(crate::http::serve::serve(
             http_listener,
@@ -526,6 +547,7 @@ impl Gateway {
             registry,
             directory,
             presence,
+            push,
             presence_task: Some(presence_task),
             history_events,
             history_stop,
@@ -758,6 +780,63 @@ async fn start_history(
         writer::HistoryWriter::start(store.clone(), journal, settings, metrics, events, stop)
             .map_err(|e| StartError::History(format!("cannot start the decoding threads: {e}")))?;
     Ok((handle, task, store))
+}
+
+/// Opens the push queue (in the history database; in memory, with a warning, when
+/// chat history is off) and builds the push service and its delivery task.
+async fn start_push(
+    config: &Config,
+    history_store: Option<crate::history::store::Store>,
+    directory: Arc<DeviceDirectory>,
+    registry: Arc<crate::broker::registry::DeviceRegistry>,
+    presence: PresenceTracker,
+    events: crate::events::EventPublisher,
+    metrics: Arc<Metrics>,
+) -> Result<
+    (
+        Arc<crate::push::PushService>,
+        crate::push::delivery::Delivery,
+        tokio::sync::mpsc::Receiver<crate::push::delivery::Hint>,
+    ),
+    StartError,
+> {
+    use crate::push::{PushService, delivery::Delivery, store::PushStore};
+    let store = match history_store {
+        Some(store) => store,
+        None => {
+            let store = crate::history::store::Store::memory()
+                .await
+                .map_err(|e| StartError::History(format!("in-memory push queue: {e}")))?;
+            store
+                .migrate()
+                .await
+                .map_err(|e| StartError::History(format!("in-memory push queue: {e}")))?;
+            warn!(
+                "chat history is off (history.enabled = false): pushes are queued in memory and lost on restart"
+            );
+            store
+        }
+    };
+    let store = PushStore::new(store);
+    let (hints_tx, hints_rx) = tokio::sync::mpsc::channel(crate::push::delivery::HINT_QUEUE);
+    let service = Arc::new(PushService::new(
+        store.clone(),
+        presence,
+        events.clone(),
+        metrics.clone(),
+        config.push.clone(),
+        hints_tx,
+    ));
+    let delivery = Delivery {
+        store,
+        directory,
+        registry,
+        events,
+        metrics,
+        settings: config.push.clone(),
+        node: config.node.id.clone(),
+    };
+    Ok((service, delivery, hints_rx))
 }
 
 /// Resolves at the signal that asks the gateway to stop: SIGINT (Ctrl-C) or SIGTERM (what

@@ -28,6 +28,7 @@ pub mod mac;
 pub mod mcp;
 pub mod negotiation;
 pub mod opus;
+pub mod push;
 pub mod quic_framing;
 pub mod replay_window;
 pub mod session;

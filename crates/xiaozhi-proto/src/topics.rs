@@ -211,6 +211,15 @@ pub fn device_down(mac: &Mac) -> String {
     format!("xiaozhi/devices/{mac}/down")
 }
 
+/// `xiaozhi/devices/<mac_>/push`: every state change of a push to the device.
+pub fn device_push(mac: &Mac) -> String {
+    format!("{DEVICES_PREFIX}{mac}/push")
+}
+
+/// `xiaozhi/events/push`: a push request was queued (its batch id and size). Every node
+/// of a cluster reads it and delivers the batch's pushes to the devices it holds.
+pub const EVENTS_PUSH: &str = "xiaozhi/events/push";
+
 /// `xiaozhi/devices/<mac_>/presence`: connect and disconnect events.
 pub fn device_presence(mac: &Mac) -> String {
     format!("xiaozhi/devices/{mac}/presence")

@@ -15,6 +15,7 @@
 //! | `goodbye` | device | - (ends the running conversation) |
 //! | `kick` | device | optional `reason` (disconnects the device) |
 //! | `list_online` | fleet | optional `filter` (`state`, `node`, `group`, `mac_prefix`, `after`, `limit`) |
+//! | `push` | device or fleet | `payload`: a push request (`kind`, its fields; on the fleet topic also `to`, `group` or `"fleet": true`; see `protocol::push`) |
 //!
 //! Optional in every command: `timeout_ms`, and `reply_to` (a topic for the reply, for
 //! MQTT 3.1.1 clients that cannot set an MQTT 5 response topic).
@@ -62,6 +63,12 @@ pub enum ErrorCode {
     PresenceUnavailable,
     /// The node that holds the device did not answer a forwarded command in time.
     NodeUnreachable,
+    /// `push` named a device the gateway does not know (or a target with no devices).
+    UnknownDevice,
+    /// `push` would pass `push.max_per_device` or `push.max_queued`.
+    QueueFull,
+    /// `push` could not reach its queue (the database), or pushes are off.
+    Unavailable,
 }
 
 impl ErrorCode {
@@ -78,6 +85,9 @@ impl ErrorCode {
             ErrorCode::Busy => "busy",
             ErrorCode::PresenceUnavailable => "presence_unavailable",
             ErrorCode::NodeUnreachable => "node_unreachable",
+            ErrorCode::UnknownDevice => "unknown_device",
+            ErrorCode::QueueFull => "queue_full",
+            ErrorCode::Unavailable => "unavailable",
         }
     }
 
@@ -86,7 +96,7 @@ impl ErrorCode {
         ErrorCode::ALL.into_iter().find(|c| c.as_str() == code)
     }
 
-    const ALL: [ErrorCode; 11] = [
+    const ALL: [ErrorCode; 14] = [
         ErrorCode::MalformedJson,
         ErrorCode::InvalidCommand,
         ErrorCode::UnknownCommand,
@@ -98,6 +108,9 @@ impl ErrorCode {
         ErrorCode::Busy,
         ErrorCode::PresenceUnavailable,
         ErrorCode::NodeUnreachable,
+        ErrorCode::UnknownDevice,
+        ErrorCode::QueueFull,
+        ErrorCode::Unavailable,
     ];
 }
 
@@ -130,6 +143,8 @@ pub enum Command {
         reason: Option<String>,
     },
     ListOnline(PresenceQuery),
+    /// A push request (`payload`), for the topic's device or the targets it names.
+    Push(Value),
 }
 
 impl Command {
@@ -140,6 +155,7 @@ impl Command {
             Command::Goodbye => "goodbye",
             Command::Kick { .. } => "kick",
             Command::ListOnline(_) => "list_online",
+            Command::Push(_) => "push",
         }
     }
 }
@@ -307,18 +323,38 @@ pub fn parse(topic: &str, payload: &[u8]) -> Result<AdminRequest, Rejected> {
             };
             Command::ListOnline(query)
         }
+        "push" => match obj.get("payload") {
+            Some(p @ Value::Object(_)) => Command::Push(p.clone()),
+            _ => {
+                return Err(reject(
+                    rid(),
+                    ErrorCode::InvalidCommand,
+                    "push needs payload, a push request, e.g. {\"kind\":\"alert\",\"status\":\"...\",\"message\":\"...\"}".into(),
+                ));
+            }
+        },
         other => {
             return Err(reject(
                 rid(),
                 ErrorCode::UnknownCommand,
                 format!(
-                    "unknown command {:?}; known: mcp, status, goodbye, kick, list_online",
+                    "unknown command {:?}; known: mcp, status, goodbye, kick, list_online, push",
                     other.chars().take(64).collect::<String>()
                 ),
             ));
         }
     };
     let fleet = matches!(command, Command::ListOnline(_));
+    if matches!(command, Command::Push(_)) {
+        // Either topic: the device's, or the fleet's with the targets in the payload.
+        return Ok(AdminRequest {
+            request_id,
+            device,
+            command,
+            timeout,
+            reply_to,
+        });
+    }
     match (fleet, device) {
         (true, Some(_)) => Err(reject(
             rid(),

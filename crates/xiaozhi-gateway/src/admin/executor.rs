@@ -58,6 +58,8 @@ pub struct AdminDeps {
     pub permits: Arc<Semaphore>,
     /// Scale-out only: sends commands on to the node that holds the device.
     pub forwarder: Option<Arc<Forwarder>>,
+    /// Pushes (none: `push.enabled = false`).
+    pub push: Option<Arc<crate::push::PushService>>,
 }
 
 /// Extra time a forwarded call waits beyond the command's own timeout: the owner answers
@@ -198,6 +200,10 @@ impl AdminDeps {
     /// The other node that holds the device of a device command (scale-out only).
     async fn owner_elsewhere(&self, request: &AdminRequest) -> Option<String> {
         let forwarder = self.forwarder.as_ref()?;
+        // A push is queued in the shared database; the device's node delivers it.
+        if matches!(request.command, Command::Push(_)) {
+            return None;
+        }
         let mac = request.device?;
         if self.directory.get(&mac).is_some() {
             return None;
@@ -314,11 +320,34 @@ impl AdminDeps {
                     })?;
                 Ok(serde_json::to_value(page).unwrap_or(Value::Null))
             }
+            (Command::Push(body), device) => self.push(body, device).await,
             (command, Some(mac)) => self.device_command(command, mac, timeout).await,
             (_, None) => Err(CommandError::new(
                 ErrorCode::WrongTopic,
                 "device command without a device",
             )),
+        }
+    }
+
+    async fn push(&self, body: &Value, device: Option<Mac>) -> Result<Value, CommandError> {
+        let Some(push) = &self.push else {
+            return Err(CommandError::new(
+                ErrorCode::Unavailable,
+                "pushes are off on this gateway (push.enabled = false)",
+            ));
+        };
+        match push.submit(body, device, "mqtt").await {
+            Ok(submitted) => Ok(serde_json::to_value(submitted).unwrap_or(Value::Null)),
+            Err(e) => {
+                use crate::push::PushError;
+                let code = match e {
+                    PushError::Invalid(_) => ErrorCode::InvalidCommand,
+                    PushError::UnknownDevice(_) | PushError::NoDevices => ErrorCode::UnknownDevice,
+                    PushError::QueueFull(_) => ErrorCode::QueueFull,
+                    PushError::Unavailable(_) => ErrorCode::Unavailable,
+                };
+                Err(CommandError::new(code, e.to_string()))
+            }
         }
     }
 
@@ -380,6 +409,7 @@ impl AdminDeps {
                 ErrorCode::WrongTopic,
                 "list_online is a fleet command",
             )),
+            Command::Push(body) => self.push(body, Some(mac)).await,
         }
     }
 

@@ -79,6 +79,10 @@ const MYSQL_MIGRATIONS: &[(&str, &str)] = &[
         "0004_device_activity_index",
         include_str!("../../../../migrations/mysql/0004_device_activity_index.sql"),
     ),
+    (
+        "0005_push",
+        include_str!("../../../../migrations/mysql/0005_push.sql"),
+    ),
 ];
 
 const SQLITE_MIGRATIONS: &[(&str, &str)] = &[
@@ -97,6 +101,10 @@ const SQLITE_MIGRATIONS: &[(&str, &str)] = &[
     (
         "0004_device_activity_index",
         include_str!("../../../../migrations/sqlite/0004_device_activity_index.sql"),
+    ),
+    (
+        "0005_push",
+        include_str!("../../../../migrations/sqlite/0005_push.sql"),
     ),
 ];
 
@@ -139,6 +147,20 @@ impl Store {
         } else {
             Err(StoreError::Url(url.to_owned()))
         }
+    }
+
+    /// A private in-memory SQLite database (one connection, which holds it): for what
+    /// needs the schema when no database is configured. Gone when the store is dropped.
+    pub async fn memory() -> Result<Store, StoreError> {
+        let options = SqliteConnectOptions::from_str("sqlite::memory:")?;
+        let pool = SqlitePoolOptions::new()
+            .max_connections(1)
+            .min_connections(1)
+            .idle_timeout(None)
+            .max_lifetime(None)
+            .connect_with(options)
+            .await?;
+        Ok(Store::Sqlite(pool))
     }
 
     /// One trivial query: whether the database answers.

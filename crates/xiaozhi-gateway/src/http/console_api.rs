@@ -120,10 +120,12 @@ pub fn status_of(code: ErrorCode) -> StatusCode {
         | ErrorCode::InvalidCommand
         | ErrorCode::UnknownCommand
         | ErrorCode::WrongTopic => StatusCode::BAD_REQUEST,
-        ErrorCode::DeviceOffline => StatusCode::NOT_FOUND,
-        ErrorCode::NoConversation => StatusCode::CONFLICT,
+        ErrorCode::DeviceOffline | ErrorCode::UnknownDevice => StatusCode::NOT_FOUND,
+        ErrorCode::NoConversation | ErrorCode::QueueFull => StatusCode::CONFLICT,
         ErrorCode::DeviceError => StatusCode::BAD_GATEWAY,
-        ErrorCode::Busy | ErrorCode::PresenceUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+        ErrorCode::Busy | ErrorCode::PresenceUnavailable | ErrorCode::Unavailable => {
+            StatusCode::SERVICE_UNAVAILABLE
+        }
         ErrorCode::DeviceTimeout | ErrorCode::NodeUnreachable => StatusCode::GATEWAY_TIMEOUT,
     }
 }

@@ -9,7 +9,8 @@
 //!   or HTTP 500 `{"success":false,"error":"..."}`.
 //!
 //! The device-calling endpoints (`/api/call/request`, `/api/call/accept`, [`super::calls`])
-//! are served here too, behind the same token.
+//! and the push API (`/api/push`, [`super::push`]) are served here too, behind the same
+//! token.
 //!
 //! All need `Authorization: Bearer <token>`, where the token is
 //! `hex(SHA-256("YYYY-MM-DD" + signature_key))`. manager-api computes it from the UTC date
@@ -58,6 +59,14 @@ pub fn routes(state: &HttpState) -> Router<HttpState> {
         routes = routes
             .route("/api/call/request", post(super::calls::request))
             .route("/api/call/accept", post(super::calls::accept));
+    }
+    if state.push.is_some() {
+        routes = routes
+            .route(
+                "/api/push",
+                post(super::push::submit).get(super::push::list),
+            )
+            .route("/api/push/{id}", axum::routing::get(super::push::get));
     }
     routes.route_layer(middleware::from_fn_with_state(state.clone(), require_token))
 }

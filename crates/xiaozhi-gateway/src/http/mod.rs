@@ -15,6 +15,7 @@ mod console_fleet;
 pub mod history;
 pub mod management;
 pub mod ota;
+pub mod push;
 pub mod readiness;
 pub mod serve;
 
@@ -56,6 +57,8 @@ pub struct HttpState {
     pub tickets: Arc<console_api::ExportTickets>,
     /// Device-to-device calling (none: `calls.enabled = false`).
     pub calls: Option<Arc<crate::calls::CallService>>,
+    /// Pushes to devices (none: `push.enabled = false`).
+    pub push: Option<Arc<crate::push::PushService>>,
 }
 
 /// Builds the router.

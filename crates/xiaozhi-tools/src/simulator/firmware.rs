@@ -117,7 +117,39 @@ pub fn check_server_message(payload: &[u8], font: &TextFont) -> Result<usize, St
         ("tts", Some("sentence_start")) | ("stt", _) if message["text"].is_string() => {
             check_glyph_push(&message, font)
         }
+        ("notify" | "alert" | "custom" | "system", _) => check_push_message(&message).map(|()| 0),
         _ => Ok(0),
+    }
+}
+
+/// What the firmware checks in the messages a server pushes to an idle device
+/// (`Application::OnIncomingJson`): `notify` needs an `audio_url` string starting with
+/// `http://` or `https://`, and `subtitles`, when present, must be an array (anything
+/// else drops the whole message; entries without a numeric `start_ms` and a string
+/// `text` are skipped); `alert` needs `status`, `message` and `emotion` strings; `custom`
+/// shows its `payload` object; `system` acts on the string `command` `reboot`.
+pub fn check_push_message(message: &Value) -> Result<(), String> {
+    let string = |k: &str| message.get(k).and_then(Value::as_str);
+    match string("type").unwrap_or_default() {
+        "notify" => {
+            let url = string("audio_url").ok_or("notify: no string audio_url")?;
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(format!("notify: audio_url {url:?} is not http(s)"));
+            }
+            match message.get("subtitles") {
+                None | Some(Value::Array(_)) => Ok(()),
+                Some(_) => Err("notify: subtitles is not an array (message dropped)".into()),
+            }
+        }
+        "alert" => match (string("status"), string("message"), string("emotion")) {
+            (Some(_), Some(_), Some(_)) => Ok(()),
+            _ => Err("alert: status, message and emotion must all be strings".into()),
+        },
+        "custom" if message.get("payload").is_some_and(Value::is_object) => Ok(()),
+        "custom" => Err("custom: payload is not an object".into()),
+        "system" if string("command") == Some("reboot") => Ok(()),
+        "system" => Err("system: the only command is reboot".into()),
+        _ => Ok(()),
     }
 }
 
@@ -388,6 +420,29 @@ mod tests {
             ),
             Ok(0)
         );
+    }
+
+    #[test]
+    fn pushed_messages_are_checked_as_the_firmware_reads_them() {
+        for good in [
+            json!({"type": "notify", "audio_url": "https://x/a.ogg"}),
+            json!({"type": "notify", "audio_url": "http://x/a.ogg", "subtitles": [{"start_ms": 0, "text": "a"}]}),
+            json!({"type": "alert", "status": "s", "message": "m", "emotion": "happy"}),
+            json!({"type": "custom", "payload": {"a": 1}}),
+            json!({"type": "system", "command": "reboot"}),
+        ] {
+            assert_eq!(check_push_message(&good), Ok(()), "{good}");
+        }
+        for bad in [
+            json!({"type": "notify"}),
+            json!({"type": "notify", "audio_url": "ftp://x/a.ogg"}),
+            json!({"type": "notify", "audio_url": "https://x/a.ogg", "subtitles": "a"}),
+            json!({"type": "alert", "status": "s", "message": "m"}),
+            json!({"type": "custom", "payload": "text"}),
+            json!({"type": "system", "command": "shutdown"}),
+        ] {
+            assert!(check_push_message(&bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -1,0 +1,551 @@
+//! Pushes to idle devices, end to end: the HTTP API (management token) and the MQTT admin
+//! command in, firmware-exact simulated devices out, the queue in a real database (SQLite
+//! files and MariaDB), state changes on the bus.
+
+use crate::common;
+
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use xiaozhi_gateway::admin::client::AdminClient;
+use xiaozhi_gateway::config::Config;
+use xiaozhi_gateway::server::Gateway;
+use xiaozhi_tools::simulator::device::{DeviceCredentials, SimDevice};
+use xiaozhi_tools::simulator::mcp::{SimProperty, SimTool, ToolAction};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+/// Pushes go out fast in tests: a short settle after connect, no notify gap, a sweep a
+/// second.
+fn config() -> Config {
+    let mut c = common::test_config();
+    c.push.settle_ms = 100;
+    c.push.notify_gap_secs = 0;
+    c.push.sweep_secs = 1;
+    c
+}
+
+/// A config that keeps the queue (and chat history) in a SQLite file in `dir`.
+fn config_with_database(dir: &std::path::Path) -> Config {
+    let mut c = config();
+    c.history.enabled = true;
+    c.history.database_url = format!("sqlite://{}", dir.join("history.db").display());
+    c.history.journal_dir = dir.join("journal");
+    c
+}
+
+fn token() -> String {
+    xiaozhi_gateway::http::management::daily_token(
+        time::OffsetDateTime::now_utc().date(),
+        common::KEY,
+    )
+}
+
+fn http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap()
+}
+
+async fn push(gw: &Gateway, body: Value) -> (StatusCode, Value) {
+    let resp = http()
+        .post(format!("http://{}/api/push", gw.addrs.http))
+        .bearer_auth(token())
+        .json(&body)
+        .send()
+        .await
+        .expect("POST /api/push");
+    let status = resp.status();
+    (status, resp.json().await.expect("JSON answer"))
+}
+
+async fn get(gw: &Gateway, path: &str) -> (StatusCode, Value) {
+    let resp = http()
+        .get(format!("http://{}{path}", gw.addrs.http))
+        .bearer_auth(token())
+        .send()
+        .await
+        .expect("GET");
+    let status = resp.status();
+    (status, resp.json().await.expect("JSON answer"))
+}
+
+/// The one push id of a single-device answer.
+fn id_of(answer: &Value) -> String {
+    assert_eq!(answer["devices"], 1, "{answer}");
+    answer["pushes"][0]["id"]
+        .as_str()
+        .expect("push id")
+        .to_owned()
+}
+
+/// Waits until the push is in `state`; returns it.
+async fn wait_state(gw: &Gateway, id: &str, state: &str) -> Value {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (status, row) = get(gw, &format!("/api/push/{id}")).await;
+        assert_eq!(status, StatusCode::OK, "{row}");
+        if row["state"] == state {
+            return row;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "push {id} never reached {state}: {row}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A device whose firmware has the wake-up tool (the calling forks' `self.remote_wakeup`).
+async fn wakeable(gw: &Gateway, n: u32) -> SimDevice {
+    let dev = common::device(gw, n).await;
+    dev.with_mcp(|mcp| {
+        mcp.add_tool(SimTool::new(
+            "self.remote_wakeup",
+            "Wake the device up and start listening, announcing why",
+            vec![SimProperty::string("reason")],
+            ToolAction::Text("true".into()),
+        ))
+    });
+    dev
+}
+
+/// No message of `kind` reaches the device within `wait`.
+async fn nothing_of(dev: &mut SimDevice, kind: &str, wait: Duration) {
+    if let Ok(m) = dev.recv_type(kind, wait).await {
+        panic!("unexpected {kind}: {m}");
+    }
+}
+
+#[tokio::test]
+async fn each_kind_reaches_an_idle_device_as_the_firmware_reads_it() {
+    let gw = common::start_with(config()).await;
+    let mut dev = wakeable(&gw, 1).await;
+    let mac = common::mac(1).colon();
+    let cases = [
+        (
+            json!({"kind": "notify", "to": mac, "audio_url": "https://example.com/clip.ogg",
+                   "subtitles": [{"start_ms": 1200, "text": "二"}, {"start_ms": 0, "text": "一"}]}),
+            json!({"type": "notify", "audio_url": "https://example.com/clip.ogg",
+                   "subtitles": [{"start_ms": 0, "text": "一"}, {"start_ms": 1200, "text": "二"}]}),
+        ),
+        (
+            json!({"kind": "alert", "to": mac, "status": "提醒", "message": "该喝水了", "emotion": "happy"}),
+            json!({"type": "alert", "status": "提醒", "message": "该喝水了", "emotion": "happy"}),
+        ),
+        (
+            json!({"kind": "custom", "to": mac, "payload": {"page": "weather", "temp": 21}}),
+            json!({"type": "custom", "payload": {"page": "weather", "temp": 21}}),
+        ),
+    ];
+    for (request, want) in cases {
+        let (status, answer) = push(&gw, request).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
+        let id = id_of(&answer);
+        let got = dev
+            .recv_type(want["type"].as_str().unwrap(), WAIT)
+            .await
+            .expect("the push reaches the device");
+        assert_eq!(got, want);
+        let row = wait_state(&gw, &id, "sent").await;
+        assert_eq!(row["mac_address"], mac);
+        assert_eq!(row["source"], "http");
+    }
+
+    // wake: the device's tool is called with the reason, and its `true` is the
+    // acknowledgement.
+    let (status, answer) = push(
+        &gw,
+        json!({"kind": "wake", "to": mac, "reason": "Tell me the weather"}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
+    let id = id_of(&answer);
+    wait_state(&gw, &id, "delivered").await;
+    let call = dev
+        .mcp_requests()
+        .into_iter()
+        .find(|r| r["params"]["name"] == "self.remote_wakeup")
+        .expect("the wake tool was called");
+    assert_eq!(call["method"], "tools/call");
+    assert_eq!(
+        call["params"]["arguments"],
+        json!({"reason": "Tell me the weather"})
+    );
+
+    // reboot last: the firmware's system command.
+    let (_, answer) = push(&gw, json!({"kind": "reboot", "to": mac})).await;
+    let id = id_of(&answer);
+    let got = dev.recv_type("system", WAIT).await.unwrap();
+    assert_eq!(got, json!({"type": "system", "command": "reboot"}));
+    wait_state(&gw, &id, "sent").await;
+
+    assert!(dev.violations().is_empty(), "{:?}", dev.violations());
+    let m = gw.metrics.snapshot();
+    assert_eq!(m.push_queued, 5);
+    assert_eq!(m.push_sent, 4);
+    assert_eq!(m.push_delivered, 1);
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_wake_to_firmware_without_the_tool_fails_and_says_why() {
+    let gw = common::start_with(config()).await;
+    let _dev = common::device(&gw, 2).await;
+    let (_, answer) = push(
+        &gw,
+        json!({"kind": "wake", "to": common::mac(2).colon(), "reason": "hello"}),
+    )
+    .await;
+    let row = wait_state(&gw, &id_of(&answer), "failed").await;
+    let error = row["error"].as_str().unwrap();
+    assert!(error.contains("self.remote_wakeup"), "{error}");
+    assert_eq!(gw.metrics.snapshot().push_failed, 1);
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_push_to_an_offline_device_is_delivered_once_on_reconnect() {
+    let gw = common::start_with(config()).await;
+    // Seen once, so the gateway knows it.
+    common::device(&gw, 3).await.disconnect().await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (status, answer) = push(
+        &gw,
+        json!({"kind": "alert", "to": common::mac(3).colon(), "status": "s", "message": "while you were away"}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
+    let id = id_of(&answer);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(wait_state(&gw, &id, "queued").await["node"], Value::Null);
+
+    let mut dev = common::device(&gw, 3).await;
+    let got = dev.recv_type("alert", WAIT).await.unwrap();
+    assert_eq!(got["message"], "while you were away");
+    wait_state(&gw, &id, "sent").await;
+    // Once: not again on this connection, nor after a reconnect.
+    nothing_of(&mut dev, "alert", Duration::from_millis(1500)).await;
+    dev.disconnect().await;
+    let mut dev = common::device(&gw, 3).await;
+    nothing_of(&mut dev, "alert", Duration::from_millis(2000)).await;
+    assert_eq!(gw.metrics.snapshot().push_sent, 1);
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_push_is_not_delivered_after_it_expires() {
+    let gw = common::start_with(config()).await;
+    common::device(&gw, 4).await.disconnect().await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (_, answer) = push(
+        &gw,
+        json!({"kind": "alert", "to": common::mac(4).colon(), "status": "s", "message": "too late", "ttl_secs": 1}),
+    )
+    .await;
+    let id = id_of(&answer);
+    wait_state(&gw, &id, "expired").await;
+    let mut dev = common::device(&gw, 4).await;
+    nothing_of(&mut dev, "alert", Duration::from_millis(2000)).await;
+    let m = gw.metrics.snapshot();
+    assert_eq!((m.push_expired, m.push_sent), (1, 0));
+
+    // An expiry already past is refused, not queued.
+    let (status, answer) = push(
+        &gw,
+        json!({"kind": "reboot", "to": common::mac(4).colon(), "expires_at": 1000}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{answer}");
+    assert_eq!(answer["error"], "invalid_push");
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_busy_device_gets_its_push_when_the_conversation_ends() {
+    let gw = common::start_with(config()).await;
+    let mut dev = common::device(&gw, 5).await;
+    let (hello, _audio) = common::conversation(&mut dev).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (_, answer) = push(
+        &gw,
+        json!({"kind": "notify", "to": common::mac(5).colon(), "audio_url": "http://10.0.0.2/a.ogg"}),
+    )
+    .await;
+    let id = id_of(&answer);
+    nothing_of(&mut dev, "notify", Duration::from_millis(1500)).await;
+    wait_state(&gw, &id, "queued").await;
+    dev.publish_json(&json!({"session_id": hello.session_id, "type": "goodbye"}))
+        .await
+        .unwrap();
+    let got = dev.recv_type("notify", WAIT).await.unwrap();
+    assert_eq!(got["audio_url"], "http://10.0.0.2/a.ogg");
+    wait_state(&gw, &id, "sent").await;
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_restart_between_queue_and_delivery_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let gw = common::start_with(config_with_database(dir.path())).await;
+    common::device(&gw, 6).await.disconnect().await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (status, answer) = push(
+        &gw,
+        json!({"kind": "custom", "to": common::mac(6).colon(), "payload": {"n": 6}}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
+    let id = id_of(&answer);
+    gw.shutdown().await;
+
+    let gw = common::start_with(config_with_database(dir.path())).await;
+    assert_eq!(wait_state(&gw, &id, "queued").await["kind"], "custom");
+    let mut dev = common::device(&gw, 6).await;
+    let got = dev.recv_type("custom", WAIT).await.unwrap();
+    assert_eq!(got, json!({"type": "custom", "payload": {"n": 6}}));
+    wait_state(&gw, &id, "sent").await;
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn lists_groups_and_the_fleet_reach_exactly_their_devices() {
+    let gw = common::start_with(config()).await;
+    let key = Some(common::KEY.as_bytes());
+    let kitchen = |n| DeviceCredentials::for_mac(common::mac(n), "GID_kitchen", key);
+    let mut devices = Vec::new();
+    for n in 10..13 {
+        devices.push(common::device(&gw, n).await);
+    }
+    for n in 13..15 {
+        devices.push(SimDevice::connect(gw.addrs.mqtt, kitchen(n)).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let alert = |text: &str| json!({"kind": "alert", "status": "s", "message": text});
+    let with = |mut body: Value, key: &str, value: Value| {
+        body[key] = value;
+        body
+    };
+
+    let list = json!([common::mac(10).colon(), common::mac(11).underscored()]);
+    let (status, answer) = push(&gw, with(alert("list"), "to", list)).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
+    assert_eq!(answer["devices"], 2);
+    let (_, answer) = push(&gw, with(alert("group"), "group", json!("GID_kitchen"))).await;
+    assert_eq!(answer["devices"], 2);
+    let (_, answer) = push(&gw, with(alert("fleet"), "fleet", json!(true))).await;
+    assert_eq!(answer["devices"], 5);
+    let batch = answer["batch_id"].as_str().unwrap().to_owned();
+
+    let mut got = Vec::new();
+    for dev in devices.iter_mut() {
+        let mut messages = Vec::new();
+        while let Ok(m) = dev.recv_type("alert", Duration::from_millis(1500)).await {
+            messages.push(m["message"].as_str().unwrap().to_owned());
+        }
+        messages.sort();
+        got.push(messages);
+    }
+    assert_eq!(
+        got,
+        vec![
+            vec!["fleet", "list"],
+            vec!["fleet", "list"],
+            vec!["fleet"],
+            vec!["fleet", "group"],
+            vec!["fleet", "group"],
+        ]
+    );
+    let (status, listed) = get(&gw, &format!("/api/push?batch_id={batch}&state=sent")).await;
+    assert_eq!(status, StatusCode::OK, "{listed}");
+    assert_eq!(listed["pushes"].as_array().unwrap().len(), 5);
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn bad_requests_are_refused_whole_and_counted() {
+    let mut c = config();
+    c.push.max_per_device = 2;
+    let gw = common::start_with(c).await;
+    let _dev = common::device(&gw, 20).await;
+    // Away devices: their pushes wait, so the bound is reached.
+    common::device(&gw, 21).await.disconnect().await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mac = common::mac(21).colon();
+    let cases = [
+        (
+            json!({"kind": "notify", "to": mac, "audio_url": "file:///etc/passwd"}),
+            StatusCode::BAD_REQUEST,
+            "invalid_push",
+        ),
+        (
+            json!({"kind": "sing", "to": mac}),
+            StatusCode::BAD_REQUEST,
+            "invalid_push",
+        ),
+        (
+            json!({"kind": "custom", "to": mac, "payload": {"x": "y".repeat(20_000)}}),
+            StatusCode::BAD_REQUEST,
+            "invalid_push",
+        ),
+        (
+            json!({"kind": "reboot", "to": [mac, "aa:aa:aa:aa:aa:aa"]}),
+            StatusCode::NOT_FOUND,
+            "unknown_device",
+        ),
+        (
+            json!({"kind": "reboot", "group": "GID_nobody"}),
+            StatusCode::NOT_FOUND,
+            "unknown_device",
+        ),
+    ];
+    for (body, status, code) in cases {
+        let (got, answer) = push(&gw, body.clone()).await;
+        assert_eq!(
+            (got, answer["error"].as_str()),
+            (status, Some(code)),
+            "{body}: {answer}"
+        );
+    }
+    // Not JSON at all.
+    let resp = http()
+        .post(format!("http://{}/api/push", gw.addrs.http))
+        .bearer_auth(token())
+        .body("{")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    // No token.
+    let resp = http()
+        .post(format!("http://{}/api/push", gw.addrs.http))
+        .json(&json!({"kind": "reboot", "to": mac}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+
+    // The device's bound: two wait, the third is refused, and a request naming it with
+    // a device that has room queues nothing for either.
+    for _ in 0..2 {
+        let (status, _) = push(&gw, json!({"kind": "reboot", "to": mac})).await;
+        assert_eq!(status, StatusCode::ACCEPTED);
+    }
+    let both = json!({"kind": "reboot", "to": [mac, common::mac(20).colon()]});
+    let (status, answer) = push(&gw, both).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{answer}");
+    assert_eq!(answer["error"], "queue_full");
+    let (_, listed) = get(&gw, &format!("/api/push?mac={}", common::mac(20).colon())).await;
+    assert_eq!(listed["pushes"], json!([]));
+
+    let (status, _) = get(&gw, "/api/push/0123456789abcdef0123456789abcdef").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, answer) = get(&gw, "/api/push/not-an-id").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{answer}");
+
+    let m = gw.metrics.snapshot();
+    assert_eq!(m.push_refused_invalid, 4);
+    assert_eq!(m.push_refused_unknown_device, 2);
+    assert_eq!(m.push_refused_queue_full, 1);
+    assert_eq!(m.push_queued, 2);
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_mqtt_admin_command_pushes_and_state_changes_are_on_the_bus() {
+    let gw = common::start_with(config()).await;
+    let broker = gw.addrs.broker.unwrap();
+    // A bus observer of every device's push events.
+    let mut opts = rumqttc::MqttOptions::new("push-observer", "127.0.0.1", broker.port());
+    opts.set_credentials(common::ADMIN_USER, common::ADMIN_PASS);
+    let (observer, mut events) = rumqttc::AsyncClient::new(opts, 64);
+    observer
+        .subscribe("xiaozhi/devices/+/push", rumqttc::QoS::AtMostOnce)
+        .await
+        .unwrap();
+    let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel::<Value>();
+    let pump = tokio::spawn(async move {
+        while let Ok(event) = events.poll().await {
+            if let rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)) = event
+                && let Ok(v) = serde_json::from_slice::<Value>(&p.payload)
+            {
+                let _ = seen_tx.send(v);
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let mut dev = common::device(&gw, 30).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let admin = AdminClient::connect(
+        "127.0.0.1",
+        broker.port(),
+        common::ADMIN_USER,
+        common::ADMIN_PASS,
+        WAIT,
+    )
+    .await
+    .unwrap();
+    let mac = common::mac(30);
+    let reply = admin
+        .request(
+            Some(&mac),
+            json!({"command": "push", "payload": {"kind": "alert", "status": "s", "message": "from mqtt"}}),
+            WAIT,
+        )
+        .await
+        .unwrap();
+    assert_eq!(reply["ok"], true, "{reply}");
+    let id = reply["result"]["pushes"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(
+        dev.recv_type("alert", WAIT).await.unwrap()["message"],
+        "from mqtt"
+    );
+    let row = wait_state(&gw, &id, "sent").await;
+    assert_eq!(row["source"], "mqtt");
+
+    // On the fleet topic the payload names the targets.
+    let reply = admin
+        .request(
+            None,
+            json!({"command": "push", "payload": {"kind": "custom", "to": [mac.colon()], "payload": {"k": 1}}}),
+            WAIT,
+        )
+        .await
+        .unwrap();
+    assert_eq!(reply["ok"], true, "{reply}");
+    dev.recv_type("custom", WAIT).await.unwrap();
+    let reply = admin
+        .request(
+            None,
+            json!({"command": "push", "payload": {"kind": "custom"}}),
+            WAIT,
+        )
+        .await
+        .unwrap();
+    assert_eq!(reply["ok"], false);
+    assert_eq!(reply["error"]["code"], "invalid_command", "{reply}");
+
+    // The bus carried queued then sent for the first push.
+    let mut states = Vec::new();
+    while states.len() < 2 {
+        let event = tokio::time::timeout(WAIT, seen.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        if event["id"] == id {
+            assert_eq!(event["event"], "push_state");
+            assert_eq!(event["mac_address"], mac.colon());
+            states.push(event["state"].as_str().unwrap().to_owned());
+        }
+    }
+    assert_eq!(states, ["queued", "sent"]);
+    pump.abort();
+    admin.disconnect().await;
+    gw.shutdown().await;
+}
