@@ -549,3 +549,115 @@ async fn the_mqtt_admin_command_pushes_and_state_changes_are_on_the_bus() {
     admin.disconnect().await;
     gw.shutdown().await;
 }
+
+/// A node of a cluster: the external bus on `mosquitto`, presence in Redis under
+/// `prefix`, the push queue (and chat history) in the shared MariaDB database `db`.
+fn node_config(
+    node: &str,
+    mosquitto: u16,
+    prefix: &str,
+    db: &str,
+    journal: &std::path::Path,
+) -> Config {
+    let mut c = config();
+    c.node.id = node.into();
+    c.bus.mode = xiaozhi_gateway::config::BusMode::External;
+    c.bus.url = format!("mqtt://127.0.0.1:{mosquitto}");
+    c.bus.reconnect_max_secs = 1;
+    c.presence.redis_url = Some("redis://127.0.0.1:6379".into());
+    c.presence.key_prefix = prefix.into();
+    c.history.enabled = true;
+    c.history.database_url = db.into();
+    c.history.journal_dir = journal.into();
+    // Delivery across nodes must come from the bus event, not from the sweep.
+    c.push.sweep_secs = 600;
+    c
+}
+
+#[tokio::test]
+async fn a_push_queued_on_one_node_reaches_the_device_on_another_once() {
+    let port = common::free_port();
+    let _mosquitto = common::start_mosquitto(port).await;
+    let db = common::scratch_db::ScratchDb::new("push_nodes").await;
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = format!(
+        "xz-test-push-{}-{}:",
+        std::process::id(),
+        &xiaozhi_gateway::history::record::new_id()[..8]
+    );
+    let a = common::start_with(node_config(
+        "gw-a",
+        port,
+        &prefix,
+        &db.url(),
+        &dir.path().join("a"),
+    ))
+    .await;
+    let b = common::start_with(node_config(
+        "gw-b",
+        port,
+        &prefix,
+        &db.url(),
+        &dir.path().join("b"),
+    ))
+    .await;
+    for gw in [&a, &b] {
+        assert!(
+            common::eventually(WAIT, || gw.metrics.snapshot().bus_connected == 1).await,
+            "node connects to the external broker"
+        );
+    }
+    let mut on_a = common::device(&a, 40).await;
+    let mut on_b = common::device(&b, 41).await;
+    // Both known to the shared presence store.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while a
+        .presence
+        .store()
+        .get(&common::mac(41).colon())
+        .await
+        .ok()
+        .flatten()
+        .is_none()
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "gw-b's device in presence"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // Queued on gw-a, for gw-b's device.
+    let (status, answer) = push(
+        &a,
+        json!({"kind": "alert", "to": common::mac(41).colon(), "status": "s", "message": "across"}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
+    let id = id_of(&answer);
+    assert_eq!(
+        on_b.recv_type("alert", WAIT).await.unwrap()["message"],
+        "across"
+    );
+    let row = wait_state(&a, &id, "sent").await;
+    assert_eq!(row["node"], "gw-b", "sent by the device's node: {row}");
+
+    // The whole fleet from gw-b: each device once, by its own node.
+    let (_, answer) = push(
+        &b,
+        json!({"kind": "custom", "fleet": true, "payload": {"all": true}}),
+    )
+    .await;
+    assert_eq!(answer["devices"], 2, "{answer}");
+    for dev in [&mut on_a, &mut on_b] {
+        dev.recv_type("custom", WAIT).await.unwrap();
+        nothing_of(dev, "custom", Duration::from_millis(1500)).await;
+    }
+    nothing_of(&mut on_b, "alert", Duration::from_millis(100)).await;
+    let sent = a.metrics.snapshot().push_sent + b.metrics.snapshot().push_sent;
+    assert_eq!(sent, 3);
+    a.shutdown().await;
+    b.shutdown().await;
+    db.drop_db().await;
+}

@@ -230,10 +230,15 @@ impl Gateway {
         // the broker listener as one, HTTP last.
         let listeners = Lifecycle::new();
         let http_life = Lifecycle::new();
+        // Pushes queued on other nodes: their batch ids, from the bus to this node's
+        // delivery.
+        let (push_batches, remote_push_batches) =
+            tokio::sync::mpsc::channel(crate::push::delivery::HINT_QUEUE);
         let (broker, bus_commands, pending_calls) = BusBackend::start(
             &config,
             registry.clone(),
             call_traffic,
+            (external_bus && config.push.enabled).then_some(push_batches),
             metrics.clone(),
             &listeners,
         )
@@ -453,7 +458,11 @@ impl Gateway {
                     metrics.clone(),
                 )
                 .await?;
-                background.push(tokio::spawn(delivery.run(hints, stop_rest.clone())));
+                background.push(tokio::spawn(delivery.run(
+                    hints,
+                    remote_push_batches,
+                    stop_rest.clone(),
+                )));
                 Some(service)
             }
             false => None,

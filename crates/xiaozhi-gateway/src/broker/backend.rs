@@ -31,6 +31,7 @@ impl BusBackend {
         config: &Config,
         registry: Arc<DeviceRegistry>,
         call_traffic: Option<Arc<dyn CallTraffic>>,
+        push_batches: Option<mpsc::Sender<String>>,
         metrics: Arc<Metrics>,
         life: &Lifecycle,
     ) -> Result<
@@ -53,6 +54,7 @@ impl BusBackend {
                     node: config.node.id.clone(),
                     calls: calls.clone(),
                     call_traffic,
+                    push_batches,
                 };
                 let (inbound, commands) = Inbound::new(registry, Some(role), metrics.clone());
                 let bus = ExternalBus::start(

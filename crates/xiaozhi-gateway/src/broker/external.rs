@@ -75,6 +75,7 @@ pub fn subscriptions(node: &str, share_group: &str) -> Vec<String> {
         topics::node_replies_filter(node),
         topics::node_calls(node),
         topics::node_call_audio_filter(node),
+        topics::EVENTS_PUSH.to_owned(),
     ]
 }
 

@@ -15,6 +15,8 @@
 //!   device-calling actions for this node's devices and the audio of their calls, handed
 //!   to [`CallTraffic`] (implemented by the calling service, which this layer does not
 //!   know).
+//! * `xiaozhi/events/push` (scale-out): another node queued a push request; its batch id
+//!   goes to this node's push delivery, which sends the batch to the devices held here.
 
 use std::sync::Arc;
 
@@ -37,6 +39,9 @@ pub struct NodeRole {
     pub calls: Arc<PendingCalls>,
     /// Where device-calling traffic for this node goes.
     pub call_traffic: Option<Arc<dyn CallTraffic>>,
+    /// Where the batch ids of pushes queued on other nodes go (dropped when full: the
+    /// delivery's sweep finds them anyway).
+    pub push_batches: Option<mpsc::Sender<String>>,
 }
 
 /// Device-calling traffic another node sent to this one.
@@ -103,6 +108,14 @@ impl Inbound {
             return;
         }
         let Some(cluster) = &self.cluster else { return };
+        if topic == topics::EVENTS_PUSH {
+            if let Some(batches) = &cluster.push_batches
+                && let Some(batch) = push_batch_elsewhere(&payload, &cluster.node)
+            {
+                let _ = batches.try_send(batch);
+            }
+            return;
+        }
         match topics::parse_node_topic(&cluster.node, topic) {
             Some(NodeTopic::Commands) => match forwarding::decode(&payload) {
                 Ok(command) => self.queue(command),
@@ -134,4 +147,15 @@ impl Inbound {
             Metrics::inc(&self.metrics.admin_commands_dropped);
         }
     }
+}
+
+/// The batch id of a `push_queued` event another node published (this node's own are
+/// handed to its delivery directly).
+fn push_batch_elsewhere(payload: &[u8], node: &str) -> Option<String> {
+    let event: serde_json::Value = serde_json::from_slice(payload).ok()?;
+    if event.get("node").and_then(serde_json::Value::as_str) == Some(node) {
+        return None;
+    }
+    let batch = event.get("batch_id")?.as_str()?;
+    (batch.len() <= 64).then(|| batch.to_owned())
 }

@@ -129,7 +129,13 @@ struct Work {
 
 impl Delivery {
     /// Runs until stopped; then waits briefly for wakes in flight.
-    pub async fn run(self, mut hints: mpsc::Receiver<Hint>, stop: CancellationToken) {
+    /// `remote`: batch ids of requests other nodes queued (scale-out; closed otherwise).
+    pub async fn run(
+        self,
+        mut hints: mpsc::Receiver<Hint>,
+        mut remote: mpsc::Receiver<String>,
+        stop: CancellationToken,
+    ) {
         let node = self.node.clone();
         match self.store.recover(&node, now_ms()).await {
             Ok(0) => {}
@@ -163,6 +169,7 @@ impl Delivery {
                     }
                     None => break,
                 },
+                Some(batch) = remote.recv() => self.batch_ready(&batch, &mut work).await,
                 event = presence.recv() => match event {
                     Ok(event) => {
                         let after = match event.state {
