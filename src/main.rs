@@ -20,6 +20,7 @@ use xiaozhi_tools::bench::command::BenchCommand;
 use xiaozhi_tools::cli::admin::{self, CmdArgs, DevicesArgs};
 use xiaozhi_tools::cli::bench_history::{self, BenchHistoryArgs};
 use xiaozhi_tools::cli::demo::{self, DemoArgs, MockUpstreamArgs};
+use xiaozhi_tools::cli::push::{self, PushArgs};
 use xiaozhi_tools::cli::simulate::{self, SimulateArgs};
 
 #[derive(Parser)]
@@ -76,6 +77,11 @@ enum Command {
     /// or mcp with a JSON-RPC request, e.g.
     /// `cmd aa:bb:cc:dd:ee:ff mcp '{"method":"tools/list"}'`.
     Cmd(CmdArgs),
+    /// Push to devices that nobody is talking to: notify (a clip to play), wake (the
+    /// device asks its speech server `--reason`), custom, alert, reboot; to `--to MAC`
+    /// (repeatable), `--group` or `--fleet`. Queued until each device is connected and
+    /// idle, e.g. `push alert --to aa:bb:cc:dd:ee:ff --status Reminder --message "Water the plants"`.
+    Push(PushArgs),
     /// Benchmark tools: `load` (simulated devices, latency, loss, a process's CPU and
     /// RSS), `floor` (the minimal echo server to compare with) and `upstream` (a lean
     /// echoing xiaozhi-server stand-in). See docs/benchmarks.md.
@@ -195,6 +201,10 @@ fn main() -> ExitCode {
         },
         Command::Cmd(args) => match load_admin_config(&cli.config) {
             Ok(config) => runtime.block_on(admin::cmd(&config, args)),
+            Err(code) => code,
+        },
+        Command::Push(args) => match load_admin_config(&cli.config) {
+            Ok(config) => runtime.block_on(push::push(&config, args)),
             Err(code) => code,
         },
         Command::Bench(command) => {

@@ -661,3 +661,100 @@ async fn a_push_queued_on_one_node_reaches_the_device_on_another_once() {
     b.shutdown().await;
     db.drop_db().await;
 }
+
+/// `xiaozhi-gateway push ...` against a running gateway, as an operator types it.
+async fn cli(gw: &Gateway, args: &[&str]) -> std::process::Output {
+    let broker = gw.addrs.broker.unwrap().to_string();
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_xiaozhi-gateway"));
+    cmd.env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .arg("push")
+        .args(args)
+        .args([
+            "--broker",
+            &broker,
+            "--username",
+            common::ADMIN_USER,
+            "--password",
+            common::ADMIN_PASS,
+        ]);
+    tokio::time::timeout(Duration::from_secs(20), cmd.output())
+        .await
+        .expect("push finishes")
+        .expect("push runs")
+}
+
+#[tokio::test]
+async fn the_cli_pushes_and_its_exit_code_says_whether_it_was_queued() {
+    let gw = common::start_with(config()).await;
+    let mut dev = common::device(&gw, 50).await;
+    let mac = common::mac(50).colon();
+    let out = cli(
+        &gw,
+        &[
+            "notify",
+            "--to",
+            &mac,
+            "--audio-url",
+            "https://example.com/a.ogg",
+            "--subtitle",
+            "0:你好",
+            "--subtitle",
+            "800:world",
+        ],
+    )
+    .await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("queued 1 push(es) of kind notify"),
+        "{stdout}"
+    );
+    assert!(stdout.contains(&mac), "{stdout}");
+    let got = dev.recv_type("notify", WAIT).await.unwrap();
+    assert_eq!(
+        got,
+        json!({"type": "notify", "audio_url": "https://example.com/a.ogg",
+        "subtitles": [{"start_ms": 0, "text": "你好"}, {"start_ms": 800, "text": "world"}]})
+    );
+
+    // Refused by the gateway: 1, and the reason.
+    let out = cli(
+        &gw,
+        &[
+            "alert",
+            "--to",
+            "aa:aa:aa:aa:aa:aa",
+            "--status",
+            "s",
+            "--message",
+            "m",
+        ],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown_device"));
+    // Not askable: 2.
+    let out = cli(&gw, &["reboot"]).await;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--to"));
+    let out = cli(
+        &gw,
+        &[
+            "notify",
+            "--to",
+            &mac,
+            "--audio-url",
+            "https://x/a.ogg",
+            "--subtitle",
+            "soon",
+        ],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(2));
+    gw.shutdown().await;
+}

@@ -229,6 +229,15 @@ impl Delivery {
         self.directory.status(mac) == Some(false)
     }
 
+    /// How much of its settle time (`push.settle_ms` after connecting) a device has left.
+    fn settling(&self, mac: &Mac) -> Option<Duration> {
+        let entry = self.directory.get(mac)?;
+        let age = entry.connected_at.elapsed().unwrap_or_default();
+        Duration::from_millis(self.settings.settle_ms)
+            .checked_sub(age)
+            .filter(|left| !left.is_zero())
+    }
+
     async fn batch_ready(&self, batch_id: &str, work: &mut Work) {
         match self.store.due_in_batch(batch_id, now_ms()).await {
             Ok(rows) => {
@@ -236,7 +245,15 @@ impl Delivery {
                     let Ok(mac) = row.mac_address.parse::<Mac>() else {
                         continue;
                     };
-                    if self.idle_here(&mac) && work.in_ready.insert(row.id.clone()) {
+                    if !self.idle_here(&mac) {
+                        continue;
+                    }
+                    // A device that has just connected is given its settle time first.
+                    if let Some(wait) = self.settling(&mac) {
+                        work.pending.insert(mac, Instant::now() + wait);
+                        continue;
+                    }
+                    if work.in_ready.insert(row.id.clone()) {
                         work.ready.push_back(row);
                     }
                 }

@@ -24,10 +24,10 @@ pub struct AdminArgs {
     password: Option<String>,
     /// How long to wait for the reply, in ms.
     #[arg(long, default_value_t = 10_000)]
-    timeout_ms: u64,
+    pub(crate) timeout_ms: u64,
     /// Print the raw JSON reply.
     #[arg(long)]
-    json: bool,
+    pub(crate) json: bool,
 }
 
 #[derive(Args)]
@@ -59,7 +59,10 @@ pub struct CmdArgs {
     payload: Option<String>,
 }
 
-async fn admin_client(config: &Config, args: &AdminArgs) -> Result<AdminClient, ExitCode> {
+pub(crate) async fn admin_client(
+    config: &Config,
+    args: &AdminArgs,
+) -> Result<AdminClient, ExitCode> {
     let external = config.bus.mode == xiaozhi_gateway::config::BusMode::External;
     // Where admins connect: --broker, else the external bus broker, else the embedded
     // broker listener.

@@ -1,5 +1,6 @@
-//! `GET /ws/admin`: a WebSocket that receives every stored record as it is stored; a slow
-//! consumer is dropped rather than allowed to hold the writer back.
+//! `GET /ws/admin`: a WebSocket that receives every stored record as it is stored (and
+//! presence changes, upstream failures and push state changes); a slow consumer is
+//! dropped rather than allowed to hold the writer back.
 
 use std::time::Duration;
 
@@ -50,11 +51,27 @@ pub(super) async fn admin_feed(
     }
     let presence = state.directory.subscribe_presence();
     let failures = state.events.subscribe_upstream_failures();
+    let pushes = state.events.subscribe_push();
     let max = state.config.http.ws_max_message_bytes;
     let metrics = state.metrics.clone();
     ws.max_message_size(max)
         .max_frame_size(max)
-        .on_upgrade(move |socket| feed(socket, events, presence, failures, metrics))
+        .on_upgrade(move |socket| {
+            feed(
+                socket,
+                events,
+                presence,
+                Alerts { failures, pushes },
+                metrics,
+            )
+        })
+}
+
+/// The feed's samples beside records and presence: upstream failures and push state
+/// changes.
+pub(super) struct Alerts {
+    pub failures: broadcast::Receiver<crate::events::UpstreamFailure>,
+    pub pushes: broadcast::Receiver<crate::events::PushEvent>,
 }
 
 /// Close codes of the feed.
@@ -106,9 +123,13 @@ pub(super) async fn feed(
     mut socket: WebSocket,
     mut events: broadcast::Receiver<StoredEvent>,
     mut presence: broadcast::Receiver<crate::session::directory::PresenceEvent>,
-    mut failures: broadcast::Receiver<crate::events::UpstreamFailure>,
+    alerts: Alerts,
     metrics: std::sync::Arc<crate::metrics::Metrics>,
 ) {
+    let Alerts {
+        mut failures,
+        mut pushes,
+    } = alerts;
     debug!("admin feed: consumer connected");
     let mut ping = tokio::time::interval_at(
         tokio::time::Instant::now() + Duration::from_secs(30),
@@ -157,6 +178,25 @@ pub(super) async fn feed(
                 }
                 // Alerts are a sample, not a ledger: a consumer that missed some goes on.
                 Err(broadcast::error::RecvError::Lagged(_)) => {}
+                Err(broadcast::error::RecvError::Closed) => {
+                    close(&mut socket, CLOSE_GOING_AWAY, "shutting down".into()).await;
+                    return;
+                }
+            },
+            push = pushes.recv() => match push {
+                Ok(push) => {
+                    if !send_text(&mut socket, tagged(&push, "push")).await {
+                        return;
+                    }
+                }
+                // A fleet push makes one change per device: a consumer that missed some
+                // is told how many and goes on (each push's state is readable by id).
+                Err(broadcast::error::RecvError::Lagged(missed)) => {
+                    let note = serde_json::json!({"missed": missed});
+                    if !send_text(&mut socket, tagged(&note, "push_missed")).await {
+                        return;
+                    }
+                }
                 Err(broadcast::error::RecvError::Closed) => {
                     close(&mut socket, CLOSE_GOING_AWAY, "shutting down".into()).await;
                     return;
