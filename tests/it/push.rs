@@ -758,3 +758,80 @@ async fn the_cli_pushes_and_its_exit_code_says_whether_it_was_queued() {
     assert_eq!(out.status.code(), Some(2));
     gw.shutdown().await;
 }
+
+/// The talkers' audio beside the fleet push: the load tool's devices in conversation with
+/// the echo pipeline, measuring this process.
+fn talkers(gw: &Gateway, first: u32, measure: Duration) -> xiaozhi_tools::bench::load::LoadConfig {
+    xiaozhi_tools::bench::load::LoadConfig {
+        mqtt: gw.addrs.mqtt,
+        signature_key: Some(common::KEY.into()),
+        devices: 200,
+        connect_rate: 1000,
+        warmup: Duration::from_secs(1),
+        measure,
+        first_device: first,
+        source_addresses: 1,
+        target_pid: Some(std::process::id()),
+        ..xiaozhi_tools::bench::load::LoadConfig::default()
+    }
+}
+
+#[tokio::test]
+async fn a_fleet_push_to_5000_devices_keeps_its_rate_while_200_conversations_keep_their_audio() {
+    let mut c = config();
+    c.push.rate_per_sec = 1000;
+    c.mqtt.max_connections_per_source = 0;
+    let gw = common::start_with(c).await;
+    let alone =
+        xiaozhi_tools::bench::load::run(talkers(&gw, 600_000, Duration::from_secs(3))).await;
+    assert_eq!(alone.functional_failures(), Vec::<String>::new(), "{alone}");
+
+    let bench = xiaozhi_tools::bench::push::PushBenchConfig {
+        mqtt: gw.addrs.mqtt,
+        http: gw.addrs.http,
+        signature_key: common::KEY.into(),
+        devices: 5000,
+        connect_rate: 2000,
+        singles: 20,
+        fleet_timeout: Duration::from_secs(60),
+        ..xiaozhi_tools::bench::push::PushBenchConfig::default()
+    };
+    let pushes = tokio::spawn(xiaozhi_tools::bench::push::run(bench));
+    // The talkers' measured window (from about 4 s on) holds the group push (queued
+    // about 4.6 s in: the connects, the settle wait, the singles).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let beside =
+        xiaozhi_tools::bench::load::run(talkers(&gw, 610_000, Duration::from_secs(7))).await;
+    let pushes = pushes.await.unwrap();
+    println!("{pushes}\nalone: {alone}\nbeside the push: {beside}");
+
+    assert_eq!(pushes.connected, 5000, "{pushes}");
+    assert_eq!(
+        (pushes.fleet_queued, pushes.fleet_received),
+        (5000, 5000),
+        "{pushes}"
+    );
+    assert_eq!(pushes.errors, 0, "{pushes}");
+    // Paced: a second's burst, then push.rate_per_sec; and not much slower than that.
+    assert!(
+        pushes.fleet_span_ms >= 3600.0,
+        "faster than its rate: {pushes}"
+    );
+    assert!(
+        pushes.fleet_span_ms <= 12_000.0,
+        "far slower than its rate: {pushes}"
+    );
+    assert_eq!(
+        beside.functional_failures(),
+        Vec::<String>::new(),
+        "{beside}"
+    );
+    assert_eq!(beside.frames_lost, 0);
+    let (before, during) = (alone.round_trip.p99_ms, beside.round_trip.p99_ms);
+    assert!(
+        during <= (before * 4.0).max(before + 20.0),
+        "the talkers' p99 went from {before:.2} ms to {during:.2} ms during the fleet push"
+    );
+    assert_eq!(gw.metrics.snapshot().push_sent, 5020);
+    gw.shutdown().await;
+}

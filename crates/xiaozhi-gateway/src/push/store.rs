@@ -132,8 +132,15 @@ impl PushStore {
         max_per_device: u64,
         max_queued: u64,
     ) -> Result<(), InsertError> {
+        // SQLite: take the write lock first. A deferred transaction that reads, then
+        // writes, fails at once with SQLITE_BUSY(_SNAPSHOT) when the delivery task wrote in
+        // between (WAL cannot upgrade it), whatever the busy timeout.
+        let begin = match &self.store {
+            Store::MySql(_) => "BEGIN",
+            Store::Sqlite(_) => "BEGIN IMMEDIATE",
+        };
         on_pool!(&self.store, pool => {
-            let mut tx = pool.begin().await?;
+            let mut tx = pool.begin_with(begin).await?;
             let waiting: i64 =
                 sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT COUNT(*) FROM xz_push WHERE {WAITING}")))
                     .fetch_one(&mut *tx)

@@ -33,6 +33,42 @@ pub enum BenchCommand {
     /// Device-to-device calls: pairs of devices connected through the management API
     /// talk both ways; device-to-device latency, loss, and the gateways' CPU per call.
     Calls(CallsArgs),
+    /// Pushes to idle devices: one at a time (POST to the device's read, percentiles),
+    /// and one to a whole group (how long the fan-out takes, the rate it reaches).
+    Push(PushArgs),
+}
+
+#[derive(Args)]
+pub struct PushArgs {
+    /// The gateway's device MQTT listener.
+    #[arg(long, default_value = "127.0.0.1:1883")]
+    mqtt: SocketAddr,
+    /// The gateway's HTTP listener (the management API).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    http: SocketAddr,
+    /// Signature key: device passwords and the management token derive from it.
+    #[arg(long, env = "XZ_AUTH__SIGNATURE_KEY", hide_env_values = true)]
+    key: String,
+    /// Idle devices the group push goes to.
+    #[arg(long, default_value_t = 1000)]
+    devices: u32,
+    /// Devices connecting per second.
+    #[arg(long, default_value_t = 500)]
+    connect_rate: u32,
+    /// Single pushes timed one after the other.
+    #[arg(long, default_value_t = 200)]
+    singles: u32,
+    /// First device number (for disjoint MACs across runs).
+    #[arg(long, default_value_t = 800_000)]
+    first_device: u32,
+    /// Runtime threads for the tool.
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    /// Exit non-zero unless every device connected and read both pushes.
+    #[arg(long)]
+    check: bool,
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -206,7 +242,38 @@ pub fn run(command: BenchCommand) -> ExitCode {
         BenchCommand::Upstream(args) => run_upstream(args),
         BenchCommand::Commands(args) => run_commands(args),
         BenchCommand::Calls(args) => run_calls(args),
+        BenchCommand::Push(args) => run_push(args),
     }
+}
+
+fn run_push(args: PushArgs) -> ExitCode {
+    let rt = match runtime(args.threads) {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    let config = super::push::PushBenchConfig {
+        mqtt: args.mqtt,
+        http: args.http,
+        signature_key: args.key,
+        devices: args.devices,
+        connect_rate: args.connect_rate,
+        singles: args.singles,
+        first_device: args.first_device,
+        ..super::push::PushBenchConfig::default()
+    };
+    let report = rt.block_on(super::push::run(config));
+    print_report(&report, args.json);
+    let failed = report.connected < report.devices
+        || report.fleet_received < u64::from(report.connected)
+        || (args.check && report.errors > 0);
+    if failed {
+        eprintln!(
+            "check failed: {} of {} devices connected, {} of them read the group push, {} errors",
+            report.connected, report.devices, report.fleet_received, report.errors
+        );
+        return ExitCode::FAILURE;
+    }
+    ExitCode::SUCCESS
 }
 
 fn run_calls(args: CallsArgs) -> ExitCode {

@@ -30,4 +30,5 @@ pub mod histogram;
 pub mod history;
 pub mod load;
 pub mod procstat;
+pub mod push;
 pub mod relay_floor;
