@@ -402,6 +402,31 @@ async function main() {
   await page.locator(`${tid('device-row')}[data-mac="${MAC}"] td.col-node`).click();
   await must(page.waitForSelector(`${tid('view-device')}[data-mac="${MAC}"]`), 'the device view did not open again');
   await must(page.waitForSelector(`${tid('device-state')}:not([data-state="unknown"]):not([data-state="offline"])`), 'the device is not connected before the disconnect');
+
+  // 9a. Push an alert from the device view: it shows as sent, live; the driver checks that
+  // the device read it.
+  const pushForm = page.locator(tid('device-push-form'));
+  await must(pushForm.waitFor(), 'the device view has no push form');
+  await pushForm.locator(tid('push-kind')).selectOption('alert');
+  await pushForm.locator(`${tid('push-field')}[data-field="status"]`).fill('E2E');
+  await pushForm.locator(`${tid('push-field')}[data-field="message"]`).fill('console push');
+  await pushForm.locator(tid('push-submit')).click();
+  await page.waitForSelector(`${tid('device-push')} ${tid('push-row')} ${tid('push-state')}[data-state="sent"]`, { timeout: 10000 }).catch(() => {
+    throw new Fail('the pushed alert did not show as sent within 10 s');
+  });
+  await shot('device-push.png');
+  await step('pushed');
+  // The fleet view's queue lists it too, with its state; then back to the device.
+  await page.evaluate(() => {
+    location.hash = '#/fleet';
+  });
+  await must(page.waitForSelector(`${tid('fleet-push')} ${tid('push-row')}[data-mac="${MAC}"] ${tid('push-state')}[data-state="sent"]`), 'the fleet view\'s push queue does not list the sent alert');
+  await must(page.waitForSelector(`${tid('fleet-push-form')} ${tid('push-kind')}`), 'the fleet view has no push form');
+  await shot('fleet-push.png');
+  await page.evaluate((mac) => {
+    location.hash = `#/device/${mac}`;
+  }, MAC);
+  await must(page.waitForSelector(`${tid('view-device')}[data-mac="${MAC}"] ${tid('device-state')}:not([data-state="unknown"]):not([data-state="offline"])`), 'the device view did not open again after the fleet view');
   await page.evaluate(() => {
     window.__e2eNoReload = true;
   });

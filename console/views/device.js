@@ -13,6 +13,7 @@ import {
 import {
   AudioLoader, confirmDialog, emptyState, errorBox, loading, messageList, normalState, setBadge, stateBadge,
 } from './common.js';
+import { pushForm, pushList } from './push.js';
 
 const SESSIONS_PAGE = 20;
 
@@ -48,6 +49,7 @@ export function render(container, params, scope) {
   const transcriptEmpty = emptyState(t('device.transcriptEmpty'), t('device.transcriptEmptyHelp'), 'live-empty');
   const transcriptBox = h('div', { class: 'transcript-box' }, transcriptEmpty, transcript.el);
   const tools = h('div', { testid: 'device-tools' }, loading());
+  const pushes = pushList(scope, mac);
   const statsBox = h('div', { testid: 'device-stats' }, loading());
   const sessionsBody = h('tbody', { testid: 'device-sessions-rows' });
   const sessionsMore = h('button', { type: 'button', class: 'btn', testid: 'sessions-more', text: t('common.more'), hidden: true });
@@ -73,7 +75,11 @@ export function render(container, params, scope) {
             transcriptSession, transcriptBox)),
         h('div', { class: 'device-col' },
           h('section', { class: 'card', 'aria-labelledby': 'h-tools' },
-            h('h2', { id: 'h-tools', text: t('device.tools') }), tools))),
+            h('h2', { id: 'h-tools', text: t('device.tools') }), tools),
+          h('section', { class: 'card', 'aria-labelledby': 'h-push', testid: 'device-push' },
+            h('h2', { id: 'h-push', text: t('push.title') }),
+            pushForm('device-push-form', () => ({ to: mac }), () => pushes.reload()),
+            pushes.el))),
       h('section', { class: 'card', 'aria-labelledby': 'h-stats' },
         h('h2', { id: 'h-stats', text: t('device.stats') }), statsBox),
       h('section', { class: 'card', 'aria-labelledby': 'h-sessions' },

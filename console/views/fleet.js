@@ -7,6 +7,7 @@ import { get } from '../api.js';
 import { live } from '../live.js';
 import { formatDateTime, formatFull, formatNumber, localMidnightMs } from '../time.js';
 import { emptyState, errorBox, normalState, setBadge, stateBadge } from './common.js';
+import { pushForm, pushList } from './push.js';
 
 const PAGE = 100;
 /** The filters survive leaving the view and coming back. */
@@ -85,7 +86,8 @@ export function render(container, _params, scope) {
         h('div', { class: 'field' }, h('label', { for: 'fleet-state', class: 'label', text: t('fleet.filter.label') }), stateSelect)),
       errorSlot,
       h('div', { class: 'table-wrap' }, table),
-      h('div', { class: 'table-foot' }, status, more)),
+      h('div', { class: 'table-foot' }, status, more),
+      fleetPush(scope)),
   );
 
   function renderCounts(counts) {
@@ -267,4 +269,27 @@ export function render(container, _params, scope) {
   more.addEventListener('click', () => load(true));
 
   reload();
+}
+
+/** Pushes to the whole fleet or a group, and the queue of recent pushes. */
+function fleetPush(scope) {
+  const targetSelect = h('select', { class: 'input', testid: 'push-target', 'aria-label': t('push.target') },
+    h('option', { value: 'fleet', text: t('push.target.fleet') }),
+    h('option', { value: 'group', text: t('push.target.group') }));
+  const group = h('input', { type: 'text', class: 'input', testid: 'push-group', placeholder: 'GID_default', hidden: true });
+  targetSelect.addEventListener('change', () => {
+    group.hidden = targetSelect.value !== 'group';
+  });
+  const target = () => {
+    if (targetSelect.value === 'fleet') return { fleet: true };
+    if (!group.value.trim()) throw new Error(t('push.groupMissing'));
+    return { group: group.value.trim() };
+  };
+  const list = pushList(scope, null);
+  return h('section', { class: 'card', 'aria-labelledby': 'h-fleet-push', testid: 'fleet-push' },
+    h('h2', { id: 'h-fleet-push', text: t('push.fleetTitle') }),
+    h('label', { class: 'field' }, h('span', { class: 'label', text: t('push.target') }), targetSelect, group),
+    pushForm('fleet-push-form', target, () => list.reload()),
+    h('h3', { text: t('push.queue') }),
+    list.el);
 }

@@ -198,6 +198,19 @@ async fn console_end_to_end_in_chromium() {
                     assert!(stored, "the conversation's records were stored");
                     send_go(&mut stdin).await;
                 }
+                "pushed" => {
+                    // The alert pushed from the device view reached the device as the
+                    // firmware reads it.
+                    let alert = dev
+                        .recv_type("alert", Duration::from_secs(5))
+                        .await
+                        .expect("the pushed alert reaches the device");
+                    assert_eq!(
+                        alert,
+                        json!({"type": "alert", "status": "E2E", "message": "console push", "emotion": "neutral"})
+                    );
+                    send_go(&mut stdin).await;
+                }
                 // The browser is only telling where it is.
                 _ => {}
             }
@@ -212,7 +225,7 @@ async fn console_end_to_end_in_chromium() {
         status.success() && ok,
         "the browser test failed (exit {status}); see its output above and target/console-e2e/"
     );
-    for step in ["talk", "wait_session_end"] {
+    for step in ["talk", "wait_session_end", "pushed"] {
         assert!(steps.iter().any(|s| s == step), "the script reached {step}");
     }
     // Live: each record was on the operator's screen within a second of the message

@@ -835,3 +835,60 @@ async fn a_fleet_push_to_5000_devices_keeps_its_rate_while_200_conversations_kee
     assert_eq!(gw.metrics.snapshot().push_sent, 5020);
     gw.shutdown().await;
 }
+
+#[tokio::test]
+async fn the_official_gateways_redis_rpc_pushes_and_answers() {
+    use redis::AsyncCommands;
+    let key = format!(
+        "xz-test-push-rpc-{}-{}",
+        std::process::id(),
+        &xiaozhi_gateway::history::record::new_id()[..8]
+    );
+    let mut c = config();
+    c.push.redis_rpc_url = Some("redis://127.0.0.1:6379".into());
+    c.push.redis_rpc_key = key.clone();
+    let gw = common::start_with(c).await;
+    let mut dev = common::device(&gw, 60).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut redis = redis::Client::open("redis://127.0.0.1:6379")
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .expect("Redis at 127.0.0.1:6379 (.ci/run starts it)");
+    let replies = format!("{key}:replies");
+    let client_id = format!(
+        "GID_test@@@{}@@@{}",
+        common::mac(60).underscored(),
+        common::mac(60).underscored()
+    );
+    let rpc = json!({"id": "r1", "reply_to": replies, "method": "forward", "clientId": client_id,
+        "params": {"type": "notify", "audio_url": "https://example.com/a.ogg"}});
+    let _: () = redis.rpush(&key, rpc.to_string()).await.unwrap();
+    let got = dev.recv_type("notify", WAIT).await.unwrap();
+    assert_eq!(
+        got,
+        json!({"type": "notify", "audio_url": "https://example.com/a.ogg"})
+    );
+    let (_, answer): (String, String) = redis.blpop(&replies, 5.0).await.unwrap();
+    let answer: Value = serde_json::from_str(&answer).unwrap();
+    assert_eq!(
+        (answer["id"].as_str(), answer["success"].as_bool()),
+        (Some("r1"), Some(true)),
+        "{answer}"
+    );
+    let row = wait_state(&gw, answer["push_id"].as_str().unwrap(), "sent").await;
+    assert_eq!(row["source"], "redis");
+
+    // Refused: the answer says why; nothing is queued.
+    let bad = json!({"reply_to": replies, "method": "forward", "clientId": client_id, "params": {"type": "hello"}});
+    let _: () = redis.rpush(&key, bad.to_string()).await.unwrap();
+    let _: () = redis.rpush(&key, "not json").await.unwrap();
+    let (_, answer): (String, String) = redis.blpop(&replies, 5.0).await.unwrap();
+    let answer: Value = serde_json::from_str(&answer).unwrap();
+    assert_eq!(answer["success"], false);
+    assert_eq!(answer["error"], "invalid_push", "{answer}");
+    assert!(common::eventually(WAIT, || gw.metrics.snapshot().push_refused_invalid == 1).await);
+    assert_eq!(gw.metrics.snapshot().push_queued, 1);
+    let _: () = redis.del(&[&key, &replies]).await.unwrap();
+    gw.shutdown().await;
+}

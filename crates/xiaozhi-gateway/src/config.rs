@@ -573,7 +573,7 @@ impl Default for CallsConfig {
 
 /// Pushes to devices (`push/`): notify, wake, custom, alert, reboot, kept until the
 /// device is connected and idle.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PushConfig {
     /// Take pushes (HTTP API, MQTT admin command, CLI) and deliver them.
@@ -605,6 +605,26 @@ pub struct PushConfig {
     /// How often every node looks for waiting pushes of its idle devices and expires
     /// those past `expires_at`, in seconds.
     pub sweep_secs: u64,
+    /// Take the official gateway's Redis RPC (`{"method":"forward",...}`) from this
+    /// Redis; unset: off.
+    pub redis_rpc_url: Option<String>,
+    /// The list the RPC requests are `RPUSH`ed to.
+    pub redis_rpc_key: String,
+}
+
+impl std::fmt::Debug for PushConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PushConfig")
+            .field("enabled", &self.enabled)
+            .field("rate_per_sec", &self.rate_per_sec)
+            .field("max_queued", &self.max_queued)
+            .field(
+                "redis_rpc_url",
+                &self.redis_rpc_url.as_deref().map(redact_url),
+            )
+            .field("redis_rpc_key", &self.redis_rpc_key)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Default for PushConfig {
@@ -622,6 +642,8 @@ impl Default for PushConfig {
             wake_timeout_ms: 5_000,
             max_message_bytes: 16 * 1024,
             sweep_secs: 5,
+            redis_rpc_url: None,
+            redis_rpc_key: "xiaozhi:push:rpc".into(),
         }
     }
 }
@@ -1280,6 +1302,22 @@ impl Config {
                 "presence.redis_url",
                 &redact_url(url),
                 "must start with redis://, e.g. redis://127.0.0.1:6379/0 (TLS to Redis is not built in)",
+            ));
+        }
+        if let Some(url) = &self.push.redis_rpc_url
+            && !url.starts_with("redis://")
+        {
+            return Err(invalid(
+                "push.redis_rpc_url",
+                &redact_url(url),
+                "must start with redis://, e.g. redis://127.0.0.1:6379/0",
+            ));
+        }
+        if self.push.redis_rpc_key.is_empty() {
+            return Err(invalid(
+                "push.redis_rpc_key",
+                &"\"\"",
+                "must name a Redis list",
             ));
         }
         for (i, user) in self.broker.users.iter().enumerate() {

@@ -463,6 +463,14 @@ impl Gateway {
                     remote_push_batches,
                     stop_rest.clone(),
                 )));
+                if let Some(url) = &config.push.redis_rpc_url {
+                    background.push(tokio::spawn(crate::push::redis_rpc::run(
+                        url.clone(),
+                        config.push.redis_rpc_key.clone(),
+                        service.clone(),
+                        stop_rest.clone(),
+                    )));
+                }
                 Some(service)
             }
             false => None,

@@ -538,6 +538,82 @@ fn parse_kind(
     Ok(kind)
 }
 
+/// Translates the official gateway's Redis RPC, `{"method": "forward", "clientId": "<client
+/// id or MAC>", "params": {<the message for the device>}}` (78/xiaozhi-esp32
+/// `docs/notify.md`), into a push request: `params` is the message the device would get,
+/// so its `type` names the kind (`notify`, `alert`, `custom`, `system` `reboot`, or an
+/// `mcp` `tools/call` of a wake tool). `ttl_secs` and `expires_at` beside `method` carry
+/// over. The translated request is then checked like any other.
+pub fn from_forward_rpc(rpc: &Value) -> Result<Value, InvalidPush> {
+    let obj = rpc
+        .as_object()
+        .ok_or_else(|| invalid("body", "the RPC is a JSON object"))?;
+    if obj.get("method").and_then(Value::as_str) != Some("forward") {
+        return Err(invalid("method", "method must be \"forward\""));
+    }
+    let client_id = obj
+        .get("clientId")
+        .and_then(Value::as_str)
+        .ok_or_else(|| invalid("clientId", "clientId (a string) is required"))?;
+    let parts: Vec<&str> = client_id.split("@@@").collect();
+    let mac_text = match parts.as_slice() {
+        [mac] | [_, mac] | [_, mac, _] => *mac,
+        _ => "",
+    };
+    let mac: Mac = mac_text.replace('-', ":").parse().map_err(|_| {
+        invalid(
+            "clientId",
+            format!("no MAC address in clientId {client_id:?}"),
+        )
+    })?;
+    let params = obj
+        .get("params")
+        .and_then(Value::as_object)
+        .ok_or_else(|| invalid("params", "params (the message for the device) is required"))?;
+    let mut body = match params.get("type").and_then(Value::as_str) {
+        Some(kind @ ("notify" | "alert" | "custom")) => {
+            let mut body = params.clone();
+            body.remove("type");
+            body.insert("kind".into(), kind.into());
+            body
+        }
+        Some("system") if params.get("command").and_then(Value::as_str) == Some("reboot") => {
+            Map::from_iter([("kind".to_owned(), Value::from("reboot"))])
+        }
+        Some("mcp") => {
+            let call = &params["payload"];
+            let tool = call["params"]["name"].as_str().unwrap_or_default();
+            if call["method"] != "tools/call" || !WAKE_TOOLS.contains(&tool) {
+                return Err(invalid(
+                    "params",
+                    "an mcp message is pushed only as a wake (tools/call of self.remote_wakeup)",
+                ));
+            }
+            let reason = call["params"]["arguments"]["reason"].clone();
+            Map::from_iter([
+                ("kind".to_owned(), Value::from("wake")),
+                ("reason".to_owned(), reason),
+            ])
+        }
+        other => {
+            return Err(invalid(
+                "params",
+                format!(
+                    "params.type {:?} cannot be pushed; known: notify, alert, custom, system (reboot), mcp (wake)",
+                    other.unwrap_or("")
+                ),
+            ));
+        }
+    };
+    body.insert("to".into(), mac.colon().into());
+    for key in ["ttl_secs", "expires_at"] {
+        if let Some(v) = obj.get(key) {
+            body.insert(key.into(), v.clone());
+        }
+    }
+    Ok(Value::Object(body))
+}
+
 /// The firmware fetches `audio_url` itself with its own HTTP client: only `http://` and
 /// `https://` with a host, no spaces or control characters.
 pub fn check_audio_url(url: &str) -> Result<(), InvalidPush> {
@@ -776,6 +852,69 @@ mod tests {
             Some("self.remote_wakeup")
         );
         assert_eq!(wake_tool(["self.get_device_status"]), None);
+    }
+
+    #[test]
+    fn the_official_gateways_forward_rpc_becomes_a_push() {
+        let limits = PushLimits::default();
+        let cases = [
+            (
+                json!({"method": "forward", "clientId": "GID_test@@@aa_bb_cc_dd_ee_01@@@aa_bb_cc_dd_ee_01",
+                       "params": {"type": "notify", "audio_url": "https://x/a.ogg", "subtitles": [{"start_ms": 0, "text": "a"}]}}),
+                json!({"type": "notify", "audio_url": "https://x/a.ogg", "subtitles": [{"start_ms": 0, "text": "a"}]}),
+            ),
+            (
+                json!({"method": "forward", "clientId": "aa:bb:cc:dd:ee:01",
+                       "params": {"type": "alert", "status": "s", "message": "m", "emotion": "sad"}}),
+                json!({"type": "alert", "status": "s", "message": "m", "emotion": "sad"}),
+            ),
+            (
+                json!({"method": "forward", "clientId": "AA-BB-CC-DD-EE-01", "params": {"type": "system", "command": "reboot"}}),
+                json!({"type": "system", "command": "reboot"}),
+            ),
+        ];
+        for (rpc, message) in cases {
+            let body = from_forward_rpc(&rpc).unwrap();
+            let push = parse_request(&body, None, &limits).unwrap();
+            assert_eq!(push.target, Target::Devices(vec![mac()]));
+            assert_eq!(push.kind.device_message().unwrap(), message);
+        }
+        let wake = json!({"method": "forward", "clientId": "aa_bb_cc_dd_ee_01", "ttl_secs": 60,
+            "params": {"type": "mcp", "payload": {"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+                "params": {"name": "self.remote_wakeup", "arguments": {"reason": "hi"}}}}});
+        let push = parse_request(&from_forward_rpc(&wake).unwrap(), None, &limits).unwrap();
+        assert_eq!(
+            push.kind,
+            PushKind::Wake {
+                reason: "hi".into()
+            }
+        );
+        assert_eq!(push.expiry, Some(Expiry::Ttl(60)));
+        for (bad, field) in [
+            (
+                json!({"method": "kick", "clientId": "aa:bb:cc:dd:ee:01", "params": {}}),
+                "method",
+            ),
+            (
+                json!({"method": "forward", "clientId": "x@@@y", "params": {"type": "alert"}}),
+                "clientId",
+            ),
+            (
+                json!({"method": "forward", "clientId": "aa:bb:cc:dd:ee:01"}),
+                "params",
+            ),
+            (
+                json!({"method": "forward", "clientId": "aa:bb:cc:dd:ee:01", "params": {"type": "hello"}}),
+                "params",
+            ),
+            (
+                json!({"method": "forward", "clientId": "aa:bb:cc:dd:ee:01",
+                    "params": {"type": "mcp", "payload": {"method": "tools/call", "params": {"name": "self.reboot"}}}}),
+                "params",
+            ),
+        ] {
+            assert_eq!(from_forward_rpc(&bad).unwrap_err().field, field, "{bad}");
+        }
     }
 
     #[test]

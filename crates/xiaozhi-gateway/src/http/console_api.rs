@@ -57,6 +57,11 @@ pub fn routes(state: &HttpState) -> Router<HttpState> {
         .route("/api/console/devices/{mac}", get(device))
         .route("/api/console/devices/{mac}/commands", post(device_command))
         .route("/api/console/export-link", post(export_link))
+        .route(
+            "/api/console/push",
+            post(super::push::submit).get(super::push::list),
+        )
+        .route("/api/console/push/{id}", get(super::push::get))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             history::require_token,

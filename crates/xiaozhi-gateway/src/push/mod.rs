@@ -14,6 +14,7 @@
 //! through HTTP) calls [`PushService::submit`].
 
 pub mod delivery;
+pub mod redis_rpc;
 pub mod store;
 
 use std::sync::Arc;
@@ -313,6 +314,12 @@ impl PushService {
 
     pub async fn list(&self, filter: &PushFilter) -> Result<Vec<PushRow>, PushError> {
         Ok(self.store.list(filter).await?)
+    }
+
+    /// A request refused before it reached [`PushService::submit`] (a way in that could
+    /// not translate it), counted with the others.
+    pub fn refused_invalid(&self) {
+        Metrics::inc(&self.metrics.push_refused_invalid);
     }
 
     /// Another node queued a batch (its `push_queued` event): deliver what is ours.
