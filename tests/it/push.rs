@@ -892,3 +892,182 @@ async fn the_official_gateways_redis_rpc_pushes_and_answers() {
     let _: () = redis.del(&[&key, &replies]).await.unwrap();
     gw.shutdown().await;
 }
+
+/// A WAV file of a 440 Hz tone.
+fn tone_wav(rate: u32, channels: u16, secs: f32) -> Vec<u8> {
+    let frames = (rate as f32 * secs) as u32;
+    let data_len = frames * u32::from(channels) * 2;
+    let mut w = Vec::new();
+    w.extend_from_slice(b"RIFF");
+    w.extend_from_slice(&(36 + data_len).to_le_bytes());
+    w.extend_from_slice(b"WAVEfmt ");
+    for v in [
+        16u32.to_le_bytes().to_vec(),
+        1u16.to_le_bytes().to_vec(),
+        channels.to_le_bytes().to_vec(),
+        rate.to_le_bytes().to_vec(),
+        (rate * u32::from(channels) * 2).to_le_bytes().to_vec(),
+        (channels * 2).to_le_bytes().to_vec(),
+        16u16.to_le_bytes().to_vec(),
+    ] {
+        w.extend_from_slice(&v);
+    }
+    w.extend_from_slice(b"data");
+    w.extend_from_slice(&data_len.to_le_bytes());
+    for i in 0..frames {
+        let v =
+            ((i as f32 * 440.0 * 2.0 * std::f32::consts::PI / rate as f32).sin() * 12_000.0) as i16;
+        for _ in 0..channels {
+            w.extend_from_slice(&v.to_le_bytes());
+        }
+    }
+    w
+}
+
+async fn upload(gw: &Gateway, body: Vec<u8>, content_type: &str) -> (StatusCode, Value) {
+    let resp = http()
+        .post(format!("http://{}/api/push/clips", gw.addrs.http))
+        .bearer_auth(token())
+        .header("content-type", content_type)
+        .body(body)
+        .send()
+        .await
+        .expect("POST /api/push/clips");
+    let status = resp.status();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn clips_are_served_as_mono_ogg_opus_whatever_was_uploaded() {
+    let mut c = config();
+    c.push.max_clip_bytes = 400_000;
+    let gw = common::start_with(c).await;
+    let mut dev = common::device(&gw, 70).await;
+
+    // WAV (stereo, 44.1 kHz) and MP3 are converted; the device is pointed at the result.
+    let mp3 = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/tone-440hz-1s.mp3"
+    ))
+    .unwrap();
+    for (body, kind, from) in [
+        (tone_wav(44_100, 2, 1.0), "audio/wav", "wav"),
+        (mp3, "audio/mpeg", "mp3"),
+    ] {
+        let (status, clip) = upload(&gw, body, kind).await;
+        assert_eq!(status, StatusCode::CREATED, "{clip}");
+        assert_eq!(clip["from"], from);
+        let duration = clip["duration_ms"].as_u64().unwrap();
+        assert!((950..=1100).contains(&duration), "{clip}");
+        let url = clip["audio_url"].as_str().unwrap().to_owned();
+        assert!(
+            url.starts_with(&format!(
+                "http://127.0.0.1:{}/push/clips/",
+                gw.addrs.http.port()
+            )),
+            "{url}"
+        );
+        // Fetched as the firmware fetches it: no token, 2xx, Content-Length, audio/ogg.
+        let resp = http().get(&url).send().await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(resp.headers()["content-type"], "audio/ogg");
+        assert!(resp.content_length().is_some());
+        let ogg = resp.bytes().await.unwrap();
+        let declared = xiaozhi_gateway::push::clip::check_ogg_opus(&ogg).expect("mono Ogg Opus");
+        assert!((950..=1100).contains(&declared), "{declared}");
+
+        let (status, answer) = push(
+            &gw,
+            json!({"kind": "notify", "to": common::mac(70).colon(), "audio_url": url}),
+        )
+        .await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
+        assert_eq!(
+            dev.recv_type("notify", WAIT).await.unwrap()["audio_url"],
+            url
+        );
+    }
+
+    // A mono Ogg Opus is served byte for byte.
+    let (_, first) = upload(&gw, tone_wav(16_000, 1, 0.5), "audio/wav").await;
+    let ogg = http()
+        .get(first["audio_url"].as_str().unwrap())
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let (status, again) = upload(&gw, ogg.to_vec(), "audio/ogg").await;
+    assert_eq!(
+        (status, again["from"].as_str()),
+        (StatusCode::CREATED, Some("ogg_opus")),
+        "{again}"
+    );
+    let served = http()
+        .get(again["audio_url"].as_str().unwrap())
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(served, ogg);
+
+    // Refused: not audio (415), undecodable (400), too large (413), no token (401).
+    let (status, answer) = upload(&gw, b"<html>not audio</html>".to_vec(), "audio/wav").await;
+    assert_eq!(
+        (status, answer["error"].as_str()),
+        (StatusCode::UNSUPPORTED_MEDIA_TYPE, Some("invalid_clip")),
+        "{answer}"
+    );
+    let mut broken = tone_wav(16_000, 1, 0.5);
+    broken.truncate(44);
+    let (status, answer) = upload(&gw, broken, "audio/wav").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{answer}");
+    let (status, _) = upload(&gw, tone_wav(48_000, 2, 3.0), "audio/wav").await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    let resp = http()
+        .post(format!("http://{}/api/push/clips", gw.addrs.http))
+        .body(tone_wav(16_000, 1, 0.1))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    // Unknown names are 404, as is anything that is not an id.
+    for path in [
+        "/push/clips/0123456789abcdef0123456789abcdef.ogg",
+        "/push/clips/x.ogg",
+        "/push/clips/0123456789abcdef0123456789abcdef",
+    ] {
+        let resp = http()
+            .get(format!("http://{}{path}", gw.addrs.http))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::NOT_FOUND, "{path}");
+    }
+    let m = gw.metrics.snapshot();
+    assert_eq!((m.push_clips_stored, m.push_clips_refused), (4, 2));
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_clip_is_not_served_after_it_expires() {
+    let mut c = config();
+    c.push.clip_ttl_secs = 1;
+    let gw = common::start_with(c).await;
+    let (status, clip) = upload(&gw, tone_wav(16_000, 1, 0.3), "audio/wav").await;
+    assert_eq!(status, StatusCode::CREATED, "{clip}");
+    let url = clip["audio_url"].as_str().unwrap().to_owned();
+    assert_eq!(
+        http().get(&url).send().await.unwrap().status(),
+        StatusCode::OK
+    );
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    assert_eq!(
+        http().get(&url).send().await.unwrap().status(),
+        StatusCode::NOT_FOUND
+    );
+    gw.shutdown().await;
+}

@@ -610,6 +610,15 @@ pub struct PushConfig {
     pub redis_rpc_url: Option<String>,
     /// The list the RPC requests are `RPUSH`ed to.
     pub redis_rpc_key: String,
+    /// Largest clip upload (`POST /api/push/clips`), in bytes.
+    pub max_clip_bytes: usize,
+    /// Longest clip, in seconds.
+    pub max_clip_secs: u64,
+    /// How long an uploaded clip is served, in seconds.
+    pub clip_ttl_secs: u64,
+    /// The address devices fetch clips from, e.g. `https://gw.example.com` (no trailing
+    /// slash); unset: `http://<udp.public_host>:<the HTTP port>`.
+    pub clip_base_url: Option<String>,
 }
 
 impl std::fmt::Debug for PushConfig {
@@ -644,6 +653,10 @@ impl Default for PushConfig {
             sweep_secs: 5,
             redis_rpc_url: None,
             redis_rpc_key: "xiaozhi:push:rpc".into(),
+            max_clip_bytes: 8 * 1024 * 1024,
+            max_clip_secs: 300,
+            clip_ttl_secs: 7 * 24 * 3600,
+            clip_base_url: None,
         }
     }
 }
@@ -1217,6 +1230,8 @@ impl Config {
             ("push.max_per_device", self.push.max_per_device),
             ("push.max_queued", self.push.max_queued),
             ("push.rate_per_sec", u64::from(self.push.rate_per_sec)),
+            ("push.max_clip_secs", self.push.max_clip_secs),
+            ("push.clip_ttl_secs", self.push.clip_ttl_secs),
         ] {
             if value == 0 {
                 return Err(invalid(key, &value, "must be greater than 0"));
@@ -1245,6 +1260,7 @@ impl Config {
                 self.push.max_devices_per_request,
             ),
             ("push.max_message_bytes", self.push.max_message_bytes),
+            ("push.max_clip_bytes", self.push.max_clip_bytes),
             (
                 "pipeline.xiaozhi.audio_buffer_frames",
                 self.pipeline.xiaozhi.audio_buffer_frames,
@@ -1311,6 +1327,15 @@ impl Config {
                 "push.redis_rpc_url",
                 &redact_url(url),
                 "must start with redis://, e.g. redis://127.0.0.1:6379/0",
+            ));
+        }
+        if let Some(base) = &self.push.clip_base_url
+            && !(base.starts_with("http://") || base.starts_with("https://"))
+        {
+            return Err(invalid(
+                "push.clip_base_url",
+                base,
+                "must start with http:// or https:// (the firmware fetches nothing else)",
             ));
         }
         if self.push.redis_rpc_key.is_empty() {

@@ -172,6 +172,10 @@ counters! {
     push_refused_unavailable,
     /// Pushes waiting for their devices, across the fleet (gauge, as of the last sweep).
     push_waiting,
+    /// Clips uploaded for notify pushes: stored (mono Ogg Opus, converted from WAV or
+    /// MP3 when needed), refused (not audio, not mono Ogg Opus, too long, undecodable).
+    push_clips_stored,
+    push_clips_refused,
     /// Call audio frames: sealed by the UDP socket straight into the peer's channel (both
     /// devices on this node over UDP), handed to a leg on this node, answered with silence
     /// (ringing), sent to and received from legs on other nodes.

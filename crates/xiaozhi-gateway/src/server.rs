@@ -448,8 +448,17 @@ impl Gateway {
         }
         let push = match config.push.enabled {
             true => {
+                let clip_base_url = config.push.clip_base_url.clone().unwrap_or_else(|| {
+                    let host = &config.udp.public_host;
+                    let host = match host.contains(':') && !host.starts_with('[') {
+                        true => format!("[{host}]"),
+                        false => host.clone(),
+                    };
+                    format!("http://{host}:{}", addrs.http.port())
+                });
                 let (service, delivery, hints) = start_push(
                     &config,
+                    clip_base_url,
                     history_store.clone(),
                     directory.clone(),
                     registry.clone(),
@@ -801,8 +810,10 @@ async fn start_history(
 
 /// Opens the push queue (in the history database; in memory, with a warning, when
 /// chat history is off) and builds the push service and its delivery task.
+#[allow(clippy::too_many_arguments)]
 async fn start_push(
     config: &Config,
+    clip_base_url: String,
     history_store: Option<crate::history::store::Store>,
     directory: Arc<DeviceDirectory>,
     registry: Arc<crate::broker::registry::DeviceRegistry>,
@@ -843,6 +854,7 @@ async fn start_push(
         metrics.clone(),
         config.push.clone(),
         hints_tx,
+        clip_base_url,
     ));
     let delivery = Delivery {
         store,

@@ -341,7 +341,7 @@ impl AdminDeps {
             Err(e) => {
                 use crate::push::PushError;
                 let code = match e {
-                    PushError::Invalid(_) => ErrorCode::InvalidCommand,
+                    PushError::Invalid(_) | PushError::Clip(_) => ErrorCode::InvalidCommand,
                     PushError::UnknownDevice(_) | PushError::NoDevices => ErrorCode::UnknownDevice,
                     PushError::QueueFull(_) => ErrorCode::QueueFull,
                     PushError::Unavailable(_) => ErrorCode::Unavailable,

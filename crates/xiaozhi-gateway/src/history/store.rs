@@ -83,6 +83,10 @@ const MYSQL_MIGRATIONS: &[(&str, &str)] = &[
         "0005_push",
         include_str!("../../../../migrations/mysql/0005_push.sql"),
     ),
+    (
+        "0006_push_clips",
+        include_str!("../../../../migrations/mysql/0006_push_clips.sql"),
+    ),
 ];
 
 const SQLITE_MIGRATIONS: &[(&str, &str)] = &[
@@ -105,6 +109,10 @@ const SQLITE_MIGRATIONS: &[(&str, &str)] = &[
     (
         "0005_push",
         include_str!("../../../../migrations/sqlite/0005_push.sql"),
+    ),
+    (
+        "0006_push_clips",
+        include_str!("../../../../migrations/sqlite/0006_push_clips.sql"),
     ),
 ];
 

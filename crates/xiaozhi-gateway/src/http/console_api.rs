@@ -62,6 +62,12 @@ pub fn routes(state: &HttpState) -> Router<HttpState> {
             post(super::push::submit).get(super::push::list),
         )
         .route("/api/console/push/{id}", get(super::push::get))
+        .route(
+            "/api/console/push/clips",
+            post(super::push::upload_clip).layer(axum::extract::DefaultBodyLimit::max(
+                state.config.push.max_clip_bytes,
+            )),
+        )
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             history::require_token,

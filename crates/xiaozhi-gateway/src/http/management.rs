@@ -66,7 +66,13 @@ pub fn routes(state: &HttpState) -> Router<HttpState> {
                 "/api/push",
                 post(super::push::submit).get(super::push::list),
             )
-            .route("/api/push/{id}", axum::routing::get(super::push::get));
+            .route("/api/push/{id}", axum::routing::get(super::push::get))
+            .route(
+                "/api/push/clips",
+                post(super::push::upload_clip).layer(axum::extract::DefaultBodyLimit::max(
+                    state.config.push.max_clip_bytes,
+                )),
+            );
     }
     routes.route_layer(middleware::from_fn_with_state(state.clone(), require_token))
 }

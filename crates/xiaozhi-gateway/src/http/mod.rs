@@ -72,6 +72,8 @@ pub fn router(state: HttpState) -> Router {
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .route("/readyz", get(readiness::readyz))
+        // Clips for notify pushes: fetched by devices, no token (the name is the secret).
+        .route("/push/clips/{file}", get(push::serve_clip))
         .merge(management::routes(&state))
         .merge(history::routes(&state))
         .merge(console_api::routes(&state))

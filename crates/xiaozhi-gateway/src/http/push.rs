@@ -9,6 +9,13 @@
 //! * `GET /api/push/{id}` answers the push (`state`, `error`, times in Unix ms).
 //! * `GET /api/push?batch_id=&mac=&state=&before=&limit=` lists pushes, newest first;
 //!   `next` is the `before` of the following page.
+//! * `POST /api/push/clips` with a clip as the body (Ogg Opus, WAV or MP3, at most
+//!   `push.max_clip_bytes`) answers 201 `{"id", "audio_url", "duration_ms", "bytes",
+//!   "from", "expires_ms"}`: the clip as mono Ogg Opus (the one format the firmware's
+//!   notify player takes), converted when it was WAV or MP3; 400 `invalid_clip` says why
+//!   not, 413 when too large.
+//! * `GET /push/clips/{id}.ogg` (no token: the device fetches it; the id is 128 random
+//!   bits) serves it until it expires (`push.clip_ttl_secs`), then 404.
 //!
 //! The work is [`crate::push::PushService`]'s, the same for every way in.
 
@@ -45,6 +52,10 @@ pub fn push_error(e: &PushError) -> Response {
         PushError::UnknownDevice(_) | PushError::NoDevices => StatusCode::NOT_FOUND,
         PushError::QueueFull(_) => StatusCode::CONFLICT,
         PushError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        PushError::Clip(crate::push::clip::ClipError::UnknownFormat) => {
+            StatusCode::UNSUPPORTED_MEDIA_TYPE
+        }
+        PushError::Clip(_) => StatusCode::BAD_REQUEST,
     };
     error(status, e.code(), e.to_string())
 }
@@ -94,6 +105,56 @@ pub async fn get(State(state): State<HttpState>, Path(id): Path<String>) -> Resp
     match push.get(&id).await {
         Ok(Some(row)) => Json(row).into_response(),
         Ok(None) => error(StatusCode::NOT_FOUND, "not_found", format!("no push {id}")),
+        Err(e) => push_error(&e),
+    }
+}
+
+/// `POST /api/push/clips`.
+pub async fn upload_clip(State(state): State<HttpState>, body: Bytes) -> Response {
+    let Some(push) = &state.push else {
+        return disabled();
+    };
+    if body.is_empty() {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_clip",
+            "the request body is the clip (Ogg Opus, WAV or MP3)",
+        );
+    }
+    match push.upload_clip(body).await {
+        Ok(clip) => (StatusCode::CREATED, Json(clip)).into_response(),
+        Err(e) => push_error(&e),
+    }
+}
+
+/// `GET /push/clips/{id}.ogg`: what a device's notify player fetches.
+pub async fn serve_clip(State(state): State<HttpState>, Path(file): Path<String>) -> Response {
+    let not_found = || {
+        error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no such clip (or it expired)",
+        )
+    };
+    let Some(push) = &state.push else {
+        return not_found();
+    };
+    let Some(id) = file.strip_suffix(".ogg") else {
+        return not_found();
+    };
+    if id.len() != 32 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return not_found();
+    }
+    match push.clip(id).await {
+        Ok(Some(ogg)) => (
+            [
+                (axum::http::header::CONTENT_TYPE, "audio/ogg"),
+                (axum::http::header::CACHE_CONTROL, "private, max-age=3600"),
+            ],
+            ogg,
+        )
+            .into_response(),
+        Ok(None) => not_found(),
         Err(e) => push_error(&e),
     }
 }

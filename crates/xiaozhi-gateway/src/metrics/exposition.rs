@@ -277,6 +277,12 @@ static FAMILIES: &[Family] = &[
         "queue_full" => push_refused_queue_full,
         "unavailable" => push_refused_unavailable,
     }),
+    family!(counter "xiaozhi_push_clips_total",
+    "Clips uploaded for notify pushes: stored (mono Ogg Opus, converted from WAV or MP3 when needed), refused (not audio, not mono Ogg Opus, too long, undecodable).",
+    "result" {
+        "stored" => push_clips_stored,
+        "refused" => push_clips_refused,
+    }),
     family!(gauge "xiaozhi_push_waiting",
         "Pushes queued for devices that are offline or busy, across every node (as of this node's last sweep).",
         push_waiting),

@@ -286,6 +286,9 @@ impl Delivery {
                 }
             }
         }
+        if let Err(e) = self.store.delete_expired_clips(now, 1000).await {
+            warn!(error = %e, "push store: could not delete expired clips");
+        }
         if let Ok(n) = self.store.waiting_count().await {
             self.metrics
                 .push_waiting
@@ -331,7 +334,14 @@ impl Delivery {
                     }
                 }
                 Err(e) => {
-                    warn!(%mac, error = %e, "push store: could not read a device's pushes (the sweep retries)");
+                    // The store is away: this device and the others due now wait a while
+                    // (retrying at once would spin while it is down).
+                    warn!(%mac, error = %e, "push store: could not read a device's pushes; retrying in a second");
+                    let later = now + RETRY_BUSY;
+                    work.pending.insert(mac, later);
+                    for at in work.pending.values_mut() {
+                        *at = (*at).max(later);
+                    }
                     return;
                 }
             }
@@ -376,7 +386,13 @@ impl Delivery {
                 continue;
             }
             if row.kind == "wake" && work.waking.len() >= MAX_WAKES_IN_FLIGHT {
-                return;
+                // Out of the way, so the other pushes go on (holding it at the front
+                // would also keep the task waking for nothing); its device is looked at
+                // again shortly.
+                let row = work.ready.pop_front().expect("front");
+                work.in_ready.remove(&row.id);
+                work.pending.entry(mac).or_insert(now + RETRY_BUSY);
+                continue;
             }
             if !pace.take(now) {
                 return;

@@ -13,6 +13,7 @@
 //! the delivery task. Every way in (HTTP, the MQTT admin command, the Redis RPC, the CLI
 //! through HTTP) calls [`PushService::submit`].
 
+pub mod clip;
 pub mod delivery;
 pub mod redis_rpc;
 pub mod store;
@@ -49,6 +50,8 @@ pub enum PushError {
     QueueFull(String),
     #[error("push store unavailable: {0}")]
     Unavailable(String),
+    #[error("clip refused: {0}")]
+    Clip(#[from] clip::ClipError),
 }
 
 impl PushError {
@@ -59,6 +62,7 @@ impl PushError {
             PushError::UnknownDevice(_) | PushError::NoDevices => "unknown_device",
             PushError::QueueFull(_) => "queue_full",
             PushError::Unavailable(_) => "unavailable",
+            PushError::Clip(_) => "invalid_clip",
         }
     }
 }
@@ -102,7 +106,28 @@ pub struct PushService {
     metrics: Arc<Metrics>,
     settings: PushConfig,
     hints: mpsc::Sender<Hint>,
+    /// Where devices fetch uploaded clips (no trailing slash).
+    clip_base_url: String,
+    /// Transcodes running at once (each takes a core for a moment).
+    transcodes: tokio::sync::Semaphore,
 }
+
+/// A clip uploaded for notify pushes (`POST /api/push/clips`).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct UploadedClip {
+    pub id: String,
+    /// What to put in a notify push's `audio_url`.
+    pub audio_url: String,
+    pub duration_ms: u64,
+    /// Bytes served (mono Ogg Opus).
+    pub bytes: usize,
+    /// What was uploaded: `ogg_opus` (kept as it is), `wav` or `mp3` (converted).
+    pub from: &'static str,
+    pub expires_ms: i64,
+}
+
+/// Transcodes at once, at most.
+const MAX_TRANSCODES: usize = 2;
 
 impl PushService {
     pub fn new(
@@ -112,6 +137,7 @@ impl PushService {
         metrics: Arc<Metrics>,
         settings: PushConfig,
         hints: mpsc::Sender<Hint>,
+        clip_base_url: String,
     ) -> Self {
         PushService {
             store,
@@ -120,7 +146,73 @@ impl PushService {
             metrics,
             settings,
             hints,
+            clip_base_url: clip_base_url.trim_end_matches('/').to_owned(),
+            transcodes: tokio::sync::Semaphore::new(MAX_TRANSCODES),
         }
+    }
+
+    /// Largest clip upload, in bytes (`push.max_clip_bytes`).
+    pub fn max_clip_bytes(&self) -> usize {
+        self.settings.max_clip_bytes
+    }
+
+    /// Checks an upload, converts it to mono Ogg Opus when it is WAV or MP3, and keeps
+    /// it in the store for `push.clip_ttl_secs` under an unguessable id.
+    pub async fn upload_clip(&self, bytes: bytes::Bytes) -> Result<UploadedClip, PushError> {
+        let max_ms = self.settings.max_clip_secs.saturating_mul(1000);
+        let prepared = {
+            let _permit = self
+                .transcodes
+                .acquire()
+                .await
+                .map_err(|_| PushError::Unavailable("shutting down".into()))?;
+            tokio::task::spawn_blocking(move || clip::prepare(&bytes, max_ms))
+                .await
+                .map_err(|e| PushError::Unavailable(format!("clip conversion: {e}")))?
+        };
+        let clip = match prepared {
+            Ok(c) => c,
+            Err(e) => {
+                Metrics::inc(&self.metrics.push_clips_refused);
+                tracing::info!(error = %e, "clip refused");
+                return Err(e.into());
+            }
+        };
+        let id = new_id();
+        let now = now_ms();
+        let expires_ms =
+            now.saturating_add((self.settings.clip_ttl_secs as i64).saturating_mul(1000));
+        self.store
+            .insert_clip(
+                &id,
+                &clip.ogg,
+                clip.duration_ms,
+                clip.from.name(),
+                now,
+                expires_ms,
+            )
+            .await?;
+        Metrics::inc(&self.metrics.push_clips_stored);
+        tracing::info!(
+            id,
+            from = clip.from.name(),
+            bytes = clip.ogg.len(),
+            duration_ms = clip.duration_ms,
+            "clip stored"
+        );
+        Ok(UploadedClip {
+            audio_url: format!("{}/push/clips/{id}.ogg", self.clip_base_url),
+            id,
+            duration_ms: clip.duration_ms,
+            bytes: clip.ogg.len(),
+            from: clip.from.name(),
+            expires_ms,
+        })
+    }
+
+    /// A clip to serve, if it exists and has not expired.
+    pub async fn clip(&self, id: &str) -> Result<Option<Vec<u8>>, PushError> {
+        Ok(self.store.clip(id, now_ms()).await?)
     }
 
     pub fn limits(&self) -> PushLimits {
@@ -149,7 +241,9 @@ impl PushService {
                     &self.metrics.push_refused_unknown_device
                 }
                 PushError::QueueFull(_) => &self.metrics.push_refused_queue_full,
-                PushError::Unavailable(_) => &self.metrics.push_refused_unavailable,
+                PushError::Unavailable(_) | PushError::Clip(_) => {
+                    &self.metrics.push_refused_unavailable
+                }
             };
             Metrics::inc(counter);
             tracing::info!(source, code = e.code(), error = %e, "push refused");

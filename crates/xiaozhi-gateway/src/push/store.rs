@@ -412,4 +412,66 @@ impl PushStore {
             Ok(done.rows_affected())
         })
     }
+
+    /// Keeps a clip until `expires_ms`.
+    pub async fn insert_clip(
+        &self,
+        id: &str,
+        ogg: &[u8],
+        duration_ms: u64,
+        source: &str,
+        created_ms: i64,
+        expires_ms: i64,
+    ) -> Result<(), StoreError> {
+        on_pool!(&self.store, pool => {
+            sqlx::query(
+                "INSERT INTO xz_push_clip (id, content, duration_ms, source, created_ms, expires_ms) \
+                 VALUES (?, ?, ?, ?, ?, ?)",
+            )
+            .bind(id)
+            .bind(ogg)
+            .bind(duration_ms as i64)
+            .bind(source)
+            .bind(created_ms)
+            .bind(expires_ms)
+            .execute(pool)
+            .await?;
+            Ok(())
+        })
+    }
+
+    /// A clip that has not expired.
+    pub async fn clip(&self, id: &str, now_ms: i64) -> Result<Option<Vec<u8>>, StoreError> {
+        on_pool!(&self.store, pool => {
+            Ok(sqlx::query_scalar(
+                "SELECT content FROM xz_push_clip WHERE id = ? AND expires_ms > ?",
+            )
+            .bind(id)
+            .bind(now_ms)
+            .fetch_optional(pool)
+            .await?)
+        })
+    }
+
+    /// Deletes expired clips (at most `limit`); returns how many.
+    pub async fn delete_expired_clips(&self, now_ms: i64, limit: u32) -> Result<u64, StoreError> {
+        on_pool!(&self.store, pool => {
+            let ids: Vec<String> = sqlx::query_scalar(
+                "SELECT id FROM xz_push_clip WHERE expires_ms <= ? LIMIT ?",
+            )
+            .bind(now_ms)
+            .bind(i64::from(limit))
+            .fetch_all(pool)
+            .await?;
+            let mut deleted = 0;
+            for id in ids {
+                deleted += sqlx::query("DELETE FROM xz_push_clip WHERE id = ?")
+                    .bind(id)
+                    .execute(pool)
+                    .await?
+                    .rows_affected();
+            }
+            Ok(deleted)
+        })
+    }
 }
